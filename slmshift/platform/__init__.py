@@ -1,0 +1,1 @@
+"""The runtime every part shares. Imports no sibling package (ARCHITECTURE.md, "Which part may use which")."""

@@ -1,0 +1,69 @@
+"""Ray bootstrap: an embedded local cluster by default, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+from slmshift.platform.config import RaySection
+from slmshift.platform.errors import RayConnectError
+
+NAMESPACE = "slmshift"
+
+
+@dataclass
+class RayInfo:
+    embedded: bool
+    address: str
+    dashboard_url: str | None
+    metrics_port: int | None
+
+
+def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
+    """Join `address` (argument > RAY_ADDRESS > config) or start an embedded cluster.
+
+    Raises RayConnectError with the fix when a given address cannot be reached.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        return RayInfo(False, ctx.gcs_address, None, None)
+    if address:
+        try:
+            ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        except Exception as e:  # ConnectionError, ValueError, TimeoutError: all mean the same to the user
+            raise RayConnectError(
+                f"Could not connect to the Ray cluster at {address!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                "Fix: start it with `ray start --head` or `ray up cluster.yaml`, check the address (e.g. 'auto' on a "
+                "cluster node, 'ray://HEAD:10001' from outside), or drop --address / RAY_ADDRESS / ray.address to run "
+                "on an embedded local cluster."
+            ) from None
+        return RayInfo(False, address, ctx.dashboard_url or None, None)
+    dashboard = cfg.dashboard and importlib.util.find_spec("aiohttp") is not None  # ray[default] deps present
+    kwargs = dict(
+        num_cpus=cfg.num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, logging_level=logging.WARNING,
+        dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
+    )
+    if cfg.object_store_mb:
+        kwargs["object_store_memory"] = cfg.object_store_mb * 1024**2
+    if cfg.metrics_export_port:
+        kwargs["_metrics_export_port"] = cfg.metrics_export_port
+    try:
+        ctx = ray.init(**kwargs)
+    except Exception as e:
+        raise RayConnectError(f"Could not start an embedded Ray cluster: {type(e).__name__}: {e}. "
+                              "Fix: check free memory and /tmp space, or stop a stale cluster with `ray stop`.") from None
+    node = ray.nodes()[0] if ray.nodes() else {}
+    url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+    return RayInfo(True, ctx.address_info.get("gcs_address", ""), url, node.get("MetricsExportPort"))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))

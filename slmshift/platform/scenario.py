@@ -1,0 +1,86 @@
+"""The scenario interface and its registry.
+
+A scenario turns its config into tasks and runs one episode of a task through an `EpisodeSession` (built by
+`agents/`), returning the benchmark's own verdict. Scenario packages fill the registry on import; the runner
+looks kinds up here, so the platform never imports a scenario.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from slmshift.platform.config import ScenarioSpec
+from slmshift.platform.types import Hidden
+
+
+class Verdict(Protocol):
+    """What a call checker returns: did the output parse, is it right, and why not."""
+
+    valid: bool
+    correct: bool | None
+    reason: str
+
+
+class CallResult(Protocol):
+    text: str
+    valid: bool | None
+    correct: bool | None
+    error: str | None
+
+
+class EpisodeSession(Protocol):
+    """Made per episode by the agent layer; numbers calls, routes them, logs them."""
+
+    async def call(self, *, role: str, call_kind: str, messages: list[dict[str, str]], expect: str = "text",
+                   category: str = "template", json_schema: dict | None = None, max_tokens: int = 128,
+                   temperature: float = 0.0, hidden: Hidden | None = None, check: Any = None) -> CallResult: ...
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    success: bool
+    reward: float
+    detail: str = ""
+
+
+class ScenarioOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scenario(abc.ABC):
+    kind: ClassVar[str]
+    Options: ClassVar[type[ScenarioOptions]] = ScenarioOptions
+
+    def __init__(self, spec: ScenarioSpec, seed: int):
+        self.spec, self.seed = spec, seed
+        self.options = self.Options.model_validate(spec.options)
+
+    @abc.abstractmethod
+    def tasks(self) -> list[Any]:
+        """`spec.episodes` picklable tasks, each with a string `id`, deterministic for `seed`."""
+
+    @abc.abstractmethod
+    async def run_episode(self, task: Any, session: EpisodeSession) -> Outcome:
+        """Run the team on one task and grade it with the benchmark's own checker."""
+
+
+_SCENARIOS: dict[str, type[Scenario]] = {}
+
+
+def register_scenario(cls: type[Scenario]) -> type[Scenario]:
+    _SCENARIOS[cls.kind] = cls
+    return cls
+
+
+def scenario_class(kind: str) -> type[Scenario]:
+    if kind not in _SCENARIOS:
+        raise KeyError(f"unknown scenario {kind!r}; available: {', '.join(sorted(_SCENARIOS)) or 'none registered'}")
+    return _SCENARIOS[kind]
+
+
+def scenario_options() -> dict[str, type[ScenarioOptions]]:
+    """kind -> options model, for config validation."""
+    return {k: c.Options for k, c in _SCENARIOS.items()}

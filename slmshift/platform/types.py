@@ -1,0 +1,220 @@
+"""Core records that flow between agents, the router, engines and the S1 log (pydantic v2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Tier = Literal["llm", "slm"]
+Expect = Literal["text", "json", "code", "action"]
+
+
+class Hidden(BaseModel):
+    """What a scenario knows about the right answer. Only a `simulated` engine may read it.
+
+    It is excluded from every dump (`exclude=True` on `LMRequest.hidden`), so it can never reach a
+    prompt field of the S1 log or a training set built from it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    answer: str = Field(description="A correct output for this call, in the format the call expects.")
+    distractors: list[str] = Field(
+        default_factory=list, description="Plausible wrong outputs a weaker teacher returns when it fails."
+    )
+
+
+class LMRequest(BaseModel):
+    """One model call made by an agent role."""
+
+    experiment_id: str
+    episode_id: str
+    call_index: int = Field(ge=0, description="Position of this call within its episode.")
+    scenario: str
+    role: str
+    call_kind: str = Field(description="What the call is for, e.g. 'intent' or 'function_call'.")
+    category: str = Field(
+        default="template",
+        description="The paper's category: template (structured output), reasoning, or debugging.",
+    )
+    task_id: str = ""
+    policy: str = Field(default="", description="Name of the router policy arm this episode runs under.")
+    messages: list[dict[str, str]] = Field(description="Chat messages: [{'role': ..., 'content': ...}].")
+    expect: Expect = "text"
+    json_schema: dict[str, Any] | None = None
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+    adapter: str | None = None
+    hidden: Hidden | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def record_id(self) -> str:
+        return record_id(self.experiment_id, self.episode_id, self.call_index)
+
+
+class LMResponse(BaseModel):
+    """What an engine returns for one request."""
+
+    text: str
+    model: str
+    tier: Tier
+    backend: str
+    adapter: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = Field(default=0.0, description="Engine-side time for this request (batch share included).")
+    mean_logprob: float | None = Field(default=None, description="Mean log-probability of the generated tokens.")
+    simulated: bool = False
+    error: str | None = Field(default=None, description="Set when the engine failed; text is then empty.")
+
+
+class RouteDecision(BaseModel):
+    policy: str
+    kind: str
+    model: str
+    tier: Tier
+    reason: str = ""
+    score: float | None = None
+
+
+class Interaction(BaseModel):
+    """The S1 record: one model call, flat so that it maps to one Parquet row.
+
+    `id` is derived from (experiment, episode, call index): a retried episode overwrites its records.
+    """
+
+    id: str
+    experiment_id: str
+    episode_id: str
+    call_index: int
+    scenario: str
+    task_id: str
+    policy: str
+    role: str
+    call_kind: str
+    category: str
+    expect: str
+    prompt: str = Field(description="The chat messages as JSON; never the hidden reference.")
+    output: str
+    model: str
+    tier: str
+    backend: str
+    adapter: str | None = None
+    route_kind: str
+    route_reason: str
+    tokens_in: int
+    tokens_out: int
+    latency_s: float = Field(description="Wall time seen by the agent, router and Serve included.")
+    engine_latency_s: float
+    cost_usd: float
+    flops: float
+    mean_logprob: float | None = None
+    simulated: bool = False
+    valid: bool | None = Field(default=None, description="Did the output parse/validate for its call kind?")
+    correct: bool | None = Field(default=None, description="Call-level correctness, where the scenario can tell.")
+    error: str | None = None
+    episode_success: bool | None = None
+    episode_reward: float | None = None
+    ts: float = Field(default_factory=time.time)
+
+
+def record_id(experiment_id: str, episode_id: str, call_index: int) -> str:
+    key = json.dumps([experiment_id, episode_id, call_index])
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+class EpisodeResult(BaseModel):
+    """One graded episode, written beside the interaction log."""
+
+    experiment_id: str
+    episode_id: str
+    scenario: str
+    task_id: str
+    policy: str
+    success: bool
+    reward: float
+    n_calls: int
+    detail: str = ""
+    error: str | None = None
+    wall_s: float = 0.0
+    ts: float = Field(default_factory=time.time)
+
+
+# --- model specs (the `models:` section of an experiment YAML) --------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    input_per_m: float = Field(default=0.0, ge=0, description="USD per 1M input tokens.")
+    output_per_m: float = Field(default=0.0, ge=0, description="USD per 1M output tokens.")
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs each replica reserves.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs each replica reserves.")
+
+
+class Batching(_Strict):
+    max_batch_size: int = Field(default=32, ge=1, description="Most requests one engine call takes (@serve.batch).")
+    batch_wait_timeout_s: float = Field(default=0.02, ge=0, description="How long a batch waits to fill up.")
+
+
+class HFOptions(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights dtype.")
+    device: str = Field(default="auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
+    max_input_tokens: int = Field(default=2048, ge=16, description="Prompts are left-truncated to this.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: its CPUs).")
+
+
+class OpenAIOptions(_Strict):
+    base_url: str = Field(description="Endpoint root, e.g. https://api.openai.com/v1 or http://host:8000/v1.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the key.")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0, description="Retries with exponential backoff on transient errors.")
+
+
+class SimulatedProfile(_Strict):
+    """A declared teacher: how often it is right, how long it takes. Reports label it simulated."""
+
+    accuracy: dict[str, float] = Field(
+        default_factory=lambda: {"default": 0.9},
+        description="Probability of a correct answer per call kind; 'default' covers the rest.",
+    )
+    latency_base_s: float = Field(default=0.0, ge=0, description="Fixed time per call.")
+    latency_per_token_s: float = Field(default=0.0, ge=0, description="Time per output token.")
+    latency_jitter: float = Field(default=0.0, ge=0, le=1, description="Relative random spread of latency.")
+    mean_logprob_right: float = Field(default=-0.1, description="Reported mean log-prob when right.")
+    mean_logprob_wrong: float = Field(default=-1.5, description="Reported mean log-prob when wrong.")
+
+    def accuracy_for(self, call_kind: str) -> float:
+        return self.accuracy.get(call_kind, self.accuracy.get("default", 0.9))
+
+
+class ModelSpec(_Strict):
+    """One model the experiment deploys as its own Ray Serve application."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique name; also the Serve app name.")
+    tier: Tier = Field(description="'llm' (large, the teacher) or 'slm' (small).")
+    backend: Literal["hf", "simulated", "openai"] = Field(description="Which engine serves it.")
+    source: str | None = Field(
+        default=None,
+        description="hf: 'packaged:smollm2-135m', a local model dir, a .gguf file, or a hub id; "
+        "openai: the model name at the endpoint; simulated: unused.",
+    )
+    params: float | None = Field(default=None, gt=0, description="Parameter count for FLOPs (hf: measured).")
+    price: Price = Field(default_factory=Price)
+    replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Per replica, as in Ray Serve.")
+    resources: Resources = Field(default_factory=Resources)
+    batching: Batching = Field(default_factory=Batching)
+    hf: HFOptions = Field(default_factory=HFOptions)
+    openai: OpenAIOptions | None = None
+    profile: SimulatedProfile = Field(default_factory=SimulatedProfile)

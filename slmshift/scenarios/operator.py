@@ -1,0 +1,85 @@
+"""Workflow automation, modelled on Open Operator, on BFCL v4.
+
+Each episode is one BFCL request handled by a two-role team: the Planner parses the user's intent into the
+functions it needs (JSON), then the Operator makes the next-step tool call(s) in BFCL's Python-call syntax,
+seeing only the functions the Planner picked. An unparsable call is fed back once (Open Operator's
+observe-and-retry). BFCL's own AST checker grades the final call.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
+from slmshift.platform.types import Hidden
+from slmshift.scenarios.bfcl import (
+    CATEGORIES, INTENT_SCHEMA, BFCLTask, call_messages, distractor_calls, grade_calls, grade_intent,
+    intent_distractors, intent_messages, intent_reference, load_tasks, reference_call,
+)
+
+
+class OperatorOptions(ScenarioOptions):
+    categories: list[str] = Field(default=["simple", "multiple", "parallel"], min_length=1,
+                                  description=f"BFCL categories: {', '.join(CATEGORIES)}.")
+    intent_max_tokens: int = Field(default=48, ge=1, description="Token budget of the intent call.")
+    call_max_tokens: int = Field(default=128, ge=1, description="Token budget of the function call.")
+    retries: int = Field(default=1, ge=0, le=5, description="Extra tries when the function call is unparsable.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of every call (0 = greedy).")
+
+    @field_validator("categories")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in CATEGORIES]
+        if bad:
+            raise ValueError(f"unknown BFCL categories {bad}; available: {', '.join(CATEGORIES)}")
+        return v
+
+
+@register_scenario
+class OperatorScenario(Scenario):
+    kind = "operator"
+    Options = OperatorOptions
+    options: OperatorOptions
+
+    def tasks(self) -> list[BFCLTask]:
+        pool = load_tasks(self.options.categories, n=None, seed=self.seed)
+        n = self.spec.episodes
+        picked = load_tasks(self.options.categories, n=min(n, len(pool)), seed=self.seed)
+        return [picked[i % len(picked)] for i in range(n)]
+
+    async def run_episode(self, task: BFCLTask, session: EpisodeSession) -> Outcome:
+        o = self.options
+        intent = await session.call(
+            role="planner", call_kind="intent", category="template", messages=intent_messages(task), expect="json",
+            json_schema=INTENT_SCHEMA, max_tokens=o.intent_max_tokens, temperature=o.temperature,
+            hidden=Hidden(answer=intent_reference(task), distractors=intent_distractors(task, self.seed)),
+            check=lambda text: grade_intent(task, text))
+        selected = _selected(intent.text) if intent.valid else None
+        messages = call_messages(task, selected)
+        hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed))
+        for attempt in range(o.retries + 1):
+            call = await session.call(
+                role="operator", call_kind="function_call", category="template" if attempt == 0 else "debugging",
+                messages=messages, expect="code", max_tokens=o.call_max_tokens, temperature=o.temperature,
+                hidden=hidden, check=lambda text: grade_calls(task, text))
+            if call.valid:
+                break
+            messages = messages + [
+                {"role": "assistant", "content": call.text},
+                {"role": "user", "content": f"That could not be parsed ({call.error}). Reply with only the function "
+                                            "call(s) in the format [func_name(param=value, ...)]."}]
+        success = bool(call.correct)
+        detail = "correct" if success else (call.error or "wrong call")
+        return Outcome(success=success, reward=1.0 if success else 0.0, detail=detail[:200])
+
+
+def _selected(text: str) -> list[str] | None:
+    import json
+    import re
+
+    m = re.search(r"\{.*\}", text, re.S)
+    try:
+        names = json.loads(m.group(0))["functions"] if m else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else None

@@ -1,0 +1,78 @@
+"""One Ray Serve application per model: a `ModelServer` deployment that batches requests into its engine."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import serve
+
+from slmshift.platform import metrics
+from slmshift.platform.errors import ModelLoadError
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
+from slmshift.serve.engines import get_engine_class
+
+
+@serve.deployment
+class ModelServer:
+    """Serves one `ModelSpec`. `@serve.batch` collects concurrent requests into one engine call."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = ModelSpec.model_validate(spec)
+        self.engine = get_engine_class(self.spec.backend)(self.spec)
+        self.batched.set_max_batch_size(self.spec.batching.max_batch_size)
+        self.batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+
+    async def __call__(self, request: LMRequest) -> LMResponse:
+        return await self.batched(request)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    async def batched(self, requests: list[LMRequest]) -> list[LMResponse]:
+        t0 = time.perf_counter()
+        out = await self.engine.generate(requests)
+        metrics.record_batch(self.spec.name, self.spec.backend, len(requests), time.perf_counter() - t0)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "params": self.engine.num_parameters(), "backend": self.spec.backend}
+
+
+def app_for(spec: ModelSpec):
+    return ModelServer.options(
+        name=f"model-{spec.name}",
+        num_replicas=spec.replicas,
+        max_ongoing_requests=spec.max_ongoing_requests,
+        ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
+    ).bind(spec.model_dump())
+
+
+def _first_line_of_cause(err: Exception) -> str:
+    """Serve wraps replica constructor failures in a long traceback; users need its last real line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
+            return ln
+    return lines[-1] if lines else type(err).__name__
+
+
+def deploy_models(specs: list[ModelSpec], available_cpus: float) -> dict[str, Any]:
+    """Deploy every model as its own Serve app; return name -> DeploymentHandle.
+
+    Checks CPU reservations first: Serve waits forever for a replica it cannot place.
+    """
+    need = sum(s.resources.num_cpus * s.replicas for s in specs)
+    if need > available_cpus:
+        detail = ", ".join(f"{s.name}: {s.replicas}×{s.resources.num_cpus}" for s in specs)
+        raise ModelLoadError(
+            f"The models reserve {need:g} CPUs ({detail}) but the Ray cluster has {available_cpus:g}. "
+            "Fix: lower models[].resources.num_cpus or replicas, or run on a bigger cluster (--address).")
+    handles = {}
+    for spec in specs:
+        try:
+            handles[spec.name] = serve.run(app_for(spec), name=spec.name, route_prefix=None)
+        except Exception as e:
+            raise ModelLoadError(
+                f"Model {spec.name!r} (backend {spec.backend}, source {spec.source!r}) failed to load: "
+                f"{_first_line_of_cause(e)}. Fix: check models[].source and the backend options for {spec.name!r}."
+            ) from None
+    return handles

@@ -1,0 +1,61 @@
+"""Any OpenAI-compatible chat endpoint (a hosted frontier model, a vLLM or Ray Serve LLM server)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+
+from slmshift.platform.errors import ModelLoadError
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
+from slmshift.serve.engines.base import Engine
+
+
+class OpenAIEngine(Engine):
+    backend = "openai"
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        import openai
+
+        opts = spec.openai
+        if opts is None:
+            raise ModelLoadError(f"model {spec.name!r}: backend 'openai' needs an `openai:` section with base_url")
+        key = os.environ.get(opts.api_key_env)
+        if key is None:
+            raise ModelLoadError(
+                f"model {spec.name!r}: environment variable {opts.api_key_env} (models[].openai.api_key_env) is not set. "
+                f"Fix: export {opts.api_key_env}=<key> (any non-empty value for servers without auth).")
+        # The SDK retries connection errors, 408/409/429 and 5xx with exponential backoff.
+        self.client = openai.AsyncOpenAI(base_url=opts.base_url, api_key=key, timeout=opts.timeout_s,
+                                         max_retries=opts.max_retries)
+        self.logprobs = True  # switched off for endpoints that reject it
+
+    async def _one(self, req: LMRequest) -> LMResponse:
+        import openai
+
+        t0 = time.perf_counter()
+        base = dict(model=self.spec.source, messages=req.messages, max_tokens=req.max_tokens,
+                    temperature=req.temperature, seed=req.seed)
+        try:
+            try:
+                r = await self.client.chat.completions.create(**base, logprobs=self.logprobs)
+            except openai.BadRequestError as e:
+                if not self.logprobs or "logprob" not in str(e).lower():
+                    raise
+                self.logprobs = False
+                r = await self.client.chat.completions.create(**base)
+        except Exception as e:
+            return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                              latency_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {str(e)[:300]}")
+        choice = r.choices[0]
+        lps = [t.logprob for t in (choice.logprobs.content or [])] if choice.logprobs else []
+        lps = [x for x in lps if x is not None and math.isfinite(x)]
+        return LMResponse(
+            text=choice.message.content or "", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+            tokens_in=r.usage.prompt_tokens if r.usage else 0, tokens_out=r.usage.completion_tokens if r.usage else 0,
+            latency_s=time.perf_counter() - t0, mean_logprob=sum(lps) / len(lps) if lps else None)
+
+    async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))

@@ -1,0 +1,57 @@
+"""A simulated teacher: quality, latency and price follow a declared profile.
+
+It answers from the scenario's hidden reference when its per-call-kind accuracy says it succeeds, and with one
+of the scenario's plausible wrong answers when it does not. Draws are seeded by the call's identity, so a run
+is reproducible whatever the batching or ordering. Reports always label it simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+
+from slmshift.platform.types import LMRequest, LMResponse
+from slmshift.serve.engines.base import Engine
+
+CHARS_PER_TOKEN = 4  # token counts are estimated from text length; the profile's prices apply to them
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, round(len(text) / CHARS_PER_TOKEN))
+
+
+class SimulatedEngine(Engine):
+    backend = "simulated"
+
+    def _rng(self, req: LMRequest) -> random.Random:
+        key = json.dumps([self.spec.name, req.experiment_id, req.episode_id, req.call_index, req.seed])
+        return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+
+    def _answer(self, req: LMRequest) -> LMResponse:
+        p = self.spec.profile
+        tokens_in = estimate_tokens("".join(m.get("content", "") for m in req.messages))
+        if req.hidden is None:
+            return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                              tokens_in=tokens_in, simulated=True,
+                              error="simulated engine needs the scenario's hidden reference for this call; none was given")
+        rng = self._rng(req)
+        right = rng.random() < p.accuracy_for(req.call_kind)
+        if right or not req.hidden.distractors:
+            text = req.hidden.answer if right else ""
+        else:
+            text = rng.choice(req.hidden.distractors)
+        tokens_out = min(estimate_tokens(text), req.max_tokens)
+        latency = p.latency_base_s + p.latency_per_token_s * tokens_out
+        latency *= 1 + p.latency_jitter * (2 * rng.random() - 1)
+        return LMResponse(text=text, model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                          tokens_in=tokens_in, tokens_out=tokens_out, latency_s=latency, simulated=True,
+                          mean_logprob=p.mean_logprob_right if right else p.mean_logprob_wrong)
+
+    async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
+        out = [self._answer(r) for r in requests]
+        waits = [r.latency_s for r in out if r.latency_s > 0]
+        if waits:  # the batch returns when its slowest member would have
+            await asyncio.sleep(max(waits))
+        return out

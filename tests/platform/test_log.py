@@ -1,0 +1,233 @@
+"""S1 interaction log: round trip, retries, episode join, no hidden reference, atomic files, Ray actor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.log import (
+    INTERACTION_SCHEMA,
+    InteractionLog,
+    LogWriter,
+    read_episodes,
+    read_interactions,
+)
+from slmshift.platform.types import EpisodeResult, Hidden, Interaction, LMRequest
+
+
+def make_request(episode: str, call: int, experiment: str = "exp1", hidden: Hidden | None = None) -> LMRequest:
+    return LMRequest(
+        experiment_id=experiment, episode_id=episode, call_index=call, scenario="travel", role="planner",
+        call_kind="intent", task_id=f"t-{episode}", policy="llm_only",
+        messages=[{"role": "user", "content": f"call {call} of {episode}"}], hidden=hidden,
+    )
+
+
+def make_interaction(episode: str, call: int, output: str = "ok", experiment: str = "exp1",
+                     request: LMRequest | None = None, **kw) -> Interaction:
+    """Build a record the way a client does: prompt is the request's messages as JSON."""
+    req = request or make_request(episode, call, experiment)
+    fields = dict(
+        id=req.record_id, experiment_id=req.experiment_id, episode_id=req.episode_id,
+        call_index=req.call_index, scenario=req.scenario, task_id=req.task_id, policy=req.policy,
+        role=req.role, call_kind=req.call_kind, category=req.category, expect=req.expect,
+        prompt=json.dumps(req.messages), output=output, model="sim-llm", tier="llm", backend="simulated",
+        route_kind="intent", route_reason="policy", tokens_in=10, tokens_out=3, latency_s=0.01,
+        engine_latency_s=0.005, cost_usd=1e-5, flops=1e9, simulated=True,
+    )
+    fields.update(kw)
+    return Interaction(**fields)
+
+
+def make_episode(episode: str, success: bool, reward: float, experiment: str = "exp1") -> EpisodeResult:
+    return EpisodeResult(experiment_id=experiment, episode_id=episode, scenario="travel", task_id=f"t-{episode}",
+                         policy="llm_only", success=success, reward=reward, n_calls=3)
+
+
+def parquet_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+def test_round_trip_pandas_pyarrow_ray(tmp_path, ray_session):
+    run = str(tmp_path / "run")
+    w = LogWriter(run, flush_every=7)
+    recs = [make_interaction(f"ep{e}", c) for e in range(10) for c in range(5)]
+    w.add(recs[:20])
+    w.add([r.model_dump() for r in recs[20:]])  # dicts are accepted too
+    assert len(read_interactions(run)) == 50  # readable before close
+    counts = w.close()
+    assert counts == {"interactions": 50, "episodes": 0, "duplicates_dropped": 0}
+
+    df = read_interactions(run)
+    assert len(df) == 50 and df["id"].is_unique
+    assert set(df["id"]) == {r.id for r in recs}
+    assert [p.name for p in parquet_files(tmp_path / "run" / "interactions")] == ["part-00000.parquet"]
+    table = pq.read_table(os.path.join(run, "interactions"))
+    assert table.num_rows == 50 and table.schema.equals(INTERACTION_SCHEMA)
+    assert ray.data.read_parquet(run + "/interactions").count() == 50
+
+
+def test_schema_fixed_when_columns_all_null(tmp_path):
+    w = LogWriter(str(tmp_path), flush_every=1000)
+    w.add([make_interaction("e", 0)])  # adapter, valid, correct, error, mean_logprob all None
+    w.flush()
+    w.add([make_interaction("e", 1, adapter="lora-1", valid=True, correct=False, error="x", mean_logprob=-0.2)])
+    w.flush()
+    shards = parquet_files(tmp_path / "interactions")
+    assert len(shards) == 2
+    assert all(pq.read_schema(p).equals(INTERACTION_SCHEMA) for p in shards)
+
+
+def test_retried_episode_overwrites(tmp_path):
+    run = str(tmp_path)
+    w = LogWriter(run, flush_every=1000)
+    w.add([make_interaction("ep1", c, output="first") for c in range(3)] + [make_interaction("ep2", 0)])
+    w.flush()
+    w.add([make_interaction("ep1", c, output="retry") for c in range(3)])
+    w.flush()
+    assert len(parquet_files(tmp_path / "interactions")) == 2
+
+    df = read_interactions(run)  # before compaction: readers dedup across shards
+    assert len(df) == 4 and df["id"].is_unique
+    assert set(df[df.episode_id == "ep1"]["output"]) == {"retry"}
+
+    counts = w.close()
+    assert counts["interactions"] == 4 and counts["duplicates_dropped"] == 3
+    table = pq.read_table(os.path.join(run, "interactions")).to_pandas()
+    assert len(table) == 4 and table["id"].is_unique
+    assert set(table[table.episode_id == "ep1"]["output"]) == {"retry"}
+
+
+def test_repeated_id_in_buffer_keeps_last(tmp_path):
+    w = LogWriter(str(tmp_path), flush_every=1000)
+    w.add([make_interaction("e", 0, output="a"), make_interaction("e", 0, output="b")])
+    assert w.flush() == 1
+    assert list(read_interactions(str(tmp_path))["output"]) == ["b"]
+
+
+def test_episode_outcomes_joined(tmp_path):
+    run = str(tmp_path)
+    w = LogWriter(run, flush_every=1000)
+    w.add([make_interaction("ep1", c) for c in range(2)])
+    w.flush()  # records written before the outcome is known
+    w.add([make_interaction("ep2", c) for c in range(2)] + [make_interaction("ep3", 0)])
+    w.add_episode(make_episode("ep1", True, 1.0))
+    w.add_episode(make_episode("ep2", False, 0.25).model_dump())
+    w.flush()
+
+    def check(df):
+        by = df.set_index("episode_id")
+        assert list(by.loc["ep1", "episode_success"]) == [True, True]
+        assert list(by.loc["ep2", "episode_reward"]) == [0.25, 0.25]
+        assert df.loc[df.episode_id == "ep3", "episode_success"].isna().all()
+
+    check(read_interactions(run))  # joined at read time (crash-safe)
+    w.add_episode(make_episode("ep2", True, 0.5))  # a retried episode's newer outcome wins
+    counts = w.close()
+    assert counts["episodes"] == 2
+    df = pq.read_table(os.path.join(run, "interactions")).to_pandas()
+    assert set(df[df.episode_id == "ep2"]["episode_reward"]) == {0.5}
+    assert set(df[df.episode_id == "ep1"]["episode_success"]) == {True}
+    eps = read_episodes(run)
+    assert len(eps) == 2 and dict(zip(eps.episode_id, eps.reward)) == {"ep1": 1.0, "ep2": 0.5}
+    assert (tmp_path / "episodes.parquet").exists() and not parquet_files(tmp_path / "episodes")
+
+
+def test_hidden_reference_never_written(tmp_path):
+    secret, visible = "SECRET-REF-123", "VISIBLE-MARKER-987"
+    req = make_request("ep1", 0, hidden=Hidden(answer=secret, distractors=["SECRET-DISTRACTOR"]))
+    rec = make_interaction("ep1", 0, output=visible, request=req)
+    leaky = rec.model_dump() | {"id": make_request("ep1", 1).record_id, "call_index": 1,
+                                "hidden": {"answer": secret}}  # a careless client's dict
+    w = LogWriter(str(tmp_path), flush_every=1000)
+    w.add([rec, leaky])
+    w.add_episode(make_episode("ep1", True, 1.0))
+    w.flush()
+    shards = [p.read_bytes() for p in parquet_files(tmp_path)]
+    w.close()
+    files = shards + [p.read_bytes() for p in parquet_files(tmp_path)]
+    assert any(visible.encode() in b for b in files)  # the byte grep does see record text
+    assert not any(secret.encode() in b or b"SECRET-DISTRACTOR" in b for b in files)
+    df = read_interactions(str(tmp_path))
+    assert "hidden" not in df.columns
+    assert not df.astype(str).apply(lambda col: col.str.contains("SECRET")).to_numpy().any()
+
+
+def test_atomic_no_tmp_and_stray_tmp_ignored(tmp_path):
+    run = str(tmp_path)
+    w = LogWriter(run, flush_every=3)
+    for c in range(10):
+        w.add([make_interaction("e", c)])
+    assert not list(tmp_path.rglob("*.tmp"))
+    stray = tmp_path / "interactions" / "shard-999999-deadbeef.parquet.tmp"
+    stray.write_bytes(b"half a parquet file")  # as if a writer crashed mid-write
+    (tmp_path / "interactions" / ".shard-999998-deadbeef.parquet.tmp").write_bytes(b"garbage")
+    assert len(read_interactions(run)) == 9  # 10th still buffered
+    w.close()
+    assert len(read_interactions(run)) == 10
+    assert {p.name for p in tmp_path.rglob("*.tmp")} == {stray.name, ".shard-999998-deadbeef.parquet.tmp"}
+
+
+def test_flush_by_interval(tmp_path, monkeypatch):
+    w = LogWriter(str(tmp_path), flush_every=1000, flush_interval_s=60)
+    w.add([make_interaction("e", 0)])
+    assert w.tick() == 0 and not parquet_files(tmp_path / "interactions")
+    w.flush_interval_s = 0.0
+    w.add([make_interaction("e", 1)])  # interval elapsed -> add flushes
+    assert len(read_interactions(str(tmp_path))) == 2
+
+
+def test_reopen_continues_sequence(tmp_path):
+    """A restarted writer (e.g. after a crash) must win over shards of the one before it."""
+    w1 = LogWriter(str(tmp_path), flush_every=1000)
+    for _ in range(3):
+        w1.add([make_interaction("e", 0, output="old")])
+        w1.flush()
+    w2 = LogWriter(str(tmp_path), flush_every=1000)
+    w2.add([make_interaction("e", 0, output="new")])
+    w2.close()
+    w3 = LogWriter(str(tmp_path), flush_every=1000)  # after compaction, appending still works
+    w3.add([make_interaction("e", 1)])
+    assert w3.close()["interactions"] == 2
+    assert list(read_interactions(str(tmp_path))["output"]) == ["new", "ok"]
+
+
+def test_unwritable_dir_raises_slmshift_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SlmshiftError, match="file/run"):
+        LogWriter(str(blocker / "run"))
+
+
+def test_empty_run_dir_reads_empty(tmp_path):
+    assert read_interactions(str(tmp_path / "nothing")).empty
+    assert read_episodes(str(tmp_path / "nothing")).empty
+
+
+def test_ray_actor(tmp_path, ray_session):
+    run = str(tmp_path / "run")
+    log = InteractionLog.remote(run, flush_every=4)
+    ray.get([log.add.remote([make_interaction(f"ep{e}", c) for c in range(3)]) for e in range(5)])
+    ray.get(log.add_episode.remote(make_episode("ep0", True, 1.0)))
+    ray.get(log.tick.remote())
+    counts = ray.get(log.close.remote())
+    assert counts == {"interactions": 15, "episodes": 1, "duplicates_dropped": 0}
+    ray.kill(log)
+    df = read_interactions(run)
+    assert len(df) == 15 and set(df[df.episode_id == "ep0"]["episode_success"]) == {True}
+    assert ray.data.read_parquet(run + "/interactions").count() == 15

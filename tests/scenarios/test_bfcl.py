@@ -1,0 +1,277 @@
+"""BFCL scenario: task loading, reference/distractor answers, grading and prompts (fast, no Ray)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from slmshift.scenarios.bfcl import (
+    CATEGORIES,
+    INTENT_SCHEMA,
+    BFCLTask,
+    Grade,
+    call_messages,
+    decode_calls,
+    distractor_calls,
+    expected_function_names,
+    grade_calls,
+    grade_intent,
+    intent_distractors,
+    intent_messages,
+    intent_reference,
+    intent_schema,
+    load_tasks,
+    reference_call,
+)
+from slmshift.scenarios.bfcl.grader import bfcl_api
+
+ALL = list(CATEGORIES)
+
+
+@pytest.fixture(scope="module")
+def all_tasks() -> list[BFCLTask]:
+    return load_tasks(ALL)
+
+
+def _task(task_id: str) -> BFCLTask:
+    category = next(c for c, stem in CATEGORIES.items() if task_id.rsplit("_", 1)[0] == stem)
+    return next(t for t in load_tasks([category]) if t.id == task_id)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_tasks_is_deterministic_and_seeded() -> None:
+    a = [t.id for t in load_tasks(ALL, n=40, seed=7)]
+    assert a == [t.id for t in load_tasks(ALL, n=40, seed=7)]
+    assert a != [t.id for t in load_tasks(ALL, n=40, seed=8)]
+    assert len(set(a)) == 40
+
+
+def test_load_tasks_spreads_evenly_and_prefixes_are_stable(all_tasks: list[BFCLTask]) -> None:
+    for n in (4, 10, 37):
+        counts = collections.Counter(t.category for t in load_tasks(ALL, n=n))
+        assert set(counts) == set(ALL) and max(counts.values()) - min(counts.values()) <= 1
+    assert [t.id for t in load_tasks(ALL, n=123, seed=3)] == [t.id for t in load_tasks(ALL, seed=3)][:123]
+    assert load_tasks(ALL, n=0) == []
+    assert len(load_tasks(["parallel"], n=10_000)) == len(load_tasks(["parallel"]))
+
+
+def test_load_tasks_all_and_task_shape(all_tasks: list[BFCLTask]) -> None:
+    counts = collections.Counter(t.category for t in all_tasks)
+    assert counts["simple"] >= 300 and all(counts[c] >= 150 for c in ALL)
+    assert len({t.id for t in all_tasks}) == len(all_tasks)
+    for t in all_tasks:
+        assert t.id.startswith(CATEGORIES[t.category] + "_") and t.bfcl_category == CATEGORIES[t.category]
+        assert t.question and all(m["role"] == "user" and m["content"] for m in t.question)
+        assert t.functions and t.answer
+
+
+def test_load_tasks_unknown_category() -> None:
+    with pytest.raises(ValueError) as err:
+        load_tasks(["simple", "live_simple"])
+    for name in ALL:
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="simple"):
+        load_tasks([])
+
+
+def test_expected_function_names() -> None:
+    task = _task("parallel_multiple_0")
+    assert expected_function_names(task) == ["math_toolkit.sum_of_multiples", "math_toolkit.product_of_primes"]
+    parallel = load_tasks(["parallel"], n=1)[0]
+    assert len(expected_function_names(parallel)) == 1 < len(parallel.answer)
+
+
+# ---------------------------------------------------------------- reference and distractor answers
+
+
+@pytest.mark.parametrize("category", ALL)
+def test_reference_call_is_correct_for_every_task(category: str) -> None:
+    failures = [
+        (t.id, reference_call(t), g.reason)
+        for t in load_tasks([category])
+        if not (g := grade_calls(t, reference_call(t))).correct
+    ]
+    assert not failures, failures[:5]
+
+
+def test_reference_call_format() -> None:
+    task = _task("simple_python_0")
+    assert reference_call(task) == "[calculate_triangle_area(base=10, height=5)]"
+
+
+def test_distractors_are_wrong_for_every_task(all_tasks: list[BFCLTask]) -> None:
+    skipped = []
+    for t in all_tasks:
+        ds = distractor_calls(t)
+        if not ds:
+            skipped.append(t.id)
+            continue
+        assert 1 <= len(ds) <= 3 and len(set(ds)) == len(ds)
+        for d in ds:
+            g = grade_calls(t, d)
+            assert g.valid and not g.correct and g.reason, (t.id, d, g)
+    print(f"distractors: {len(skipped)} of {len(all_tasks)} tasks skipped: {skipped[:10]}")
+    assert len(skipped) <= len(all_tasks) // 100
+    some = all_tasks[:20]
+    assert [distractor_calls(t, seed=1) for t in some] == [distractor_calls(t, seed=1) for t in some]
+
+
+# ---------------------------------------------------------------- grade_calls
+
+
+def test_grade_calls_right_answer_variants() -> None:
+    task = _task("simple_python_0")
+    for text in (
+        "[calculate_triangle_area(base=10, height=5, unit='units')]",
+        "calculate_triangle_area(base=10, height=5)",
+        "  ```python\n[calculate_triangle_area(height=5, base=10)]\n```  ",
+        "Sure, here is the call: [calculate_triangle_area(base=10, height=5)]",
+        "[calculate_triangle_area(base=5*2, height=5)]",
+        "[calculate_triangle_area(base=10, height=5)]\n```",
+    ):
+        assert grade_calls(task, text) == Grade(True, True, ""), text
+
+
+def test_grade_calls_wrong_value_and_wrong_function() -> None:
+    task = _task("simple_python_0")
+    g = grade_calls(task, "[calculate_triangle_area(base=11, height=5)]")
+    assert g.valid and not g.correct and "base" in g.reason
+    g = grade_calls(task, "[calculate_triangle_area(base=10)]")
+    assert g.valid and not g.correct and "height" in g.reason
+    multiple = _task("multiple_0")
+    g = grade_calls(multiple, "[math.triangle_area_heron(side1=5, side2=4, side3=3)]")
+    assert g.valid and not g.correct and "triangle_properties.get" in g.reason
+    assert grade_calls(multiple, "[triangle_properties.get(side1=5, side2=4, side3=3)]").correct
+
+
+def test_grade_calls_parallel_is_order_free() -> None:
+    task = _task("parallel_multiple_0")
+    calls = decode_calls(reference_call(task))
+    swapped = "[" + ", ".join(
+        f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+        for call in reversed(calls) for name, args in call.items()
+    ) + "]"
+    assert grade_calls(task, swapped).correct
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["hello", "[", "[]", "", "   ", "import os; os.system('x')", "[1, 2]", "[f(x=1", "I cannot help with that.",
+     "[f(" * 300, "x" * 50_000, None],
+)
+def test_grade_calls_garbage_is_invalid_not_raising(text: str) -> None:
+    g = grade_calls(_task("simple_python_0"), text)  # type: ignore[arg-type]
+    assert not g.valid and not g.correct and g.reason
+    if isinstance(text, str) and text.strip():
+        with pytest.raises(ValueError):
+            decode_calls(text)
+
+
+def test_grader_never_evaluates_model_output(tmp_path) -> None:
+    target = tmp_path / "pwned"
+    task = _task("simple_python_0")
+    for payload in (
+        f"[calculate_triangle_area(base=open({str(target)!r}, 'w').write('x') + 1, height=5)]",
+        f"[calculate_triangle_area(base=(lambda: open({str(target)!r}, 'w'))(), height=5)]",
+        "[calculate_triangle_area(base=9**9**9**9, height=5)]",
+    ):
+        g = grade_calls(task, payload)
+        assert not g.valid and not g.correct
+    assert not target.exists()
+
+
+def test_grading_everything_is_fast(all_tasks: list[BFCLTask]) -> None:
+    import time
+
+    start = time.perf_counter()
+    for t in all_tasks:
+        grade_calls(t, reference_call(t))
+        grade_intent(t, intent_reference(t))
+    assert time.perf_counter() - start < 5.0
+
+
+# ---------------------------------------------------------------- intent
+
+
+def test_grade_intent_right_wrong_malformed() -> None:
+    task = _task("parallel_multiple_0")
+    a, b = expected_function_names(task)
+    assert grade_intent(task, intent_reference(task)).correct
+    assert grade_intent(task, json.dumps({"functions": [b, a, b]})).correct
+    assert grade_intent(task, f'```json\n{{"functions": ["{a}", "{b}"]}}\n```').correct
+    wrong = grade_intent(task, json.dumps({"functions": [a]}))
+    assert wrong.valid and not wrong.correct and b in wrong.reason
+    for bad in ("", "hello", "{", '["x"]', '{"functions": "x"}', '{"functions": [1]}', '{"fns": []}',
+                json.dumps({"functions": [a, "not_a_function"]}), None):
+        g = grade_intent(task, bad)  # type: ignore[arg-type]
+        assert not g.valid and not g.correct and g.reason, bad
+
+
+def test_intent_reference_and_distractors_for_every_task(all_tasks: list[BFCLTask]) -> None:
+    for t in all_tasks:
+        assert grade_intent(t, intent_reference(t)) == Grade(True, True, "")
+        ds = intent_distractors(t)
+        assert 1 <= len(ds) <= 3 and len(set(ds)) == len(ds)
+        for d in ds:
+            g = grade_intent(t, d)
+            assert g.valid and not g.correct, (t.id, d)
+
+
+def test_intent_schema() -> None:
+    task = _task("multiple_0")
+    assert INTENT_SCHEMA["required"] == ["functions"]
+    names = intent_schema(task)["properties"]["functions"]["items"]["enum"]
+    assert names == [f["name"] for f in task.functions]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_intent_messages(all_tasks: list[BFCLTask]) -> None:
+    for t in all_tasks:
+        msgs = intent_messages(t)
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert '{"functions"' in msgs[0]["content"] and "ONLY" in msgs[0]["content"]
+        for f in t.functions:
+            assert f"- {f['name']}: " in msgs[1]["content"]
+        assert t.question[0]["content"] in msgs[1]["content"]
+
+
+def test_call_messages_use_bfcl_system_prompt() -> None:
+    task = _task("multiple_0")
+    msgs = call_messages(task, None)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[1] == task.question[0]
+    api = bfcl_api()
+    hinted = api.language_hint(json.loads(json.dumps(task.functions)), task.bfcl_category)
+    assert msgs[0]["content"] == api.formulate_system_prompt(api.DEFAULT_SYSTEM_PROMPT_FORMAT, hinted)
+    assert "Note that the provided function is in Python 3 syntax." in msgs[0]["content"]
+    assert "Python 3 syntax" not in json.dumps(task.functions)  # task data not mutated
+
+
+def test_call_messages_selection_and_fallback() -> None:
+    task = _task("multiple_0")
+    names = [f["name"] for f in task.functions]
+    wanted = expected_function_names(task)
+    restricted = call_messages(task, wanted)[0]["content"]
+    assert all((n in restricted) == (n in wanted) for n in names)
+    for fallback in (None, [], ["no_such_function"], wanted + ["no_such_function"]):
+        content = call_messages(task, fallback)[0]["content"]
+        assert all(f'"name": "{n}"' in content for n in names), fallback
+
+
+def test_prompts_never_leak_the_reference_answer(all_tasks: list[BFCLTask]) -> None:
+    in_question = []
+    for t in all_tasks:
+        ref = reference_call(t)
+        if ref[1:-1] in t.question[0]["content"]:  # not distinctive: the request spells out the call
+            in_question.append(t.id)
+            continue
+        text = "\n".join(m["content"] for m in intent_messages(t) + call_messages(t, None))
+        assert ref not in text and ref[1:-1] not in text, t.id
+        assert intent_reference(t) not in text, t.id
+    assert len(in_question) <= 5, in_question

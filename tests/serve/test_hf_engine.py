@@ -1,0 +1,202 @@
+"""HFEngine on a tiny random Llama (CPU, no hub, no Ray), plus one slow test on packaged SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import string
+import time
+
+import pytest
+
+from slmshift.platform.errors import ModelLoadError
+from slmshift.platform.types import HFOptions, LMRequest, ModelSpec
+from slmshift.serve import sources
+from slmshift.serve.engines.hf import HFEngine
+from slmshift.serve.sources import resolve_source
+from slmshift.serve.tiny import build_tiny_llama
+
+PROMPTS = [
+    "hi",
+    "What is the weather in Paris today? Answer in one short sentence please.",
+    "Return a JSON object with keys name and id for user 42, and nothing else at all, thanks.",
+    "x = 1",
+]
+
+
+def req(content: str, **kw) -> LMRequest:
+    return LMRequest(
+        experiment_id="t", episode_id="e", call_index=0, scenario="s", role="r", call_kind="k",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}], **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    spec = ModelSpec(name="tiny", tier="slm", backend="hf", source=str(tiny_dir), hf=HFOptions(dtype="float32"))
+    return HFEngine(spec)
+
+
+def gen(engine, requests):
+    return asyncio.run(engine.generate(requests))
+
+
+def token_ids(engine, requests):
+    """Generated ids per request (the public response only carries text)."""
+    return [r["token_ids"] for r in engine._run_batch([(q, engine._prompt_ids(q)) for q in requests])]
+
+
+def test_tiny_tokenizer_round_trips_ascii(engine):
+    tok = engine.tokenizer
+    text = string.printable + ' {"a": [1, 2.5e-3]} ~`|\\'
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id is None or tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.padding_side == "left" and tok.pad_token is not None and tok.chat_template
+
+
+def test_greedy_is_deterministic(engine):
+    a = gen(engine, [req(p, max_tokens=12) for p in PROMPTS])
+    b = gen(engine, [req(p, max_tokens=12) for p in PROMPTS])
+    assert [r.text for r in a] == [r.text for r in b]
+    assert all(r.error is None and r.model == "tiny" and r.tier == "slm" and r.backend == "hf" for r in a)
+
+
+def test_greedy_alone_equals_batched_with_left_padding(engine):
+    batch = [req(p, max_tokens=16) for p in PROMPTS]
+    batched = token_ids(engine, batch)
+    for q, ids in zip(batch, batched):
+        assert token_ids(engine, [q])[0] == ids
+    # the public path agrees too
+    assert gen(engine, [batch[0]])[0].text == gen(engine, batch)[0].text
+
+
+def test_sampling_reproducible_per_seed_and_independent_of_batch(engine):
+    q = req(PROMPTS[1], max_tokens=16, temperature=1.0, seed=7)
+    alone = gen(engine, [q])[0].text
+    again = gen(engine, [q])[0].text
+    mixed = gen(engine, [req(PROMPTS[0], max_tokens=4), q, req(PROMPTS[2], temperature=0.7, seed=1)])[1].text
+    assert alone == again == mixed
+    others = {gen(engine, [req(PROMPTS[1], max_tokens=16, temperature=1.0, seed=s)])[0].text for s in range(5)}
+    assert len(others) > 1  # different seeds give different draws
+    greedy = gen(engine, [req(PROMPTS[1], max_tokens=16)])[0].text
+    assert greedy == gen(engine, [req(PROMPTS[1], max_tokens=16, seed=99)])[0].text  # seed ignored at T=0
+
+
+def test_max_tokens_per_request_in_mixed_batch(engine):
+    limits = [1, 3, 8, 20]
+    batch = [req(p, max_tokens=m) for p, m in zip(PROMPTS, limits)]
+    resps = gen(engine, batch)
+    ids = token_ids(engine, batch)
+    eos = engine.eos_ids
+    for r, m, toks in zip(resps, limits, ids):
+        assert r.error is None
+        assert r.tokens_out == len(toks) <= m
+        assert r.tokens_out == m or toks[-1] in eos  # only EOS stops a row early
+
+
+def test_token_counts_and_truncation(tiny_dir, engine):
+    tok = engine.tokenizer
+    q = req(PROMPTS[2], max_tokens=5)
+    text = tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=False)
+    expected = len(tok(text, add_special_tokens=False)["input_ids"])
+    r = gen(engine, [q, req("hi", max_tokens=2)])[0]
+    assert r.tokens_in == expected and 0 < r.tokens_out <= 5
+
+    short = HFEngine(ModelSpec(name="t16", tier="slm", backend="hf", source=str(tiny_dir), hf=HFOptions(max_input_tokens=16)))
+    r16 = gen(short, [q])[0]
+    assert r16.tokens_in == 16 and r16.error is None
+
+
+def test_mean_logprob_and_latency(engine):
+    for r in gen(engine, [req(p, max_tokens=6, temperature=t) for p, t in zip(PROMPTS, [0, 0.5, 1.0, 0])]):
+        assert r.mean_logprob is not None and math.isfinite(r.mean_logprob) and r.mean_logprob <= 0
+        assert r.latency_s > 0
+
+
+def test_adapter_and_batch_failure_give_error_responses(engine, monkeypatch):
+    resps = gen(engine, [req("hi", max_tokens=2), req("hi", adapter="sql-lora")])
+    assert resps[0].error is None and resps[0].text
+    assert resps[1].text == "" and "adapter" in resps[1].error and "not loaded" in resps[1].error
+
+    def boom(*a, **kw):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(engine.model, "generate", boom)
+    resps = gen(engine, [req("a"), req("b", temperature=0.5)])
+    assert len(resps) == 2
+    assert all(r.text == "" and r.error and "out of memory" in r.error and "\n" not in r.error for r in resps)
+
+
+def test_num_parameters_is_measured(engine):
+    assert engine.num_parameters() == sum(p.numel() for p in engine.model.parameters()) > 0
+
+
+def test_resolve_source_kinds_and_errors(tmp_path, tiny_dir):
+    assert resolve_source(str(tiny_dir)).kind == "dir"
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == sources.ResolvedSource(
+        "hub", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)) == sources.ResolvedSource("gguf", str(tmp_path), "m.gguf")
+
+    for missing in [str(tmp_path / "nope"), "./models/nope", "~/nope-slmshift", "weights/model.gguf"]:
+        with pytest.raises(ModelLoadError) as err:
+            resolve_source(missing)
+        msg = str(err.value)
+        assert missing in msg and "does not exist" in msg
+        assert "packaged:smollm2-135m" in msg and "hub id" in msg
+
+    with pytest.raises(ModelLoadError) as err:
+        resolve_source("packaged:gpt-9")
+    assert "gpt-9" in str(err.value) and "packaged:smollm2-135m" in str(err.value)
+
+
+def test_load_error_is_clear(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError) as err:
+        sources.load_model_and_tokenizer(str(tmp_path / "empty"), "float32", "cpu")
+    assert "empty" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_pull_packaged_is_idempotent_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMSHIFT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, out):
+        calls.append(gguf)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(sources, "_convert_gguf", fake_convert)
+    path = sources.pull_packaged("smollm2-135m")
+    assert path == tmp_path / "models" / "smollm2-135m" and (path / "config.json").exists()
+    assert sources.pull_packaged("smollm2-135m") == path and len(calls) == 1
+    assert sources.pull_packaged("smollm2-135m", force=True) == path and len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")) == ["smollm2-135m"]
+
+    def failing(gguf, out):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sources, "_convert_gguf", failing)
+    monkeypatch.setenv("SLMSHIFT_CACHE", str(tmp_path / "other"))
+    with pytest.raises(RuntimeError):
+        sources.pull_packaged("smollm2-135m")
+    assert [p.name for p in (tmp_path / "other" / "models").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLMSHIFT_CACHE", str(tmp_path))
+    t0 = time.perf_counter()
+    engine = HFEngine(ModelSpec(name="smollm2", tier="slm", backend="hf", source="packaged:smollm2-135m"))
+    assert engine.tokenizer.chat_template  # carried over from the GGUF metadata
+    assert 130e6 < engine.num_parameters() < 140e6
+    r = gen(engine, [req("What is 2+2?", max_tokens=24)])[0]
+    print(f"\nsmollm2: {r.text!r} ({r.tokens_out} tokens, {time.perf_counter() - t0:.1f}s incl. conversion)")
+    assert r.error is None and r.text.strip() and r.tokens_out > 0

@@ -1,0 +1,40 @@
+"""The simulated teacher follows its declared profile and answers only from the hidden reference."""
+
+import asyncio
+
+from slmshift.platform.types import Hidden, LMRequest, ModelSpec, SimulatedProfile
+from slmshift.serve.engines.simulated import SimulatedEngine
+
+
+def reqs(n, kind="intent", hidden=Hidden(answer="RIGHT", distractors=["WRONG1", "WRONG2"])):
+    return [LMRequest(experiment_id="e", episode_id=f"ep{i}", call_index=0, scenario="s", role="r", call_kind=kind,
+                      messages=[{"role": "user", "content": "question " * 10}], hidden=hidden) for i in range(n)]
+
+
+def engine(**profile):
+    return SimulatedEngine(ModelSpec(name="t", tier="llm", backend="simulated", profile=SimulatedProfile(**profile)))
+
+
+def test_accuracy_follows_profile_and_is_reproducible():
+    e = engine(accuracy={"intent": 0.7, "default": 0.0})
+    out = asyncio.run(e.generate(reqs(2000)))
+    right = sum(r.text == "RIGHT" for r in out) / len(out)
+    assert 0.66 < right < 0.74
+    assert {r.text for r in out} == {"RIGHT", "WRONG1", "WRONG2"}
+    assert [r.text for r in asyncio.run(e.generate(reqs(2000)))] == [r.text for r in out]
+    assert all(r.simulated and r.tokens_in > 0 for r in out)
+    assert all(r.text != "RIGHT" for r in asyncio.run(e.generate(reqs(50, kind="other"))))
+
+
+def test_latency_profile_is_applied():
+    e = engine(latency_base_s=0.2, latency_per_token_s=0.0)
+    import time
+    start = time.perf_counter()
+    out = asyncio.run(e.generate(reqs(4)))
+    assert time.perf_counter() - start >= 0.2
+    assert all(abs(r.latency_s - 0.2) < 1e-9 for r in out)
+
+
+def test_without_reference_it_is_an_error_not_a_guess():
+    out = asyncio.run(engine().generate(reqs(1, hidden=None)))
+    assert out[0].text == "" and "hidden reference" in out[0].error
