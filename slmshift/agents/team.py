@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ class TeamActor:
     def __init__(self, scenario_cls: type[Scenario], spec: ScenarioSpec, seed: int, experiment_id: str,
                  policy: PolicySpec, models: list[ModelSpec], handles: dict[str, Any],
                  params: dict[str, float | None], log: Any):
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # handle set-up chatter, per actor
         self.scenario = scenario_cls(spec, seed)
         self.label, self.policy, self.experiment_id = spec.label, policy.label, experiment_id
         self.client = LMClient(experiment_id, spec.label, policy, models, handles, params, log, seed=seed)

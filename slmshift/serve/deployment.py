@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -66,10 +67,15 @@ def deploy_models(specs: list[ModelSpec], available_cpus: float) -> dict[str, An
         raise ModelLoadError(
             f"The models reserve {need:g} CPUs ({detail}) but the Ray cluster has {available_cpus:g}. "
             "Fix: lower models[].resources.num_cpus or replicas, or run on a bigger cluster (--address).")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # No HTTP proxy: agents reach models through handles. Serve's own actors log warnings only.
+    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
     handles = {}
     for spec in specs:
         try:
-            handles[spec.name] = serve.run(app_for(spec), name=spec.name, route_prefix=None)
+            # Replicas log at WARNING: per-request INFO lines would flood the driver's console.
+            handles[spec.name] = serve.run(app_for(spec), name=spec.name, route_prefix=None,
+                                           logging_config={"log_level": "WARNING"})
         except Exception as e:
             raise ModelLoadError(
                 f"Model {spec.name!r} (backend {spec.backend}, source {spec.source!r}) failed to load: "

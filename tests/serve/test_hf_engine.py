@@ -200,3 +200,16 @@ def test_packaged_smollm2_answers(tmp_path, monkeypatch):
     r = gen(engine, [req("What is 2+2?", max_tokens=24)])[0]
     print(f"\nsmollm2: {r.text!r} ({r.tokens_out} tokens, {time.perf_counter() - t0:.1f}s incl. conversion)")
     assert r.error is None and r.text.strip() and r.tokens_out > 0
+
+
+def test_hub_without_network_says_so(monkeypatch):
+    import transformers
+
+    def offline(*a, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ModelLoadError) as err:
+        sources.load_model_and_tokenizer("someorg/some-model", "float32", "cpu")
+    msg = str(err.value)
+    assert "someorg/some-model" in msg and "no model hub is reachable" in msg and "packaged:smollm2-135m" in msg
