@@ -72,11 +72,11 @@ class Caller:
         return lat
 
 
-def measure(mode: str, handle, args, **kw) -> tuple[float, float]:
+def measure(mode: str, handle, args, rnd: int, **kw) -> tuple[float, float]:
     callers = [Caller.remote(mode, handle, **kw) for _ in range(args.actors)]
-    ray.get([c.run.remote(8, 2, -1 - i) for i, c in enumerate(callers)])  # warm-up
+    ray.get([c.run.remote(8, 2, -1 - i - 100 * rnd) for i, c in enumerate(callers)])  # warm-up
     t0 = time.perf_counter()
-    lats = sum(ray.get([c.run.remote(args.calls, args.coroutines, i) for i, c in enumerate(callers)]), [])
+    lats = sum(ray.get([c.run.remote(args.calls, args.coroutines, i + 100 * rnd) for i, c in enumerate(callers)]), [])
     wall = time.perf_counter() - t0
     for c in callers:
         ray.kill(c)
@@ -93,8 +93,8 @@ def bench_stack(args) -> None:
     log = InteractionLog.remote(tempfile.mkdtemp(prefix="slmshift-bench-"))
     rows = []
     for rnd in range(args.rounds):  # alternate to spread machine noise over both
-        rows.append(("bare",) + measure("bare", echo, args))
-        rows.append(("full",) + measure("full", full, args, models=[spec], log=log, params={"teacher": 7e10}))
+        rows.append(("bare",) + measure("bare", echo, args, rnd))
+        rows.append(("full",) + measure("full", full, args, rnd, models=[spec], log=log, params={"teacher": 7e10}))
     counts = ray.get(log.close.remote())
     bare = [r for r in rows if r[0] == "bare"]
     fulls = [r for r in rows if r[0] == "full"]

@@ -16,7 +16,8 @@ app = typer.Typer(help="Measure and perform the move of agent teams from large t
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Packaged models: list them, convert them into the local cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped output (CI, `| tee`) gets wide tables instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True)
 
 

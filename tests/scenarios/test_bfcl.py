@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from slmshift.scenarios.bfcl.prompts import INTENT_EXAMPLE
+
 from slmshift.scenarios.bfcl import (
     CATEGORIES,
     INTENT_SCHEMA,
@@ -234,11 +236,12 @@ def test_intent_schema() -> None:
 def test_intent_messages(all_tasks: list[BFCLTask]) -> None:
     for t in all_tasks:
         msgs = intent_messages(t)
-        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
         assert '{"functions"' in msgs[0]["content"] and "ONLY" in msgs[0]["content"]
+        assert msgs[1:3] == INTENT_EXAMPLE  # the worked example, then the real request
         for f in t.functions:
-            assert f"- {f['name']}: " in msgs[1]["content"]
-        assert t.question[0]["content"] in msgs[1]["content"]
+            assert f"- {f['name']}: " in msgs[-1]["content"]
+        assert t.question[0]["content"] in msgs[-1]["content"]
 
 
 def test_call_messages_use_bfcl_system_prompt() -> None:

@@ -24,6 +24,14 @@ INTENT_SYSTEM_PROMPT = (
     "no explanation, no code fences, no function arguments."
 )
 _DESCRIPTION_CHARS = 160
+# One worked example (not from BFCL) states the output format by showing it: measured on 12 BFCL tasks,
+# it took SmolLM2-135M from 0/12 to 8/12 valid intent JSON; a large model needs no such help.
+INTENT_EXAMPLE = [
+    {"role": "user", "content": "Request:\nWhat is the weather in Paris in celsius?\n\nAvailable functions:\n"
+                                "- get_weather: Current weather for a city.\n- get_time: Current time in a time zone."
+                                "\n\nWhich functions are needed?"},
+    {"role": "assistant", "content": '{"functions": ["get_weather"]}'},
+]
 
 
 def _one_line(description: str) -> str:
@@ -39,11 +47,12 @@ def _request_text(task: BFCLTask) -> str:
 
 
 def intent_messages(task: BFCLTask) -> list[dict]:
-    """System instruction plus one user turn: the request and name/one-line-description pairs."""
+    """System instruction, one worked example, then the request and name/one-line-description pairs."""
     listing = "\n".join(f"- {f['name']}: {_one_line(f.get('description', ''))}" for f in task.functions)
     user = f"Request:\n{_request_text(task)}\n\nAvailable functions:\n{listing}\n\nWhich functions are needed?"
     return [
         {"role": "system", "content": INTENT_SYSTEM_PROMPT},
+        *INTENT_EXAMPLE,
         {"role": "user", "content": user},
     ]
 
