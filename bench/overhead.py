@@ -68,7 +68,7 @@ class Caller:
 
         await asyncio.gather(*(worker(k) for k in range(c)))
         if self.mode == "full":
-            self.client.flush()
+            await self.client.drain()
         return lat
 
 

@@ -5,6 +5,7 @@ through the platform registry, so it never imports one."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +49,19 @@ def new_run_dir(cfg: ExperimentConfig, storage: str | None = None) -> tuple[str,
     return exp_id, f"{root}/{exp_id}"
 
 
-def _pull_packaged(cfg: ExperimentConfig, console: Any) -> None:
-    """Convert packaged models once, here, with visible progress, rather than inside a Serve replica."""
-    from slmshift.serve.sources import pull_packaged
+def _prepare_sources(cfg: ExperimentConfig, console: Any, local: bool) -> None:
+    """Fail fast on a missing model file, and convert packaged models once, here, with visible progress,
+    rather than inside a Serve replica. On a cluster, paths are checked by the replicas on their nodes."""
+    from slmshift.serve.sources import pull_packaged, resolve_source
 
     for m in cfg.models:
-        if m.backend == "hf" and m.source and m.source.startswith("packaged:"):
+        if m.backend != "hf" or not m.source:
+            continue
+        if m.source.startswith("packaged:"):
             with console.status(f"preparing {m.source} (converted once into the local cache)"):
                 pull_packaged(m.source.split(":", 1)[1])
+        elif local:
+            resolve_source(m.source)
 
 
 def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage: str | None = None,
@@ -74,7 +80,8 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     _write_text(f"{run_dir}/config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     console.print(f"[bold]slmshift[/] experiment [cyan]{exp_id}[/] -> {run_dir}", soft_wrap=True)
 
-    _pull_packaged(cfg, console)
+    local = not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address)
+    _prepare_sources(cfg, console, local)
     info = start_ray(cfg.ray, address)
     where = "embedded local Ray" if info.embedded else f"Ray cluster at {info.address}"
     console.print(f"{where}; dashboard: {info.dashboard_url or 'off'}"
@@ -85,6 +92,7 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
             params = {n: h.info.remote().result(timeout_s=120)["params"] for n, h in handles.items()}
         console.print("models: " + ", ".join(f"{m.name} ({m.tier}, {m.backend})" for m in cfg.models))
         log = InteractionLog.remote(run_dir)
+        expected_episodes = 0
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             for spec in cfg.scenarios:
@@ -105,11 +113,14 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                     wins = sum(r.success for r in results)
                     progress.console.print(f"{spec.label} · {policy.label}: {len(results)} episodes in "
                                            f"{time.perf_counter() - t_arm:.0f} s, {wins} succeeded")
-                    ray.get([t.flush.remote() for t in teams])
+                    ray.get([t.drain.remote() for t in teams])
+                    expected_episodes += len(results)
                     for t in teams:
                         ray.kill(t)
         counts = ray.get(log.close.remote())
         ray.kill(log)
+        if counts.get("episodes") != expected_episodes:
+            console.print(f"[red]warning:[/] {expected_episodes} episodes ran but {counts.get('episodes')} were logged")
     finally:
         for m in cfg.models:
             try:

@@ -38,6 +38,7 @@ class LMClient:
         self.flush_every = flush_every
         self._records: list[dict] = []
         self._episodes: list[dict] = []
+        self._pending: list[Any] = []  # log-actor calls not yet acknowledged
 
     def episode(self, episode_id: str, task_id: str) -> Session:
         return Session(self, episode_id, task_id)
@@ -90,13 +91,24 @@ class LMClient:
         metrics.record_episode(result.scenario, result.policy, result.success)
 
     def flush(self) -> None:
-        """Ship buffered records to the log actor (fire and forget: the actor serialises writes)."""
+        """Ship buffered records to the log actor without waiting (the actor serialises writes)."""
         if self._records:
-            self.log.add.remote(self._records)
+            self._pending.append(self.log.add.remote(self._records))
             self._records = []
-        for ep in self._episodes:
-            self.log.add_episode.remote(ep)
+        self._pending += [self.log.add_episode.remote(ep) for ep in self._episodes]
         self._episodes = []
+        if len(self._pending) > 256:  # drop acknowledged refs so the list stays short
+            import ray
+
+            done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+
+    async def drain(self) -> None:
+        """Flush and wait until the log actor has every record. Call before the owning actor exits:
+        calls still in flight from a killed actor are lost."""
+        self.flush()
+        pending, self._pending = self._pending, []
+        for ref in pending:
+            await ref
 
 
 class Session:

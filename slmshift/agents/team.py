@@ -38,5 +38,5 @@ class TeamActor:
         self.client.add_episode(result)
         return result
 
-    def flush(self) -> None:
-        self.client.flush()
+    async def drain(self) -> None:
+        await self.client.drain()

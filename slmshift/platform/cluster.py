@@ -34,6 +34,7 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
         ctx = ray.get_runtime_context()
         return RayInfo(False, ctx.gcs_address, None, None)
     if address:
+        _check_reachable(address)
         try:
             ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
         except Exception as e:  # ConnectionError, ValueError, TimeoutError: all mean the same to the user
@@ -61,6 +62,25 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
     node = ray.nodes()[0] if ray.nodes() else {}
     url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
     return RayInfo(True, ctx.address_info.get("gcs_address", ""), url, node.get("MetricsExportPort"))
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ray.init waits minutes on a dead host:port; a TCP connect tells in seconds. 'auto' is left to Ray,
+    which fails fast when no local cluster is running."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayConnectError(
+            f"Could not connect to the Ray cluster at {address!r} ({e.strerror or e}). Fix: start it with "
+            "`ray start --head` or `ray up cluster.yaml`, check the address (e.g. 'auto' on a cluster node, "
+            "'ray://HEAD:10001' from outside), or drop --address / RAY_ADDRESS / ray.address to run on an "
+            "embedded local cluster.") from None
 
 
 def cluster_cpus() -> float:

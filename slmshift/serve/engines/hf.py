@@ -72,7 +72,9 @@ class HFEngine(Engine):
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
         import torch
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # per-replica weight-loading bars would flood the driver's console
         if not spec.source:
             raise ModelLoadError(f"model {spec.name!r}: the hf backend needs a 'source'.")
         # Replicas share a host: use the CPUs this replica reserved, not every core.
