@@ -38,12 +38,7 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
         try:
             ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
         except Exception as e:  # ConnectionError, ValueError, TimeoutError: all mean the same to the user
-            raise RayConnectError(
-                f"Could not connect to the Ray cluster at {address!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-                "Fix: start it with `ray start --head` or `ray up cluster.yaml`, check the address (e.g. 'auto' on a "
-                "cluster node, 'ray://HEAD:10001' from outside), or drop --address / RAY_ADDRESS / ray.address to run "
-                "on an embedded local cluster."
-            ) from None
+            raise _connect_error(address, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         return RayInfo(False, address, ctx.dashboard_url or None, None)
     dashboard = cfg.dashboard and importlib.util.find_spec("aiohttp") is not None  # ray[default] deps present
     kwargs = dict(
@@ -64,6 +59,13 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
     return RayInfo(True, ctx.address_info.get("gcs_address", ""), url, node.get("MetricsExportPort"))
 
 
+def _connect_error(address: str, why: str) -> RayConnectError:
+    return RayConnectError(
+        f"Could not connect to the Ray cluster at {address!r} ({why}). Fix: start it with `ray start --head` or "
+        "`ray up cluster.yaml`, check the address (e.g. 'auto' on a cluster node, 'ray://HEAD:10001' from "
+        "outside), or drop --address / RAY_ADDRESS / ray.address to run on an embedded local cluster.")
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """ray.init waits minutes on a dead host:port; a TCP connect tells in seconds. 'auto' is left to Ray,
     which fails fast when no local cluster is running."""
@@ -76,11 +78,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise RayConnectError(
-            f"Could not connect to the Ray cluster at {address!r} ({e.strerror or e}). Fix: start it with "
-            "`ray start --head` or `ray up cluster.yaml`, check the address (e.g. 'auto' on a cluster node, "
-            "'ray://HEAD:10001' from outside), or drop --address / RAY_ADDRESS / ray.address to run on an "
-            "embedded local cluster.") from None
+        raise _connect_error(address, str(e.strerror or e)) from None
 
 
 def cluster_cpus() -> float:
