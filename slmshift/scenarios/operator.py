@@ -8,6 +8,9 @@ observe-and-retry). BFCL's own AST checker grades the final call.
 
 from __future__ import annotations
 
+import json
+import re
+
 from pydantic import Field, field_validator
 
 from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
@@ -42,10 +45,9 @@ class OperatorScenario(Scenario):
     options: OperatorOptions
 
     def tasks(self) -> list[BFCLTask]:
-        pool = load_tasks(self.options.categories, n=None, seed=self.seed)
-        n = self.spec.episodes
-        picked = load_tasks(self.options.categories, n=min(n, len(pool)), seed=self.seed)
-        return [picked[i % len(picked)] for i in range(n)]
+        # More episodes than tasks: the sample repeats, in the same order.
+        picked = load_tasks(self.options.categories, n=self.spec.episodes, seed=self.seed)
+        return [picked[i % len(picked)] for i in range(self.spec.episodes)]
 
     async def run_episode(self, task: BFCLTask, session: EpisodeSession) -> Outcome:
         o = self.options
@@ -74,9 +76,7 @@ class OperatorScenario(Scenario):
 
 
 def _selected(text: str) -> list[str] | None:
-    import json
-    import re
-
+    """The function names of a valid intent answer (grade_intent already accepted its shape)."""
     m = re.search(r"\{.*\}", text, re.S)
     try:
         names = json.loads(m.group(0))["functions"] if m else None
