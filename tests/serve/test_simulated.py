@@ -7,7 +7,7 @@ from slmshift.serve.engines.simulated import SimulatedEngine
 
 
 def reqs(n, kind="intent", hidden=Hidden(answer="RIGHT", distractors=["WRONG1", "WRONG2"])):
-    return [LMRequest(experiment_id="e", episode_id=f"ep{i}", call_index=0, scenario="s", role="r", call_kind=kind,
+    return [LMRequest(experiment_id="e", episode_id=f"ep{i}", task_id=f"t{i}", call_index=0, scenario="s", role="r", call_kind=kind,
                       messages=[{"role": "user", "content": "question " * 10}], hidden=hidden) for i in range(n)]
 
 
@@ -38,3 +38,11 @@ def test_latency_profile_is_applied():
 def test_without_reference_it_is_an_error_not_a_guess():
     out = asyncio.run(engine().generate(reqs(1, hidden=None)))
     assert out[0].text == "" and "hidden reference" in out[0].error
+
+
+def test_same_task_same_answer_across_runs_and_arms():
+    e = engine(accuracy={"intent": 0.5})
+    a = asyncio.run(e.generate(reqs(200)))
+    b = asyncio.run(e.generate([r.model_copy(update={"experiment_id": "other-run", "policy": "arm2",
+                                                     "episode_id": "x" + r.episode_id}) for r in reqs(200)]))
+    assert [r.text for r in a] == [r.text for r in b]

@@ -1,8 +1,8 @@
 """A simulated teacher: quality, latency and price follow a declared profile.
 
 It answers from the scenario's hidden reference when its per-call-kind accuracy says it succeeds, and with one
-of the scenario's plausible wrong answers when it does not. Draws are seeded by the call's identity, so a run
-is reproducible whatever the batching or ordering. Reports always label it simulated.
+of the scenario's plausible wrong answers when it does not. Draws are seeded by the call's identity (task,
+call kind, position), so a run is reproducible whatever the batching, ordering or launch time. Reports always label it simulated.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class SimulatedEngine(Engine):
     backend = "simulated"
 
     def _rng(self, req: LMRequest) -> random.Random:
-        key = json.dumps([self.spec.name, req.experiment_id, req.episode_id, req.call_index, req.seed])
+        # Keyed by what was asked, not by run or arm: a relaunch reproduces, every policy arm meets the same
+        # teacher answer for a task, and a repeated task gets the same answer, as from a greedy LLM.
+        key = json.dumps([self.spec.name, req.seed, req.scenario, req.task_id, req.call_kind, req.call_index])
         return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
     def _answer(self, req: LMRequest) -> LMResponse:
