@@ -5,7 +5,6 @@ through the platform registry, so it never imports one."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import yaml
 
 from slmshift.platform import report as reports
-from slmshift.platform.cluster import cluster_cpus, start_ray
+from slmshift.platform.cluster import cluster_address, cluster_cpus, start_ray
 from slmshift.platform.config import ExperimentConfig
 from slmshift.platform.log import InteractionLog, read_episodes, read_interactions
 from slmshift.platform.scenario import scenario_class
@@ -80,8 +79,7 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     _write_text(f"{run_dir}/config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     console.print(f"[bold]slmshift[/] experiment [cyan]{exp_id}[/] -> {run_dir}", soft_wrap=True)
 
-    local = not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address)
-    _prepare_sources(cfg, console, local)
+    _prepare_sources(cfg, console, local=cluster_address(cfg.ray, address) is None)
     info = start_ray(cfg.ray, address)
     where = "embedded local Ray" if info.embedded else f"Ray cluster at {info.address}"
     console.print(f"{where}; dashboard: {info.dashboard_url or 'off'}"

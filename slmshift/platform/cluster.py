@@ -21,6 +21,11 @@ class RayInfo:
     metrics_port: int | None
 
 
+def cluster_address(cfg: RaySection, address: str | None = None) -> str | None:
+    """The cluster to join: the argument, then RAY_ADDRESS, then the config; None means embedded."""
+    return address or os.environ.get("RAY_ADDRESS") or cfg.address
+
+
 def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
     """Join `address` (argument > RAY_ADDRESS > config) or start an embedded cluster.
 
@@ -29,7 +34,7 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    address = cluster_address(cfg, address)
     if ray.is_initialized():
         ctx = ray.get_runtime_context()
         return RayInfo(False, ctx.gcs_address, None, None)
