@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
+from ray import serve
 
 from slmshift.platform.config import PolicySpec
 from slmshift.platform.log import InteractionLog, read_interactions
@@ -81,7 +82,7 @@ def test_metrics_reach_rays_prometheus_endpoint(agent):
 
 def test_records_survive_the_agent_being_killed_after_drain(agent, ray_cluster):
     _, log, run_dir = agent
-    handles = {"teacher": __import__("ray").serve.get_app_handle("teacher")}
+    handles = {"teacher": serve.get_app_handle("teacher")}
     for k in range(3):  # the runner kills team actors as soon as an arm is drained
         a = Agent.remote(handles, log)
         ray.get(a.episode.remote(f"kill{k}", ["{ok}"] * 40))

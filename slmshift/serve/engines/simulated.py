@@ -2,7 +2,8 @@
 
 It answers from the scenario's hidden reference when its per-call-kind accuracy says it succeeds, and with one
 of the scenario's plausible wrong answers when it does not. Draws are seeded by the call's identity (task,
-call kind, position), so a run is reproducible whatever the batching, ordering or launch time. Reports always label it simulated.
+call kind, position), so a run is reproducible whatever the batching, ordering or launch time. Reports always
+label it simulated.
 """
 
 from __future__ import annotations
