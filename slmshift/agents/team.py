@@ -29,12 +29,13 @@ class TeamActor:
         t0 = time.perf_counter()
         try:
             outcome = await self.scenario.run_episode(task, session)
-            success, reward, detail, error = outcome.success, outcome.reward, outcome.detail, None
+            success, reward, steps, detail, error = (outcome.success, outcome.reward, outcome.steps,
+                                                     outcome.detail, None)
         except Exception as e:  # a crashing episode is a recorded failure, never a lost one
-            success, reward, detail, error = False, 0.0, "", f"{type(e).__name__}: {e}"
+            success, reward, steps, detail, error = False, 0.0, 0, "", f"{type(e).__name__}: {e}"
         result = EpisodeResult(experiment_id=self.experiment_id, episode_id=episode_id, scenario=self.label,
                                task_id=task.id, policy=self.policy, success=success, reward=reward,
-                               n_calls=session.calls, detail=detail, error=error, wall_s=time.perf_counter() - t0)
+                               n_calls=session.calls, steps=steps, detail=detail, error=error, wall_s=time.perf_counter() - t0)
         self.client.add_episode(result)
         return result
 

@@ -46,14 +46,27 @@ def summarize(interactions: pd.DataFrame, episodes: pd.DataFrame) -> dict[str, A
         arms.append({"scenario": scenario, "policy": policy, "episodes": int(len(e)),
                      "success_rate": float(e["success"].mean()), "mean_reward": float(e["reward"].mean()),
                      "episode_errors": int(e["error"].notna().sum()),
+                     "mean_steps": float(e["steps"].fillna(0).mean()),
                      "cost_per_episode_usd": stats["cost_usd"] / len(e), **stats})
     kinds = []
-    for (scenario, policy, kind), g in df.groupby(["scenario", "policy", "call_kind"], sort=False):
-        kinds.append({"scenario": scenario, "policy": policy, "call_kind": kind, "calls": int(len(g)),
+    for (scenario, policy, role, kind), g in df.groupby(["scenario", "policy", "role", "call_kind"], sort=False):
+        kinds.append({"scenario": scenario, "policy": policy, "role": role, "call_kind": kind,
+                      "category": str(g["category"].mode().iloc[0]), "calls": int(len(g)),
                       "slm_share": float((g["tier"] == "slm").mean()), "valid_rate": _rate(g["valid"]),
                       "correct_rate": _rate(g["correct"]), "latency_p50_s": _pct(g["latency_s"], 0.5)})
+    # Task ids "family#instance" (e.g. a MiniWoB task and its seed) get a per-family table.
+    tasks = []
+    fam_eps = episodes[episodes["task_id"].str.contains("#", regex=False)]
+    fam_eps = fam_eps.assign(family=fam_eps["task_id"].str.split("#").str[0])
+    for (scenario, policy, family), e in fam_eps.groupby(["scenario", "policy", "family"], sort=True):
+        calls = df[(df["scenario"] == scenario) & (df["policy"] == policy) & df["episode_id"].isin(e["episode_id"])]
+        tasks.append({"scenario": scenario, "policy": policy, "task": family, "episodes": int(len(e)),
+                      "success_rate": float(e["success"].mean()), "mean_reward": float(e["reward"].mean()),
+                      "mean_steps": float(e["steps"].fillna(0).mean()), "calls": int(len(calls)),
+                      "cost_usd": float(calls["cost_usd"].sum()),
+                      "slm_share": float((calls["tier"] == "slm").mean()) if len(calls) else float("nan")})
     return {"totals": _call_stats(df) | {"episodes": int(len(episodes))}, "models": models, "arms": arms,
-            "call_kinds": kinds}
+            "call_kinds": kinds, "tasks": tasks}
 
 
 def _fmt(v: Any) -> str:
@@ -69,11 +82,13 @@ def _fmt(v: Any) -> str:
 TABLES = {
     "Models": ("models", ["model", "tier", "backend", "simulated", "calls", "tokens_in", "tokens_out", "cost_usd",
                           "latency_p50_s", "latency_p95_s", "valid_rate"]),
-    "Scenarios × policies": ("arms", ["scenario", "policy", "episodes", "success_rate", "slm_share", "calls",
-                                      "cost_usd", "cost_per_episode_usd", "latency_p50_s", "latency_p95_s",
-                                      "episode_errors"]),
-    "Call kinds": ("call_kinds", ["scenario", "policy", "call_kind", "calls", "slm_share", "valid_rate",
-                                  "correct_rate", "latency_p50_s"]),
+    "Scenarios × policies": ("arms", ["scenario", "policy", "episodes", "success_rate", "mean_reward", "mean_steps",
+                                      "slm_share", "calls", "cost_usd", "cost_per_episode_usd", "latency_p50_s",
+                                      "latency_p95_s", "episode_errors"]),
+    "Roles and call kinds": ("call_kinds", ["scenario", "policy", "role", "call_kind", "category", "calls",
+                                            "slm_share", "valid_rate", "correct_rate", "latency_p50_s"]),
+    "Tasks": ("tasks", ["scenario", "policy", "task", "episodes", "success_rate", "mean_reward", "mean_steps",
+                        "calls", "cost_usd", "slm_share"]),
 }
 
 
@@ -82,6 +97,8 @@ def to_markdown(summary: dict[str, Any], title: str) -> str:
     if any(m["simulated"] for m in summary["models"]):
         out += ["Models marked simulated are declared teachers: their quality, latency and price follow a profile.", ""]
     for name, (key, cols) in TABLES.items():
+        if not summary.get(key):
+            continue
         out += [f"## {name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         out += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in summary[key]]
         out.append("")
@@ -92,9 +109,12 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     for name, (key, cols) in TABLES.items():
+        if not summary.get(key):
+            continue
         t = Table(title=name, title_justify="left")
         for c in cols:
-            t.add_column(c, justify="left" if c in ("model", "tier", "backend", "scenario", "policy", "call_kind") else "right")
+            t.add_column(c, justify="left" if c in ("model", "tier", "backend", "scenario", "policy", "role", "call_kind",
+                                                  "category", "task") else "right")
         for row in summary[key]:
             t.add_row(*(_fmt(row[c]) for c in cols))
         console.print(t)

@@ -43,6 +43,7 @@ class Outcome(BaseModel):
     model_config = ConfigDict(frozen=True)
     success: bool
     reward: float
+    steps: int = 0  # environment actions taken, where the scenario acts in one
     detail: str = ""
 
 

@@ -139,6 +139,7 @@ class EpisodeResult(BaseModel):
     success: bool
     reward: float
     n_calls: int
+    steps: int = Field(default=0, description="Environment steps taken, for scenarios that act in one.")
     detail: str = ""
     error: str | None = None
     wall_s: float = 0.0
