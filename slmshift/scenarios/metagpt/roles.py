@@ -1,0 +1,149 @@
+"""The five roles' behaviour for one episode: each turns the message it watches into model calls (through the
+episode session, so every call is routed and logged) and publishes its result to the pool.
+
+Call kinds and the paper's categories: prd, tasks, summary -> template (structured JSON); design, code,
+tests -> reasoning; debug -> debugging. A call whose output fails its checker is retried with the error fed
+back, up to `format_retries` times; its last output stands as a recorded failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from slmshift.platform.sandbox import SandboxLimits, SandboxResult, run_python_async
+from slmshift.platform.scenario import EpisodeSession
+from slmshift.platform.types import Hidden
+from slmshift.scenarios.metagpt import prompts, teacher
+from slmshift.scenarios.metagpt.data import Problem, check_program
+from slmshift.scenarios.metagpt.schemas import SCHEMAS, Check, RunSummary, check_json, check_tests, extract_code
+from slmshift.scenarios.metagpt.sop import Message, MessagePool
+
+CATEGORY = {"prd": "template", "design": "reasoning", "tasks": "template", "code": "reasoning",
+            "debug": "debugging", "tests": "reasoning", "summary": "template"}
+EXPECT = {"prd": "json", "design": "json", "tasks": "json", "summary": "json", "code": "code", "debug": "code",
+          "tests": "code"}
+
+
+@dataclass
+class Company:
+    """One episode's team on one problem."""
+
+    problem: Problem
+    session: EpisodeSession
+    max_tokens: dict[str, int]
+    format_retries: int = 1
+    temperature: float = 0.0
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    runs: list[SandboxResult] = field(default_factory=list)  # HumanEval test runs, in order
+    final_code: str | None = None
+
+    def behaviours(self) -> dict[str, Any]:
+        return {"ProductManager": self.product_manager, "Architect": self.architect,
+                "ProjectManager": self.project_manager, "Engineer": self.engineer, "QaEngineer": self.qa_engineer}
+
+    async def _call(self, role: str, kind: str, messages: list[dict[str, str]], hidden: Hidden,
+                    check: Callable[[str], Check]) -> tuple[Any, str, Check]:
+        """One logical call with its format retries. Returns (parsed value or None, last text, last check)."""
+        verdict = Check(False, False, "not called")
+        text = ""
+        for _ in range(self.format_retries + 1):
+            # the checker runs inside the client (which records its verdict); keep our own copy for the value
+            verdict_box: list[Check] = []
+
+            def checked(t: str) -> Check:
+                verdict_box.append(check(t))
+                return verdict_box[-1]
+
+            res = await self.session.call(
+                role=role, call_kind=kind, category=CATEGORY[kind], messages=messages, expect=EXPECT[kind],
+                json_schema=SCHEMAS[kind].model_json_schema() if kind in SCHEMAS else None,
+                max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=checked)
+            text = res.text
+            verdict = verdict_box[-1] if verdict_box else Check(False, False, res.error or "no output")
+            if res.valid and verdict.valid:
+                return verdict.value, text, verdict
+            messages = messages + [{"role": "assistant", "content": text},
+                                   prompts.retry_message(res.error or verdict.reason, kind)]
+        return None, text, verdict
+
+    # --- roles ---------------------------------------------------------------------------------------------
+
+    async def product_manager(self, msg: Message, pool: MessagePool) -> list[Message]:
+        p = self.problem
+        _, text, _ = await self._call("ProductManager", "prd", prompts.prd_messages(p), teacher.prd_ref(p),
+                                      lambda t: check_json(t, SCHEMAS["prd"]))
+        return [Message("prd", "ProductManager", text)]
+
+    async def architect(self, msg: Message, pool: MessagePool) -> list[Message]:
+        p = self.problem
+
+        def check(t: str) -> Check:
+            c = check_json(t, SCHEMAS["design"])
+            return c if not c.valid else Check(True, p.entry_point in c.value.signature,
+                                               "" if p.entry_point in c.value.signature else "wrong signature", c.value)
+
+        _, text, _ = await self._call("Architect", "design", prompts.design_messages(p, msg.content),
+                                      teacher.design_ref(p), check)
+        return [Message("design", "Architect", text)]
+
+    async def project_manager(self, msg: Message, pool: MessagePool) -> list[Message]:
+        p = self.problem
+        _, text, _ = await self._call("ProjectManager", "tasks", prompts.tasks_messages(p, msg.content),
+                                      teacher.tasks_ref(p), lambda t: check_json(t, SCHEMAS["tasks"]))
+        return [Message("tasks", "ProjectManager", text)]
+
+    async def engineer(self, msg: Message, pool: MessagePool) -> list[Message]:
+        p = self.problem
+        check = lambda t: extract_code(t, p.entry_point, p.prompt)  # noqa: E731
+        if msg.type == "test_report":  # QA sent it back: debug the last code with the failure output
+            messages = prompts.debug_messages(p, self.final_code or "", msg.content)
+            code, text, _ = await self._call("Engineer", "debug", messages, teacher.code_ref(p), check)
+        else:
+            design, tasks = pool.latest("design"), pool.latest("tasks")
+            messages = prompts.code_messages(p, design.content if design else "", tasks.content if tasks else "")
+            code, text, _ = await self._call("Engineer", "code", messages, teacher.code_ref(p), check)
+        if code is not None:
+            self.final_code = code
+        return [Message("code", "Engineer", text, data=code)]
+
+    async def qa_engineer(self, msg: Message, pool: MessagePool) -> list[Message]:
+        p = self.problem
+        code = msg.data
+        report: list[str] = []
+        if code is None:
+            passed, reason = False, "the Engineer's reply held no parsable code defining " + p.entry_point
+            report.append(reason)
+        else:
+            tests, _, _ = await self._call("QaEngineer", "tests", prompts.tests_messages(p, code),
+                                           teacher.tests_ref(p), lambda t: check_tests(t, p.entry_point))
+            # the tool: HumanEval's tests (the grader) and QA's own asserts, each in the sandbox
+            run = await run_python_async(check_program(p, code), self.limits)
+            self.runs.append(run)
+            passed, reason = run.ok, run.reason
+            report.append(f"HumanEval tests: {'passed' if run.ok else 'FAILED: ' + run.reason}")
+            if not run.ok and run.stderr.strip():
+                report.append("stderr (last lines):\n" + "\n".join(run.stderr.strip().splitlines()[-6:]))
+            if tests is not None:
+                extra = await run_python_async(f"{code}\n\n{tests}\n", self.limits)
+                report.append(f"QA's own tests: {'passed' if extra.ok else 'FAILED: ' + extra.reason}")
+        tool_output = "\n".join(report)
+        summary, text, _ = await self._call(
+            "QaEngineer", "summary", prompts.summary_messages(p, tool_output), teacher.summary_ref(passed, reason),
+            lambda t: _check_summary(t, passed))
+        # MetaGPT routes on the summary's send_to; an unusable summary falls back on the test result itself
+        send_back = summary.send_to == "Engineer" if summary is not None else not passed
+        rounds, budget = pool.count("test_report"), pool.feedback_budget("QaEngineer", "Engineer")
+        if send_back and rounds < budget:
+            return [Message("test_report", "QaEngineer", tool_output)]
+        return [Message("done", "QaEngineer", text, data=passed)]
+
+
+def _check_summary(text: str, passed: bool) -> Check:
+    c = check_json(text, RunSummary)
+    if not c.valid:
+        return c
+    s: RunSummary = c.value
+    right = (s.status == "PASS") == passed and (s.send_to == "NoOne") == passed
+    return Check(True, right, "" if right else f"summary says {s.status}/{s.send_to} but the tests "
+                 f"{'passed' if passed else 'failed'}", s)

@@ -1,0 +1,250 @@
+"""MetaGPT scenario without Ray: schemas, code extraction, the SOP graph and message pool, the QA -> Engineer
+feedback loop with real sandboxed test runs, teacher references, and the example YAML."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import slmshift.scenarios  # noqa: F401  (registers "metagpt")
+from slmshift.platform.config import PolicySpec, ScenarioSpec, load_config
+from slmshift.platform.errors import ConfigError
+from slmshift.platform.sandbox import run_python
+from slmshift.platform.scenario import scenario_class, scenario_options
+from slmshift.scenarios.metagpt import MetaGPTScenario, check_program, load_problems, teacher
+from slmshift.scenarios.metagpt.schemas import PRD, Design, RunSummary, TaskList, check_json, check_tests, extract_code
+from slmshift.scenarios.metagpt.sop import ROLES, Message, MessagePool, SOPError, build_sop, role_order, run_sop
+
+ROOT = Path(__file__).resolve().parents[2]
+P0 = load_problems(["HumanEval/0"])[0]
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def test_json_schemas_accept_valid_and_reject_invalid():
+    ok = check_json('Here it is:\n```json\n{"goals": ["g"], "user_stories": ["s"], "requirements": ["r"]}\n```', PRD)
+    assert ok.valid and ok.value.goals == ["g"]
+    assert check_json('{"approach": "a", "signature": "def f(x)", "edge_cases": []}', Design).valid
+    assert check_json('{"tasks": ["x"], "extra": 1}', TaskList).valid  # extra keys are harmless
+    missing = check_json('{"goals": ["g"]}', PRD)
+    assert not missing.valid and "user_stories" in missing.reason and "PRD schema" in missing.reason
+    empty = check_json('{"tasks": []}', TaskList)
+    assert not empty.valid and "tasks" in empty.reason
+    bad_enum = check_json('{"status": "MAYBE", "send_to": "NoOne", "reason": ""}', RunSummary)
+    assert not bad_enum.valid and "status" in bad_enum.reason
+    for junk in ('{"goals": ["g"], "user_st', "no json here", "", "[1, 2]"):
+        c = check_json(junk, PRD)
+        assert not c.valid and c.reason.startswith("malformed JSON")
+
+
+def test_code_extraction():
+    fenced = f"Sure!\n```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n    return False\n```\nDone."
+    c = extract_code(fenced, "has_close_elements", P0.prompt)
+    assert c.valid and c.value.startswith(P0.prompt) and c.value.rstrip().endswith("return False")
+    # a full function without the prompt's imports still runs: the prompt (with `from typing import List`) leads
+    no_import = "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    return False\n```"
+    c = extract_code(no_import, "has_close_elements", P0.prompt)
+    r = run_python(check_program(P0, c.value))
+    assert "NameError" not in r.reason and "AssertionError" in r.reason
+    bare = "def has_close_elements(numbers, threshold):\n    return True\n"
+    assert extract_code(bare, "has_close_elements").value == bare
+    body_only = "    return any(abs(a - b) < threshold for a in numbers for b in numbers if a is not b)\n"
+    c = extract_code(body_only, "has_close_elements", P0.prompt)
+    assert c.valid and c.value.startswith(P0.prompt)  # completed with the signature and docstring
+    # two fences: the one defining the function wins
+    two = "```python\nprint(1)\n```\n```python\ndef has_close_elements(n, t):\n    return 1\n```"
+    assert "def has_close_elements" in extract_code(two, "has_close_elements").value
+    broken = extract_code("```python\ndef has_close_elements(n, t)\n    return 1\n```", "has_close_elements")
+    assert not broken.valid and "does not parse" in broken.reason
+    other = extract_code("```python\ndef foo():\n    return 1\n```", "has_close_elements")
+    assert not other.valid and "does not define `has_close_elements`" in other.reason
+    assert not extract_code("", "f").valid
+
+
+def test_tests_check():
+    assert check_tests("```python\nassert f(1) == 2\n```", "f").valid
+    assert not check_tests("I would test it", "f").valid
+    assert "never call" in check_tests("assert 1 == 1", "f").reason
+
+
+# ---------------------------------------------------------------- SOP
+
+
+def test_sop_graph_order_and_feedback_edge():
+    g = build_sop(3)
+    assert role_order(g) == ["ProductManager", "Architect", "ProjectManager", "Engineer", "QaEngineer"]
+    assert g.edges["QaEngineer", "Engineer"] == {"message": "test_report", "feedback": True, "max_rounds": 3}
+    assert not g.edges["Engineer", "QaEngineer"]["feedback"]
+    pool = MessagePool(g)
+    assert pool.subscribers("tasks") == ["Engineer"] and pool.subscribers("code") == ["QaEngineer"]
+    assert pool.subscribers("done") == []
+
+
+def test_sop_rejects_an_undeclared_cycle():
+    roles = dict(ROLES) | {"Architect": ({"prd", "code"}, {"design"})}  # Engineer -> Architect closes a loop
+    with pytest.raises(SOPError, match="cycle"):
+        build_sop(1, roles)
+
+
+def test_run_sop_delivers_by_subscription_and_checks_publications():
+    g = build_sop(1)
+    seen: list[tuple[str, str]] = []
+
+    def role(name: str, out: str | None):
+        async def act(msg: Message, pool: MessagePool) -> list[Message]:
+            seen.append((name, msg.type))
+            return [Message(out, name, "")] if out else []
+        return act
+
+    acts = {"ProductManager": role("ProductManager", "prd"), "Architect": role("Architect", "design"),
+            "ProjectManager": role("ProjectManager", "tasks"), "Engineer": role("Engineer", "code"),
+            "QaEngineer": role("QaEngineer", "done")}
+    order = asyncio.run(run_sop(MessagePool(g), acts, Message("requirement", "Human", "")))
+    assert order == role_order(g)
+    assert seen[-1] == ("QaEngineer", "code")
+    acts["Architect"] = role("Architect", "code")  # not declared for the Architect
+    with pytest.raises(SOPError, match="does not declare"):
+        asyncio.run(run_sop(MessagePool(g), acts, Message("requirement", "Human", "")))
+
+
+# ---------------------------------------------------------------- episodes with a scripted team
+
+
+@dataclass
+class _Result:
+    text: str
+    valid: bool | None
+    correct: bool | None
+    error: str | None
+
+
+class ScriptedSession:
+    """Answers each call kind from a script (a list consumed in order; the last entry repeats) and applies the
+    call's checker as LMClient does. Records every call."""
+
+    def __init__(self, script: dict[str, list[str]]):
+        self.script, self.calls = {k: list(v) for k, v in script.items()}, []
+
+    async def call(self, *, role, call_kind, messages, expect="text", category="template", json_schema=None,
+                   max_tokens=128, temperature=0.0, hidden=None, check=None):
+        q = self.script.get(call_kind)
+        text = (q.pop(0) if len(q) > 1 else q[0]) if q else hidden.answer
+        v = check(text) if check else None
+        self.calls.append({"role": role, "call_kind": call_kind, "category": category, "expect": expect,
+                           "schema": json_schema, "valid": v.valid if v else None, "messages": messages,
+                           "hidden": hidden})
+        return _Result(text, v.valid if v else None, v.correct if v else None, None if not v or v.valid else v.reason)
+
+
+def _scenario(**options) -> MetaGPTScenario:
+    return MetaGPTScenario(ScenarioSpec(kind="metagpt", episodes=2, options=options), seed=0)
+
+
+def test_the_debug_loop_fixes_failing_code():
+    """First code fails HumanEval's tests in the sandbox, QA sends it back, the debug fix passes."""
+    wrong = "```python\n" + P0.prompt + "    return False\n```"
+    session = ScriptedSession({"code": [wrong]})  # debug answers with the (hidden) canonical solution
+    out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
+    kinds = [c["call_kind"] for c in session.calls]
+    assert kinds == ["prd", "design", "tasks", "code", "tests", "summary", "debug", "tests", "summary"]
+    assert out.success and out.reward == 1.0 and out.steps == 2
+    roles = {c["call_kind"]: (c["role"], c["category"]) for c in session.calls}
+    assert roles == {"prd": ("ProductManager", "template"), "design": ("Architect", "reasoning"),
+                     "tasks": ("ProjectManager", "template"), "code": ("Engineer", "reasoning"),
+                     "debug": ("Engineer", "debugging"), "tests": ("QaEngineer", "reasoning"),
+                     "summary": ("QaEngineer", "template")}
+    debug = next(c for c in session.calls if c["call_kind"] == "debug")
+    assert "AssertionError" in debug["messages"][-1]["content"]  # the failure output reaches the Engineer
+    first_summary = next(c for c in session.calls if c["call_kind"] == "summary")
+    assert json.loads(first_summary["hidden"].answer)["status"] == "FAIL"  # the teacher's reference follows the run
+    for c in session.calls:
+        assert (c["expect"] == "json") == (c["call_kind"] in ("prd", "design", "tasks", "summary"))
+        assert (c["schema"] is not None) == (c["expect"] == "json")
+        assert c["hidden"].answer not in json.dumps(c["messages"])  # the reference never reaches the prompt
+
+
+def test_the_feedback_loop_is_bounded():
+    wrong = "```python\n" + P0.prompt + "    return False\n```"
+    session = ScriptedSession({"code": [wrong], "debug": [wrong]})
+    out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
+    kinds = [c["call_kind"] for c in session.calls]
+    assert kinds.count("debug") == 2 and kinds.count("summary") == 3 and not out.success
+    assert out.steps == 3 and "AssertionError" in out.detail
+    session = ScriptedSession({"code": [wrong]})
+    out = asyncio.run(_scenario(debug_rounds=0).run_episode(P0, session))
+    assert "debug" not in [c["call_kind"] for c in session.calls] and not out.success
+
+
+def test_invalid_output_is_retried_within_budget_then_recorded():
+    session = ScriptedSession({"prd": ['{"goals": [', "not json"], "code": ["I cannot do that."],
+                               "debug": ["I cannot do that."]})
+    out = asyncio.run(_scenario(format_retries=1, debug_rounds=1).run_episode(P0, session))
+    prd = [c for c in session.calls if c["call_kind"] == "prd"]
+    assert [c["valid"] for c in prd] == [False, False]  # two tries, both recorded as invalid
+    assert "rejected" in prd[1]["messages"][-1]["content"]  # the error is fed back on the retry
+    code = [c for c in session.calls if c["call_kind"] in ("code", "debug")]
+    assert all(c["valid"] is False for c in code) and len(code) == 4  # (1 + 1 retry) x (code, debug)
+    assert not out.success and out.steps == 0 and "no parsable code" in out.detail
+    # the team went on after the bad PRD: every role still acted
+    assert {c["role"] for c in session.calls} == set(ROLES)
+
+
+def test_a_wrong_summary_stops_the_loop_as_metagpt_would():
+    wrong = "```python\n" + P0.prompt + "    return False\n```"
+    lie = '{"status": "PASS", "send_to": "NoOne", "reason": "fine"}'
+    session = ScriptedSession({"code": [wrong], "summary": [lie]})
+    out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
+    assert "debug" not in [c["call_kind"] for c in session.calls] and not out.success
+
+
+# ---------------------------------------------------------------- teacher references, tasks, config
+
+
+def test_teacher_references_are_right_and_distractors_wrong():
+    problems = load_problems(n=12, seed=1)
+    for p in problems:
+        code = extract_code(teacher.code_ref(p).answer, p.entry_point, p.prompt)
+        assert code.valid and run_python(check_program(p, code.value)).ok, p.id
+        for kind, ref in (("prd", teacher.prd_ref), ("tasks", teacher.tasks_ref)):
+            h = ref(p)
+            assert check_json(h.answer, {"prd": PRD, "tasks": TaskList}[kind]).valid
+            assert not any(check_json(d, {"prd": PRD, "tasks": TaskList}[kind]).valid for d in h.distractors)
+        assert check_tests(teacher.tests_ref(p).answer, p.entry_point).valid
+    # mutants are plausible (they parse and define the function) and almost always fail the tests
+    muts = [(p, m) for p in problems for m in teacher.mutants(p)]
+    assert len(muts) >= 15 and all(extract_code(m, p.entry_point).valid for p, m in muts)
+    failing = sum(not run_python(check_program(p, m)).ok for p, m in muts)
+    assert failing >= 0.8 * len(muts)
+
+
+def test_tasks_are_seeded_and_follow_the_options():
+    a = [t.id for t in _scenario().tasks()]
+    assert a == [t.id for t in _scenario().tasks()] and len(a) == 2
+    s = MetaGPTScenario(ScenarioSpec(kind="metagpt", episodes=5, options={"problems": ["HumanEval/3", "HumanEval/7"]}), 0)
+    assert [t.id for t in s.tasks()] == ["HumanEval/3", "HumanEval/7"] * 2 + ["HumanEval/3"]
+    assert scenario_class("metagpt") is MetaGPTScenario
+
+
+def test_example_yaml_loads_and_routes_per_role():
+    cfg = load_config(ROOT / "scenarios" / "metagpt.yaml", scenario_options())
+    arm = next(p for p in cfg.router.policies if p.label == "per-role")
+    from slmshift.scenarios.metagpt.roles import CATEGORY
+    assert set(arm.map) == set(CATEGORY)  # every call kind routed explicitly
+    assert cfg.scenarios[0].kind == "metagpt" and isinstance(arm, PolicySpec)
+
+
+def test_bad_options_name_the_field(tmp_path):
+    text = (ROOT / "scenarios" / "metagpt.yaml").read_text()
+    bad = text.replace("debug_rounds: 1", "debug_rounds: 1\n      problems: [HumanEval/999]\n      max_tokens_x: 3")
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, scenario_options())
+    msg = str(e.value)
+    assert "scenarios[0].options.problems" in msg and "HumanEval/999" in msg
+    assert "scenarios[0].options.max_tokens_x" in msg and "unknown key" in msg
