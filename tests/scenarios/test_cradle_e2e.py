@@ -1,0 +1,149 @@
+"""The cradle scenario end to end through `run_experiment`: a tiny random hf SLM and a simulated teacher on three
+MiniWoB++ tasks in real Chromium, under all-LLM, all-SLM and a call-kind split."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+import slmshift.scenarios  # noqa: F401
+from slmshift.platform.config import load_config
+from slmshift.platform.log import read_episodes, read_interactions
+from slmshift.platform.scenario import scenario_options
+from slmshift.runner import run_experiment
+from slmshift.scenarios.cradle.browser import browser_paths
+
+try:
+    browser_paths()
+    HAVE_BROWSER = True
+except Exception:
+    HAVE_BROWSER = False
+pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason="needs chromium and chromium-driver (apt-get install)")
+
+TASKS = ["click-button", "enter-text", "click-checkboxes"]
+CONFIG = """\
+experiment: {{name: cradle-e2e, seed: 1, storage: {storage}}}
+models:
+  - name: tiny
+    tier: slm
+    backend: hf
+    source: {tiny}
+    resources: {{num_cpus: 1}}
+    price: {{input_per_m: 0.1, output_per_m: 0.2}}
+    batching: {{max_batch_size: 8, batch_wait_timeout_s: 0.01}}
+  - name: teacher
+    tier: llm
+    backend: simulated
+    params: 7.0e10
+    resources: {{num_cpus: 0}}
+    price: {{input_per_m: 3.0, output_per_m: 15.0}}
+    profile: {{accuracy: {{default: 1.0}}, latency_base_s: 0.01}}
+router:
+  policies:
+    - {{kind: llm, name: all-llm}}
+    - {{kind: slm, name: all-slm}}
+    - {{kind: call_kind, name: split, map: {{info_gathering: slm, self_reflection: slm, task_inference: slm,
+                                             action_planning: llm}}}}
+scenarios:
+  - kind: cradle
+    episodes: 6
+    teams: 1
+    concurrency: 1
+    options: {{tasks: {tasks}, max_steps: 4, browsers_per_team: 1, info_max_tokens: 8, inference_max_tokens: 8,
+               action_max_tokens: 8}}
+"""
+
+
+def _browser_procs() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] and ("chromium" in p.info["name"] or "chromedriver" in p.info["name"]):
+            out.add(p.pid)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    path = storage / "cradle.yaml"
+    path.write_text(CONFIG.format(storage=storage, tiny=tiny_model_dir, tasks=json.dumps(TASKS)))
+    before = _browser_procs()
+    result = run_experiment(load_config(path, scenario_options()), keep_ray=True)
+    result.browsers_before = before
+    return result
+
+
+def test_teacher_solves_and_tiny_model_fails_cleanly(run):
+    ep = read_episodes(run.run_dir)
+    assert len(ep) == 18 and ep["episode_id"].is_unique and (ep["error"].isna()).all()
+    by_policy = ep.groupby("policy")["success"].mean().to_dict()
+    # a teacher declared 100% accurate plays every task to the task's own reward of 1 ...
+    assert by_policy["all-llm"] == 1.0 and by_policy["split"] == 1.0
+    assert (ep[ep.policy == "all-llm"]["reward"] == 1.0).all()
+    # ... and a random tiny model writes no valid action: failed calls, finished episodes, no env steps
+    slm = ep[ep.policy == "all-slm"]
+    assert by_policy["all-slm"] == 0.0 and (slm["steps"] == 0).all()
+    llm = ep[ep.policy == "all-llm"].set_index("task_id")
+    assert (llm.loc[[f"click-checkboxes#{100_000 + i}" for i in range(2)], "steps"] >= 2).all()  # check, submit
+
+
+def test_cradle_modules_are_logged_per_turn(run):
+    df = read_interactions(run.run_dir)
+    assert set(df.call_kind) == {"info_gathering", "self_reflection", "task_inference", "action_planning"}
+    slm = df[df.policy == "all-slm"]
+    bad = slm[(slm.call_kind == "action_planning")]
+    assert (bad["valid"] == False).all() and bad["error"].notna().all()  # noqa: E712
+    assert (slm.groupby("episode_id").call_kind.apply(lambda k: (k == "action_planning").sum()) == 4).all()
+    split = df[df.policy == "split"]
+    assert set(split[split.call_kind == "action_planning"].tier) == {"llm"}
+    assert set(split[split.call_kind != "action_planning"].tier) == {"slm"}
+    llm = df[df.policy == "all-llm"]
+    assert (llm[llm.call_kind == "action_planning"]["correct"] == True).all()  # noqa: E712
+
+
+def _examples(prompt: str) -> list[str]:
+    user = json.loads(prompt)[-1]["content"]
+    marker = "Example of a solved task:\n"
+    return [block.split("\n\n")[0] for block in user.split(marker)[1:]]
+
+
+def test_skills_are_recalled_as_examples(run):
+    df = read_interactions(run.run_dir)
+    ep = read_episodes(run.run_dir)
+    plans = df[df.call_kind == "action_planning"]
+    # an async actor does not run episodes in submission order: order them by when they started
+    llm = ep[ep.policy == "all-llm"].assign(start=lambda e: e.ts - e.wall_s).sort_values("start")
+    llm = llm.assign(family=llm.task_id.str.split("#").str[0])
+    first = plans[plans.episode_id == llm.episode_id.iloc[0]]
+    assert not any(_examples(p) for p in first.prompt)  # nothing solved yet
+    # once a task has been solved, its next instance recalls that task's own solution first
+    marker = {"click-button": "Click on the", "enter-text": "Enter ", "click-checkboxes": "Select "}
+    recalled = 0
+    for _, e in llm.iterrows():
+        if not ((llm.family == e.family) & (llm.ts < e.start)).any():
+            continue
+        for prompt in plans[plans.episode_id == e.episode_id].prompt:
+            shown = _examples(prompt)
+            assert shown and shown[0].startswith(f"Task: {marker[e.family]}"), (e.family, shown)
+            recalled += 1
+    assert recalled >= 3
+    # the all-slm arm solved nothing, so it has nothing to recall
+    assert not any(_examples(p) for p in plans[plans.policy == "all-slm"].prompt)
+
+
+def test_report_has_a_row_per_task(run):
+    tasks = {(t["policy"], t["task"]): t for t in run.summary["tasks"]}
+    for policy in ("all-llm", "all-slm", "split"):
+        for task in TASKS:
+            assert tasks[(policy, task)]["episodes"] == 2
+    assert tasks[("all-llm", "click-checkboxes")]["success_rate"] == 1.0
+    assert "click-checkboxes" in open(f"{run.run_dir}/report.md").read()
+
+
+def test_no_browser_left_after_the_run(run):
+    from slmshift.scenarios.cradle.browser import wait_for_pids_gone
+
+    left = wait_for_pids_gone(sorted(_browser_procs() - run.browsers_before), 20)
+    assert left == []
