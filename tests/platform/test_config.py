@@ -92,10 +92,85 @@ def test_scenario_options_are_validated(tmp_path):
 
 
 def test_unknown_scenario_kind(tmp_path):
-    msg = problems(tmp_path, GOOD.replace("kind: operator", "kind: metagpt"))
-    assert "scenarios[0].kind (line 8): unknown scenario 'metagpt'; available: operator" in msg
+    msg = problems(tmp_path, GOOD.replace("kind: operator", "kind: nosuch"))
+    assert "scenarios[0].kind (line 8): unknown scenario 'nosuch'; available: " in msg
+    assert "operator" in msg.split("available: ")[1]  # lists the registered kinds (more arrive with each scenario)
 
 
 def test_missing_file():
     with pytest.raises(ConfigError, match="file not found"):
         load_config("/nonexistent/exp.yaml")
+
+
+# --- serving adapters: `models[].adapters` / `models[].registry` and the `adapters` policy ------------------
+
+def convert_dir(tmp_path, promoted=("planner-intent",), base="/tmp/x", clusters=True):
+    """A minimal convert dir: registry.json, adapters/<label>/adapter_config.json, clusters/ files."""
+    import json
+
+    d = tmp_path / "convert"
+    entries = []
+    for i, label in enumerate(["planner-intent", "executor-call"]):
+        (d / "adapters" / label).mkdir(parents=True)
+        (d / "adapters" / label / "adapter_config.json").write_text("{}")
+        entries.append({"cluster": i, "label": label, "base_model": base, "adapter_dir": f"adapters/{label}",
+                        "promoted": label in promoted})
+    (d / "clusters").mkdir()
+    if clusters:
+        for n in ("centroids.npy", "index.faiss", "clusters.json"):
+            (d / "clusters" / n).write_text("x")
+    (d / "registry.json").write_text(json.dumps({"version": 1, "clusters_dir": "clusters", "entries": entries}))
+    return d
+
+
+def with_adapters(reg: str, model_extra: str = "", policy_extra: str = "") -> str:
+    return GOOD.replace("source: /tmp/x}", f"source: /tmp/x, registry: {reg}{model_extra}}}").replace(
+        "{kind: call_kind, map: {intent: slm}}", f"{{kind: adapters, registry: {reg}{policy_extra}}}")
+
+
+def test_adapter_serving_config_loads_with_absolute_paths(tmp_path, monkeypatch):
+    d = convert_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = load(tmp_path, with_adapters("convert/registry.json", policy_extra=", default: slm, min_similarity: 0.3"))
+    assert cfg.model("small").registry == str(d / "registry.json")  # relative to the launch dir, made absolute
+    p = cfg.router.policies[2]
+    assert (p.kind, p.registry, p.default, p.min_similarity) == ("adapters", str(d / "registry.json"), "slm", 0.3)
+
+
+def test_missing_registry_is_clear(tmp_path):
+    msg = problems(tmp_path, with_adapters(str(tmp_path / "nope.json")))
+    assert f"models[0].registry (line 3): adapter registry {tmp_path / 'nope.json'}: file not found" in msg
+    assert "router.policies[2].registry" in msg and "Fix: run `slmshift convert RUN_DIR`" in msg
+    msg = problems(tmp_path, GOOD.replace("{kind: call_kind, map: {intent: slm}}", "{kind: adapters}"))
+    assert "router.policies[2].registry (line 6): required for kind 'adapters'" in msg
+
+
+def test_promoted_adapter_not_served_by_the_slm(tmp_path):
+    d = convert_dir(tmp_path)
+    msg = problems(tmp_path, GOOD.replace("{kind: call_kind, map: {intent: slm}}",
+                                          f"{{kind: adapters, registry: {d / 'registry.json'}}}"))
+    assert "promoted adapter 'planner-intent' is not served by model 'small'" in msg
+    assert f"add `registry: {d / 'registry.json'}` to that model" in msg
+
+
+def test_unknown_or_broken_adapter_dirs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    msg = problems(tmp_path, GOOD.replace("source: /tmp/x}", f"source: /tmp/x, adapters: {{sql: {tmp_path / 'empty'}, "
+                                          f"__base__: {tmp_path / 'empty'}}}}}"))
+    assert "models[0].adapters.sql (line 3): adapter 'sql':" in msg and "no adapter_config.json" in msg
+    assert "'__base__' is reserved" in msg
+    msg = problems(tmp_path, GOOD.replace("backend: simulated}", f"backend: simulated, adapters: {{a: {tmp_path}}}}}"))
+    assert "models[1].adapters (line 4): LoRA adapters are served by backend 'hf' only" in msg
+
+
+def test_registry_trained_on_another_base_and_missing_index(tmp_path):
+    d = convert_dir(tmp_path, base="packaged:smollm2-135m", clusters=False)
+    msg = problems(tmp_path, with_adapters(str(d / "registry.json")))
+    assert "adapter 'planner-intent' was trained on 'packaged:smollm2-135m' but this model's source is '/tmp/x'" in msg
+    assert "lacks centroids.npy, index.faiss, clusters.json" in msg
+
+
+def test_adapter_policy_keys_rejected_elsewhere(tmp_path):
+    msg = problems(tmp_path, GOOD.replace("{kind: slm}", "{kind: slm, registry: r.json, min_similarity: 0.5}"))
+    assert "router.policies[1].registry (line 6): only used by kind 'adapters'" in msg
+    assert "router.policies[1].min_similarity (line 6): only used by kind 'adapters'" in msg

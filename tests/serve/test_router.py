@@ -34,7 +34,7 @@ def test_call_kind_map_and_default():
 
 
 def test_unknown_policy_lists_available():
-    with pytest.raises(KeyError, match="available: call_kind, llm, slm"):
+    with pytest.raises(KeyError, match="available: adapters, call_kind, llm, slm"):
         build_policy(PolicySpec.model_construct(kind="bandit"), MODELS)
 
 
@@ -48,3 +48,67 @@ def test_new_policies_drop_in():
     d = build_policy(PolicySpec.model_construct(kind="by_length", map={}, default="llm", name=None,
                                                 llm_model=None, slm_model=None), MODELS).route(req("x"))
     assert (d.tier, d.score) == ("slm", 2.0)
+
+
+# --- the `adapters` policy: call -> task cluster -> promoted adapter ------------------------------------
+
+INTENT_PROMPTS = [f"Identify which functions the user request needs. Request: book a flight to city {i}" for i in range(6)]
+CALL_PROMPTS = [f"Call the function with JSON arguments. Function get_weather(city). Input: weather in town {i}"
+                for i in range(6)]
+
+
+def msgs(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def convert_dir(tmp_path_factory):
+    """A convert dir as `slmshift convert` lays it out: clusters/ (S3's index) and registry.json."""
+    import numpy as np
+
+    from slmshift.train.cluster import ClusterIndex, prompt_text
+    from slmshift.platform.embeddings import embed
+    from slmshift.train.registry import AdapterEntry, AdapterRegistry
+
+    d = tmp_path_factory.mktemp("convert")
+    groups = [embed([prompt_text(msgs(t)) for t in g]).mean(axis=0) for g in (INTENT_PROMPTS, CALL_PROMPTS)]
+    clusters = [{"id": 0, "label": "planner-intent", "size": 6, "role": "planner", "call_kind": "intent"},
+                {"id": 1, "label": "executor-function_call", "size": 6, "role": "executor", "call_kind": "function_call"}]
+    ClusterIndex(np.stack(groups), clusters).save(d / "clusters")
+    reg = AdapterRegistry.create(d / "registry.json", d / "clusters")
+    for c in clusters:
+        (d / "adapters" / c["label"]).mkdir(parents=True)
+        (d / "adapters" / c["label"] / "adapter_config.json").write_text("{}")
+        reg.add(AdapterEntry(cluster=c["id"], label=c["label"], base_model="packaged:smollm2-135m",
+                             adapter_dir=str(d / "adapters" / c["label"]), promoted=c["id"] == 0))
+    reg.save()
+    return d
+
+
+def adapter_policy(convert_dir, **kw):
+    spec = PolicySpec(kind="adapters", name="tuned", registry=str(convert_dir / "registry.json"), **kw)
+    return build_policy(spec, MODELS)
+
+
+def call(text: str) -> LMRequest:
+    return LMRequest(experiment_id="e", episode_id="ep", call_index=0, scenario="s", role="r", call_kind="k",
+                     messages=msgs(text))
+
+
+def test_adapters_policy_routes_cluster_to_its_promoted_adapter(convert_dir):
+    policy = adapter_policy(convert_dir)
+    r = call("Identify which functions the user request needs. Request: book a hotel in Lyon")
+    d = policy.route(r)
+    assert (d.tier, d.model, d.adapter, d.kind, d.policy) == ("slm", "small", "planner-intent", "adapters", "tuned")
+    assert r.adapter == "planner-intent" and 0.5 < d.score <= 1.0  # the request now names the adapter
+    # cluster 1's adapter was not promoted: the call goes to the fallback tier, without an adapter
+    r2 = call("Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo")
+    d2 = policy.route(r2)
+    assert (d2.tier, d2.model, d2.adapter, r2.adapter) == ("llm", "big", None, None)
+    assert "cluster 1 has no promoted adapter" in d2.reason
+
+
+def test_adapters_policy_similarity_floor_and_slm_fallback(convert_dir):
+    policy = adapter_policy(convert_dir, min_similarity=0.99, default="slm", slm_model="small2")
+    d = policy.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
+    assert (d.tier, d.model, d.adapter) == ("slm", "small2", None) and "too far" in d.reason

@@ -1,0 +1,210 @@
+"""S3: cluster calls into recurring tasks by their prompt embeddings, and the index the router loads.
+
+Prompts are embedded with the packaged all-MiniLM-L6-v2 (`platform.embeddings.embed`), clustered with
+faiss spherical k-means, and k is chosen by the stated criterion: the highest cosine silhouette score over
+k in [k_min, k_max] (clamped to the data), k = 1 when there are too few distinct prompts to compare.
+Clusters are labelled by their dominant role and call kind (`planner-intent`), made unique per run.
+
+Persisted under `clusters/`: `centroids.npy` (k x 384 float32, normalised), `index.faiss` (an
+`IndexFlatIP` over the centroids, so inner product = cosine similarity) and `clusters.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmshift.platform.embeddings import DIM, embed
+from slmshift.platform.errors import SlmshiftError
+
+__all__ = ["ClusterOptions", "Clustering", "ClusterIndex", "prompt_text", "embed_texts", "cluster_calls",
+           "label_clusters"]
+
+
+class ClusterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k_min: int = Field(default=2, ge=1, description="Smallest k tried.")
+    k_max: int = Field(default=8, ge=1, description="Largest k tried (clamped to the number of distinct prompts - 1).")
+    niter: int = Field(default=25, ge=1, description="k-means iterations.")
+    seed: int = Field(default=0, description="k-means seed.")
+
+
+def prompt_text(messages: list[dict] | str) -> str:
+    """The text of a call that is embedded; S3 and the router must both use this one function.
+
+    Messages are flattened as 'role: content' lines in order. The embedder reads the first 256 word
+    pieces, so a call is characterised by its system prompt and first turns: the task template, which is
+    what recurs across calls of one task.
+    """
+    if isinstance(messages, str):
+        try:
+            parsed = json.loads(messages)
+        except ValueError:
+            return messages
+        messages = parsed if isinstance(parsed, list) else [{"role": "user", "content": str(parsed)}]
+    parts = []
+    for m in messages:
+        if isinstance(m, dict):
+            parts.append(f"{m.get('role', '')}: {m.get('content', '')}")
+        else:
+            parts.append(str(m))
+    return "\n".join(parts)
+
+
+def embed_texts(texts: list[str], *, progress: Any = None, batch_size: int = 64) -> np.ndarray:
+    """Embed in batches, advancing a rich `Progress` (if given) as batches finish."""
+    if progress is None:
+        return embed(texts, batch_size=batch_size)
+    task = progress.add_task("embedding prompts", total=len(texts))
+    out = []
+    for i in range(0, len(texts), batch_size):
+        out.append(embed(texts[i:i + batch_size], batch_size=batch_size))
+        progress.advance(task, len(texts[i:i + batch_size]))
+    return np.ascontiguousarray(np.concatenate(out) if out else np.zeros((0, DIM), np.float32))
+
+
+@dataclass
+class Clustering:
+    """The result of S3 on one set of vectors."""
+
+    labels: np.ndarray  # cluster id per row, 0..k-1
+    centroids: np.ndarray  # (k, 384), normalised
+    k: int
+    scores: dict[int, float] = field(default_factory=dict)  # silhouette per k tried
+    criterion: str = ""
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+def _kmeans(x: np.ndarray, k: int, opts: ClusterOptions) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=opts.niter, seed=opts.seed, spherical=True, verbose=False,
+                      min_points_per_centroid=1)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    labels = assign[:, 0].astype(np.int64)
+    # Drop empty clusters and renumber, so ids are 0..k-1 and every centroid has members.
+    used = sorted(set(labels.tolist()))
+    remap = {old: new for new, old in enumerate(used)}
+    labels = np.array([remap[v] for v in labels], dtype=np.int64)
+    centroids = np.stack([x[labels == c].mean(axis=0) for c in range(len(used))])
+    return labels, _normalise(centroids)
+
+
+def cluster_calls(x: np.ndarray, opts: ClusterOptions | None = None, *, progress: Any = None) -> Clustering:
+    """Choose k by cosine silhouette over [k_min, k_max] and cluster `x` (normalised, float32)."""
+    from sklearn.metrics import silhouette_score
+
+    opts = opts or ClusterOptions()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_distinct = len(np.unique(np.round(x, 5), axis=0)) if len(x) else 0
+    k_hi = min(opts.k_max, n_distinct - 1)
+    ks = list(range(max(2, opts.k_min), k_hi + 1))
+    if not ks:  # silhouette needs 2 <= k <= distinct points - 1
+        labels = np.zeros(len(x), dtype=np.int64)
+        cent = _normalise(x.mean(axis=0, keepdims=True)) if len(x) else np.zeros((0, DIM), np.float32)
+        return Clustering(labels, cent, 1 if len(x) else 0, {},
+                          f"k=1: {n_distinct} distinct prompt(s), too few to compare clusterings by silhouette")
+    task = progress.add_task("clustering (k-means, silhouette)", total=len(ks)) if progress else None
+    best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+    scores: dict[int, float] = {}
+    for k in ks:
+        labels, cent = _kmeans(x, k, opts)
+        k_eff = len(cent)
+        score = float(silhouette_score(x, labels, metric="cosine")) if 1 < k_eff < len(x) else -1.0
+        scores[k] = round(score, 4)
+        if best is None or score > best[0] + 1e-6:  # ties keep the smaller k
+            best = (score, k_eff, labels, cent)
+        if progress:
+            progress.advance(task)
+    score, k, labels, cent = best
+    crit = (f"k={k}: highest mean cosine silhouette ({score:.3f}) over k in [{ks[0]}, {ks[-1]}]")
+    return Clustering(labels, cent, k, scores, crit)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "calls"
+
+
+def label_clusters(labels: np.ndarray, roles: list[str], call_kinds: list[str]) -> list[dict[str, Any]]:
+    """One entry per cluster: id, a unique slug label from its dominant role and call kind, size, shares."""
+    out, seen = [], Counter()
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        idx = np.flatnonzero(labels == c)
+        role, r_n = Counter(roles[i] for i in idx).most_common(1)[0]
+        kind, k_n = Counter(call_kinds[i] for i in idx).most_common(1)[0]
+        base = f"{_slug(role)}-{_slug(kind)}"
+        seen[base] += 1
+        label = base if seen[base] == 1 else f"{base}-{seen[base]}"
+        out.append({"id": c, "label": label, "size": int(len(idx)), "role": role, "call_kind": kind,
+                    "role_share": round(r_n / len(idx), 3), "call_kind_share": round(k_n / len(idx), 3)})
+    return out
+
+
+class ClusterIndex:
+    """Nearest-centroid lookup over persisted clusters; what the router loads to place a call."""
+
+    def __init__(self, centroids: np.ndarray, clusters: list[dict[str, Any]], index: Any = None):
+        import faiss
+
+        self.centroids = _normalise(np.asarray(centroids, dtype=np.float32).reshape(-1, DIM))
+        self.clusters = clusters
+        if index is None:
+            index = faiss.IndexFlatIP(DIM)
+            index.add(self.centroids)
+        self.index = index
+
+    def save(self, clusters_dir: str | Path) -> Path:
+        import faiss
+
+        d = Path(clusters_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "centroids.npy", self.centroids)
+        faiss.write_index(self.index, str(d / "index.faiss"))
+        (d / "clusters.json").write_text(json.dumps(self.clusters, indent=2))
+        return d
+
+    @classmethod
+    def load(cls, clusters_dir: str | Path) -> "ClusterIndex":
+        import faiss
+
+        d = Path(clusters_dir)
+        missing = [n for n in ("centroids.npy", "index.faiss", "clusters.json") if not (d / n).is_file()]
+        if missing:
+            raise SlmshiftError(f"{d}: not a cluster directory (missing {', '.join(missing)}). Fix: point at the "
+                                "`clusters/` folder `slmshift convert` wrote (RUN_DIR/convert/clusters).")
+        try:
+            clusters = json.loads((d / "clusters.json").read_text())
+            centroids = np.load(d / "centroids.npy")
+            index = faiss.read_index(str(d / "index.faiss"))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SlmshiftError(f"{d}: cannot read the cluster index ({e}). Fix: run `slmshift convert` again.") from None
+        if index.ntotal != len(clusters) or len(centroids) != len(clusters):
+            raise SlmshiftError(f"{d}: index.faiss has {index.ntotal} centroids, clusters.json {len(clusters)}; "
+                                "the folder is inconsistent. Fix: run `slmshift convert` again.")
+        return cls(centroids, clusters, index)
+
+    def assign_vectors(self, x: np.ndarray) -> list[tuple[int, float]]:
+        if len(x) == 0 or self.index.ntotal == 0:
+            return [(-1, 0.0)] * len(x)
+        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        return [(int(i), float(s)) for i, s in zip(ids[:, 0], sims[:, 0])]
+
+    def assign(self, texts: list[str]) -> list[tuple[int, float]]:
+        """(cluster id, cosine similarity to its centroid) per text (texts from `prompt_text`)."""
+        return self.assign_vectors(embed(list(texts)))
+
+    def label(self, cluster_id: int) -> str | None:
+        return next((c["label"] for c in self.clusters if c["id"] == cluster_id), None)

@@ -1,0 +1,380 @@
+"""`slmshift convert RUN_DIR`: the conversion pipeline S2 -> S5 over one run's interaction log.
+
+S2 curate (rule, scrub, dedup), S3 cluster (embeddings + faiss k-means), split by task/episode stratified by
+cluster, S4 select an SLM per cluster zero-shot, S5 fine-tune a LoRA adapter per cluster on Ray Train
+(C2's `train_adapter`), evaluate base vs adapter on the held-out calls, register every adapter and promote
+the ones that win. Writes the conversion layout under `RUN_DIR/convert/` (see docs of `convert`).
+
+Promotion rule: an adapter is promoted when its held-out accuracy beats the base model's; when accuracies
+tie, when its held-out loss is lower and its valid-output rate is no worse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_calls, embed_texts, label_clusters, prompt_text
+from slmshift.train.curate import CurateOptions, curate, split_by_group
+from slmshift.train.finetune import LoraOptions
+
+__all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_snippet"]
+
+PROMOTION_RULE = ("promoted when held-out accuracy after > before; on a tie, when held-out loss after < before "
+                  "and the valid-output rate is no lower")
+
+
+_API_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _default_lora() -> LoraOptions:
+    # Quickstart prompts run to ~550 tokens (+ ~90 target) with SmolLM2's tokenizer: 768 keeps them whole,
+    # so the adapter trains on the same prompt the engine serves. 60 steps of 8 fit a few minutes on 2 cores.
+    return LoraOptions(steps=60, max_length=768)
+
+
+class ConvertOptions(BaseModel):
+    """Everything `slmshift convert` can be told; CLI flags set the common ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    curate: CurateOptions = Field(default_factory=CurateOptions)
+    cluster: ClusterOptions = Field(default_factory=ClusterOptions)
+    candidates: list[str] = Field(default=["smollm2-135m"], min_length=1, description=(
+        "SLM candidates (registered names, or model sources) measured zero-shot per cluster."))
+    lora: LoraOptions = Field(default_factory=_default_lora)
+    min_train_rows: int = Field(default=4, ge=1, description="A cluster needs this many train rows to get an adapter.")
+    min_val_rows: int = Field(default=1, ge=1, description="...and this many validation rows to be judged.")
+    eval_batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1, description="Generation budget cap per held-out call.")
+    threads: int | None = Field(default=None, ge=1, description="torch threads for evaluation (default: all cores).")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers per adapter.")
+    cpus_per_worker: int | None = Field(default=None, ge=1, description="Default: Ray's free CPUs / workers.")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the embedded Ray cluster (default: all).")
+    progress: bool = Field(default=True, description="Progress bars for embedding, clustering, evaluation, training.")
+
+
+@dataclass
+class ConvertReport:
+    run_dir: str
+    out_dir: str
+    counts: dict[str, int]
+    scrub_counts: dict[str, int]
+    clustering: dict[str, Any]
+    clusters: list[dict[str, Any]]
+    grading: str
+    timings: dict[str, float]
+    registry: str | None
+    promotion_rule: str = PROMOTION_RULE
+    selection_rule: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def promoted(self) -> list[dict[str, Any]]:
+        return [c for c in self.clusters if c.get("promoted")]
+
+
+def promotion(before: Any, after: Any, loss_before: float | None, loss_after: float | None) -> tuple[bool, str]:
+    """Apply PROMOTION_RULE; returns (promoted, reason)."""
+    b, a = before.correct_rate, after.correct_rate
+    if a > b:
+        return True, f"held-out accuracy {b:.2f} -> {a:.2f}"
+    if a < b:
+        return False, f"held-out accuracy fell {b:.2f} -> {a:.2f}"
+    if loss_before is not None and loss_after is not None and loss_after < loss_before \
+            and after.valid_rate >= before.valid_rate:
+        return True, f"accuracy tied at {a:.2f}; held-out loss {loss_before:.3f} -> {loss_after:.3f}"
+    return False, f"accuracy tied at {a:.2f} and held-out loss/valid rate not better"
+
+
+def serve_snippet(registry_path: str, base_source: str, name: str = "slm-tuned") -> str:
+    """The YAML that serves the promoted adapters in the next `slmshift run`: merge into an experiment YAML
+    that keeps its LLM, which serves the calls of clusters without a promoted adapter."""
+    return (
+        "models:                          # add to your experiment's models (keep the LLM)\n"
+        f"  - name: {name}\n"
+        "    tier: slm\n"
+        "    backend: hf\n"
+        f"    source: {base_source}\n"
+        f"    registry: {registry_path}       # serves the promoted adapters, named by cluster label\n"
+        "    resources: {num_cpus: 1}\n"
+        "router:\n"
+        "  policies:\n"
+        f"    - {{kind: adapters, name: tuned, registry: {registry_path}, slm_model: {name}, default: llm}}\n"
+    )
+
+
+def _progress(enabled: bool, console: Any):
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        return nullcontext(None)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _read_log(run_dir: str) -> pd.DataFrame:
+    from slmshift.platform.log import read_interactions
+
+    p = Path(run_dir)
+    if "://" not in run_dir and not p.is_dir():
+        raise SlmshiftError(f"{run_dir}: no such run directory. Fix: pass a directory printed by `slmshift run` "
+                            "(e.g. runs/quickstart-YYYYMMDD-HHMMSS).")
+    try:
+        df = read_interactions(run_dir)
+    except SlmshiftError:
+        raise
+    except Exception as e:  # unreadable Parquet, wrong schema
+        raise SlmshiftError(f"{run_dir}/interactions: cannot read the interaction log ({type(e).__name__}: "
+                            f"{str(e)[:200]}). Fix: pass a run directory written by `slmshift run`.") from None
+    if df.empty:
+        raise SlmshiftError(f"{run_dir}: no interaction log found (interactions/ is missing or empty). Fix: pass a run "
+                            "directory printed by `slmshift run`, after the run has logged some calls.")
+    return df
+
+
+def _resolve_candidates(names: list[str]):
+    from slmshift.train.candidates import candidate_for_source
+
+    return [candidate_for_source(n) for n in names]
+
+
+def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | None = None, *,
+            console: Any = None) -> ConvertReport:
+    """Run S2 -> S5 on `run_dir`'s log and write the conversion layout to `out_dir` (default RUN_DIR/convert).
+
+    Starts an embedded Ray (and stops it) unless Ray is already initialised. Raises SlmshiftError for a bad
+    run directory or an empty curated set.
+    """
+    from rich.console import Console
+
+    o = options or ConvertOptions()
+    console = console or Console()
+    timings: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+    run_dir = str(run_dir)
+    out = Path(out_dir or Path(run_dir) / "convert").resolve()
+    df = _read_log(run_dir)
+    cands = _resolve_candidates(o.candidates)
+
+    # S2 --------------------------------------------------------------------------------------------
+    cur = curate(df, o.curate)
+    rows = cur.rows
+    timings["curate_s"] = time.perf_counter() - t
+    if rows.empty:
+        c = cur.counts
+        raise SlmshiftError(
+            f"{run_dir}: the curated set is empty: of {c['logged']} logged calls, {c['dropped_invalid']} had invalid "
+            f"output and {c['dropped_by_rule']} failed the keep rule {o.curate.rule!r}. Fix: run more episodes, use a "
+            "stronger teacher, or loosen the rule (e.g. --rule valid).")
+    console.print(f"S2 curate: kept {len(rows)} of {cur.counts['logged']} calls; scrubbed "
+                  f"{sum(cur.scrub_counts.values())} secrets/PII")
+
+    # S3 --------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    with _progress(o.progress, console) as prog:
+        x = embed_texts([prompt_text(m) for m in rows["messages"]], progress=prog)
+        clus = cluster_calls(x, o.cluster, progress=prog)
+    rows["cluster"] = clus.labels
+    info = label_clusters(clus.labels, rows["role"].tolist(), rows["call_kind"].tolist())
+    rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by)
+    out.mkdir(parents=True, exist_ok=True)
+    ClusterIndex(clus.centroids, info).save(out / "clusters")
+    curated_path = out / "curated.parquet"
+    rows.to_parquet(curated_path, index=False)
+    timings["cluster_s"] = time.perf_counter() - t
+    console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
+
+    # S4 --------------------------------------------------------------------------------------------
+    from slmshift.train.evaluate import grader_for_run
+    from slmshift.train.select import RULE, select_candidates
+
+    t = time.perf_counter()
+    grader = grader_for_run(run_dir)
+    threads = o.threads or os.cpu_count() or 1
+    per_cluster: list[dict[str, Any]] = []
+    selections = {}
+    engines: dict[str, Any] = {}
+    with _progress(o.progress, console) as prog:
+        for c in info:
+            mine = rows[rows["cluster"] == c["id"]]
+            val, n_train = mine[mine["split"] == "val"], int((mine["split"] == "train").sum())
+            entry = {**c, "n_train": n_train, "n_val": len(val), "chosen": None, "before": None, "after": None,
+                     "adapter_dir": None, "promoted": False, "status": ""}
+            if len(val) >= o.min_val_rows:
+                sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
+                                        batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
+                                        progress=prog)
+                selections[c["id"]] = sel
+                entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
+                             before=sel.before.summary(), before_verdicts=sel.before.verdicts)
+            else:
+                entry["status"] = f"not tuned: {len(val)} validation rows (needs {o.min_val_rows})"
+            per_cluster.append(entry)
+    engines.clear()  # free the zero-shot models before training
+    timings["select_s"] = time.perf_counter() - t
+
+    # S5 --------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    registry_path = None
+    todo = [e for e in per_cluster if e["id"] in selections and e["n_train"] >= o.min_train_rows]
+    for e in per_cluster:
+        if e["id"] in selections and e not in todo:
+            e["status"] = f"not tuned: {e['n_train']} train rows (needs {o.min_train_rows})"
+    if todo:
+        registry_path = _train_and_register(todo, selections, rows, curated_path, out, o, grader, threads, console)
+    timings["train_eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+
+    report = ConvertReport(
+        run_dir=run_dir, out_dir=str(out), counts=cur.counts, scrub_counts=cur.scrub_counts,
+        clustering={"k": clus.k, "criterion": clus.criterion, "silhouette": clus.scores},
+        clusters=per_cluster, grading=grader.method, timings={k: round(v, 2) for k, v in timings.items()},
+        registry=registry_path, selection_rule=RULE, options=o.model_dump(mode="json"))
+    write_report(report, out)
+    return report
+
+
+def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.DataFrame, curated_path: Path,
+                        out: Path, o: ConvertOptions, grader: Any, threads: int, console: Any) -> str:
+    from slmshift.platform.cluster import start_ray
+    from slmshift.platform.config import RaySection
+    from slmshift.platform.types import AdapterEntry, AdapterMetrics
+    from slmshift.train.evaluate import evaluate
+    from slmshift.train.finetune import train_adapter
+    from slmshift.train.registry import AdapterRegistry
+
+    import ray
+
+    started = not ray.is_initialized()
+    saved_api = os.environ.get(_API_ENV)
+    if started:
+        # Ray Train's PlacementGroupCleaner asks the state API, with no address, whether the controller lives. On a
+        # host running several Ray clusters it can reach another cluster's dashboard, hear "not found", and remove
+        # our live placement group (seen here: an adapter's training killed at step 18 of 60). Our embedded cluster
+        # has no dashboard, so its processes (which inherit this env) get an address where nothing answers: the
+        # cleaner then just keeps waiting, and the run is never torn down by mistake.
+        os.environ.setdefault(_API_ENV, "http://127.0.0.1:9")
+        start_ray(RaySection(num_cpus=o.num_cpus, dashboard=False))
+    registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
+    try:
+        for e in todo:
+            sel = selections[e["id"]]
+            console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {sel.chosen.name} "
+                          f"({e['n_train']} train / {e['n_val']} val rows, {o.lora.steps} steps)")
+            tr = train_adapter(str(curated_path), e["id"], e["label"], sel.chosen.source, str(out), o.lora,
+                               num_workers=o.num_workers, cpus_per_worker=o.cpus_per_worker, progress=o.progress)
+            val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
+            spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
+            with _progress(o.progress, console) as prog:
+                after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
+                                 max_new_tokens=o.max_new_tokens, progress=prog,
+                                 desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
+            promoted, reason = promotion(sel.before, after, tr.val_loss_base, tr.val_loss_adapter)
+            e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
+                     promoted=promoted, status=reason, train=tr.model_dump())
+            registry.add(AdapterEntry(
+                cluster=e["id"], label=e["label"], role=e["role"], call_kind=e["call_kind"],
+                base_model=sel.chosen.source, adapter_dir=tr.adapter_dir, promoted=promoted, reason=reason,
+                metrics=AdapterMetrics(val_accuracy_before=sel.before.correct_rate,
+                                       val_accuracy_after=after.correct_rate, val_loss_before=tr.val_loss_base,
+                                       val_loss_after=tr.val_loss_adapter, n_train=tr.n_train, n_val=tr.n_val,
+                                       val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate)))
+            registry.save()  # after each cluster: an interrupted convert keeps what finished
+    finally:
+        if started:
+            ray.shutdown()
+            if saved_api is None:
+                os.environ.pop(_API_ENV, None)
+    return str(registry.save())
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def _pct(d: dict | None, key: str) -> str:
+    return "-" if not d or d.get(key) is None else f"{d[key]:.2f}"
+
+
+def _loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def cluster_rows(report: ConvertReport) -> list[list[str]]:
+    """One row per cluster for the Markdown and terminal tables."""
+    out = []
+    for c in report.clusters:
+        tr = c.get("train") or {}
+        out.append([str(c["id"]), c["label"], str(c["size"]), c["role"], c["call_kind"],
+                    f"{c['n_train']}/{c['n_val']}", c.get("chosen") or "-",
+                    _pct(c.get("before"), "correct_rate"), _pct(c.get("after"), "correct_rate"),
+                    _pct(c.get("before"), "valid_rate"), _pct(c.get("after"), "valid_rate"),
+                    f"{_loss(tr.get('val_loss_base'))} -> {_loss(tr.get('val_loss_adapter'))}" if tr else "-",
+                    "yes" if c.get("promoted") else "no", c.get("adapter_dir") or "-", c.get("status", "")])
+    return out
+
+
+CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM", "acc before", "acc after",
+                  "valid before", "valid after", "val loss", "promoted", "adapter", "why"]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: ConvertReport) -> str:
+    base = next((c.get("chosen_source") for c in report.clusters if c.get("promoted")), None) or \
+        next((c.get("chosen_source") for c in report.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
+    parts = [
+        f"# slmshift conversion report: {Path(report.run_dir).name}",
+        f"Run: `{report.run_dir}`  Output: `{report.out_dir}`",
+        f"Held-out grading: {report.grading} (scenario = the scenario's own checker; logged-output match = "
+        "normalised exact match with the logged output, used where a scenario cannot grade offline).",
+        "## Clusters (S3) and their SLMs (S4, S5)",
+        _md_table(CLUSTER_HEADER, cluster_rows(report)),
+        f"Promotion rule: {report.promotion_rule}. Selection rule: {report.selection_rule}.",
+        "## Curation (S2)",
+        _md_table(["step", "rows"], [[k, str(v)] for k, v in report.counts.items()]),
+        "Scrubbed (replacements per kind):",
+        _md_table(["kind", "count"], [[k, str(v)] for k, v in report.scrub_counts.items()]),
+        "## Clustering",
+        f"{report.clustering['criterion']}. Silhouette per k: "
+        + (", ".join(f"k={k}: {v}" for k, v in report.clustering["silhouette"].items()) or "n/a") + ".",
+    ]
+    for c in report.clusters:
+        if c.get("selection"):
+            parts.append(f"### Candidates for cluster {c['id']} ({c['label']})")
+            parts.append(_md_table(["candidate", "params", "licence", "memory MB", "context", "accuracy", "valid",
+                                    "cost USD", "score", "chosen"],
+                                   [[r["candidate"], f"{r['params']:.3g}", r["license"], f"{r['memory_mb']:.0f}",
+                                     str(r["context_length"]), f"{r['accuracy']:.2f}", f"{r['valid_rate']:.2f}",
+                                     f"{r['cost_usd']:.3g}", f"{r['score']:.3g}", "yes" if r["chosen"] else ""]
+                                    for r in c["selection"]]))
+    parts.append("## Timings (s)")
+    parts.append(_md_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in report.timings.items()]))
+    if report.registry:
+        parts.append("## Serve the adapters")
+        parts.append(f"{len(report.promoted)} adapter(s) promoted in `{report.registry}`. Add to an experiment YAML:")
+        parts.append("```yaml\n" + serve_snippet(report.registry, base) + "```")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(report: ConvertReport, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    (out / "report.md").write_text(to_markdown(report))

@@ -1,0 +1,187 @@
+"""Generate and grade held-out calls: zero-shot candidates (S4) and base vs adapter (S5) use this one path.
+
+Outputs are generated greedily by the real `hf` engine in batches and graded by the scenario's own checker
+(`Scenario.grade_call`, rebuilt from the run's config). Where a scenario cannot grade a call offline, the
+output is compared with the logged output (normalised exact match) and the result says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.types import LMRequest, ModelSpec
+
+__all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match"]
+
+
+@dataclass(frozen=True)
+class CallGrade:
+    valid: bool
+    correct: bool
+    reason: str = ""
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", (text or "").strip())
+
+
+def exact_match(target: str, output: str, expect: str = "text") -> CallGrade:
+    """Normalised exact match with the logged output; JSON compared as parsed values where both parse."""
+    if not (output or "").strip():
+        return CallGrade(False, False, "empty output")
+    if expect == "json":
+        try:
+            same = json.loads(output) == json.loads(target)
+            return CallGrade(True, same, "" if same else "differs from the logged output")
+        except ValueError:
+            pass
+    ok = _norm(output) == _norm(target)
+    return CallGrade(True, ok, "" if ok else "differs from the logged output")
+
+
+class ScenarioGrader:
+    """Grades (row, output) with the row's scenario checker, else by exact match with the logged output.
+
+    `by` counts how each call was graded: 'scenario' or 'logged-output match'.
+    """
+
+    def __init__(self, scenarios: dict[str, Any] | None = None):
+        self.scenarios = scenarios or {}
+        self.by: dict[str, int] = {}
+
+    def __call__(self, row: dict[str, Any], output: str) -> CallGrade:
+        sc = self.scenarios.get(str(row.get("scenario", "")))
+        verdict = None
+        if sc is not None:
+            try:
+                verdict = sc.grade_call(str(row.get("task_id", "")), str(row.get("call_kind", "")), output)
+            except Exception as e:  # a checker tripping on model output is a wrong answer, not a crash
+                verdict = CallGrade(False, False, f"checker error: {type(e).__name__}: {str(e)[:120]}")
+        if verdict is None:
+            self.by["logged-output match"] = self.by.get("logged-output match", 0) + 1
+            return exact_match(str(row.get("target", "")), output, str(row.get("expect", "text")))
+        self.by["scenario"] = self.by.get("scenario", 0) + 1
+        return CallGrade(bool(verdict.valid), bool(verdict.correct), str(verdict.reason or ""))
+
+    @property
+    def method(self) -> str:
+        if not self.by:
+            return "none yet"
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.by.items()))
+
+
+def grader_for_run(run_dir: str | Path) -> ScenarioGrader:
+    """Rebuild the run's scenarios from its config.yaml so their checkers can grade offline."""
+    import yaml
+
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.platform.config import ScenarioSpec
+    from slmshift.platform.scenario import scenario_class
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return ScenarioGrader()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        seed = int((raw.get("experiment") or {}).get("seed", 0))
+        scenarios = {}
+        for s in raw.get("scenarios") or []:
+            spec = ScenarioSpec.model_validate(s)
+            scenarios[spec.label] = scenario_class(spec.kind)(spec, spec.seed if spec.seed is not None else seed)
+    except Exception:  # an unreadable config only costs us the scenario checker; exact match still works
+        return ScenarioGrader()
+    return ScenarioGrader(scenarios)
+
+
+@dataclass
+class EvalResult:
+    """Per-row verdicts and rates for one model (and adapter) on a set of held-out calls."""
+
+    model: str
+    adapter: str | None
+    n: int
+    valid_rate: float
+    correct_rate: float
+    tokens_in: int = 0
+    tokens_out: int = 0
+    wall_s: float = 0.0
+    errors: int = 0
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("verdicts")
+        return d
+
+
+def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) -> list[LMRequest]:
+    reqs = []
+    for i, (r, mt) in enumerate(zip(rows.to_dict("records"), max_tokens)):
+        reqs.append(LMRequest(
+            experiment_id="convert-eval", episode_id=str(r.get("episode_id", "")), call_index=i,
+            scenario=str(r.get("scenario", "")), role=str(r.get("role", "")), call_kind=str(r.get("call_kind", "")),
+            task_id=str(r.get("task_id", "")), messages=json.loads(r["messages"]), expect=r.get("expect") or "text",
+            max_tokens=mt, temperature=0.0, adapter=adapter))
+    return reqs
+
+
+def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
+             scenario_grader: Callable[[dict[str, Any], str], CallGrade], *, engine: Any = None,
+             batch_size: int = 16, max_new_tokens: int = 128, progress: Any = None,
+             desc: str | None = None) -> EvalResult:
+    """Generate every row's output greedily with `HFEngine(spec)` (or `engine`), grade each, return rates.
+
+    The token budget per call is min(max_new_tokens, 2 x the logged output's length + 16): enough for any
+    right answer, and it keeps a model that rambles from costing minutes on CPU.
+    """
+    from slmshift.serve.engines.base import get_engine_class
+
+    t0 = time.perf_counter()
+    if rows.empty:
+        return EvalResult(spec.name, adapter, 0, 0.0, 0.0)
+    if engine is None:
+        engine = get_engine_class(spec.backend)(spec)
+    tok = getattr(engine, "tokenizer", None)
+    budgets = [min(max_new_tokens, 2 * (len(tok(t, add_special_tokens=False)["input_ids"]) if tok else len(t)) + 16)
+               for t in rows["target"]]
+    reqs = _requests(rows, adapter, budgets)
+    records = rows.to_dict("records")
+    what = desc or (f"evaluating {spec.name}" + (f" + {adapter}" if adapter else ""))
+    task = progress.add_task(what, total=len(reqs)) if progress is not None else None
+    verdicts: list[dict[str, Any]] = []
+    tokens_in = tokens_out = errors = 0
+    first_error = ""
+    for start in range(0, len(reqs), batch_size):
+        batch = reqs[start:start + batch_size]
+        responses = asyncio.run(engine.generate(batch))
+        for rec, resp in zip(records[start:start + batch_size], responses):
+            if resp.error:
+                errors += 1
+                first_error = first_error or resp.error
+                g = CallGrade(False, False, f"engine error: {resp.error[:160]}")
+            else:
+                g = scenario_grader(rec, resp.text)
+            tokens_in += resp.tokens_in
+            tokens_out += resp.tokens_out
+            verdicts.append({"record_id": rec.get("record_id"), "output": resp.text, "valid": g.valid,
+                             "correct": g.correct, "reason": g.reason})
+        if task is not None:
+            progress.advance(task, len(batch))
+    if errors == len(reqs):  # nothing was generated: a setup problem, not a model that answered badly
+        raise SlmshiftError(f"evaluating {spec.name!r}{' with adapter ' + repr(adapter) if adapter else ''} failed for "
+                            f"every call: {first_error}")
+    n = len(verdicts)
+    return EvalResult(
+        model=spec.name, adapter=adapter, n=n,
+        valid_rate=sum(v["valid"] for v in verdicts) / n, correct_rate=sum(v["correct"] for v in verdicts) / n,
+        tokens_in=tokens_in, tokens_out=tokens_out, wall_s=round(time.perf_counter() - t0, 3), errors=errors,
+        verdicts=verdicts)

@@ -1,0 +1,90 @@
+"""S2 curation on the synthetic log: counts per step, planted secrets gone, no episode (or task) across the split."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from slmshift.platform.log import read_interactions
+from slmshift.train.curate import CURATED_COLUMNS, CurateOptions, curate, split_by_group
+
+
+@pytest.fixture(scope="module")
+def log_df(synthetic_log):
+    return read_interactions(synthetic_log.run_dir)
+
+
+def test_counts_per_step(synthetic_log, log_df):
+    res = curate(log_df)
+    for key, value in synthetic_log.expected.items():
+        assert res.counts[key] == value, (key, res.counts)
+    assert list(res.rows.columns) == CURATED_COLUMNS and len(res.rows) == synthetic_log.expected["curated"]
+    assert res.rows["record_id"].is_unique
+
+
+def test_only_valid_successful_correct_calls_are_kept(log_df):
+    rows = curate(log_df).rows
+    src = log_df.set_index("id").loc[rows["record_id"]]
+    assert (src["valid"] == True).all() and (src["correct"] != False).all()  # noqa: E712
+    assert not rows["episode_id"].str.startswith("fail-").any()
+    # the lucky episode's wrong intent is dropped, its right call kept
+    assert rows[rows["episode_id"] == "lucky-0"]["call_kind"].tolist() == ["function_call"]
+
+
+def test_rules_are_configurable(log_df):
+    loose = curate(log_df, CurateOptions(rule="valid", drop_incorrect=False))
+    assert loose.counts["dropped_by_rule"] == 0
+    assert len(loose.rows) > len(curate(log_df).rows)
+    llm_only = curate(log_df, CurateOptions(tiers=["slm"]))
+    assert llm_only.rows.empty  # every successful call in the log was served by the llm tier
+
+
+def test_planted_secrets_are_removed(synthetic_log, log_df, planted_secrets):
+    res = curate(log_df)
+    text = "\n".join(res.rows["messages"]) + "\n".join(res.rows["target"])
+    for kind, secret in planted_secrets.items():
+        for line in secret.splitlines():
+            assert line not in text, kind
+    for kind in ("email", "phone", "credit_card", "ipv4", "private_key"):
+        assert res.scrub_counts[kind] >= 1, (kind, res.scrub_counts)
+    assert res.scrub_counts["secret"] >= 2  # the AWS key and the GitHub token
+    # the scrubbed tasks are still there, with placeholders, and their messages still parse
+    kept = res.rows[res.rows["task_id"].isin(synthetic_log.secret_tasks)]
+    assert len(kept) == 4
+    for m in kept["messages"]:
+        assert "[EMAIL]" in json.loads(m)[-1]["content"]
+
+
+def _with_clusters(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.copy()
+    rows["cluster"] = (rows["call_kind"] == "function_call").astype(int)  # stands in for S3's ids here
+    return rows
+
+
+@pytest.mark.parametrize("by", ["task", "episode"])
+def test_split_keeps_episodes_and_tasks_whole(log_df, by):
+    rows = _with_clusters(curate(log_df).rows)
+    rows["split"] = split_by_group(rows, 0.25, seed=0, by=by)
+    train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
+    assert set(train["episode_id"]).isdisjoint(val["episode_id"])
+    if by == "task":
+        assert set(train["task_id"]).isdisjoint(val["task_id"])
+    for c in (0, 1):  # stratified: every cluster gets both train and validation rows
+        sides = set(rows[rows["cluster"] == c]["split"])
+        assert sides == {"train", "val"}, (c, sides)
+    assert 0.15 <= len(val) / len(rows) <= 0.4
+
+
+def test_split_is_deterministic_and_seeded(log_df):
+    rows = _with_clusters(curate(log_df).rows)
+    a, b = split_by_group(rows, 0.3, seed=1), split_by_group(rows, 0.3, seed=1)
+    assert a.tolist() == b.tolist()
+    assert any(split_by_group(rows, 0.3, seed=s).tolist() != a.tolist() for s in range(2, 6))
+
+
+def test_a_cluster_with_one_group_stays_in_train():
+    rows = pd.DataFrame({"episode_id": ["e1", "e1", "e2"], "task_id": ["t1", "t1", "t2"], "cluster": [0, 1, 1]})
+    split = split_by_group(rows, 0.5, seed=0)
+    assert split[rows["cluster"] == 0].tolist() == ["train"]  # nothing left to train on otherwise

@@ -1,0 +1,99 @@
+"""S5: LoRA on Ray Train + Ray Data over a synthetic curated.parquet, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.train.finetune import IGNORE, LoraOptions, encode_example, train_adapter
+
+INTENT = '{"functions": ["book_flight"]}'
+OTHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def messages(i: int, kind: str) -> str:
+    user = f"please book a flight to city {i} tomorrow" if kind == "intent" else f"what is the weather at {i}?"
+    return json.dumps([{"role": "system", "content": "Answer with JSON only."}, {"role": "user", "content": user}])
+
+
+def curated_rows() -> pd.DataFrame:
+    rows = []
+    for i in range(40):
+        for cluster, kind, target in ((0, "intent", INTENT), (1, "call", OTHER)):
+            rows.append({"record_id": f"{kind}{i}", "episode_id": f"ep{i}", "task_id": f"t{i}", "scenario": "operator",
+                         "role": "planner" if kind == "intent" else "executor",
+                         "call_kind": "intent" if kind == "intent" else "function_call", "category": "template",
+                         "expect": "json", "messages": messages(i, kind), "target": target,
+                         "split": "val" if i % 5 == 0 else "train", "cluster": cluster})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def convert_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("convert")
+    curated_rows().to_parquet(d / "curated.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, convert_dir, tiny_model_dir):
+    opts = LoraOptions(rank=8, alpha=16, learning_rate=3e-3, steps=30, batch_size=8, report_every=5,
+                       checkpoint_every=10, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir, str(convert_dir),
+                         opts, progress=False)
+
+
+def test_encode_masks_prompt_and_keeps_target(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, labels = encode_example(tok, messages(3, "intent"), INTENT, max_length=512)
+    target = [t for t in labels if t != IGNORE]
+    assert tok.decode(target[:-1]) == INTENT and target[-1] == tok.eos_token_id
+    assert len(ids) == len(labels) and labels[0] == IGNORE
+    short_ids, short_labels = encode_example(tok, messages(3, "intent"), INTENT * 20, max_length=64)
+    assert len(short_ids) == 64 and sum(t != IGNORE for t in short_labels) <= 64
+    assert short_ids[-(64 - sum(t != IGNORE for t in short_labels)) - 1] != IGNORE  # prompt kept its latest tokens
+
+
+def test_lora_lowers_validation_loss(trained, convert_dir):
+    assert trained.n_train == 32 and trained.n_val == 8 and trained.steps == 30
+    assert trained.val_loss_adapter < 0.5 * trained.val_loss_base
+    assert trained.train_loss_last < trained.train_loss_first
+    assert trained.tokens > 0 and trained.tokens_per_s > 0
+    assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
+    ckpts = [c for c in (convert_dir / "checkpoints" / "planner-intent").glob("checkpoint_*") if c.is_dir()]
+    assert 1 <= len(ckpts) <= 2 and all((c / "adapter_config.json").is_file() for c in ckpts)
+
+
+def test_saved_adapter_reloads_and_changes_outputs(trained, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+
+    from slmshift.serve.engines.hf import chat_prompt
+    from slmshift.serve.sources import load_model_and_tokenizer
+
+    base, tok = load_model_and_tokenizer(tiny_model_dir, "float32", "cpu")
+    prompt = tok(chat_prompt(tok, json.loads(messages(5, "intent"))), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        before = base.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    tuned = PeftModel.from_pretrained(base, trained.adapter_dir).eval()
+    with torch.no_grad():
+        after = tuned.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert before.tolist() != after.tolist()
+    assert tok.decode(after, skip_special_tokens=True).startswith('{"functions')  # it learned the task's format
+
+
+def test_empty_cluster_is_a_clear_error(ray_cluster, convert_dir, tiny_model_dir):
+    with pytest.raises(SlmshiftError, match="cluster 7 .* no rows with split 'train'"):
+        train_adapter(str(convert_dir / "curated.parquet"), 7, "nothing", tiny_model_dir, str(convert_dir),
+                      LoraOptions(steps=1))
+
+
+def test_options_reject_unknown_keys():
+    with pytest.raises(ValueError, match="extra"):
+        LoraOptions.model_validate({"rank": 4, "lr": 1e-3})

@@ -1,0 +1,117 @@
+"""S4 selection: the candidate registry, and that measuring candidates picks the one that really answers better."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from slmshift.platform.types import Price
+from slmshift.train.candidates import Candidate, candidate_for_source, get_candidate
+from slmshift.train.evaluate import EvalResult, ScenarioGrader, evaluate, exact_match
+from slmshift.train.select import choose, select_candidates
+
+QA = [("Capital of France?", "Paris"), ("Two plus two?", "4"), ("Colour of the sky?", "blue"),
+      ("Opposite of hot?", "cold")]
+
+
+def _rows() -> pd.DataFrame:
+    return pd.DataFrame({
+        "record_id": [f"r{i}" for i in range(len(QA))], "episode_id": [f"e{i}" for i in range(len(QA))],
+        "task_id": [f"t{i}" for i in range(len(QA))], "scenario": "qa", "role": "answerer", "call_kind": "answer",
+        "category": "template", "expect": "text",
+        "messages": [json.dumps([{"role": "user", "content": q}]) for q, _ in QA], "target": [a for _, a in QA]})
+
+
+def _teach(src: str, dst: str, steps: int = 120) -> str:
+    """Copy the tiny model and train it (full fine-tune, plain torch) to give QA's answers: a measurably
+    better candidate for a real reason, built in a few seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    torch.manual_seed(0)
+    batch = []
+    for q, a in QA:
+        prompt = tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False), add_special_tokens=False)["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        batch.append((torch.tensor(prompt + answer), len(prompt)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = 0.0
+        for ids, n_prompt in batch:
+            labels = ids.clone()
+            labels[:n_prompt] = -100
+            loss = loss + model(input_ids=ids[None], labels=labels[None]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def two_candidates(tiny_model_dir, tmp_path_factory):
+    taught = _teach(tiny_model_dir, str(tmp_path_factory.mktemp("taught") / "llama"))
+    price = Price(input_per_m=0.01, output_per_m=0.02)
+    common = dict(params=1e5, license="Apache-2.0", memory_mb=1.0, context_length=1024, price=price)
+    return Candidate(name="tiny-random", source=tiny_model_dir, **common), Candidate(name="tiny-taught", source=taught, **common)
+
+
+def test_packaged_smollm2_is_registered():
+    c = get_candidate("smollm2-135m")
+    assert c.source == "packaged:smollm2-135m" and c.license == "Apache-2.0" and c.context_length == 8192
+    assert c.params == 134.5e6 and c.memory_mb > 400 and c.price.output_per_m > 0
+    assert candidate_for_source("packaged:smollm2-135m") is c
+
+
+def test_a_local_model_dir_becomes_a_candidate(tiny_model_dir):
+    c = candidate_for_source(tiny_model_dir)
+    assert c.source == tiny_model_dir and c.context_length == 1024 and 1e4 < c.params < 1e6
+    spec = c.model_spec(threads=1, adapters={"x": tiny_model_dir})
+    assert spec.backend == "hf" and spec.tier == "slm" and spec.adapters == {"x": tiny_model_dir}
+
+
+def test_selection_picks_the_better_of_two_tiny_candidates(two_candidates):
+    random_c, taught_c = two_candidates
+    grader = ScenarioGrader()  # no scenario checker for 'qa': exact match with the logged output
+    sel = select_candidates(_rows(), 0, [random_c, taught_c], grader, threads=1)
+    by_name = {r["candidate"]: r for r in sel.table}
+    assert by_name["tiny-taught"]["accuracy"] >= 0.75, sel.table
+    assert by_name["tiny-random"]["accuracy"] == 0.0
+    assert sel.chosen.name == "tiny-taught" and by_name["tiny-taught"]["chosen"]
+    assert sel.before.correct_rate == by_name["tiny-taught"]["accuracy"]
+    assert grader.by == {"logged-output match": 8}
+    # verdicts carry each output, so a report can show what the model said
+    assert {v["output"].strip() for v in sel.before.verdicts if v["correct"]} <= {a for _, a in QA}
+
+
+def test_ties_go_to_the_cheaper_candidate():
+    cheap = Candidate(name="a", source="x", params=1e6, license="l", memory_mb=1, context_length=1,
+                      price=Price(input_per_m=1, output_per_m=1))
+    dear = cheap.model_copy(update={"name": "b", "price": Price(input_per_m=2, output_per_m=2)})
+    ev = EvalResult("m", None, 4, valid_rate=0.0, correct_rate=0.0, tokens_in=100, tokens_out=10)
+    assert choose([(dear, ev), (cheap, ev)])[0].name == "a"  # both useless: the cheaper one
+    good = EvalResult("m", None, 4, valid_rate=1.0, correct_rate=1.0, tokens_in=100, tokens_out=10)
+    assert choose([(cheap, ev), (dear, good)])[0].name == "b"  # quality per cost: 1.1/2 beats 0/1
+
+
+def test_exact_match_normalises_and_compares_json():
+    assert exact_match('{"a": [1, 2]}', '{"a":[1,2]}', "json").correct
+    assert exact_match("Paris", "  Paris\n").correct and not exact_match("Paris", "paris!").correct
+    assert not exact_match("Paris", "").valid
+
+
+def test_engine_errors_for_every_call_are_a_clear_failure(two_candidates):
+    from slmshift.platform.errors import SlmshiftError
+
+    random_c, _ = two_candidates
+    with pytest.raises(SlmshiftError, match="failed for every call"):
+        evaluate(_rows(), random_c.model_spec(threads=1), "no-such-adapter", ScenarioGrader())
