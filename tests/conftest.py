@@ -23,3 +23,29 @@ def tiny_model_dir(tmp_path_factory):
     from slmshift.serve.tiny import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+# The models block of the end-to-end tests: a tiny random hf SLM and a perfect, near-instant simulated teacher.
+MODELS_YAML = """\
+models:
+  - name: tiny
+    tier: slm
+    backend: hf
+    source: {tiny}
+    resources: {{num_cpus: 1}}
+    price: {{input_per_m: 0.1, output_per_m: 0.2}}
+    batching: {{max_batch_size: 16, batch_wait_timeout_s: 0.02}}
+  - name: teacher
+    tier: llm
+    backend: simulated
+    params: 7.0e10
+    resources: {{num_cpus: 0}}
+    price: {{input_per_m: 3.0, output_per_m: 15.0}}
+    profile: {{accuracy: {{default: 1.0}}, latency_base_s: 0.01}}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_models(tiny_model_dir):
+    """The `models:` YAML section shared by the end-to-end tests."""
+    return MODELS_YAML.format(tiny=tiny_model_dir)

@@ -14,22 +14,7 @@ from slmshift.runner import run_experiment
 
 CONFIG = """\
 experiment: {{name: e2e, seed: 3, storage: {storage}}}
-models:
-  - name: tiny
-    tier: slm
-    backend: hf
-    source: {tiny}
-    resources: {{num_cpus: 1}}
-    price: {{input_per_m: 0.1, output_per_m: 0.2}}
-    batching: {{max_batch_size: 16, batch_wait_timeout_s: 0.05}}
-  - name: teacher
-    tier: llm
-    backend: simulated
-    params: 7.0e10
-    resources: {{num_cpus: 0}}
-    price: {{input_per_m: 3.0, output_per_m: 15.0}}
-    profile: {{accuracy: {{default: 1.0}}, latency_base_s: 0.01}}
-router:
+{models}router:
   policies:
     - {{kind: llm, name: all-llm}}
     - {{kind: slm, name: all-slm}}
@@ -40,10 +25,10 @@ scenarios:
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, tiny_model_dir, tmp_path_factory):
+def run(ray_cluster, tiny_teacher_models, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     path = storage / "e2e.yaml"
-    path.write_text(CONFIG.format(storage=storage, tiny=tiny_model_dir))
+    path.write_text(CONFIG.format(storage=storage, models=tiny_teacher_models))
     cfg = load_config(path, scenario_options())
     return run_experiment(cfg)
 

@@ -25,22 +25,7 @@ pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason="needs chromium and chr
 TASKS = ["click-button", "enter-text", "click-checkboxes"]
 CONFIG = """\
 experiment: {{name: cradle-e2e, seed: 1, storage: {storage}}}
-models:
-  - name: tiny
-    tier: slm
-    backend: hf
-    source: {tiny}
-    resources: {{num_cpus: 1}}
-    price: {{input_per_m: 0.1, output_per_m: 0.2}}
-    batching: {{max_batch_size: 8, batch_wait_timeout_s: 0.01}}
-  - name: teacher
-    tier: llm
-    backend: simulated
-    params: 7.0e10
-    resources: {{num_cpus: 0}}
-    price: {{input_per_m: 3.0, output_per_m: 15.0}}
-    profile: {{accuracy: {{default: 1.0}}, latency_base_s: 0.01}}
-router:
+{models}router:
   policies:
     - {{kind: llm, name: all-llm}}
     - {{kind: slm, name: all-slm}}
@@ -65,10 +50,10 @@ def _browser_procs() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def run(ray_cluster, tiny_model_dir, tmp_path_factory):
+def run(ray_cluster, tiny_teacher_models, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     path = storage / "cradle.yaml"
-    path.write_text(CONFIG.format(storage=storage, tiny=tiny_model_dir, tasks=json.dumps(TASKS)))
+    path.write_text(CONFIG.format(storage=storage, models=tiny_teacher_models, tasks=json.dumps(TASKS)))
     before = _browser_procs()
     result = run_experiment(load_config(path, scenario_options()), keep_ray=True)
     result.browsers_before = before
