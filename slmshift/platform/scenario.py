@@ -51,6 +51,14 @@ class ScenarioOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def require_known(values: Any, known: Any, what: str, listing: str | None = None) -> None:
+    """Option validators' one check: every value is a known one; the error lists what is available."""
+    known = set(known)
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; {listing or 'available: ' + ', '.join(sorted(known))}")
+
+
 class Scenario(abc.ABC):
     kind: ClassVar[str]
     Options: ClassVar[type[ScenarioOptions]] = ScenarioOptions

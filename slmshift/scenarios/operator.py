@@ -13,7 +13,9 @@ import re
 
 from pydantic import Field, field_validator
 
-from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
+from slmshift.platform.scenario import (
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+)
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.bfcl.data import _category_tasks
 from slmshift.scenarios.bfcl import (
@@ -33,9 +35,7 @@ class OperatorOptions(ScenarioOptions):
     @field_validator("categories")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [c for c in v if c not in CATEGORIES]
-        if bad:
-            raise ValueError(f"unknown BFCL categories {bad}; available: {', '.join(CATEGORIES)}")
+        require_known(v, CATEGORIES, "BFCL categories", f"available: {', '.join(CATEGORIES)}")
         return v
 
 

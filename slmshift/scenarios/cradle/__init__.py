@@ -27,7 +27,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
+from slmshift.platform.scenario import (
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+)
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.cradle import prompts
 from slmshift.scenarios.cradle.actions import Action, parse_action
@@ -67,9 +69,7 @@ class CradleOptions(ScenarioOptions):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in TASKS]
-        if bad:
-            raise ValueError(f"no DOM solver for {bad}; available: {', '.join(TASKS)}")
+        require_known(v, TASKS, "tasks (no DOM solver)", f"available: {', '.join(TASKS)}")
         return v
 
     @field_validator("modules")

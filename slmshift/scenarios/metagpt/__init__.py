@@ -11,7 +11,9 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from slmshift.platform.sandbox import SandboxLimits
-from slmshift.platform.scenario import EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario
+from slmshift.platform.scenario import (
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+)
 from slmshift.scenarios.metagpt.data import Problem, all_ids, check_program, load_problems
 from slmshift.scenarios.metagpt.roles import CATEGORY, Company
 from slmshift.scenarios.metagpt.sop import Message, MessagePool, build_sop, run_sop
@@ -42,18 +44,14 @@ class MetaGPTOptions(ScenarioOptions):
             return v
         if not v:
             raise ValueError("give at least one HumanEval id, or leave `problems` out for a sample of all 164")
-        ids = set(all_ids())
-        bad = [i for i in v if i not in ids]
-        if bad:
-            raise ValueError(f"unknown HumanEval ids {bad}; ids run from HumanEval/0 to HumanEval/{len(ids) - 1}")
+        ids = all_ids()
+        require_known(v, ids, "HumanEval ids", f"ids run from HumanEval/0 to HumanEval/{len(ids) - 1}")
         return v
 
     @field_validator("max_tokens")
     @classmethod
     def _kinds(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = [k for k in v if k not in DEFAULT_MAX_TOKENS]
-        if bad:
-            raise ValueError(f"unknown call kinds {bad}; call kinds: {', '.join(DEFAULT_MAX_TOKENS)}")
+        require_known(v, DEFAULT_MAX_TOKENS, "call kinds", f"call kinds: {', '.join(DEFAULT_MAX_TOKENS)}")
         low = [k for k, n in v.items() if n < 1]
         if low:
             raise ValueError(f"token budgets must be >= 1 (got {', '.join(f'{k}={v[k]}' for k in low)})")
