@@ -28,8 +28,8 @@ from slmshift.train.finetune import LoraOptions
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_snippet"]
 
-PROMOTION_RULE = ("promoted when held-out accuracy after > before; on a tie, when held-out loss after < before "
-                  "and the valid-output rate is no lower")
+PROMOTION_RULE = ("promoted when held-out accuracy after > before; on a tie above zero, when held-out loss after < "
+                  "before and the valid-output rate is no lower; never at zero accuracy")
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -93,6 +93,10 @@ def promotion(before: Any, after: Any, loss_before: float | None, loss_after: fl
         return True, f"held-out accuracy {b:.2f} -> {a:.2f}"
     if a < b:
         return False, f"held-out accuracy fell {b:.2f} -> {a:.2f}"
+    if a == 0:
+        # Serving it would take the cluster's calls from the LLM and get them all wrong: seen on the quickstart,
+        # where a function-call adapter promoted on lower loss alone sank the tuned arm's success to 0.
+        return False, "held-out accuracy 0 before and after: the LLM keeps these calls"
     if loss_before is not None and loss_after is not None and loss_after < loss_before \
             and after.valid_rate >= before.valid_rate:
         return True, f"accuracy tied at {a:.2f}; held-out loss {loss_before:.3f} -> {loss_after:.3f}"
