@@ -13,15 +13,10 @@ import pytest
 from slmshift.platform.config import ScenarioSpec
 from slmshift.scenarios.cradle import CradleScenario
 from slmshift.scenarios.cradle.actions import Action
-from slmshift.scenarios.cradle.browser import MiniWoBBrowser, browser_actor_class, browser_paths, wait_for_pids_gone
+from slmshift.scenarios.cradle.browser import MiniWoBBrowser, browser_actor_class, browser_missing, wait_for_pids_gone
 from slmshift.scenarios.cradle.teacher import TASKS, solve
 
-try:
-    browser_paths()
-    HAVE_BROWSER = True
-except Exception:
-    HAVE_BROWSER = False
-pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason="needs chromium and chromium-driver (apt-get install)")
+pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ from slmshift.platform.config import load_config
 from slmshift.platform.log import read_episodes, read_interactions
 from slmshift.platform.scenario import scenario_options
 from slmshift.runner import run_experiment
-from slmshift.scenarios.cradle.browser import browser_paths
+from slmshift.scenarios.cradle.browser import browser_missing
 
-try:
-    browser_paths()
-    HAVE_BROWSER = True
-except Exception:
-    HAVE_BROWSER = False
-pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason="needs chromium and chromium-driver (apt-get install)")
+pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
 
 TASKS = ["click-button", "enter-text", "click-checkboxes"]
 CONFIG = """\

@@ -60,6 +60,15 @@ def browser_paths() -> tuple[str, str]:
     return shutil.which(chrome) or chrome, shutil.which(driver) or driver
 
 
+def browser_missing() -> str | None:
+    """Why the browser cannot start (the fix included), or None when it can."""
+    try:
+        browser_paths()
+    except BrowserMissingError as e:
+        return str(e)
+    return None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
