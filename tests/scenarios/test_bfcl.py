@@ -27,7 +27,7 @@ from slmshift.scenarios.bfcl import (
     load_tasks,
     reference_call,
 )
-from slmshift.scenarios.bfcl.grader import bfcl_api
+from slmshift.scenarios.bfcl.api import bfcl_api
 
 ALL = list(CATEGORIES)
 
@@ -278,3 +278,29 @@ def test_prompts_never_leak_the_reference_answer(all_tasks: list[BFCLTask]) -> N
         assert ref not in text and ref[1:-1] not in text, t.id
         assert intent_reference(t) not in text, t.id
     assert len(in_question) <= 5, in_question
+
+
+# ---------------------------------------------------------------- package layout
+
+
+def test_bfcl_package_import_graph_has_no_cycle() -> None:
+    """Each bfcl module imports only modules above it (api -> data -> grader -> teacher -> prompts ...)."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import slmshift.scenarios.bfcl as pkg
+
+    root = Path(pkg.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slmshift.scenarios.bfcl."):
+                deps.add(node.module.removeprefix("slmshift.scenarios.bfcl."))
+        graph[name] = deps - {"__init__"}
+    graph.pop("__init__", None)
+    assert "teacher" in graph and "data" in graph
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert not graph["data"] & {"grader", "teacher"}

@@ -1,31 +1,19 @@
-"""Grade model outputs with BFCL's own decoder and AST checker, in-process.
-
-``bfcl_eval`` is installed without its dependencies, so it is imported behind a small shim:
-its model registry (``constants.model_config``) imports every vendor SDK, and its Java/JS
-parsers need tree-sitter; neither is used for Python-syntax grading, so both are stubbed.
-Model output is untrusted: BFCL's decoder ``eval``s ``BinOp``/``Lambda`` nodes, so every
+"""Grade model outputs with BFCL's own decoder and AST checker, in-process (``bfcl_eval`` comes in
+through the shim in ``api``). Model output is untrusted: BFCL's decoder ``eval``s ``BinOp``/``Lambda`` nodes, so every
 output is ast-checked first and only literal arithmetic is let through.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
-import importlib.util
 import json
-import os
-import random
 import re
-import sys
-import tempfile
-import types
 from dataclasses import dataclass
-from typing import Any
 
-from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names
+from slmshift.scenarios.bfcl.api import bfcl_api
+from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names, function_names
 
-__all__ = ["Grade", "decode_calls", "grade_calls", "grade_intent", "intent_reference",
-           "intent_distractors", "INTENT_SCHEMA", "intent_schema"]
+__all__ = ["Grade", "decode_calls", "grade_calls", "grade_intent", "INTENT_SCHEMA", "intent_schema"]
 
 INTENT_SCHEMA: dict = {
     "type": "object",
@@ -33,7 +21,6 @@ INTENT_SCHEMA: dict = {
     "required": ["functions"],
     "additionalProperties": False,
 }
-_MODEL_NAME = "slmshift"  # only used by BFCL to look up underscore_to_dot (False for prompting)
 _MAX_CHARS = 20_000
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)(?:```|$)", re.S)
 
@@ -45,57 +32,6 @@ class Grade:
     valid: bool  # the output parsed in the expected format
     correct: bool  # it is right per the benchmark's checker
     reason: str  # short human-readable reason ("" when correct)
-
-
-class _AnyModelConfig(dict):
-    """Stub MODEL_CONFIG_MAPPING: every model is a prompting model keeping dotted names."""
-
-    def __missing__(self, key: str) -> Any:
-        return types.SimpleNamespace(underscore_to_dot=False, is_fc_model=False)
-
-
-@functools.lru_cache(maxsize=None)
-def bfcl_api() -> types.SimpleNamespace:
-    """Import the pieces of bfcl_eval we use, without vendor SDKs or tree-sitter."""
-    # bfcl_eval creates result/score/lock folders under this root at import time (default:
-    # site-packages); one fixed scratch folder, so Ray workers don't each leave a new one.
-    os.environ.setdefault("BFCL_PROJECT_ROOT", os.path.join(tempfile.gettempdir(), "slmshift_bfcl_root"))
-    if "bfcl_eval.constants.model_config" not in sys.modules:
-        stub = types.ModuleType("bfcl_eval.constants.model_config")
-        stub.MODEL_CONFIG_MAPPING = _AnyModelConfig()
-        sys.modules[stub.__name__] = stub
-    if importlib.util.find_spec("tree_sitter") is None:
-        for mod, fn in (("java_parser", "parse_java_function_call"), ("js_parser", "parse_javascript_function_call")):
-            name = f"bfcl_eval.model_handler.parser.{mod}"
-            if name not in sys.modules:
-                sys.modules[name] = types.ModuleType(name)
-                setattr(sys.modules[name], fn, _unsupported)
-    from bfcl_eval.constants.default_prompts import DEFAULT_SYSTEM_PROMPT_FORMAT
-    from bfcl_eval.constants.enums import Language, ReturnFormat
-    from bfcl_eval.eval_checker.ast_eval import ast_checker as checker_mod
-    from bfcl_eval.model_handler import utils as handler_utils
-    from bfcl_eval import utils as bfcl_utils
-
-    mapping, model_name = checker_mod.MODEL_CONFIG_MAPPING, _MODEL_NAME
-    if not isinstance(mapping, _AnyModelConfig):  # the real registry was imported elsewhere
-        keep_dots = (k for k, c in mapping.items() if "_" not in k and not getattr(c, "underscore_to_dot", 1))
-        model_name = next(keep_dots, _MODEL_NAME)
-    return types.SimpleNamespace(
-        ast_checker=checker_mod.ast_checker,
-        decode=handler_utils.default_decode_ast_prompting,
-        system_prompt_pre_processing=handler_utils.system_prompt_pre_processing_chat_model,
-        formulate_system_prompt=handler_utils.formulate_system_prompt,
-        language_hint=bfcl_utils._func_doc_language_specific_pre_processing,
-        is_call_format=bfcl_utils.is_function_calling_format_output,
-        DEFAULT_SYSTEM_PROMPT_FORMAT=DEFAULT_SYSTEM_PROMPT_FORMAT,
-        Language=Language,
-        ReturnFormat=ReturnFormat,
-        model_name=model_name,
-    )
-
-
-def _unsupported(*_: Any, **__: Any) -> Any:
-    raise NotImplementedError("Java/JavaScript decoding needs tree-sitter")
 
 
 def _strip_fences(text: str) -> str:
@@ -197,13 +133,9 @@ def grade_calls(task: BFCLTask, text: str) -> Grade:
 # ---------------------------------------------------------------- intent (function selection)
 
 
-def _function_names(task: BFCLTask) -> list[str]:
-    return [f["name"] for f in task.functions]
-
-
 def intent_schema(task: BFCLTask) -> dict:
     """INTENT_SCHEMA with names restricted to the task's functions (for guided decoding)."""
-    items = {"type": "string", "enum": _function_names(task)}
+    items = {"type": "string", "enum": function_names(task)}
     return {**INTENT_SCHEMA, "properties": {"functions": {"type": "array", "items": items}}}
 
 
@@ -230,7 +162,7 @@ def grade_intent(task: BFCLTask, text: str) -> Grade:
         names = _parse_intent(text)
     except ValueError as exc:
         return Grade(valid=False, correct=False, reason=str(exc))
-    unknown = sorted(set(names) - set(_function_names(task)))
+    unknown = sorted(set(names) - set(function_names(task)))
     if unknown:
         return Grade(valid=False, correct=False, reason=f"unknown functions: {unknown[:5]}")
     expected = set(expected_function_names(task))
@@ -238,28 +170,3 @@ def grade_intent(task: BFCLTask, text: str) -> Grade:
         return Grade(valid=True, correct=True, reason="")
     missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
     return Grade(valid=True, correct=False, reason=f"missing {missing}, extra {extra}")
-
-
-def intent_reference(task: BFCLTask) -> str:
-    """The correct intent JSON."""
-    return json.dumps({"functions": expected_function_names(task)})
-
-
-def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
-    """Wrong selections of valid shape: one needed function dropped, an unneeded one added or
-    swapped in, or nothing selected."""
-    rng = random.Random(f"slmshift-bfcl-intent:{seed}:{task.id}")
-    expected = expected_function_names(task)
-    others = [n for n in _function_names(task) if n not in expected]
-    out: list[list[str]] = []
-    if len(expected) > 1:
-        drop = rng.randrange(len(expected))
-        out.append(expected[:drop] + expected[drop + 1 :])
-    if others:
-        extra = rng.choice(others)
-        out.append(expected + [extra])
-        i = rng.randrange(len(expected))
-        out.append(expected[:i] + [extra] + expected[i + 1 :])
-    rng.shuffle(out)
-    out.append([])  # "nothing to call" is always wrong here, so keep it as the last resort
-    return [json.dumps({"functions": names}) for names in out][:3]

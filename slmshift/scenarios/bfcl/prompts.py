@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from slmshift.scenarios.bfcl.data import BFCLTask
-from slmshift.scenarios.bfcl.grader import bfcl_api
+from slmshift.scenarios.bfcl.api import bfcl_api
 
 __all__ = ["INTENT_SYSTEM_PROMPT", "intent_messages", "call_messages"]
 
