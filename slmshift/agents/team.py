@@ -8,10 +8,14 @@ from typing import Any
 
 import ray
 
-from slmshift.agents.client import LMClient
-from slmshift.platform.config import PolicySpec, ScenarioSpec
+from slmshift.agents.client import Session
+from slmshift.platform import metrics
+from slmshift.platform.config import ScenarioSpec
+from slmshift.platform.log import LogClient
+from slmshift.platform.policies import PolicySpec
 from slmshift.platform.scenario import Scenario
 from slmshift.platform.types import EpisodeResult, ModelSpec
+from slmshift.serve.pipeline import CallPipeline
 
 
 @ray.remote(num_cpus=0)
@@ -21,11 +25,14 @@ class TeamActor:
                  params: dict[str, float | None], log: Any):
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # handle set-up chatter, per actor
         self.scenario = scenario_cls(spec, seed)
-        self.label, self.policy, self.experiment_id = spec.label, policy.label, experiment_id
-        self.client = LMClient(experiment_id, spec.label, policy, models, handles, params, log, seed=seed)
+        self.label, self.policy, self.experiment_id, self.seed = spec.label, policy.label, experiment_id, seed
+        self.log = LogClient(log)
+        self.pipeline = CallPipeline(policy=policy, models=models, handles=handles, params=params, log=self.log,
+                                     grader=self.scenario.grade_call)
 
-    async def run_episode(self, task: Any, episode_id: str) -> EpisodeResult:
-        session = self.client.episode(episode_id, task.id)
+    async def run_episode(self, task: Any, episode_id: str, attempt: int = 0) -> EpisodeResult:
+        session = Session(self.pipeline, experiment_id=self.experiment_id, scenario=self.label,
+                          episode_id=episode_id, task_id=task.id, seed=self.seed, attempt=attempt)
         t0 = time.perf_counter()
         try:
             outcome = await self.scenario.run_episode(task, session)
@@ -35,9 +42,11 @@ class TeamActor:
             success, reward, steps, detail, error = False, 0.0, 0, "", f"{type(e).__name__}: {e}"
         result = EpisodeResult(experiment_id=self.experiment_id, episode_id=episode_id, scenario=self.label,
                                task_id=task.id, policy=self.policy, success=success, reward=reward,
-                               n_calls=session.calls, steps=steps, detail=detail, error=error, wall_s=time.perf_counter() - t0)
-        self.client.add_episode(result)
+                               n_calls=session.calls, steps=steps, detail=detail, error=error,
+                               wall_s=time.perf_counter() - t0, attempt=attempt)
+        self.log.add_episode(result.model_dump())
+        metrics.record_episode(result.scenario, result.policy, result.success)
         return result
 
     async def drain(self) -> None:
-        await self.client.drain()
+        await self.log.drain()

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slmshift.platform.errors import ConfigError, SlmshiftError
-from slmshift.platform.types import AdapterRegistryFile, ModelSpec, Tier, absolute_path
+from slmshift.platform.artifacts import AdapterRegistryFile
+from slmshift.platform.policies import PATH_KEYS, PolicySpec, on_register, policy_kinds
+from slmshift.platform.types import ModelSpec, absolute_path
 
 
 class _Strict(BaseModel):
@@ -40,35 +42,44 @@ class RaySection(_Strict):
     object_store_mb: int | None = Field(default=None, ge=75, description="Object store size of the embedded cluster.")
 
 
-class PolicySpec(_Strict):
-    """One router policy arm: every scenario runs once under each policy, so reports compare them."""
-
-    kind: Literal["llm", "slm", "call_kind", "adapters"] = Field(
-        description="llm: always the LLM; slm: always the SLM; call_kind: a fixed map call kind -> tier; "
-        "adapters: each call's task cluster -> the SLM with that cluster's promoted LoRA adapter.")
-    name: str | None = Field(default=None, description="Label in reports (default: the kind).")
-    map: dict[str, Tier] = Field(default_factory=dict, description="call_kind only: call kind -> 'llm' | 'slm'.")
-    default: Tier = Field(default="llm", description="call_kind: tier for kinds missing from `map`; adapters: tier "
-                          "for calls whose cluster has no promoted adapter (or is too far from every cluster).")
-    llm_model: str | None = Field(default=None, description="Which `models:` entry serves the llm tier (default: first).")
-    slm_model: str | None = Field(default=None, description="Which `models:` entry serves the slm tier (default: first).")
-    registry: str | None = Field(default=None, description="adapters only: the registry.json `slmshift convert` "
-                                 "wrote (RUN_DIR/convert/registry.json); its clusters and promoted adapters.")
-    min_similarity: float | None = Field(default=None, ge=-1, le=1, description="adapters only: a call whose cosine "
-                                         "similarity to its nearest cluster centroid is below this goes to `default`.")
-
-    @field_validator("registry")
-    @classmethod
-    def _absolute_registry(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
-
-
 class RouterSection(_Strict):
-    policies: list[PolicySpec] = Field(min_length=1, description="Policy arms to compare.")
+    policies: list[PolicySpec] = Field(min_length=1, description="Policy arms to compare; each is a policy spec, or "
+                                       "{file: PATH} naming a policy YAML (e.g. the policy.yaml `slmshift tune` wrote).")
+
+    @field_validator("policies", mode="before")
+    @classmethod
+    def _expand_files(cls, v: Any) -> Any:
+        return [_read_policy_file(p) if isinstance(p, dict) and set(p) == {"file"} else p for p in v] \
+            if isinstance(v, list) else v
+
+
+def _read_policy_file(entry: dict) -> dict:
+    """A `{file: PATH}` arm: the policy spec in that YAML, its relative paths resolved against the file."""
+    path = Path(absolute_path(str(entry["file"])))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"policy file {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]}). Fix: "
+                         "point at a policy YAML such as RUN_DIR/tune/policy.yaml") from None
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ValueError(f"policy file {path}: must be a mapping with at least `kind:` (a policy spec)")
+    for key in PATH_KEYS:
+        if isinstance(data.get(key), str) and "://" not in data[key] and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return data
+
+
+def _rebuild_router_schema() -> None:
+    """`router.policies` is a discriminated union on `kind` over every registered policy options model."""
+    kinds = tuple(policy_kinds().values())
+    union = Annotated[Union[kinds], Field(discriminator="kind")] if len(kinds) > 1 else kinds[0]  # type: ignore
+    RouterSection.model_fields["policies"].annotation = list[union]  # type: ignore[valid-type]
+    RouterSection.model_rebuild(force=True)
+    if "ExperimentConfig" in globals():
+        ExperimentConfig.model_rebuild(force=True)
+
+
+on_register(_rebuild_router_schema)
 
 
 class ScenarioSpec(_Strict):
@@ -96,6 +107,9 @@ class ExperimentConfig(_Strict):
         return next(m for m in self.models if m.name == name)
 
 
+ExperimentConfig.model_rebuild(force=True)
+
+
 def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
     """Checks that span sections; each problem is (field path, message)."""
     problems: list[tuple[str, str]] = []
@@ -116,15 +130,8 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
         path = f"router.policies[{i}]"
         if labels.count(p.label) > 1 and labels.index(p.label) != i:
             problems.append((f"{path}.name", f"duplicate policy name {p.label!r}; give each arm a distinct `name`"))
-        if p.kind != "call_kind" and p.map:
-            problems.append((f"{path}.map", "only used by kind 'call_kind'"))
-        for key in ("registry", "min_similarity"):
-            if p.kind != "adapters" and getattr(p, key) is not None:
-                problems.append((f"{path}.{key}", "only used by kind 'adapters'"))
-        if p.kind == "adapters":
-            problems += _adapter_policy_checks(path, p, cfg.models)
-        needed = {"llm": {"llm"}, "slm": {"slm"}, "call_kind": set(p.map.values()) | {p.default},
-                  "adapters": {"slm", p.default}}[p.kind]
+        problems += p.check(path, cfg.models)
+        needed = p.tiers()
         for tier in sorted(needed):
             chosen = p.llm_model if tier == "llm" else p.slm_model
             if chosen is not None and tiers.get(chosen) != tier:
@@ -187,41 +194,12 @@ def _adapter_checks(i: int, m: ModelSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def _adapter_policy_checks(path: str, p: PolicySpec, models: list[ModelSpec]) -> list[tuple[str, str]]:
-    """An `adapters` policy: its registry and cluster index exist, and its SLM serves every promoted adapter."""
-    if not p.registry:
-        return [(f"{path}.registry", "required for kind 'adapters': give RUN_DIR/convert/registry.json "
-                 "(written by `slmshift convert`)")]
-    try:
-        doc = AdapterRegistryFile.read(p.registry)
-    except SlmshiftError as e:
-        return [(f"{path}.registry", str(e))]
-    problems: list[tuple[str, str]] = []
-    clusters = (Path(p.registry).parent / doc.clusters_dir).resolve()
-    missing = [n for n in ("centroids.npy", "index.faiss", "clusters.json") if not (clusters / n).is_file()]
-    if missing:
-        problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
-                         "Fix: run `slmshift convert` again"))
-    slm = next((m for m in models if m.name == p.slm_model), None) if p.slm_model else \
-        next((m for m in models if m.tier == "slm"), None)
-    if slm is None:
-        return problems  # the tier check reports it
-    served = set(slm.adapters)
-    if slm.registry:
-        try:
-            served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
-        except SlmshiftError:
-            pass  # reported on the model
-    for e in doc.entries:
-        if e.promoted and e.label not in served:
-            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model {slm.name!r}; "
-                             f"Fix: add `registry: {p.registry}` to that model (or name it in slm_model)"))
-    return problems
-
-
 def _loc(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    kinds = policy_kinds()
+    for i, part in enumerate(loc):
+        if i >= 2 and loc[i - 2] == "policies" and isinstance(loc[i - 1], int) and part in kinds:
+            continue  # the discriminated union's tag: the kind is already in the YAML, not a key of it
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -229,6 +207,8 @@ def _loc(loc: tuple) -> str:
 def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc`, to list allowed keys for unknown-key errors."""
     cls: Any = root
+    if loc[:2] == ("router", "policies") and len(loc) > 3 and loc[3] in policy_kinds():
+        cls, loc = policy_kinds()[loc[3]], loc[4:]  # inside one arm of the discriminated union
     for part in loc:
         if isinstance(part, int):
             continue
@@ -286,9 +266,20 @@ def load_config(path: str | Path, scenario_options: dict[str, type[BaseModel]] |
         scenario_options: scenario kind -> its options model, to validate `scenarios[*].options` too.
     """
     p = Path(path)
+    if p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.y*ml"))[:5]
+        raise ConfigError(str(path), ["is a directory, not an experiment YAML file"],
+                          f"Fix: pass one YAML file{' in it, e.g. ' + str(p / inside[0]) if inside else ''}.")
     if not p.is_file():
         raise ConfigError(str(path), ["file not found"], "Fix: pass the path of an experiment YAML, e.g. scenarios/quickstart.yaml.")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                                      "is it a binary file, or saved in another encoding?"],
+                          "Fix: pass the experiment YAML, saved as UTF-8.") from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot be read: {e.strerror or e}"], "Fix: check the path and its permissions.") from None
     try:
         data = yaml.safe_load(text)
         tree = yaml.compose(text)

@@ -108,9 +108,11 @@ def _read_all(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame, int, list[str],
     return df, eps, dropped, in_paths, ep_paths
 
 
-def read_interactions(run_dir: str) -> pd.DataFrame:
-    """All interaction records, one per id (latest version), with episode outcomes joined."""
-    return _read_all(run_dir)[0]
+def read_interactions(run_dir: str, *, include_shadow: bool = False) -> pd.DataFrame:
+    """All interaction records, one per id (latest version), with episode outcomes joined. Shadow records (paired
+    outcomes on the other tier, never part of an episode) only when asked for."""
+    df = _read_all(run_dir)[0]
+    return df if include_shadow else df[~df["shadow"].astype(bool)].reset_index(drop=True)
 
 
 def read_episodes(run_dir: str) -> pd.DataFrame:
@@ -227,3 +229,41 @@ class LogWriter:
 
 # The log actor: one per run, serialises writes; num_cpus=0 so it never takes a slot from agents or engines.
 InteractionLog = ray.remote(num_cpus=0, max_concurrency=1)(LogWriter)
+
+
+class LogClient:
+    """The writer's side inside a team actor (or the gateway): buffers records and episode outcomes and ships them
+    to the log actor in batches, keeping the refs until acknowledged so `drain` can wait for every one."""
+
+    def __init__(self, log: Any, flush_every: int = 64):
+        self.log, self.flush_every = log, flush_every
+        self._records: list[dict] = []
+        self._episodes: list[dict] = []
+        self._pending: list[Any] = []  # log-actor calls not yet acknowledged
+
+    def add(self, record: dict) -> None:
+        self._records.append(record)
+        if len(self._records) >= self.flush_every:
+            self.flush()
+
+    def add_episode(self, result: dict) -> None:
+        self._episodes.append(result)
+        self.flush()  # an outcome is written as soon as its episode finishes
+
+    def flush(self) -> None:
+        """Ship buffered records to the log actor without waiting (the actor serialises writes)."""
+        if self._records:
+            self._pending.append(self.log.add.remote(self._records))
+            self._records = []
+        self._pending += [self.log.add_episode.remote(ep) for ep in self._episodes]
+        self._episodes = []
+        if len(self._pending) > 256:  # drop acknowledged refs so the list stays short
+            _, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+
+    async def drain(self) -> None:
+        """Flush and wait until the log actor has every record. Call before the owning actor exits:
+        calls still in flight from a killed actor are lost."""
+        self.flush()
+        pending, self._pending = self._pending, []
+        for ref in pending:
+            await ref

@@ -71,7 +71,15 @@ class SandboxResult(BaseModel):
 
 
 # The bootstrap runs as the interpreter's first code (`-c`): apply limits while still privileged, enter the
-# network namespace, drop to the sandbox uid, install the audit hook, then run the candidate as __main__.
+# network namespace, drop to the sandbox uid, install the audit hook, then run the program. It keeps nothing
+# in its module globals that the program could use against it: the hook and its helpers live in a closure.
+#
+# Proof of completion: the host puts a fresh random token in a pipe (never in the program text, argv, the
+# environment or a file). In `run` mode the bootstrap reads it into a value-stack temporary of its own frame
+# (not a local: `f_locals` cannot show it; gc introspection is blocked) and writes it to the end-marker pipe
+# only after the program's last statement returned. In `tests` mode the untrusted code runs in a forked child
+# that closes both pipes before its first line; the parent runs only the trusted tests, calling the child's
+# functions over pipes with plain data, and alone can write the token.
 _BOOTSTRAP = r'''
 import ast, os, resource, sys
 _cfg = ast.literal_eval(sys.argv[1])
@@ -109,57 +117,285 @@ if _cfg["uid"] is not None:
     os.setgroups([])
     os.setgid(_cfg["gid"])
     os.setuid(_cfg["uid"])
-_root = os.path.realpath(os.getcwd())
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
-class SandboxViolation(PermissionError):
-    pass
 
-def _inside(p):
-    if isinstance(p, int):
-        return True  # an already-open descriptor: it was checked when opened
-    try:
-        p = os.fsdecode(p)
-    except TypeError:
-        return False
-    real = os.path.realpath(os.path.join(_root, p))
-    return real == _root or real.startswith(_root + os.sep)
+def _install_hook(root, hidden):
+    write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
+                   "os.link", "os.symlink", "os.rename", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
+    # gc introspection would reach the bootstrap's frames (and a token on their value stack)
+    blocked = ("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
+               "os.kill", "os.killpg", "ctypes.", "pty.", "sys._current_frames", "gc.get_objects",
+               "gc.get_referrers", "gc.get_referents")
+    realpath, join, fsdecode, sep = os.path.realpath, os.path.join, os.fsdecode, os.sep
 
-def _deny(what):
-    raise SandboxViolation(what)
+    class SandboxViolation(PermissionError):
+        pass
 
-_PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-                "os.link", "os.symlink", "os.rename", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
-_BLOCKED = ("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
-            "os.kill", "os.killpg", "ctypes.", "pty.", "sys._current_frames")
+    SandboxViolation.__qualname__ = "SandboxViolation"
 
-def _hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if isinstance(path, (str, bytes)):
-            p = os.fsdecode(path)
-            if p.startswith("/proc/") and p.rstrip("/").rsplit("/", 1)[-1] in ("environ", "mem", "maps"):
-                _deny("reading " + p + " is not allowed")
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE)
-            if writing and not _inside(p):
-                _deny("writing " + p + " outside the sandbox directory")
-    elif event in _PATH_EVENTS:
-        for p in args[:2]:
-            if isinstance(p, (str, bytes, os.PathLike)) and not _inside(p):
-                _deny(event + " on " + os.fsdecode(p) + " outside the sandbox directory")
-    elif event == "import" and args[0] in ("ctypes", "_ctypes"):
-        _deny("importing ctypes is not allowed")
-    elif event.startswith(_BLOCKED):
-        _deny(event + " is not allowed")
+    def under(p, tops):
+        real = realpath(join(root, p))
+        return any(real == t or real.startswith(t + sep) for t in tops)
 
+    def inside(p):
+        if isinstance(p, int):
+            return True  # an already-open descriptor: it was checked when opened
+        try:
+            return under(fsdecode(p), (root,))
+        except TypeError:
+            return False
+
+    def deny(what):
+        raise SandboxViolation(what)
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, (str, bytes)):
+                p = fsdecode(path)
+                if p.startswith("/proc/") and p.rstrip("/").rsplit("/", 1)[-1] in ("environ", "mem", "maps"):
+                    deny("reading " + p + " is not allowed")
+                writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & write)
+                if writing and not inside(p):
+                    deny("writing " + p + " outside the sandbox directory")
+                if hidden and under(p, hidden):
+                    deny("reading " + p + " is not allowed (hidden from this run)")
+        elif event in path_events:
+            for p in args[:2]:
+                if isinstance(p, (str, bytes, os.PathLike)) and not inside(p):
+                    deny(event + " on " + fsdecode(p) + " outside the sandbox directory")
+        elif event == "import" and args[0] in ("ctypes", "_ctypes"):
+            deny("importing ctypes is not allowed")
+        elif event.startswith(blocked):
+            deny(event + " is not allowed")
+
+    sys.addaudithook(hook)
+
+
+_install_hook(os.path.realpath(os.getcwd()), tuple(_cfg["hide"]))
+del _install_hook, _name, _v
 sys.dont_write_bytecode = True
-del _cfg, _name, _v, ast
-sys.addaudithook(_hook)
+sys.set_int_max_str_digits(0)
 sys.argv = sys.argv[2:]
-with open(sys.argv[0], "rb") as _f:  # compile + exec rather than runpy: its imports cost ~3 ms a run
-    _code = compile(_f.read(), sys.argv[0], "exec")
-del _f
-exec(_code, {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__})
+_SECRET, _MARK, _FUNCS, _CAP = _cfg["secret_fd"], _cfg["mark_fd"], _cfg["functions"], _cfg["cap"]
+del _cfg
+
+
+def _take(fd):
+    data = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    return data
+
+
+def _code():
+    with open(sys.argv[0], "rb") as f:  # compile + exec rather than runpy: its imports cost ~3 ms a run
+        return compile(f.read(), sys.argv[0], "exec")
+
+
+def _main_globals():
+    return {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__}
+
+
+def _end(token, _ran):
+    os.write(_MARK, token)
+
+
+def _send(fd, data):
+    data = len(data).to_bytes(8, "little") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _recv(fd, cap):
+    def exactly(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(fd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    head = exactly(8)
+    if head is None:
+        return None
+    n = int.from_bytes(head, "little")
+    if n > cap:
+        raise ValueError("a reply of " + str(n) + " bytes is over the output limit")
+    return exactly(n)
+
+
+def _literal(x, depth=0):
+    """Plain data as Python literal text, for ast.literal_eval on the trusted side."""
+    t = type(x)
+    if depth > 200:
+        raise ValueError("the value is nested too deeply")
+    if x is None or t in (bool, int, str, bytes, complex):
+        return repr(x)
+    if t is float:
+        if x != x:
+            raise ValueError("the function returned NaN")
+        return repr(x) if x - x == 0 else ("1e999" if x > 0 else "-1e999")
+    if t in (list, tuple, set, frozenset):
+        items = [_literal(v, depth + 1) for v in x]
+        if t is list:
+            return "[" + ", ".join(items) + "]"
+        if t is tuple:
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        return "{" + ", ".join(items) + "}" if items else "set()"
+    if t is dict:
+        return "{" + ", ".join(_literal(k, depth + 1) + ": " + _literal(v, depth + 1) for k, v in x.items()) + "}"
+    raise TypeError("the function returned a " + t.__name__ + ", which is not plain data "
+                    "(None, bool, int, float, complex, str, bytes, list, tuple, set, dict)")
+
+
+def _flush():
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+
+
+def _serve(rfd, wfd):
+    """The untrusted side: load the code, then answer calls until the trusted side hangs up."""
+    import marshal
+
+    def failed(kind, e):
+        try:
+            sys.__excepthook__(type(e), e, e.__traceback__)
+            return repr((kind, type(e).__name__, str(e)[:500]))
+        except BaseException:
+            return repr((kind, "Exception", "an exception that cannot be shown"))
+
+    g = _main_globals()
+    try:
+        exec(_code(), g)
+        hello = repr(("ready",))
+    except BaseException as e:
+        hello = failed("load-error", e)
+    _send(wfd, hello.encode())
+    while True:
+        msg = _recv(rfd, 1 << 30)
+        if msg is None:
+            _flush()
+            os._exit(0)
+        try:
+            name, args, kwargs = marshal.loads(msg)
+            out = "('ok', " + _literal(g[name](*args, **kwargs)) + ")"
+        except BaseException as e:
+            out = failed("err", e)
+        _send(wfd, out.encode())
+
+
+def _tests(cap):
+    """The trusted side: fork the code's process, then run the tests with its functions as proxies."""
+    import builtins
+    import marshal
+
+    req_r, req_w = os.pipe()
+    resp_r, resp_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(_SECRET)
+        os.close(_MARK)
+        os.close(req_w)
+        os.close(resp_r)
+        try:
+            _serve(req_r, resp_w)
+        finally:
+            os._exit(1)
+    os.close(req_r)
+    os.close(resp_w)
+    token, tests = _take(_SECRET).split(b"\n", 1)
+
+    class CandidateError(Exception):
+        """The code under test failed in a way that is not an ordinary exception of its own."""
+
+    def died():
+        import signal
+        import time
+
+        for _ in range(100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.01)
+        else:
+            raise CandidateError("the code under test closed its channel in the middle of a call")
+        if os.WIFSIGNALED(status):  # die the same way, so the run's reason names the limit it hit
+            _flush()
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            signal.raise_signal(os.WTERMSIG(status))
+        raise CandidateError("the code under test ended its own process (exit status "
+                             + str(os.waitstatus_to_exitcode(status)) + ") before returning: an early exit "
+                             "is a failure")
+
+    def reply():
+        data = _recv(resp_r, cap)
+        if data is None:
+            died()
+        try:
+            value = ast.literal_eval(data.decode("utf-8"))
+            kind = value[0]
+        except Exception:
+            raise CandidateError("the code under test sent a malformed reply") from None
+        if kind == "err":
+            exc = getattr(builtins, str(value[1]), None)
+            if isinstance(exc, type) and issubclass(exc, Exception):
+                try:
+                    err = exc(value[2])
+                except Exception:
+                    err = None
+                if err is not None:
+                    raise err
+            raise CandidateError(str(value[1]) + ": " + str(value[2]))
+        return kind, value
+
+    hello = []
+
+    def loaded():
+        if not hello:
+            kind, value = reply()
+            if kind != "ready":
+                raise CandidateError("the code under test failed to load: " + str(value[1:])[:300])
+            hello.append(True)
+
+    def proxy(name):
+        def call(*args, **kwargs):
+            loaded()
+            try:
+                msg = marshal.dumps((name, args, kwargs))
+            except ValueError:
+                raise TypeError(name + "() takes only plain data when tested in the sandbox") from None
+            _send(req_w, msg)
+            kind, value = reply()
+            if kind != "ok":
+                raise CandidateError("the code under test sent a malformed reply")
+            return value[1]
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    g = {"__name__": "__main__", "__file__": "tests.py", "__builtins__": builtins}
+    g.update({n: proxy(n) for n in _FUNCS})
+    exec(compile(tests, "tests.py", "exec"), g)
+    loaded()  # the code must have loaded, even if the tests never called it
+    os.close(req_w)
+    os.write(_MARK, token)
+
+
+if _FUNCS is None:
+    # Arguments are evaluated in order: the token sits on this frame's value stack while the program runs.
+    _end(_take(_SECRET), exec(_code(), _main_globals()))
+else:
+    _tests(_CAP)
 '''
 
 

@@ -51,6 +51,7 @@ class LMRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0)
     seed: int = 0
     adapter: str | None = None
+    attempt: int = Field(default=0, ge=0, description="Which attempt of the episode makes this call.")
     hidden: Hidden | None = Field(default=None, exclude=True, repr=False)
 
     @property
@@ -82,6 +83,9 @@ class RouteDecision(BaseModel):
     reason: str = ""
     score: float | None = None
     adapter: str | None = Field(default=None, description="LoRA adapter on `model` that serves the call, if any.")
+    cluster: int | None = Field(default=None, description="S3 task cluster the call was placed in, if any.")
+    accept_confidence: float | None = Field(default=None, description="Cascade: the SLM's answer is tentative; keep "
+                                            "it when its check passes and exp(mean log-prob) >= this, else escalate.")
 
 
 class Interaction(BaseModel):
@@ -120,6 +124,19 @@ class Interaction(BaseModel):
     valid: bool | None = Field(default=None, description="Did the output parse/validate for its call kind?")
     correct: bool | None = Field(default=None, description="Call-level correctness, where the scenario can tell.")
     error: str | None = None
+    route_score: float | None = Field(default=None, description="The policy's estimate that the SLM's output is "
+                                      "acceptable for this call (threshold, learned); None for fixed policies.")
+    cluster: int | None = Field(default=None, description="S3 task cluster the router placed the call in, if any.")
+    attempt: int = Field(default=0, description="Which attempt of the episode made this call (re-runs after a crash).")
+    infra_error: bool = Field(default=False, description="The call never reached a model (dead replica or node, "
+                              "load shed): excluded from quality, SLM share and S2.")
+    shadow: bool = Field(default=False, description="A paired-outcome record: the same request sent to the other "
+                         "tier, graded, never fed back into the episode; id '<record id>:shadow'.")
+    shadow_of: str | None = Field(default=None, description="On a shadow record: the id of the record it pairs.")
+    escalated: bool = Field(default=False, description="A cascade's SLM attempt whose output was not accepted; the "
+                            "LLM answered instead (that record's `escalated_from` names this one).")
+    escalated_from: str | None = Field(default=None, description="On a cascade's LLM call: the id of the rejected "
+                                       "SLM attempt ('<record id>:cascade').")
     episode_success: bool | None = None
     episode_reward: float | None = None
     ts: float = Field(default_factory=time.time)
@@ -145,6 +162,7 @@ class EpisodeResult(BaseModel):
     detail: str = ""
     error: str | None = None
     wall_s: float = 0.0
+    attempt: int = Field(default=0, description="Which attempt of the episode this is (re-runs after a crash).")
     ts: float = Field(default_factory=time.time)
 
 
@@ -168,16 +186,29 @@ class Resources(_Strict):
 class Batching(_Strict):
     max_batch_size: int = Field(default=32, ge=1, description="Most requests one engine call takes (@serve.batch).")
     batch_wait_timeout_s: float = Field(default=0.02, ge=0, description="How long a batch waits to fill up.")
+    handle_batch_ms: float | None = Field(default=None, ge=0, description="Caller side: gather the calls one process "
+                                          "issues within this many ms into one Serve request; 0 = off; unset = 2 ms "
+                                          "for simulated engines, off otherwise.")
 
 
 class HFOptions(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights dtype.")
     device: str = Field(default="auto", description="'auto' (cuda if present, else cpu), 'cpu' or 'cuda'.")
-    max_input_tokens: int = Field(default=2048, ge=16, description="Prompts are left-truncated to this.")
+    max_input_tokens: int = Field(default=2048, ge=16, description="Longest prompt accepted, in tokens; a longer "
+                                  "one fails with an error naming both counts (never silently truncated).")
     threads: int | None = Field(default=None, ge=1, description="torch threads per replica (default: its CPUs).")
     max_resident_adapters: int = Field(
         default=4, ge=1, description="Most LoRA adapters kept loaded at once; the least recently used is evicted."
     )
+    scheduler: Literal["continuous", "static"] = Field(
+        default="continuous", description="'continuous': requests join and leave the running batch at every decode "
+        "step; 'static': @serve.batch waves through one model.generate (the pre-0.x engine).")
+    kv_cache_mb: int = Field(default=2048, ge=16, description="Continuous scheduler: most MB of KV cache for the "
+                             "running batch; requests wait (admission control) until theirs fits.")
+    prefix_cache_mb: int = Field(default=512, ge=0, description="Continuous scheduler: MB of KV kept for shared "
+                                 "prompt prefixes, least recently used evicted; 0 turns prefix reuse off.")
+    prefill_chunk_tokens: int = Field(default=256, ge=16, description="Continuous scheduler: prompt tokens prefilled "
+                                      "per step, between decode steps of the running rows.")
 
 
 class OpenAIOptions(_Strict):
@@ -197,8 +228,13 @@ class SimulatedProfile(_Strict):
     latency_base_s: float = Field(default=0.0, ge=0, description="Fixed time per call.")
     latency_per_token_s: float = Field(default=0.0, ge=0, description="Time per output token.")
     latency_jitter: float = Field(default=0.0, ge=0, le=1, description="Relative random spread of latency.")
-    mean_logprob_right: float = Field(default=-0.1, description="Reported mean log-prob when right.")
-    mean_logprob_wrong: float = Field(default=-1.5, description="Reported mean log-prob when wrong.")
+    # Overlapping distributions: a cascade on a simulated SLM must not become an oracle by reading its confidence.
+    mean_logprob_right: float = Field(default=-0.35, le=0, description="Mean of the reported mean token log-prob "
+                                      "when the answer is right.")
+    mean_logprob_wrong: float = Field(default=-0.6, le=0, description="Mean of the reported mean token log-prob "
+                                      "when the answer is wrong.")
+    mean_logprob_sd: float = Field(default=0.25, ge=0, description="Spread (normal s.d., clipped at 0) of the reported "
+                                   "log-prob around its mean; it keeps confidence informative but not decisive.")
 
     def accuracy_for(self, call_kind: str) -> float:
         return self.accuracy.get(call_kind, self.accuracy.get("default", 0.9))
@@ -249,69 +285,3 @@ def absolute_path(path: str) -> str:
     """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
     read the same file; URIs (s3://, gs://) pass unchanged."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-# --- the adapter registry file (written by `slmshift convert`, read by engines, router and config) ------
-
-
-class AdapterMetrics(BaseModel):
-    """Held-out quality of the base SLM and of the adapter on the cluster's validation calls."""
-
-    model_config = ConfigDict(extra="allow")
-
-    val_accuracy_before: float | None = None
-    val_accuracy_after: float | None = None
-    val_loss_before: float | None = None
-    val_loss_after: float | None = None
-    n_train: int = 0
-    n_val: int = 0
-
-
-class AdapterEntry(BaseModel):
-    """One task cluster's adapter. `adapter_dir` is stored relative to the registry file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cluster: int = Field(ge=0)
-    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique slug; the adapter's served name.")
-    role: str = ""
-    call_kind: str = ""
-    base_model: str = Field(description="The `source` of the SLM the adapter was trained on.")
-    adapter_dir: str
-    metrics: AdapterMetrics = Field(default_factory=AdapterMetrics)
-    promoted: bool = False
-    reason: str = ""
-
-
-class AdapterRegistryFile(BaseModel):
-    """The registry.json document. Paths inside are relative to the file, so a convert dir can move."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    version: Literal[1] = 1
-    clusters_dir: str = Field(default="clusters", description="S3's centroids/index, relative to this file.")
-    entries: list[AdapterEntry] = Field(default_factory=list)
-
-    @classmethod
-    def read(cls, path: str | Path) -> AdapterRegistryFile:
-        """Parse a registry file; raises SlmshiftError naming the file and what is wrong."""
-        from pydantic import ValidationError
-
-        from slmshift.platform.errors import SlmshiftError
-
-        p = Path(path)
-        if not p.is_file():
-            raise SlmshiftError(f"adapter registry {path}: file not found. Fix: run `slmshift convert RUN_DIR` and "
-                                f"point at RUN_DIR/convert/registry.json.")
-        try:
-            return cls.model_validate_json(p.read_text())
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or "<top>"
-            raise SlmshiftError(f"adapter registry {path}: {where}: {first['msg']} ({e.error_count()} problem(s)). "
-                                "Fix: regenerate it with `slmshift convert`.") from None
-
-    def promoted_dirs(self, path: str | Path) -> dict[str, str]:
-        """label -> absolute adapter dir, for the promoted entries of the file at `path`."""
-        root = Path(path).resolve().parent
-        return {e.label: str((root / e.adapter_dir).resolve()) for e in self.entries if e.promoted}

@@ -2,14 +2,13 @@
 
 Each episode is one BFCL request handled by a two-role team: the Planner parses the user's intent into the
 functions it needs (JSON), then the Operator makes the next-step tool call(s) in BFCL's Python-call syntax,
-seeing only the functions the Planner picked. An unparsable call is fed back once (Open Operator's
-observe-and-retry). BFCL's own AST checker grades the final call.
+seeing only the functions the Planner picked. When the Planner validly picks none (the right call on an
+irrelevance task), the Operator is not asked and the team calls nothing. An unparsable call is fed back once
+(Open Operator's observe-and-retry). BFCL's own checker for the category grades the final answer: the AST
+checker, or for the (ir)relevance categories whether any call was made at all.
 """
 
 from __future__ import annotations
-
-import json
-import re
 
 from pydantic import Field, field_validator
 
@@ -17,11 +16,12 @@ from slmshift.platform.scenario import (
     EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
 )
 from slmshift.platform.types import Hidden
-from slmshift.scenarios.bfcl.data import _category_tasks
 from slmshift.scenarios.bfcl import (
     CATEGORIES, INTENT_SCHEMA, BFCLTask, Grade, call_messages, distractor_calls, grade_calls, grade_intent,
     intent_distractors, intent_messages, intent_reference, load_tasks, reference_call,
 )
+from slmshift.scenarios.bfcl.data import MULTI_TURN_CATEGORIES, task_by_id
+from slmshift.scenarios.bfcl.grader import parse_intent
 
 
 class OperatorOptions(ScenarioOptions):
@@ -35,7 +35,9 @@ class OperatorOptions(ScenarioOptions):
     @field_validator("categories")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        require_known(v, CATEGORIES, "BFCL categories", f"available: {', '.join(CATEGORIES)}")
+        require_known(v, CATEGORIES, "BFCL categories",
+                      f"available: {', '.join(CATEGORIES)}; the multi-turn ones ({', '.join(MULTI_TURN_CATEGORIES)})"
+                      " run in the operator_multiturn scenario")
         return v
 
 
@@ -58,6 +60,10 @@ class OperatorScenario(Scenario):
             hidden=Hidden(answer=intent_reference(task), distractors=intent_distractors(task, self.seed)),
             check=lambda text: grade_intent(task, text))
         selected = _selected(intent.text) if intent.valid else None
+        if selected == []:  # the Planner decided nothing should be called: the team answers without a call
+            grade = grade_calls(task, "")
+            return Outcome(success=grade.correct, reward=float(grade.correct),
+                           detail=("correct" if grade.correct else "planner chose no function")[:200])
         messages = call_messages(task, selected)
         hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed))
         for attempt in range(o.retries + 1):
@@ -75,9 +81,10 @@ class OperatorScenario(Scenario):
         detail = "correct" if success else (call.error or "wrong call")
         return Outcome(success=success, reward=1.0 if success else 0.0, detail=detail[:200])
 
-    def grade_call(self, task_id: str, call_kind: str, output: str) -> Grade | None:
-        """BFCL's checker for a logged call: the intent against the needed functions, the call by AST."""
-        task = _task_by_id(task_id)
+    def grade_call(self, task_id: str, call_kind: str, output: str, *, context: dict | None = None) -> Grade | None:
+        """BFCL's checker for a logged call: the intent against the needed functions, the call by the category's
+        own check (AST match, or call / no call). Needs no context: a single-turn task is graded from its id."""
+        task = task_by_id(task_id)
         if task is None:
             return None
         if call_kind == "intent":
@@ -87,20 +94,9 @@ class OperatorScenario(Scenario):
         return None
 
 
-def _task_by_id(task_id: str) -> BFCLTask | None:
-    """Any BFCL task of the supported categories, whatever the run's own category choice was."""
-    for category in CATEGORIES:
-        for task in _category_tasks(category):
-            if task.id == task_id:
-                return task
-    return None
-
-
 def _selected(text: str) -> list[str] | None:
     """The function names of a valid intent answer (grade_intent already accepted its shape)."""
-    m = re.search(r"\{.*\}", text, re.S)
     try:
-        names = json.loads(m.group(0))["functions"] if m else None
-    except (ValueError, KeyError, TypeError):
+        return parse_intent(text)
+    except ValueError:
         return None
-    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else None

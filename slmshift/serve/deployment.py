@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -16,7 +17,8 @@ from slmshift.serve.engines import get_engine_class
 
 @serve.deployment
 class ModelServer:
-    """Serves one `ModelSpec`. `@serve.batch` collects concurrent requests into one engine call."""
+    """Serves one `ModelSpec`. A continuous engine gets each request as it arrives (it keeps its own running
+    batch); any other engine gets the concurrent requests `@serve.batch` collects, as one call."""
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = ModelSpec.model_validate(spec)
@@ -25,7 +27,17 @@ class ModelServer:
         self.batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
 
     async def __call__(self, request: LMRequest) -> LMResponse:
-        return await self.batched(request)
+        if not self.engine.continuous:
+            return await self.batched(request)
+        t0 = time.perf_counter()
+        out = await self.engine.submit(request)
+        metrics.record_batch(self.spec.name, self.spec.backend, 1, time.perf_counter() - t0)
+        return out
+
+    async def generate_many(self, requests: list[LMRequest]) -> list[LMResponse | BaseException]:
+        """Several calls in one Serve request (handle-side batching): each is served as if sent alone, and an
+        exception stays with its own call (returned in its place, raised by the caller's wrapper)."""
+        return list(await asyncio.gather(*(self(r) for r in requests), return_exceptions=True))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
     async def batched(self, requests: list[LMRequest]) -> list[LMResponse]:
@@ -35,7 +47,8 @@ class ModelServer:
         return out
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "params": self.engine.num_parameters(), "backend": self.spec.backend}
+        return {"name": self.spec.name, "params": self.engine.num_parameters(), "backend": self.spec.backend,
+                "stats": self.engine.stats()}
 
 
 def app_for(spec: ModelSpec):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmshift.platform.artifacts import ClusterIndex, normalise as _normalise, prompt_text
 from slmshift.platform.embeddings import DIM, embed
 from slmshift.platform.errors import SlmshiftError
 
@@ -35,28 +36,6 @@ class ClusterOptions(BaseModel):
     k_max: int = Field(default=8, ge=1, description="Largest k tried (clamped to the number of distinct prompts - 1).")
     niter: int = Field(default=25, ge=1, description="k-means iterations.")
     seed: int = Field(default=0, description="k-means seed.")
-
-
-def prompt_text(messages: list[dict] | str) -> str:
-    """The text of a call that is embedded; S3 and the router must both use this one function.
-
-    Messages are flattened as 'role: content' lines in order. The embedder reads the first 256 word
-    pieces, so a call is characterised by its system prompt and first turns: the task template, which is
-    what recurs across calls of one task.
-    """
-    if isinstance(messages, str):
-        try:
-            parsed = json.loads(messages)
-        except ValueError:
-            return messages
-        messages = parsed if isinstance(parsed, list) else [{"role": "user", "content": str(parsed)}]
-    parts = []
-    for m in messages:
-        if isinstance(m, dict):
-            parts.append(f"{m.get('role', '')}: {m.get('content', '')}")
-        else:
-            parts.append(str(m))
-    return "\n".join(parts)
 
 
 def embed_texts(texts: list[str], *, progress: Any = None, batch_size: int = 64) -> np.ndarray:
@@ -80,11 +59,6 @@ class Clustering:
     k: int
     scores: dict[int, float] = field(default_factory=dict)  # silhouette per k tried
     criterion: str = ""
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
 
 
 def _kmeans(x: np.ndarray, k: int, opts: ClusterOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -151,60 +125,3 @@ def label_clusters(labels: np.ndarray, roles: list[str], call_kinds: list[str]) 
         out.append({"id": c, "label": label, "size": int(len(idx)), "role": role, "call_kind": kind,
                     "role_share": round(r_n / len(idx), 3), "call_kind_share": round(k_n / len(idx), 3)})
     return out
-
-
-class ClusterIndex:
-    """Nearest-centroid lookup over persisted clusters; what the router loads to place a call."""
-
-    def __init__(self, centroids: np.ndarray, clusters: list[dict[str, Any]], index: Any = None):
-        import faiss
-
-        self.centroids = _normalise(np.asarray(centroids, dtype=np.float32).reshape(-1, DIM))
-        self.clusters = clusters
-        if index is None:
-            index = faiss.IndexFlatIP(DIM)
-            index.add(self.centroids)
-        self.index = index
-
-    def save(self, clusters_dir: str | Path) -> Path:
-        import faiss
-
-        d = Path(clusters_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        np.save(d / "centroids.npy", self.centroids)
-        faiss.write_index(self.index, str(d / "index.faiss"))
-        (d / "clusters.json").write_text(json.dumps(self.clusters, indent=2))
-        return d
-
-    @classmethod
-    def load(cls, clusters_dir: str | Path) -> "ClusterIndex":
-        import faiss
-
-        d = Path(clusters_dir)
-        missing = [n for n in ("centroids.npy", "index.faiss", "clusters.json") if not (d / n).is_file()]
-        if missing:
-            raise SlmshiftError(f"{d}: not a cluster directory (missing {', '.join(missing)}). Fix: point at the "
-                                "`clusters/` folder `slmshift convert` wrote (RUN_DIR/convert/clusters).")
-        try:
-            clusters = json.loads((d / "clusters.json").read_text())
-            centroids = np.load(d / "centroids.npy")
-            index = faiss.read_index(str(d / "index.faiss"))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise SlmshiftError(f"{d}: cannot read the cluster index ({e}). Fix: run `slmshift convert` again.") from None
-        if index.ntotal != len(clusters) or len(centroids) != len(clusters):
-            raise SlmshiftError(f"{d}: index.faiss has {index.ntotal} centroids, clusters.json {len(clusters)}; "
-                                "the folder is inconsistent. Fix: run `slmshift convert` again.")
-        return cls(centroids, clusters, index)
-
-    def assign_vectors(self, x: np.ndarray) -> list[tuple[int, float]]:
-        if len(x) == 0 or self.index.ntotal == 0:
-            return [(-1, 0.0)] * len(x)
-        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        return [(int(i), float(s)) for i, s in zip(ids[:, 0], sims[:, 0])]
-
-    def assign(self, texts: list[str]) -> list[tuple[int, float]]:
-        """(cluster id, cosine similarity to its centroid) per text (texts from `prompt_text`)."""
-        return self.assign_vectors(embed(list(texts)))
-
-    def label(self, cluster_id: int) -> str | None:
-        return next((c["label"] for c in self.clusters if c["id"] == cluster_id), None)

@@ -257,7 +257,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                         out: Path, o: ConvertOptions, grader: Any, threads: int, console: Any) -> str:
     from slmshift.platform.cluster import start_ray
     from slmshift.platform.config import RaySection
-    from slmshift.platform.types import AdapterEntry, AdapterMetrics
+    from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
     from slmshift.train.evaluate import evaluate
     from slmshift.train.finetune import train_adapter
     from slmshift.train.registry import AdapterRegistry

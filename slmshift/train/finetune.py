@@ -79,7 +79,7 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]] | str, target:
 
     The target keeps at least half the budget; the prompt is left-truncated as the engine does at serving time.
     """
-    from slmshift.serve.engines.hf import chat_prompt
+    from slmshift.platform.artifacts import chat_prompt
 
     if isinstance(messages, str):
         messages = json.loads(messages)

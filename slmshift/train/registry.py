@@ -1,6 +1,6 @@
 """The adapter registry: cluster -> adapter -> metrics -> promoted or not, as one JSON file.
 
-The file format (`AdapterRegistryFile`) lives in `platform/types.py` because config validation, the hf engine
+The file format (`AdapterRegistryFile`) lives in `platform/artifacts.py` because config validation, the hf engine
 and the router read it too; this module is the writer's side. Paths are stored relative to the registry file,
 so a whole convert dir can be moved or copied to shared storage and still resolve.
 """
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.types import AdapterEntry, AdapterMetrics, AdapterRegistryFile
+from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics, AdapterRegistryFile
 
 __all__ = ["AdapterEntry", "AdapterMetrics", "AdapterRegistry"]
 

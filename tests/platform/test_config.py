@@ -142,7 +142,7 @@ def test_missing_registry_is_clear(tmp_path):
     assert f"models[0].registry (line 3): adapter registry {tmp_path / 'nope.json'}: file not found" in msg
     assert "router.policies[2].registry" in msg and "Fix: run `slmshift convert RUN_DIR`" in msg
     msg = problems(tmp_path, GOOD.replace("{kind: call_kind, map: {intent: slm}}", "{kind: adapters}"))
-    assert "router.policies[2].registry (line 6): required for kind 'adapters'" in msg
+    assert "router.policies[2].registry (line 6): required field is missing: The registry.json" in msg
 
 
 def test_promoted_adapter_not_served_by_the_slm(tmp_path):
@@ -172,5 +172,6 @@ def test_registry_trained_on_another_base_and_missing_index(tmp_path):
 
 def test_adapter_policy_keys_rejected_elsewhere(tmp_path):
     msg = problems(tmp_path, GOOD.replace("{kind: slm}", "{kind: slm, registry: r.json, min_similarity: 0.5}"))
-    assert "router.policies[1].registry (line 6): only used by kind 'adapters'" in msg
-    assert "router.policies[1].min_similarity (line 6): only used by kind 'adapters'" in msg
+    # each kind has its own options model: another kind's keys are unknown there, and the error lists the allowed ones
+    assert "router.policies[1].registry (line 6): unknown key; allowed keys here: kind, name, default" in msg
+    assert "router.policies[1].min_similarity (line 6): unknown key" in msg

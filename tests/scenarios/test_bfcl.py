@@ -28,6 +28,7 @@ from slmshift.scenarios.bfcl import (
     reference_call,
 )
 from slmshift.scenarios.bfcl.api import bfcl_api
+from slmshift.scenarios.bfcl.data import task_by_id
 
 ALL = list(CATEGORIES)
 
@@ -38,8 +39,13 @@ def all_tasks() -> list[BFCLTask]:
 
 
 def _task(task_id: str) -> BFCLTask:
-    category = next(c for c, stem in CATEGORIES.items() if task_id.rsplit("_", 1)[0] == stem)
-    return next(t for t in load_tasks([category]) if t.id == task_id)
+    task = task_by_id(task_id)
+    assert task is not None, task_id
+    return task
+
+
+def _user_text(t: BFCLTask) -> str:
+    return next(m["content"] for m in t.question if m["role"] == "user")
 
 
 # ---------------------------------------------------------------- loading
@@ -53,7 +59,7 @@ def test_load_tasks_is_deterministic_and_seeded() -> None:
 
 
 def test_load_tasks_spreads_evenly_and_prefixes_are_stable(all_tasks: list[BFCLTask]) -> None:
-    for n in (4, 10, 37):
+    for n in (11, 22, 37):
         counts = collections.Counter(t.category for t in load_tasks(ALL, n=n))
         assert set(counts) == set(ALL) and max(counts.values()) - min(counts.values()) <= 1
     assert [t.id for t in load_tasks(ALL, n=123, seed=3)] == [t.id for t in load_tasks(ALL, seed=3)][:123]
@@ -63,21 +69,34 @@ def test_load_tasks_spreads_evenly_and_prefixes_are_stable(all_tasks: list[BFCLT
 
 def test_load_tasks_all_and_task_shape(all_tasks: list[BFCLTask]) -> None:
     counts = collections.Counter(t.category for t in all_tasks)
-    assert counts["simple"] >= 300 and all(counts[c] >= 150 for c in ALL)
+    assert counts == {"simple": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200, "live_simple": 258,
+                      "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24, "irrelevance": 240,
+                      "live_irrelevance": 884, "live_relevance": 16}
     assert len({t.id for t in all_tasks}) == len(all_tasks)
     for t in all_tasks:
         assert t.id.startswith(CATEGORIES[t.category] + "_") and t.bfcl_category == CATEGORIES[t.category]
-        assert t.question and all(m["role"] == "user" and m["content"] for m in t.question)
-        assert t.functions and t.answer
+        assert t.question and any(m["role"] == "user" and m["content"] for m in t.question)
+        assert {m["role"] for m in t.question} <= {"system", "user", "assistant"}
+        assert t.functions or t.checker == "irrelevance"  # a few live_irrelevance requests offer no function
+        assert bool(t.answer) == (t.checker == "ast"), t.id  # (ir)relevance tasks ship no possible answer
+    assert collections.Counter(t.checker for t in all_tasks) == {"ast": 2351, "irrelevance": 1124, "relevance": 16}
 
 
 def test_load_tasks_unknown_category() -> None:
     with pytest.raises(ValueError) as err:
-        load_tasks(["simple", "live_simple"])
+        load_tasks(["simple", "multi_turn_base"])
     for name in ALL:
         assert name in str(err.value)
+    assert "operator_multiturn" in str(err.value)
     with pytest.raises(ValueError, match="simple"):
         load_tasks([])
+
+
+def test_task_by_id() -> None:
+    assert task_by_id("live_multiple_0-0-0").category == "live_multiple"
+    assert task_by_id("irrelevance_3").checker == "irrelevance"
+    for unknown in ("nope", "multi_turn_base_0", "", None):
+        assert task_by_id(unknown) is None  # type: ignore[arg-type]
 
 
 def test_expected_function_names() -> None:
@@ -90,14 +109,22 @@ def test_expected_function_names() -> None:
 # ---------------------------------------------------------------- reference and distractor answers
 
 
+# BFCL data errors: the shipped possible answer itself fails BFCL's checker (an empty list of acceptable values
+# for a required parameter, or a parameter the function doc does not have), so no answer can pass them.
+UNPASSABLE = {"live_simple_106-63-0", "live_simple_112-68-0", "live_multiple_862-181-3", "live_multiple_964-207-0"}
+
+
 @pytest.mark.parametrize("category", ALL)
 def test_reference_call_is_correct_for_every_task(category: str) -> None:
     failures = [
         (t.id, reference_call(t), g.reason)
         for t in load_tasks([category])
-        if not (g := grade_calls(t, reference_call(t))).correct
+        if not (g := grade_calls(t, reference_call(t))).correct and t.id not in UNPASSABLE
     ]
     assert not failures, failures[:5]
+    for task_id in UNPASSABLE:
+        t = task_by_id(task_id)
+        assert t.checker == "ast" and t.answer and not grade_calls(t, reference_call(t)).correct
 
 
 def test_reference_call_format() -> None:
@@ -115,7 +142,7 @@ def test_distractors_are_wrong_for_every_task(all_tasks: list[BFCLTask]) -> None
         assert 1 <= len(ds) <= 3 and len(set(ds)) == len(ds)
         for d in ds:
             g = grade_calls(t, d)
-            assert g.valid and not g.correct and g.reason, (t.id, d, g)
+            assert (g.valid or t.checker == "relevance") and not g.correct and g.reason, (t.id, d, g)
     print(f"distractors: {len(skipped)} of {len(all_tasks)} tasks skipped: {skipped[:10]}")
     assert len(skipped) <= len(all_tasks) // 100
     some = all_tasks[:20]
@@ -193,7 +220,7 @@ def test_grading_everything_is_fast(all_tasks: list[BFCLTask]) -> None:
     for t in all_tasks:
         grade_calls(t, reference_call(t))
         grade_intent(t, intent_reference(t))
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 10.0  # ~3.5k tasks
 
 
 # ---------------------------------------------------------------- intent
@@ -217,7 +244,7 @@ def test_intent_reference_and_distractors_for_every_task(all_tasks: list[BFCLTas
     for t in all_tasks:
         assert grade_intent(t, intent_reference(t)) == Grade(True, True, "")
         ds = intent_distractors(t)
-        assert 1 <= len(ds) <= 3 and len(set(ds)) == len(ds)
+        assert 1 <= len(ds) <= 3 or not t.functions and len(set(ds)) == len(ds)
         for d in ds:
             g = grade_intent(t, d)
             assert g.valid and not g.correct, (t.id, d)
@@ -241,7 +268,7 @@ def test_intent_messages(all_tasks: list[BFCLTask]) -> None:
         assert msgs[1:3] == INTENT_EXAMPLE  # the worked example, then the real request
         for f in t.functions:
             assert f"- {f['name']}: " in msgs[-1]["content"]
-        assert t.question[0]["content"] in msgs[-1]["content"]
+        assert _user_text(t) in msgs[-1]["content"]
 
 
 def test_call_messages_use_bfcl_system_prompt() -> None:
@@ -271,7 +298,7 @@ def test_prompts_never_leak_the_reference_answer(all_tasks: list[BFCLTask]) -> N
     in_question = []
     for t in all_tasks:
         ref = reference_call(t)
-        if ref[1:-1] in t.question[0]["content"]:  # not distinctive: the request spells out the call
+        if ref[1:-1] in _user_text(t):  # not distinctive: the request spells out the call
             in_question.append(t.id)
             continue
         text = "\n".join(m["content"] for m in intent_messages(t) + call_messages(t, None))

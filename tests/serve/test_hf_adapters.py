@@ -142,12 +142,14 @@ def test_adapters_policy_end_to_end_through_client_serve_and_log(ray_cluster, tm
     import numpy as np
     import ray
 
-    from slmshift.agents.client import LMClient
-    from slmshift.platform.config import PolicySpec
+    from slmshift.agents.client import Session
+    from slmshift.platform.log import LogClient
+    from slmshift.platform.policies import policy_spec
+    from slmshift.serve.pipeline import CallPipeline
     from slmshift.platform.embeddings import embed
     from slmshift.platform.log import InteractionLog, read_interactions
     from slmshift.serve.deployment import deploy_models
-    from slmshift.train.cluster import ClusterIndex, prompt_text
+    from slmshift.platform.artifacts import ClusterIndex, prompt_text
 
     groups = {"alpha": [f"book a flight to Paris on day {i}" for i in range(4)],
               "beta": [f"what is the weather in Rome at hour {i}?" for i in range(4)]}
@@ -163,14 +165,15 @@ def test_adapters_policy_end_to_end_through_client_serve_and_log(ray_cluster, tm
     teacher = ModelSpec(name="teacher", tier="llm", backend="simulated", resources={"num_cpus": 0})
     handles = deploy_models([tuned, teacher], available_cpus=2)
     log = InteractionLog.remote(str(tmp_path / "run"))
-    client = LMClient("exp", "s", PolicySpec(kind="adapters", name="tuned", registry=str(reg.path)),
-                      [tuned, teacher], handles, {"tuned": 1e5, "teacher": 1e9}, log)
+    writer = LogClient(log)
+    pipeline = CallPipeline(policy=policy_spec(kind="adapters", name="tuned", registry=str(reg.path)),
+                            models=[tuned, teacher], handles=handles, params={"tuned": 1e5, "teacher": 1e9}, log=writer)
 
     async def episode():
-        s = client.episode("ep0", "task")
+        s = Session(pipeline, experiment_id="exp", scenario="s", episode_id="ep0", task_id="task")
         out = [await s.call(role="r", call_kind="k", messages=[{"role": "user", "content": p}], max_tokens=10)
                for p in PROMPTS[:2]]
-        await client.drain()
+        await writer.drain()
         return out
 
     out = asyncio.run(episode())

@@ -1,4 +1,8 @@
-"""HFEngine on a tiny random Llama (CPU, no hub, no Ray), plus one slow test on packaged SmolLM2."""
+"""HFEngine on a tiny random Llama (CPU, no hub, no Ray), plus one slow test on packaged SmolLM2.
+
+The engine fixture runs every behaviour test under both schedulers (continuous, the default, and static);
+the continuous scheduler's own properties (short requests overtake long ones, prefix reuse, admission
+control) are tested at the end."""
 
 from __future__ import annotations
 
@@ -36,10 +40,19 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+def make(tiny_dir, scheduler: str = "continuous", **hf) -> HFEngine:
+    return HFEngine(ModelSpec(name="tiny", tier="slm", backend="hf", source=str(tiny_dir),
+                              hf=HFOptions(dtype="float32", scheduler=scheduler, **hf)))
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def engine(tiny_dir, request):
+    return make(tiny_dir, request.param)
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_dir):
-    spec = ModelSpec(name="tiny", tier="slm", backend="hf", source=str(tiny_dir), hf=HFOptions(dtype="float32"))
-    return HFEngine(spec)
+def static(tiny_dir):
+    return make(tiny_dir, "static")
 
 
 def gen(engine, requests):
@@ -100,7 +113,7 @@ def test_max_tokens_per_request_in_mixed_batch(engine):
         assert r.tokens_out == m or toks[-1] in eos  # only EOS stops a row early
 
 
-def test_token_counts_and_truncation(tiny_dir, engine):
+def test_token_counts_and_too_long_prompt_fails_clearly(tiny_dir, engine):
     tok = engine.tokenizer
     q = req(PROMPTS[2], max_tokens=5)
     text = tok.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=False)
@@ -108,9 +121,13 @@ def test_token_counts_and_truncation(tiny_dir, engine):
     r = gen(engine, [q, req("hi", max_tokens=2)])[0]
     assert r.tokens_in == expected and 0 < r.tokens_out <= 5
 
-    short = HFEngine(ModelSpec(name="t16", tier="slm", backend="hf", source=str(tiny_dir), hf=HFOptions(max_input_tokens=16)))
-    r16 = gen(short, [q])[0]
-    assert r16.tokens_in == 16 and r16.error is None
+    # never silently left-truncated (that would drop the system prompt): the request fails, naming the fix
+    short = make(tiny_dir, engine.spec.hf.scheduler, max_input_tokens=24)
+    too_long, fits = gen(short, [q, req("", max_tokens=2)])
+    assert too_long.text == "" and too_long.tokens_out == 0
+    assert f"prompt is {expected} tokens" in too_long.error and "limit of 24" in too_long.error
+    assert "hf.max_input_tokens" in too_long.error and "'tiny'" in too_long.error
+    assert fits.error is None and fits.tokens_in <= 24
 
 
 def test_mean_logprob_and_latency(engine):
@@ -127,7 +144,8 @@ def test_adapter_and_batch_failure_give_error_responses(engine, monkeypatch):
     def boom(*a, **kw):
         raise RuntimeError("out of memory\nsecond line")
 
-    monkeypatch.setattr(engine.model, "generate", boom)
+    monkeypatch.setattr(engine.model, "generate", boom)  # static path
+    monkeypatch.setattr(engine.model, "forward", boom)  # continuous path
     resps = gen(engine, [req("a"), req("b", temperature=0.5)])
     assert len(resps) == 2
     assert all(r.text == "" and r.error and "out of memory" in r.error and "\n" not in r.error for r in resps)

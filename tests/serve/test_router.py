@@ -2,7 +2,7 @@
 
 import pytest
 
-from slmshift.platform.config import PolicySpec
+from slmshift.platform.policies import policy_spec
 from slmshift.platform.types import LMRequest, ModelSpec
 from slmshift.serve.router import RouterPolicy, build_policy, register_policy
 
@@ -17,37 +17,56 @@ def req(kind: str) -> LMRequest:
 
 
 def test_llm_and_slm_policies():
-    assert build_policy(PolicySpec(kind="llm"), MODELS).route(req("x")).model == "big"
-    d = build_policy(PolicySpec(kind="slm", name="tiny"), MODELS).route(req("x"))
+    assert build_policy(policy_spec(kind="llm"), MODELS).route(req("x")).model == "big"
+    d = build_policy(policy_spec(kind="slm", name="tiny"), MODELS).route(req("x"))
     assert (d.model, d.tier, d.policy, d.kind) == ("small", "slm", "tiny", "slm")
 
 
 def test_named_model_overrides_first_of_tier():
-    assert build_policy(PolicySpec(kind="slm", slm_model="small2"), MODELS).route(req("x")).model == "small2"
+    assert build_policy(policy_spec(kind="slm", slm_model="small2"), MODELS).route(req("x")).model == "small2"
 
 
 def test_call_kind_map_and_default():
-    p = build_policy(PolicySpec(kind="call_kind", map={"intent": "slm"}, default="llm"), MODELS)
+    p = build_policy(policy_spec(kind="call_kind", map={"intent": "slm"}, default="llm"), MODELS)
     assert p.route(req("intent")).tier == "slm"
     d = p.route(req("function_call"))
     assert d.tier == "llm" and "default" in d.reason
 
 
 def test_unknown_policy_lists_available():
-    with pytest.raises(KeyError, match="available: adapters, call_kind, llm, slm"):
-        build_policy(PolicySpec.model_construct(kind="bandit"), MODELS)
+    with pytest.raises(ValueError, match="available: adapters, call_kind, cascade, learned, llm, random, slm, threshold"):
+        policy_spec(kind="bandit")
 
 
-def test_new_policies_drop_in():
+def test_new_policies_drop_in_with_their_own_options_model(tmp_path):
+    """A new kind registers its options model and its behaviour; the YAML schema picks it up, config.py unchanged."""
+    from typing import ClassVar, Literal
+
+    from pydantic import Field
+
+    from slmshift.platform.config import load_config
+    from slmshift.platform.policies import PolicySpec, register_policy_options
+
+    @register_policy_options
+    class ByLengthOptions(PolicySpec):
+        kind: Literal["by_length"] = Field(description="SLM for short prompts.")
+        max_chars: int = Field(default=10, ge=1, description="Longest prompt the SLM takes.")
+        tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
+
     @register_policy("by_length")
     class ByLength(RouterPolicy):
-        def choose(self, request):
+        def route(self, request):
             n = len(request.messages[0]["content"])
-            return ("slm" if n < 10 else "llm"), "short prompt", float(n)
+            return self.decision("slm" if n <= self.spec.max_chars else "llm", "prompt length", score=float(n))
 
-    d = build_policy(PolicySpec.model_construct(kind="by_length", map={}, default="llm", name=None,
-                                                llm_model=None, slm_model=None), MODELS).route(req("x"))
+    d = build_policy(policy_spec(kind="by_length", max_chars=5), MODELS).route(req("x"))
     assert (d.tier, d.score) == ("slm", 2.0)
+    yml = tmp_path / "x.yaml"
+    yml.write_text("experiment: {name: x}\nmodels:\n  - {name: big, tier: llm, backend: simulated}\n"
+                   "  - {name: small, tier: slm, backend: simulated}\n"
+                   "router: {policies: [{kind: by_length, max_chars: 0}]}\nscenarios: [{kind: operator}]\n")
+    with pytest.raises(Exception, match=r"router.policies\[0\].max_chars \(line 5\): Input should be greater"):
+        load_config(yml)
 
 
 # --- the `adapters` policy: call -> task cluster -> promoted adapter ------------------------------------
@@ -66,7 +85,7 @@ def convert_dir(tmp_path_factory):
     """A convert dir as `slmshift convert` lays it out: clusters/ (S3's index) and registry.json."""
     import numpy as np
 
-    from slmshift.train.cluster import ClusterIndex, prompt_text
+    from slmshift.platform.artifacts import ClusterIndex, prompt_text
     from slmshift.platform.embeddings import embed
     from slmshift.train.registry import AdapterEntry, AdapterRegistry
 
@@ -86,7 +105,7 @@ def convert_dir(tmp_path_factory):
 
 
 def adapter_policy(convert_dir, **kw):
-    spec = PolicySpec(kind="adapters", name="tuned", registry=str(convert_dir / "registry.json"), **kw)
+    spec = policy_spec(kind="adapters", name="tuned", registry=str(convert_dir / "registry.json"), **kw)
     return build_policy(spec, MODELS)
 
 
@@ -100,11 +119,11 @@ def test_adapters_policy_routes_cluster_to_its_promoted_adapter(convert_dir):
     r = call("Identify which functions the user request needs. Request: book a hotel in Lyon")
     d = policy.route(r)
     assert (d.tier, d.model, d.adapter, d.kind, d.policy) == ("slm", "small", "planner-intent", "adapters", "tuned")
-    assert r.adapter == "planner-intent" and 0.5 < d.score <= 1.0  # the request now names the adapter
+    assert r.adapter is None and 0.5 < d.score <= 1.0  # the decision names the adapter; the request is untouched
     # cluster 1's adapter was not promoted: the call goes to the fallback tier, without an adapter
     r2 = call("Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo")
     d2 = policy.route(r2)
-    assert (d2.tier, d2.model, d2.adapter, r2.adapter) == ("llm", "big", None, None)
+    assert (d2.tier, d2.model, d2.adapter) == ("llm", "big", None)
     assert "cluster 1 has no promoted adapter" in d2.reason
 
 

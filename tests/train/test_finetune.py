@@ -74,7 +74,7 @@ def test_saved_adapter_reloads_and_changes_outputs(trained, tiny_model_dir):
     import torch
     from peft import PeftModel
 
-    from slmshift.serve.engines.hf import chat_prompt
+    from slmshift.platform.artifacts import chat_prompt
     from slmshift.serve.sources import load_model_and_tokenizer
 
     base, tok = load_model_and_tokenizer(tiny_model_dir, "float32", "cpu")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.types import AdapterRegistryFile
+from slmshift.platform.artifacts import AdapterRegistryFile
 from slmshift.train.registry import AdapterEntry, AdapterMetrics, AdapterRegistry
 
 

@@ -60,6 +60,7 @@ def bfcl_api() -> types.SimpleNamespace:
         formulate_system_prompt=handler_utils.formulate_system_prompt,
         language_hint=bfcl_utils._func_doc_language_specific_pre_processing,
         is_call_format=bfcl_utils.is_function_calling_format_output,
+        is_empty_output=bfcl_utils.is_empty_output,
         DEFAULT_SYSTEM_PROMPT_FORMAT=DEFAULT_SYSTEM_PROMPT_FORMAT,
         Language=Language,
         ReturnFormat=ReturnFormat,

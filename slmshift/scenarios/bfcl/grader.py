@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from slmshift.scenarios.bfcl.api import bfcl_api
 from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names, function_names
 
-__all__ = ["Grade", "decode_calls", "grade_calls", "grade_intent", "INTENT_SCHEMA", "intent_schema"]
+__all__ = ["Grade", "decode_calls", "call_presence", "grade_calls", "grade_intent", "INTENT_SCHEMA", "intent_schema",
+           "parse_intent"]
 
 INTENT_SCHEMA: dict = {
     "type": "object",
@@ -111,7 +112,20 @@ def decode_calls(text: str) -> list[dict]:
 
 
 def grade_calls(task: BFCLTask, text: str) -> Grade:
-    """Decode then run BFCL's ast_checker for the task's category; never raises."""
+    """Grade an Operator answer with the check BFCL applies to the task's category; never raises."""
+    if task.checker == "irrelevance":
+        found, why = call_presence(text)
+        return (Grade(valid=True, correct=True, reason="") if found == "none"
+                else Grade(valid=True, correct=False, reason=f"irrelevance_error:decoder_success: {why}"))
+    if task.checker == "relevance":
+        found, why = call_presence(text)
+        return (Grade(valid=True, correct=True, reason="") if found == "call"
+                else Grade(valid=False, correct=False, reason=f"relevance_error:decoder_failed: {why}"))
+    return _grade_ast(task, text)
+
+
+def _grade_ast(task: BFCLTask, text: str) -> Grade:
+    """Decode then run BFCL's ast_checker for the task's category."""
     try:
         calls = decode_calls(text)
     except ValueError as exc:
@@ -130,6 +144,45 @@ def grade_calls(task: BFCLTask, text: str) -> Grade:
     return Grade(valid=True, correct=False, reason=f"{result.get('error_type', 'wrong')}: {str(first)[:200]}")
 
 
+def _call_shaped(src: str) -> bool:
+    """BFCL's view of a (wrapped) output: a list whose elements are all calls."""
+    try:
+        body = ast.parse(src.strip().strip("'"), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return isinstance(body, ast.List) and bool(body.elts) and all(isinstance(e, ast.Call) for e in body.elts)
+
+
+def call_presence(text: str) -> tuple[str, str]:
+    """Does the output hold a function call, as BFCL's relevance runner decides it (its own ``decode_ast`` on
+    the raw text, then ``is_empty_output``)? Returns ("call" | "none" | "refused", why). No leniency for
+    fences or prose here: in the (ir)relevance categories BFCL counts only what its decoder accepts. Output
+    BFCL would decode by ``eval``-ing an expression is never decoded: it is "refused", which fails both an
+    irrelevance task (it is call-shaped) and a relevance task (it is no acceptable call)."""
+    if not isinstance(text, str) or not text.strip():
+        return "none", "empty output"
+    if len(text) > _MAX_CHARS:
+        return "none", f"output longer than {_MAX_CHARS} characters"
+    src = text.strip("`\n ")  # default_decode_ast_prompting's own wrapping
+    src = ("" if src.startswith("[") else "[") + src + ("" if src.endswith("]") else "]")
+    try:
+        _assert_safe(text)
+    except ValueError as exc:
+        if _call_shaped(src):
+            return "refused", f"call with a refused expression ({exc})"
+        return "none", "no function call"
+    except (SyntaxError, RecursionError, MemoryError):
+        return "none", "no function call (does not parse)"
+    api = bfcl_api()
+    try:
+        decoded = api.decode(text, api.ReturnFormat.PYTHON, False)
+    except Exception as exc:  # BFCL: a failed decode means no call
+        return "none", f"no function call ({type(exc).__name__})"
+    if api.is_empty_output(decoded):
+        return "none", "no function call (empty)"
+    return "call", f"decoded call(s) to {[n for c in decoded for n in c][:3]}"
+
+
 # ---------------------------------------------------------------- intent (function selection)
 
 
@@ -139,7 +192,7 @@ def intent_schema(task: BFCLTask) -> dict:
     return {**INTENT_SCHEMA, "properties": {"functions": {"type": "array", "items": items}}}
 
 
-def _parse_intent(text: str) -> list[str]:
+def parse_intent(text: str) -> list[str]:
     body = _strip_fences(text) if isinstance(text, str) else ""
     start, end = body.find("{"), body.rfind("}")
     if start < 0 or end < start:
@@ -156,15 +209,18 @@ def _parse_intent(text: str) -> list[str]:
 
 
 def grade_intent(task: BFCLTask, text: str) -> Grade:
-    """Valid: parses to {"functions": [names]} with only known names (extra keys are ignored);
-    correct: the set of names equals the ground truth's. Never raises."""
+    """Valid: parses to {"functions": [names]} with only known names (extra keys are ignored); correct: the set
+    of names equals the ground truth's (none for an irrelevance task, at least one for a relevance task).
+    Never raises."""
     try:
-        names = _parse_intent(text)
+        names = parse_intent(text)
     except ValueError as exc:
         return Grade(valid=False, correct=False, reason=str(exc))
     unknown = sorted(set(names) - set(function_names(task)))
     if unknown:
         return Grade(valid=False, correct=False, reason=f"unknown functions: {unknown[:5]}")
+    if task.checker == "relevance":
+        return Grade(True, True, "") if names else Grade(True, False, "no function chosen for a relevant request")
     expected = set(expected_function_names(task))
     if set(names) == expected:
         return Grade(valid=True, correct=True, reason="")

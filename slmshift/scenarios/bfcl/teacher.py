@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names, function_names
 from slmshift.scenarios.bfcl.grader import grade_calls
 
-__all__ = ["format_calls", "reference_call", "distractor_calls", "intent_reference", "intent_distractors"]
+__all__ = ["NO_CALL_ANSWER", "format_calls", "reference_call", "distractor_calls", "intent_reference",
+           "intent_distractors"]
+
+# The right answer to an irrelevance task: prose BFCL's decoder cannot read as a call.
+NO_CALL_ANSWER = "None of the available functions fits this request, so I will not call any."
+_WORD = re.compile(r"[a-z0-9]+")
 
 
 def _first(values: list[Any]) -> Any:
@@ -63,8 +69,47 @@ def format_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def reference_call(task: BFCLTask) -> str:
-    """One correct answer: first acceptable value per parameter, optional ones omitted."""
+    """One correct answer: first acceptable value per parameter, optional ones omitted; for an irrelevance
+    task a refusal in prose, for a relevance task (no possible answer shipped) a call to the function that
+    best matches the request."""
+    if task.checker == "irrelevance":
+        return NO_CALL_ANSWER
+    if task.checker == "relevance":
+        fn = _best_function(task)
+        return format_calls([(fn["name"], _placeholder_args(fn, _request(task)))])
     return format_calls(_reference_calls(task))
+
+
+def _request(task: BFCLTask) -> str:
+    return " ".join(m["content"] for m in task.question if m.get("role") == "user")
+
+
+def _best_function(task: BFCLTask) -> dict:
+    """The function whose name and description share most words with the request (first on ties)."""
+    words = set(_WORD.findall(_request(task).lower()))
+
+    def overlap(f: dict) -> int:
+        text = f"{f['name'].replace('_', ' ').replace('.', ' ')} {f.get('description', '')}".lower()
+        return len(words & set(_WORD.findall(text)))
+
+    return max(task.functions, key=overlap)
+
+
+def _placeholder_args(fn: dict, request: str) -> dict[str, Any]:
+    """Required parameters filled with a type-correct value (an enum's first, a default, or a plain one)."""
+    props = fn.get("parameters", {}).get("properties", {})
+    out: dict[str, Any] = {}
+    for name in fn.get("parameters", {}).get("required", []):
+        spec = props.get(name, {})
+        kind = spec.get("type", "string")
+        if spec.get("enum"):
+            out[name] = spec["enum"][0]
+        elif "default" in spec and spec["default"] is not None:
+            out[name] = spec["default"]
+        else:
+            out[name] = {"integer": 1, "float": 1.0, "number": 1.0, "boolean": True, "array": [], "list": [],
+                         "dict": {}, "object": {}, "tuple": []}.get(kind, " ".join(request.split()[:12]))
+    return out
 
 
 # ---------------------------------------------------------------- wrong answers
@@ -123,7 +168,13 @@ def distractor_calls(task: BFCLTask, seed: int = 0) -> list[str]:
     """Up to three plausible wrong answers, each verified wrong by the BFCL checker
     (empty only when no wrong answer can be built, e.g. a lone zero-argument function)."""
     rng = random.Random(f"slmshift-bfcl-distractor:{seed}:{task.id}")
-    candidates = _distractor_candidates(task, rng)
+    if task.checker == "irrelevance":  # calling anything is wrong
+        fns = rng.sample(task.functions, min(3, len(task.functions)))
+        candidates = [("call", format_calls([(f["name"], _placeholder_args(f, _request(task)))])) for f in fns]
+    elif task.checker == "relevance":  # calling nothing is wrong
+        candidates = [("no_call", NO_CALL_ANSWER), ("empty", "[]")]
+    else:
+        candidates = _distractor_candidates(task, rng)
     rng.shuffle(candidates)
     reference = reference_call(task)
     out: list[str] = []
@@ -137,7 +188,9 @@ def distractor_calls(task: BFCLTask, seed: int = 0) -> list[str]:
 
 
 def intent_reference(task: BFCLTask) -> str:
-    """The correct intent JSON."""
+    """The correct intent JSON (no function for an irrelevance task)."""
+    if task.checker == "relevance":
+        return json.dumps({"functions": [_best_function(task)["name"]]})
     return json.dumps({"functions": expected_function_names(task)})
 
 
@@ -145,6 +198,10 @@ def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
     """Wrong selections of valid shape: one needed function dropped, an unneeded one added or
     swapped in, or nothing selected."""
     rng = random.Random(f"slmshift-bfcl-intent:{seed}:{task.id}")
+    if task.checker == "irrelevance":
+        return [json.dumps({"functions": [n]}) for n in rng.sample(function_names(task), min(3, len(task.functions)))]
+    if task.checker == "relevance":
+        return [json.dumps({"functions": []})]
     expected = expected_function_names(task)
     others = [n for n in function_names(task) if n not in expected]
     out: list[list[str]] = []

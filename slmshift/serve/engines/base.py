@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 
 
 class Engine(abc.ABC):
-    """A model backend. A Serve replica builds one and hands it batches collected by `@serve.batch`.
+    """A model backend. A Serve replica builds one and hands it batches collected by `@serve.batch`, or, when
+    `continuous` is true, each request as it arrives through `submit` (the engine then batches by itself).
 
     Engines never know who calls them. `generate` returns exactly one response per request, in order;
     a failure for one request is an `LMResponse` with `error` set, not an exception.
     """
 
     backend: ClassVar[str]
+    continuous: bool = False  # True: the engine schedules its own running batch; Serve calls `submit` per request
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
 
     @abc.abstractmethod
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]: ...
+
+    async def submit(self, request: LMRequest) -> LMResponse:
+        """One request; engines with their own scheduler override this and set `continuous`."""
+        return (await self.generate([request]))[0]
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters for `info()` (e.g. scheduler steps, prefix-cache hits); empty by default."""
+        return {}
 
     def num_parameters(self) -> float | None:
         """Parameter count, for the FLOPs estimate; None where unknown."""

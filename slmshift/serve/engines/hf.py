@@ -1,6 +1,11 @@
 """The hf engine: a local transformers causal LM, batched greedy/sampled generation on CPU or GPU.
 
-One `generate` call runs the whole batch through a single `model.generate`, even when requests
+Two schedulers (`hf.scheduler`). 'continuous' (the default): `submit` hands each request to a step loop
+(`scheduler.py`) that admits it into the running batch at the next decode step, prefills prompts in chunks
+and reuses the KV of shared prompt prefixes; Serve feeds requests as they arrive. 'static': `@serve.batch`
+waves, each through one `model.generate`, as described below. Both choose tokens the same way.
+
+In the static path, one `generate` call runs the whole batch through a single `model.generate`, even when requests
 differ in temperature, seed or max_tokens: a logits processor does the token choice per row
 (argmax, or a draw from that row's own seeded generator), so a sampled request's output depends
 only on its prompt, temperature and seed, never on which other requests share its batch.
@@ -21,8 +26,10 @@ from collections import OrderedDict
 from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import AdapterRegistryFile, LMRequest, LMResponse, ModelSpec
+from slmshift.platform.artifacts import AdapterRegistryFile, chat_prompt
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
+from slmshift.serve.engines.scheduler import Row, Scheduler
 from slmshift.serve.sources import one_line_error, load_model_and_tokenizer
 
 
@@ -76,12 +83,8 @@ class _RowMaxTokens:
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text a chat becomes; serving and LoRA training share it so an adapter sees the same prompts."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # base models without a template: a plain transcript ending with the assistant's turn
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+class PromptTooLong(ValueError):
+    """A prompt over hf.max_input_tokens: its request fails with this message."""
 
 
 def adapter_dirs(spec: ModelSpec) -> dict[str, str]:
@@ -120,6 +123,8 @@ class HFEngine(Engine):
         except Exception as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
         self.max_resident = spec.hf.max_resident_adapters
+        self.continuous = spec.hf.scheduler == "continuous"
+        self._scheduler: Scheduler | None = None
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.loads = 0  # adapter loads so far (evictions make it exceed the number of adapters)
         # Load the first few now, so a broken adapter dir fails the deployment, not the first request.
@@ -161,6 +166,13 @@ class HFEngine(Engine):
                     self.model.delete_adapter(victim)
                 del self._resident[victim]
 
+    def _prepare_adapters(self, names: set[str]) -> bool:
+        """Continuous scheduler: make `names` resident together, evicting only others; False if they cannot be."""
+        if len(names) > self.max_resident:
+            return False
+        self._ensure_resident(sorted(names))
+        return True
+
     def num_parameters(self) -> float | None:
         return self._n_params  # the base model's: LoRA adds a rounding error to the FLOPs estimate
 
@@ -171,28 +183,104 @@ class HFEngine(Engine):
         ids = tok(chat_prompt(tok, req.messages), add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("the prompt is empty after applying the chat template")
-        return ids[-self.spec.hf.max_input_tokens :]  # left-truncate: keep the latest turns
+        limit = self.spec.hf.max_input_tokens
+        if len(ids) > limit:  # truncating would silently drop the instructions at the prompt's start
+            raise PromptTooLong(
+                f"prompt is {len(ids)} tokens, over the limit of {limit} (models[].hf.max_input_tokens of model "
+                f"{self.spec.name!r}); shorten the prompt or raise hf.max_input_tokens (the model's context is "
+                f"{getattr(self.model.config, 'max_position_embeddings', 'unknown')} tokens)")
+        return ids
+
+    def _prepare(self, req: LMRequest) -> list[int] | LMResponse:
+        """Prompt ids, or the error response that ends this request here."""
+        if req.adapter is not None and req.adapter not in self.adapter_dirs:
+            known = ", ".join(sorted(self.adapter_dirs))
+            return self._response(
+                req, text="", error=f"adapter {req.adapter!r} requested, but it is not loaded on model "
+                f"{self.spec.name!r} ({'adapters: ' + known if known else 'no adapters configured'})")
+        try:
+            return self._prompt_ids(req)
+        except PromptTooLong as exc:
+            return self._response(req, text="", error=str(exc))
+        except Exception as exc:  # a bad prompt fails only its own request
+            return self._response(req, text="", error=f"prompt preparation failed: {one_line_error(exc)}")
 
     def _response(self, req: LMRequest, **kw: Any) -> LMResponse:
         return LMResponse(model=self.spec.name, tier=self.spec.tier, backend=self.backend, adapter=req.adapter, **kw)
 
     # --- generation ---------------------------------------------------------------------------
 
+    # --- continuous scheduler -------------------------------------------------------------------
+
+    def _forward(self, input_ids: Any, cache: Any, adapters: list[str | None], **kw: Any) -> Any:
+        """One model step for the scheduler: last-position logits, rows' adapters applied (peft mixed batch)."""
+        if any(adapters) or self._resident:
+            kw["adapter_names"] = [a or BASE for a in adapters]
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1, :]
+
+    def _get_scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            hf = self.spec.hf
+            self._scheduler = Scheduler(
+                forward=self._forward, prepare_adapters=self._prepare_adapters, config=self.model.config,
+                eos_ids=self.eos_ids, decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True),
+                device=self.device, dtype=next(self.model.parameters()).dtype,
+                attn_impl=getattr(self.model.config, "_attn_implementation", None) or "eager",
+                kv_bytes=hf.kv_cache_mb * 2**20, prefix_bytes=hf.prefix_cache_mb * 2**20,
+                max_rows=self.spec.batching.max_batch_size, prefill_chunk=hf.prefill_chunk_tokens, lock=self._lock)
+        return self._scheduler
+
+    async def submit(self, request: LMRequest) -> LMResponse:
+        """One request into the running batch (continuous scheduler); returns when its own tokens are done."""
+        if not self.continuous:
+            return (await self.generate([request]))[0]
+        t0 = time.perf_counter()
+        ids = self._prepare(request)
+        if isinstance(ids, LMResponse):
+            return ids
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(result: dict[str, Any] | str) -> None:  # called from the scheduler thread
+            try:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            except RuntimeError:  # the caller's loop is gone
+                pass
+
+        row = Row(ids=ids, max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
+                  adapter=request.adapter, done=done)
+        fut.add_done_callback(lambda f: setattr(row, "cancelled", f.cancelled()))
+        self._get_scheduler().submit(row)
+        result = await fut
+        latency = time.perf_counter() - t0
+        if isinstance(result, str):
+            return self._response(request, text="", error=result, latency_s=latency, tokens_in=len(ids))
+        result.pop("token_ids")
+        result.pop("cached_tokens")
+        return self._response(request, latency_s=latency, **result)
+
+    def stats(self) -> dict[str, Any]:
+        """Scheduler counters (steps, mean rows per decode step, prefix-cache hits); empty for the static path."""
+        return self._scheduler.stats() if self._scheduler else {}
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    # --- static batches -------------------------------------------------------------------------
+
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
+        if self.continuous:
+            return list(await asyncio.gather(*(self.submit(r) for r in requests)))
         out: list[LMResponse | None] = [None] * len(requests)
         batch: list[tuple[int, LMRequest, list[int]]] = []
         for i, req in enumerate(requests):
-            if req.adapter is not None and req.adapter not in self.adapter_dirs:
-                known = ", ".join(sorted(self.adapter_dirs))
-                out[i] = self._response(
-                    req, text="", error=f"adapter {req.adapter!r} requested, but it is not loaded on model "
-                    f"{self.spec.name!r} ({'adapters: ' + known if known else 'no adapters configured'})"
-                )
-                continue
-            try:
-                batch.append((i, req, self._prompt_ids(req)))
-            except Exception as exc:  # a bad prompt fails only its own request
-                out[i] = self._response(req, text="", error=f"prompt preparation failed: {one_line_error(exc)}")
+            ids = self._prepare(req)
+            if isinstance(ids, LMResponse):
+                out[i] = ids
+            else:
+                batch.append((i, req, ids))
         for group in self._groups(batch):
             t0 = time.perf_counter()
             try:

@@ -48,9 +48,11 @@ class SimulatedEngine(Engine):
         tokens_out = min(estimate_tokens(text), req.max_tokens)
         latency = p.latency_base_s + p.latency_per_token_s * tokens_out
         latency *= 1 + p.latency_jitter * (2 * rng.random() - 1)
+        mean = p.mean_logprob_right if right else p.mean_logprob_wrong
+        logprob = min(0.0, rng.gauss(mean, p.mean_logprob_sd))
         return LMResponse(text=text, model=self.spec.name, tier=self.spec.tier, backend=self.backend,
                           tokens_in=tokens_in, tokens_out=tokens_out, latency_s=latency, simulated=True,
-                          mean_logprob=p.mean_logprob_right if right else p.mean_logprob_wrong)
+                          mean_logprob=logprob)
 
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
         out = [self._answer(r) for r in requests]

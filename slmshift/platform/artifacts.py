@@ -1,0 +1,176 @@
+"""Artifacts a run and a conversion share: the text of a call that S3 embeds (`prompt_text`), the chat prompt an
+SLM sees in serving and in LoRA training (`chat_prompt`), the S3 cluster index the router loads (`ClusterIndex`),
+and the adapter registry file (`AdapterRegistryFile`). They live on the ground floor so that `serve/` (router,
+engines) and `train/` (convert) read and write the same formats without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmshift.platform.embeddings import DIM, embed
+from slmshift.platform.errors import SlmshiftError
+
+CLUSTER_FILES = ("centroids.npy", "index.faiss", "clusters.json")
+
+
+def prompt_text(messages: list[dict] | str) -> str:
+    """The text of a call that is embedded; S3 and the router must both use this one function.
+
+    Messages are flattened as 'role: content' lines in order. The embedder reads the first 256 word
+    pieces, so a call is characterised by its system prompt and first turns: the task template, which is
+    what recurs across calls of one task.
+    """
+    if isinstance(messages, str):
+        try:
+            parsed = json.loads(messages)
+        except ValueError:
+            return messages
+        messages = parsed if isinstance(parsed, list) else [{"role": "user", "content": str(parsed)}]
+    parts = []
+    for m in messages:
+        if isinstance(m, dict):
+            parts.append(f"{m.get('role', '')}: {m.get('content', '')}")
+        else:
+            parts.append(str(m))
+    return "\n".join(parts)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text a chat becomes; serving and LoRA training share it so an adapter sees the same prompts."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # base models without a template: a plain transcript ending with the assistant's turn
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+class ClusterIndex:
+    """Nearest-centroid lookup over persisted clusters; what the router loads to place a call."""
+
+    def __init__(self, centroids: np.ndarray, clusters: list[dict[str, Any]], index: Any = None):
+        import faiss
+
+        self.centroids = normalise(np.asarray(centroids, dtype=np.float32).reshape(-1, DIM))
+        self.clusters = clusters
+        if index is None:
+            index = faiss.IndexFlatIP(DIM)
+            index.add(self.centroids)
+        self.index = index
+
+    def save(self, clusters_dir: str | Path) -> Path:
+        import faiss
+
+        d = Path(clusters_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "centroids.npy", self.centroids)
+        faiss.write_index(self.index, str(d / "index.faiss"))
+        (d / "clusters.json").write_text(json.dumps(self.clusters, indent=2))
+        return d
+
+    @classmethod
+    def load(cls, clusters_dir: str | Path) -> "ClusterIndex":
+        import faiss
+
+        d = Path(clusters_dir)
+        missing = [n for n in CLUSTER_FILES if not (d / n).is_file()]
+        if missing:
+            raise SlmshiftError(f"{d}: not a cluster directory (missing {', '.join(missing)}). Fix: point at the "
+                                "`clusters/` folder `slmshift convert` wrote (RUN_DIR/convert/clusters).")
+        try:
+            clusters = json.loads((d / "clusters.json").read_text())
+            centroids = np.load(d / "centroids.npy")
+            index = faiss.read_index(str(d / "index.faiss"))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SlmshiftError(f"{d}: cannot read the cluster index ({e}). Fix: run `slmshift convert` again.") from None
+        if index.ntotal != len(clusters) or len(centroids) != len(clusters):
+            raise SlmshiftError(f"{d}: index.faiss has {index.ntotal} centroids, clusters.json {len(clusters)}; "
+                                "the folder is inconsistent. Fix: run `slmshift convert` again.")
+        return cls(centroids, clusters, index)
+
+    def assign_vectors(self, x: np.ndarray) -> list[tuple[int, float]]:
+        if len(x) == 0 or self.index.ntotal == 0:
+            return [(-1, 0.0)] * len(x)
+        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        return [(int(i), float(s)) for i, s in zip(ids[:, 0], sims[:, 0])]
+
+    def assign(self, texts: list[str]) -> list[tuple[int, float]]:
+        """(cluster id, cosine similarity to its centroid) per text (texts from `prompt_text`)."""
+        return self.assign_vectors(embed(list(texts)))
+
+    def label(self, cluster_id: int) -> str | None:
+        return next((c["label"] for c in self.clusters if c["id"] == cluster_id), None)
+
+
+# --- the adapter registry file (written by `slmshift convert`, read by engines, router and config) ------
+
+
+class AdapterMetrics(BaseModel):
+    """Held-out quality of the base SLM and of the adapter on the cluster's validation calls."""
+
+    model_config = ConfigDict(extra="allow")
+
+    val_accuracy_before: float | None = None
+    val_accuracy_after: float | None = None
+    val_loss_before: float | None = None
+    val_loss_after: float | None = None
+    n_train: int = 0
+    n_val: int = 0
+
+
+class AdapterEntry(BaseModel):
+    """One task cluster's adapter. `adapter_dir` is stored relative to the registry file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster: int = Field(ge=0)
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique slug; the adapter's served name.")
+    role: str = ""
+    call_kind: str = ""
+    base_model: str = Field(description="The `source` of the SLM the adapter was trained on.")
+    adapter_dir: str
+    metrics: AdapterMetrics = Field(default_factory=AdapterMetrics)
+    promoted: bool = False
+    reason: str = ""
+
+
+class AdapterRegistryFile(BaseModel):
+    """The registry.json document. Paths inside are relative to the file, so a convert dir can move."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    clusters_dir: str = Field(default="clusters", description="S3's centroids/index, relative to this file.")
+    entries: list[AdapterEntry] = Field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: str | Path) -> AdapterRegistryFile:
+        """Parse a registry file; raises SlmshiftError naming the file and what is wrong."""
+        from pydantic import ValidationError
+
+
+        p = Path(path)
+        if not p.is_file():
+            raise SlmshiftError(f"adapter registry {path}: file not found. Fix: run `slmshift convert RUN_DIR` and "
+                                f"point at RUN_DIR/convert/registry.json.")
+        try:
+            return cls.model_validate_json(p.read_text())
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "<top>"
+            raise SlmshiftError(f"adapter registry {path}: {where}: {first['msg']} ({e.error_count()} problem(s)). "
+                                "Fix: regenerate it with `slmshift convert`.") from None
+
+    def promoted_dirs(self, path: str | Path) -> dict[str, str]:
+        """label -> absolute adapter dir, for the promoted entries of the file at `path`."""
+        root = Path(path).resolve().parent
+        return {e.label: str((root / e.adapter_dir).resolve()) for e in self.entries if e.promoted}

@@ -1,0 +1,273 @@
+"""Router policy options: one strict pydantic model per policy kind, and the registry the config schema is built from.
+
+`router.policies` in an experiment YAML is a discriminated union on `kind` over every registered options model, so
+a new kind registers its model here (`register_policy_options`) and needs no edit to `config.py`. The behaviour of
+each kind lives in `slmshift/serve/router/`; these are only its validated settings, so that the ground floor can
+check a YAML without importing Serve. Each model lists the tiers it may route to and its own cross-section checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slmshift.platform.types import ModelSpec, Tier, absolute_path
+
+Shadow = Literal["none", "slm", "llm", "both"]
+Problems = list[tuple[str, str]]
+
+
+class PolicySpec(BaseModel):
+    """Fields every policy kind has. One policy arm: every scenario runs once under each arm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str = Field(description="The policy kind (see the router section of the README).")
+    name: str | None = Field(default=None, description="Label in reports (default: the kind).")
+    default: Tier = Field(default="llm", description="Tier for calls the policy cannot place (unmapped call kind, no "
+                          "adapter, a scorer that failed to load); the record says why.")
+    llm_model: str | None = Field(default=None, description="Which `models:` entry serves the llm tier (default: first).")
+    slm_model: str | None = Field(default=None, description="Which `models:` entry serves the slm tier (default: first).")
+    shadow: Shadow = Field(default="none", description="Paired outcomes: also send each call to the other tier and "
+                           "grade it, never feeding it back. slm: calls not served by the SLM also go to it; llm: calls "
+                           "not served by the LLM also go to it; both: always the other tier.")
+    shadow_rate: float = Field(default=1.0, ge=0, le=1, description="Share of calls shadowed (a deterministic sample "
+                               "by record id).")
+
+    tiers_used: ClassVar[frozenset[str]] = frozenset()  # tiers every arm of this kind may route to, besides `default`
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def tiers(self) -> set[str]:
+        return set(self.tiers_used) | {self.default}
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        """Checks that need other sections (models) or files; (field path, message) each."""
+        return []
+
+
+_KINDS: dict[str, type[PolicySpec]] = {}
+_listeners: list[Any] = []
+
+
+def register_policy_options(cls: type[PolicySpec]) -> type[PolicySpec]:
+    """Register an options model under the `kind` literal it declares; the config schema is rebuilt."""
+    kind = cls.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
+    _KINDS[kind] = cls
+    for rebuild in _listeners:
+        rebuild()
+    return cls
+
+
+def policy_kinds() -> dict[str, type[PolicySpec]]:
+    return dict(_KINDS)
+
+
+def policy_spec(data: dict[str, Any] | None = None, **fields: Any) -> PolicySpec:
+    """Validate one policy spec by its kind (for code and tests; YAML goes through the config schema)."""
+    data = {**(data or {}), **fields}
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown router policy kind {kind!r}; available: {', '.join(sorted(_KINDS))}")
+    return _KINDS[kind].model_validate(data)
+
+
+def on_register(rebuild: Any) -> None:
+    _listeners.append(rebuild)
+    rebuild()
+
+
+def _tau(field: str = "tau", default: float = 0.5, what: str = "route to the SLM when the score is at least this"):
+    return Field(default=default, ge=0, le=1, description=f"Threshold in [0, 1]: {what}.")
+
+
+@register_policy_options
+class LLMPolicy(PolicySpec):
+    kind: Literal["llm"] = Field(description="Always the LLM.")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"llm"})
+
+    def tiers(self) -> set[str]:
+        return {"llm"}
+
+
+@register_policy_options
+class SLMPolicy(PolicySpec):
+    kind: Literal["slm"] = Field(description="Always the SLM.")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"slm"})
+
+    def tiers(self) -> set[str]:
+        return {"slm"}
+
+
+@register_policy_options
+class CallKindPolicy(PolicySpec):
+    kind: Literal["call_kind"] = Field(description="A fixed map call kind -> tier (a per-role routing).")
+    map: dict[str, Tier] = Field(default_factory=dict, description="call kind -> 'llm' | 'slm'; other kinds go to "
+                                 "`default`.")
+
+    def tiers(self) -> set[str]:
+        return set(self.map.values()) | {self.default}
+
+
+@register_policy_options
+class RandomPolicy(PolicySpec):
+    kind: Literal["random"] = Field(description="The baseline: each call goes to the SLM with probability slm_share.")
+    slm_share: float = Field(default=0.5, ge=0, le=1, description="Target share of calls sent to the SLM.")
+    seed: int = Field(default=0, description="Seeds the draw (keyed by record id, so arms and relaunches repeat).")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
+
+
+class _ClusterPaths(PolicySpec):
+    """Options shared by policies that place a call in an S3 task cluster."""
+
+    clusters: str | None = Field(default=None, description="An S3 cluster dir (RUN_DIR/convert/clusters); per-cluster "
+                                 "estimates and thresholds need it.")
+    tau: float = _tau()
+    tau_per_cluster: dict[int, float] = Field(default_factory=dict, description="cluster id -> threshold in [0, 1], "
+                                              "overriding `tau` for that cluster.")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
+
+    @field_validator("clusters")
+    @classmethod
+    def _abs_clusters(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
+
+    @field_validator("tau_per_cluster")
+    @classmethod
+    def _taus_in_range(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {c: t for c, t in v.items() if not 0 <= t <= 1}
+        if bad:
+            raise ValueError(f"thresholds must lie in [0, 1]; got {bad}")
+        return v
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        import json
+
+        if not self.tau_per_cluster:
+            return []
+        if not self.clusters:
+            return [(f"{path}.tau_per_cluster", "needs `clusters:` (the S3 cluster dir the ids refer to)")]
+        info = Path(self.clusters) / "clusters.json"
+        if not info.is_file():
+            return [(f"{path}.clusters", f"{self.clusters} is not a cluster dir (no clusters.json). Fix: point at "
+                     "RUN_DIR/convert/clusters")]
+        known = {int(c["id"]) for c in json.loads(info.read_text())}
+        bad = sorted(set(self.tau_per_cluster) - known)
+        return [(f"{path}.tau_per_cluster", f"unknown cluster id(s) {bad}; {self.clusters} has {sorted(known)}")] \
+            if bad else []
+
+
+class Estimate(BaseModel):
+    """Logged SLM outcomes for one (cluster, call kind) cell; None means 'any'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cluster: int | None = Field(default=None, description="S3 cluster id, or None for every cluster.")
+    call_kind: str | None = Field(default=None, description="Call kind, or None for every kind.")
+    successes: float = Field(ge=0, description="SLM calls in this cell whose output was acceptable.")
+    trials: float = Field(ge=0, description="SLM calls in this cell.")
+
+
+@register_policy_options
+class ThresholdPolicy(_ClusterPaths):
+    kind: Literal["threshold"] = Field(description="Score = the SLM's Beta-smoothed success rate for the call's "
+                                       "(cluster, call kind) in logged outcomes; SLM when score >= tau.")
+    estimates: list[Estimate] = Field(default_factory=list, description="Outcome counts per cell (written by "
+                                      "`slmshift tune`); or give `from_run`.")
+    from_run: str | None = Field(default=None, description="A run dir whose SLM-tier outcomes (shadow records "
+                                 "included) give the estimates at start-up.")
+    prior_strength: float = Field(default=2.0, gt=0, description="Pseudo-trials pulling a cell towards its parent "
+                                  "(call kind, then all calls): the Beta prior's strength.")
+
+    @field_validator("from_run")
+    @classmethod
+    def _abs_run(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        problems = super().check(path, models)
+        if not self.estimates and not self.from_run:
+            problems.append((path, "kind 'threshold' needs `estimates` (from `slmshift tune`) or `from_run: RUN_DIR`"))
+        if self.from_run and "://" not in self.from_run and not Path(self.from_run, "interactions").is_dir():
+            problems.append((f"{path}.from_run", f"{self.from_run} has no interactions/ log. Fix: pass a run dir "
+                             "printed by `slmshift run`"))
+        return problems
+
+
+@register_policy_options
+class LearnedPolicy(_ClusterPaths):
+    kind: Literal["learned"] = Field(description="Score = a classifier's probability that the SLM's output is "
+                                     "acceptable, from the prompt's MiniLM embedding and call kind.")
+    model: str = Field(description="The scorer file `slmshift tune` wrote (RUN_DIR/tune/learned.joblib).")
+
+    @field_validator("model")
+    @classmethod
+    def _abs_model(cls, v: str) -> str:
+        return absolute_path(v)
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        problems = super().check(path, models)
+        if not Path(self.model).is_file():
+            problems.append((f"{path}.model", f"{self.model}: file not found. Fix: run `slmshift tune RUN_DIR` and "
+                             "point at RUN_DIR/tune/learned.joblib"))
+        return problems
+
+
+@register_policy_options
+class CascadePolicy(PolicySpec):
+    kind: Literal["cascade"] = Field(description="SLM first; its answer is kept when the call's own check passes and "
+                                     "its confidence exp(mean token log-prob) >= tau, else the LLM answers.")
+    tau: float = _tau(what="accept the SLM's answer when exp(mean token log-prob) is at least this")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
+
+
+@register_policy_options
+class AdaptersPolicy(PolicySpec):
+    kind: Literal["adapters"] = Field(description="Each call's task cluster -> the SLM with that cluster's promoted "
+                                      "LoRA adapter; other calls go to `default`.")
+    registry: str = Field(description="The registry.json `slmshift convert` wrote (RUN_DIR/convert/registry.json).")
+    min_similarity: float | None = Field(default=None, ge=-1, le=1, description="A call whose cosine similarity to "
+                                         "its nearest cluster centroid is below this goes to `default`.")
+    tiers_used: ClassVar[frozenset[str]] = frozenset({"slm"})
+
+    @field_validator("registry")
+    @classmethod
+    def _abs_registry(cls, v: str) -> str:
+        return absolute_path(v)
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        from slmshift.platform.artifacts import CLUSTER_FILES, AdapterRegistryFile
+        from slmshift.platform.errors import SlmshiftError
+
+        try:
+            doc = AdapterRegistryFile.read(self.registry)
+        except SlmshiftError as e:
+            return [(f"{path}.registry", str(e))]
+        problems: Problems = []
+        clusters = (Path(self.registry).parent / doc.clusters_dir).resolve()
+        missing = [n for n in CLUSTER_FILES if not (clusters / n).is_file()]
+        if missing:
+            problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
+                             "Fix: run `slmshift convert` again"))
+        slm = next((m for m in models if m.name == self.slm_model), None) if self.slm_model else \
+            next((m for m in models if m.tier == "slm"), None)
+        if slm is None:
+            return problems  # the tier check reports it
+        served = set(slm.adapters)
+        if slm.registry:
+            try:
+                served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
+            except SlmshiftError:
+                pass  # reported on the model
+        for e in doc.entries:
+            if e.promoted and e.label not in served:
+                problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model "
+                                 f"{slm.name!r}; Fix: add `registry: {self.registry}` to that model (or name it in "
+                                 "slm_model)"))
+        return problems
+
+
+# Keys of a policy file whose relative paths resolve against the file's own directory.
+PATH_KEYS = ("registry", "clusters", "model", "from_run")

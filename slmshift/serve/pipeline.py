@@ -1,0 +1,193 @@
+"""The call pipeline: route -> call -> (escalate) -> check -> S1 record -> metrics, for one model call.
+
+A library object, not a deployment: it lives in the process that makes calls (each team actor, the gateway's
+ingress replica), so scenario checks run in-process and there is no extra Serve hop. The agent side only numbers
+its calls and carries episode identity (`agents/client.py`).
+
+Failures never raise into the caller: a dead replica or a Serve error is retried a bounded number of times and
+then recorded as an infrastructure error (`infra_error`, excluded from quality and SLM share); malformed output is a
+failed call (valid=False, error set); a checker that crashes on untrusted output is a failed call too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from slmshift.platform import metrics
+from slmshift.platform.cost import cost_usd, flops
+from slmshift.platform.policies import PolicySpec
+from slmshift.platform.scorers import outcome
+from slmshift.platform.types import Interaction, LMRequest, LMResponse, ModelSpec, RouteDecision, Tier
+from slmshift.serve.router import build_policy
+from slmshift.serve.router.fixed import unit_draw
+
+# Errors that mean the call never reached a model (a replica or node died, Serve shed load): retried, then recorded
+# as infrastructure errors rather than as the model's failure.
+INFRA_ERRORS = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
+                "BackPressureError", "DeploymentUnavailableError", "RequestCancelledError", "ObjectLostError")
+INFRA_RETRIES = 2
+
+
+@dataclass
+class CallResult:
+    text: str
+    response: LMResponse
+    decision: RouteDecision
+    valid: bool | None
+    correct: bool | None
+    error: str | None
+    escalated: bool = False
+
+
+Grader = Callable[..., Any]  # Scenario.grade_call(task_id, call_kind, output, context=...) -> Verdict | None
+
+
+class CallPipeline:
+    """One per caller process. `call` returns the final answer; every model call made is logged."""
+
+    def __init__(self, *, policy: PolicySpec, models: list[ModelSpec], handles: dict[str, Any],
+                 params: dict[str, float | None], log: Any, grader: Grader | None = None):
+        self.policy = build_policy(policy, models)
+        self.spec = policy
+        self.specs = {m.name: m for m in models}
+        self.handles, self.params, self.log, self.grader = handles, params, log, grader
+
+    async def _invoke(self, model: str, request: LMRequest) -> tuple[LMResponse, float, bool]:
+        """(response, wall latency, infra error?) for one call to one deployment."""
+        spec = self.specs[model]
+        t0 = time.perf_counter()
+        for attempt in range(INFRA_RETRIES + 1):
+            try:
+                resp: LMResponse = await self.handles[model].remote(request)
+                return resp, time.perf_counter() - t0, False
+            except Exception as e:
+                name = type(e).__name__
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                infra = name in INFRA_ERRORS or any(n in first for n in INFRA_ERRORS)
+                if infra and attempt < INFRA_RETRIES:
+                    await asyncio.sleep(0.5 * 2**attempt)
+                    continue
+                resp = LMResponse(text="", model=spec.name, tier=spec.tier, backend=spec.backend,
+                                  error=f"{'infra: ' if infra else ''}{name}: {first}")
+                return resp, time.perf_counter() - t0, infra
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check(check: Any, resp: LMResponse) -> tuple[bool | None, bool | None, str | None]:
+        if resp.error is not None:
+            return False, None, resp.error
+        if check is None:
+            return None, None, None
+        try:
+            verdict = check(resp.text)
+            valid, correct = verdict.valid, verdict.correct
+            return valid, correct, None if valid else (verdict.reason or "invalid output")
+        except Exception as e:  # a checker must not crash the episode on untrusted output
+            return False, None, f"checker failed: {type(e).__name__}: {e}"
+
+    def _record(self, request: LMRequest, decision: RouteDecision, resp: LMResponse, latency: float,
+                valid: bool | None, correct: bool | None, error: str | None, infra: bool, **extra: Any) -> dict:
+        spec = self.specs[resp.model] if resp.model in self.specs else self.specs[decision.model]
+        cost = cost_usd(spec.price, resp.tokens_in, resp.tokens_out)
+        rec = Interaction(
+            id=extra.pop("id", request.record_id), experiment_id=request.experiment_id,
+            episode_id=request.episode_id, call_index=request.call_index, scenario=request.scenario,
+            task_id=request.task_id, policy=request.policy, role=request.role, call_kind=request.call_kind,
+            category=request.category, expect=request.expect, prompt=json.dumps(request.messages), output=resp.text,
+            model=resp.model, tier=resp.tier, backend=resp.backend, adapter=resp.adapter, route_kind=decision.kind,
+            route_reason=decision.reason, tokens_in=resp.tokens_in, tokens_out=resp.tokens_out, latency_s=latency,
+            engine_latency_s=resp.latency_s, cost_usd=cost,
+            flops=flops(self.params.get(spec.name), resp.tokens_in, resp.tokens_out), mean_logprob=resp.mean_logprob,
+            simulated=resp.simulated, valid=valid, correct=correct, error=error, infra_error=infra,
+            route_score=decision.score, cluster=decision.cluster, attempt=request.attempt, **extra)
+        self.log.add(rec.model_dump())
+        tags = {"model": resp.model, "tier": resp.tier, "scenario": request.scenario, "call_kind": request.call_kind,
+                "policy": request.policy}
+        if not rec.shadow:
+            metrics.record_call(tags, valid, resp.tokens_in, resp.tokens_out, cost, latency)
+        return rec.model_dump()
+
+    async def call(self, request: LMRequest, check: Any = None, context: Any = None) -> CallResult:
+        decision = self.policy.route(request)
+        engine_req = request.model_copy(update={"adapter": decision.adapter}) if decision.adapter else request
+        shadow_task = None
+        shadow_tier = self._shadow_tier(request, decision.tier)
+        if shadow_tier is not None and decision.accept_confidence is None:  # in parallel: it never delays the answer
+            shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
+        resp, latency, infra = await self._invoke(decision.model, engine_req)
+        valid, correct, error = self._check(check, resp)
+        escalated = False
+        if decision.accept_confidence is not None and not infra:
+            keep, why = self._accept(resp, valid, decision.accept_confidence)
+            if not keep:  # log the rejected SLM attempt, then the LLM answers
+                attempt_id = f"{request.record_id}:cascade"
+                self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; rejected: {why}"}),
+                             resp, latency, valid, correct, error, infra, id=attempt_id, escalated=True)
+                decision = self.policy.decision("llm", f"cascade escalated: {why}")
+                resp, latency2, infra = await self._invoke(decision.model, request)
+                latency += latency2
+                valid, correct, error = self._check(check, resp)
+                escalated = True
+                self._record(request, decision, resp, latency, valid, correct, error, infra, escalated_from=attempt_id)
+                return CallResult(resp.text, resp, decision, valid, correct, error, escalated=True)
+            decision = decision.model_copy(update={"reason": f"{decision.reason}; accepted: {why}"})
+        if shadow_tier is not None and shadow_task is None and not infra:
+            shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
+        if shadow_task is not None and correct is None and valid and self.grader is not None:
+            correct = await self._grade(request, resp.text, context)  # paired data needs both sides graded
+        self._record(request, decision, resp, latency, valid, correct, error, infra)
+        if shadow_task is not None:
+            await shadow_task
+        return CallResult(resp.text, resp, decision, valid, correct, error, escalated=escalated)
+
+    @staticmethod
+    def _accept(resp: LMResponse, valid: bool | None, tau: float) -> tuple[bool, str]:
+        if resp.error is not None:
+            return False, f"SLM error ({resp.error[:80]})"
+        if valid is False:
+            return False, "check failed"
+        if resp.mean_logprob is None:
+            return True, "check passed (engine reports no log-prob)"
+        conf = math.exp(resp.mean_logprob)
+        return (conf >= tau), f"confidence {conf:.3f} {'>=' if conf >= tau else '<'} {tau}"
+
+    def _shadow_tier(self, request: LMRequest, served: Tier) -> Tier | None:
+        mode = self.spec.shadow
+        if mode == "none":
+            return None
+        other: Tier = "slm" if served == "llm" else "llm"
+        if mode != "both" and mode != other:
+            return None
+        if self.policy.models[other] is None:
+            return None
+        if self.spec.shadow_rate < 1 and unit_draw("shadow", request.record_id) >= self.spec.shadow_rate:
+            return None
+        return other
+
+    async def _grade(self, request: LMRequest, text: str, context: Any) -> bool | None:
+        try:
+            verdict = await asyncio.to_thread(self.grader, request.task_id, request.call_kind, text, context=context)
+        except Exception:
+            return None
+        return None if verdict is None else outcome(verdict.correct, verdict.valid)
+
+    async def _shadow(self, request: LMRequest, primary: RouteDecision, tier: Tier, check: Any, context: Any) -> None:
+        """The same request on the other tier, graded, logged as '<id>:shadow'; never returned to the episode."""
+        model = self.policy.models[tier]
+        decision = self.policy.decision(tier, f"shadow of {primary.tier} call")
+        # the SLM side serves the adapter the policy would have used, where it chose one for this call
+        req = request.model_copy(update={"adapter": primary.adapter}) if tier == "slm" and primary.adapter else request
+        try:
+            resp, latency, infra = await self._invoke(model, req)
+            valid, correct, error = self._check(check, resp)
+            if correct is None and valid and self.grader is not None:
+                correct = await self._grade(request, resp.text, context)
+            self._record(request, decision, resp, latency, valid, correct, error, infra,
+                         id=f"{request.record_id}:shadow", shadow=True, shadow_of=request.record_id)
+        except Exception:  # a shadow must never disturb the episode
+            pass

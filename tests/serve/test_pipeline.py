@@ -1,0 +1,159 @@
+"""The call pipeline inside an actor: routes, checks, logs, escalates (cascade), shadows (paired outcomes), and
+exports Ray metrics that Prometheus can scrape."""
+
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import ray
+from ray import serve
+
+from slmshift.platform.log import InteractionLog, read_interactions
+from slmshift.platform.policies import policy_spec
+from slmshift.platform.types import Hidden, ModelSpec
+from slmshift.serve.deployment import deploy_models
+
+TEACHER = ModelSpec(name="teacher", tier="llm", backend="simulated", resources={"num_cpus": 0},
+                    price={"input_per_m": 1.0, "output_per_m": 2.0}, params=1e9,
+                    profile={"accuracy": {"default": 1.0}})
+# A simulated SLM: wrong on `hard` calls (it answers the distractor), right and unsure on `unsure`, right and sure
+# elsewhere; log-probs without spread so a cascade's decisions are exact here.
+STUDENT = ModelSpec(name="student", tier="slm", backend="simulated", resources={"num_cpus": 0},
+                    price={"input_per_m": 0.1, "output_per_m": 0.2},
+                    profile={"accuracy": {"default": 1.0, "hard": 0.0}, "mean_logprob_right": -0.05,
+                             "mean_logprob_wrong": -0.05, "mean_logprob_sd": 0.0})
+UNSURE = STUDENT.model_copy(update={"name": "unsure", "profile": STUDENT.profile.model_copy(
+    update={"mean_logprob_right": -3.0})})
+
+
+@ray.remote(num_cpus=0)
+class Agent:
+    def __init__(self, handles, log, policy=None, models=(TEACHER,)):
+        import logging
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        from slmshift.agents.client import Session
+        from slmshift.platform.log import LogClient
+        from slmshift.serve.pipeline import CallPipeline
+
+        self.log = LogClient(log)
+        self.pipeline = CallPipeline(policy=policy or policy_spec(kind="llm", name="arm"), models=list(models),
+                                     handles=handles, params={"teacher": 1e9}, log=self.log)
+        self.session = lambda episode_id: Session(self.pipeline, experiment_id="exp", scenario="scn",
+                                                  episode_id=episode_id, task_id="task-1")
+
+    async def episode(self, episode_id: str, answers: list[str], call_kind: str = "intent"):
+        s = self.session(episode_id)
+        out = []
+        for a in answers:
+            r = await s.call(role="planner", call_kind=call_kind, messages=[{"role": "user", "content": "pick"}],
+                             hidden=Hidden(answer=a, distractors=["prose, not JSON"]),
+                             check=lambda text: SimpleNamespace(valid=text.startswith("{"), correct=text == "{ok}",
+                                                                reason="not JSON"))
+            out.append((r.text, r.valid, r.correct, r.error))
+        await self.log.drain()
+        return out
+
+
+@pytest.fixture(scope="module")
+def agent(ray_cluster, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    handles = deploy_models([TEACHER, STUDENT, UNSURE], available_cpus=2)
+    log = InteractionLog.remote(run_dir)
+    return Agent.remote(handles, log), log, run_dir, handles
+
+
+def test_calls_are_checked_and_logged(agent):
+    actor, log, run_dir, _ = agent
+    out = ray.get(actor.episode.remote("ep1", ["{ok}", "prose, not JSON"]))
+    assert out == [("{ok}", True, True, None), ("prose, not JSON", False, False, "not JSON")]
+    ray.get(actor.episode.remote("ep1", ["{ok}", "{ok}"]))  # a retried episode overwrites its records
+    ray.get(log.flush.remote())
+    df = read_interactions(run_dir).sort_values("call_index")
+    assert len(df) == 2 and list(df.output) == ["{ok}", "{ok}"]
+    row = df.iloc[0]
+    assert (row.model, row.tier, row.policy, row.route_kind, row.role) == ("teacher", "llm", "arm", "llm", "planner")
+    assert row.cost_usd == pytest.approx((row.tokens_in * 1.0 + row.tokens_out * 2.0) / 1e6)
+    assert row.flops == pytest.approx(2e9 * (row.tokens_in + row.tokens_out)) and row.latency_s > 0
+
+
+def test_metrics_reach_rays_prometheus_endpoint(agent):
+    actor, _, _, _ = agent
+    ray.get(actor.episode.remote("ep2", ["{ok}"]))
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # Ray exports on an interval
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "ray_slmshift_calls_total" in text and "ray_slmshift_engine_batch_size" in text:
+            break
+        time.sleep(2)
+    calls = [ln for ln in text.splitlines() if ln.startswith("ray_slmshift_calls_total{")]
+    assert any('model="teacher"' in ln and 'call_kind="intent"' in ln and 'policy="arm"' in ln for ln in calls), calls
+    assert "ray_slmshift_call_latency_s_bucket" in text and "ray_slmshift_cost_usd_total" in text
+    assert "ray_slmshift_engine_batch_size_bucket" in text
+
+
+def test_records_survive_the_agent_being_killed_after_drain(agent, ray_cluster):
+    _, log, run_dir, _ = agent
+    handles = {"teacher": serve.get_app_handle("teacher")}
+    for k in range(3):  # the runner kills team actors as soon as an arm is drained
+        a = Agent.remote(handles, log)
+        ray.get(a.episode.remote(f"kill{k}", ["{ok}"] * 40))
+        ray.kill(a)
+    ray.get(log.flush.remote())
+    df = read_interactions(run_dir)
+    assert df[df.episode_id.str.startswith("kill")].groupby("episode_id").size().to_dict() == \
+        {"kill0": 40, "kill1": 40, "kill2": 40}
+
+
+def records(log, run_dir, prefix, include_shadow=True):
+    ray.get(log.flush.remote())
+    df = read_interactions(run_dir, include_shadow=include_shadow)
+    return df[df.episode_id.str.startswith(prefix)].sort_values(["episode_id", "call_index", "id"])
+
+
+def test_cascade_escalates_invalid_output_and_links_both_records(agent):
+    _, log, run_dir, handles = agent
+    a = Agent.remote(handles, log, policy_spec(kind="cascade", tau=0.5), (TEACHER, STUDENT))
+    out = ray.get(a.episode.remote("casc-hard", ["{ok}"], "hard"))
+    assert out == [("{ok}", True, True, None)]  # the LLM's answer reached the agent
+    df = records(log, run_dir, "casc-hard")
+    slm, llm = df[df.tier == "slm"].iloc[0], df[df.tier == "llm"].iloc[0]
+    assert slm.escalated and slm.id == f"{llm.id}:cascade" and llm.escalated_from == slm.id and not llm.escalated
+    assert slm.output == "prose, not JSON" and slm.valid is False or slm.valid == False  # noqa: E712
+    assert "check failed" in slm.route_reason and slm.cost_usd > 0 and llm.cost_usd > 0
+
+
+def test_cascade_escalates_low_confidence_and_keeps_confident_answers(agent):
+    _, log, run_dir, handles = agent
+    unsure = Agent.remote(handles, log, policy_spec(kind="cascade", tau=0.5), (TEACHER, UNSURE))
+    ray.get(unsure.episode.remote("casc-unsure", ["{ok}"]))
+    df = records(log, run_dir, "casc-unsure")
+    assert sorted(df.tier) == ["llm", "slm"] and "confidence 0.050 < 0.5" in df[df.tier == "slm"].iloc[0].route_reason
+    sure = Agent.remote(handles, log, policy_spec(kind="cascade", tau=0.5), (TEACHER, STUDENT))
+    ray.get(sure.episode.remote("casc-sure", ["{ok}"]))
+    df = records(log, run_dir, "casc-sure")
+    assert list(df.tier) == ["slm"] and not df.iloc[0].escalated and "accepted: confidence 0.951" in df.iloc[0].route_reason
+
+
+def test_shadow_calls_are_graded_logged_apart_and_never_change_the_episode(agent):
+    _, log, run_dir, handles = agent
+    a = Agent.remote(handles, log, policy_spec(kind="llm", name="paired", shadow="slm"), (TEACHER, STUDENT))
+    out = ray.get(a.episode.remote("shadow-1", ["{ok}", "{ok}"], "hard"))
+    assert out == [("{ok}", True, True, None)] * 2  # the wrong shadow answer never reached the agent
+    df = records(log, run_dir, "shadow-1")
+    main, shadow = df[~df.shadow.astype(bool)], df[df.shadow.astype(bool)]
+    assert len(main) == 2 and len(shadow) == 2 and set(shadow.tier) == {"slm"}
+    assert set(shadow.id) == {f"{i}:shadow" for i in main.id} and set(shadow.shadow_of) == set(main.id)
+    assert list(shadow.correct) == [False, False] and list(main.correct) == [True, True]
+    assert len(records(log, run_dir, "shadow-1", include_shadow=False)) == 2  # excluded from the log by default
+
+
+def test_shadow_rate_samples_deterministically(agent):
+    _, log, run_dir, handles = agent
+    a = Agent.remote(handles, log, policy_spec(kind="llm", shadow="slm", shadow_rate=0.3), (TEACHER, STUDENT))
+    ray.get(a.episode.remote("rate-1", ["{ok}"] * 40))
+    df = records(log, run_dir, "rate-1")
+    n = int(df.shadow.astype(bool).sum())
+    assert 4 <= n <= 22, n  # ~12 of 40
