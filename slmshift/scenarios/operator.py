@@ -78,7 +78,7 @@ class OperatorScenario(Scenario):
                 {"role": "user", "content": f"That could not be parsed ({call.error}). Reply with only the function "
                                             "call(s) in the format [func_name(param=value, ...)]."}]
         success = bool(call.correct)
-        detail = "correct" if success else (call.error or "wrong call")
+        detail = "correct" if success else (call.error or grade_calls(task, call.text).reason or "wrong call")
         return Outcome(success=success, reward=1.0 if success else 0.0, detail=detail[:200])
 
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: dict | None = None) -> Grade | None:

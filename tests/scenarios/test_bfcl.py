@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+from dataclasses import dataclass
 
 import pytest
 
@@ -331,3 +333,129 @@ def test_bfcl_package_import_graph_has_no_cycle() -> None:
     assert "teacher" in graph and "data" in graph
     list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     assert not graph["data"] & {"grader", "teacher"}
+
+
+# ---------------------------------------------------------------- the live and (ir)relevance categories
+
+
+@pytest.mark.parametrize("task_id", ["live_simple_0-0-0", "live_multiple_0-0-0", "live_parallel_0-0-0",
+                                     "live_parallel_multiple_0-0-0", "irrelevance_0", "live_irrelevance_0-0-0",
+                                     "live_relevance_0-0-0"])
+def test_new_categories_teacher_passes_and_wrong_answers_fail(task_id: str) -> None:
+    t = _task(task_id)
+    assert grade_calls(t, reference_call(t)) == Grade(True, True, "")
+    assert grade_intent(t, intent_reference(t)) == Grade(True, True, "")
+    wrong = distractor_calls(t)
+    assert wrong and not any(grade_calls(t, d).correct for d in wrong)
+    assert not any(grade_intent(t, d).correct for d in intent_distractors(t))
+
+
+def test_irrelevance_is_graded_as_bfcl_does() -> None:
+    t = _task("irrelevance_0")
+    fn = t.functions[0]["name"]
+    assert t.checker == "irrelevance" and not t.answer
+    for no_call in ("I cannot help with that.", "", "[]", "None", "```python\n[" + fn + "(a=1)]\n```"):
+        assert grade_calls(t, no_call).correct, no_call  # BFCL's decoder reads no call here (fences included)
+    for call in (f"[{fn}(a=1)]", f"{fn}(a=1)", f"[{fn}()]", "[anything(x='y')]"):
+        g = grade_calls(t, call)
+        assert g.valid and not g.correct and "decoder_success" in g.reason, call
+    assert grade_intent(t, '{"functions": []}').correct
+    assert not grade_intent(t, json.dumps({"functions": [fn]})).correct
+
+
+def test_relevance_needs_a_call() -> None:
+    t = _task("live_relevance_2-2-0")
+    assert t.checker == "relevance" and not t.answer
+    assert grade_calls(t, "[search_web(query='x')]").correct
+    assert grade_calls(t, "[some_other_function(q=1)]").correct  # BFCL only asks for a call, any call
+    for no_call in ("I would search the web.", "[]", ""):
+        g = grade_calls(t, no_call)
+        assert not g.valid and not g.correct and "decoder_failed" in g.reason
+    assert not grade_intent(t, '{"functions": []}').correct
+    assert grade_intent(t, '{"functions": ["search_web"]}').correct
+
+
+def test_relevance_categories_never_evaluate_model_output(tmp_path) -> None:
+    target = tmp_path / "pwned"
+    hostile = f"[f(x=(lambda: open({str(target)!r}, 'w'))())]"
+    for task_id in ("irrelevance_0", "live_relevance_2-2-0"):
+        assert not grade_calls(_task(task_id), hostile).correct  # refused: fails both kinds
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- operator episodes (scripted team)
+
+
+@dataclass
+class _Result:
+    text: str
+    valid: bool | None
+    correct: bool | None
+    error: str | None
+
+
+class ScriptedSession:
+    """Answers each call kind from a script (the hidden reference when none) and applies the call's check."""
+
+    def __init__(self, script: dict[str, str] | None = None):
+        self.script, self.calls = script or {}, []
+
+    async def call(self, *, role, call_kind, messages, expect="text", category="template", json_schema=None,
+                   max_tokens=128, temperature=0.0, hidden=None, check=None):
+        text = self.script.get(call_kind, hidden.answer)
+        v = check(text)
+        self.calls.append((role, call_kind, text))
+        return _Result(text, v.valid, v.correct, None if v.valid else v.reason)
+
+
+def _operator(categories: list[str]):
+    import slmshift.scenarios  # noqa: F401  (registers "operator")
+    from slmshift.platform.config import ScenarioSpec
+    from slmshift.platform.scenario import scenario_class
+
+    return scenario_class("operator")(ScenarioSpec(kind="operator", episodes=2, options={"categories": categories}), 0)
+
+
+@pytest.mark.parametrize("task_id", ["irrelevance_0", "live_relevance_0-0-0", "live_parallel_multiple_0-0-0"])
+def test_operator_episode_with_the_teacher(task_id: str) -> None:
+    sc = _operator(["live_simple"])
+    session = ScriptedSession()
+    out = asyncio.run(sc.run_episode(_task(task_id), session))
+    assert out.success, out
+    kinds = [k for _, k, _ in session.calls]
+    # on an irrelevance task the Planner picks nothing, so the Operator is never asked
+    assert kinds == (["intent"] if task_id.startswith("irrelevance") else ["intent", "function_call"])
+
+
+def test_operator_episode_wrong_planner_or_operator_fails() -> None:
+    sc = _operator(["irrelevance"])
+    t = _task("irrelevance_0")
+    fn = t.functions[0]["name"]
+    out = asyncio.run(sc.run_episode(t, ScriptedSession({"intent": json.dumps({"functions": [fn]}),
+                                                         "function_call": f"[{fn}(a=1)]"})))
+    assert not out.success and "decoder_success" in out.detail
+    rel = _task("live_relevance_0-0-0")
+    out = asyncio.run(sc.run_episode(rel, ScriptedSession({"intent": '{"functions": []}'})))
+    assert not out.success and out.detail == "planner chose no function"
+
+
+def test_operator_grade_call_offline_for_new_categories() -> None:
+    sc = _operator(["simple"])  # grading does not depend on the run's own categories
+    t = _task("live_multiple_0-0-0")
+    assert sc.grade_call(t.id, "function_call", reference_call(t)).correct
+    assert sc.grade_call(t.id, "function_call", reference_call(t), context={"ignored": 1}).correct
+    assert not sc.grade_call(t.id, "function_call", distractor_calls(t)[0]).correct
+    assert sc.grade_call("irrelevance_0", "intent", '{"functions": []}').correct
+    assert sc.grade_call("irrelevance_0", "function_call", "no call needed").correct
+    assert sc.grade_call("no_such_task", "function_call", "x") is None
+    assert sc.grade_call(t.id, "summary", "x") is None
+
+
+def test_operator_options_reject_unknown_categories_listing_the_real_set() -> None:
+    from slmshift.scenarios.operator import OperatorOptions
+
+    with pytest.raises(ValueError) as err:
+        OperatorOptions(categories=["live_simple", "multi_turn_base", "nope"])
+    msg = str(err.value)
+    assert "multi_turn_base" in msg and "nope" in msg and "operator_multiturn" in msg
+    assert all(c in msg for c in ALL)
