@@ -31,3 +31,16 @@ class Session:
             max_tokens=max_tokens, temperature=temperature, seed=self.seed, hidden=hidden, attempt=self.attempt)
         self.calls += 1
         return await self.pipeline.call(req, check, context)
+
+
+def local_session(engine: Any, *, scenario: str = "local", task_id: str = "task", policy: Any = None,
+                  log: Any = None, episode_id: str = "ep") -> Session:
+    """A session over the real call pipeline with one in-process engine (no Ray, no Serve): offline evaluation and
+    scripted episodes. Records go to `log` (default: a MemoryLog, at `session.pipeline.log`)."""
+    from slmshift.platform.policies import policy_spec
+    from slmshift.serve.pipeline import LocalHandle, MemoryLog
+
+    spec = engine.spec
+    pipeline = CallPipeline(policy=policy or policy_spec(kind=spec.tier), models=[spec],
+                            handles={spec.name: LocalHandle(engine)}, params={}, log=log or MemoryLog())
+    return Session(pipeline, experiment_id="local", scenario=scenario, episode_id=episode_id, task_id=task_id)

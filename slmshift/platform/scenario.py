@@ -29,14 +29,19 @@ class CallResult(Protocol):
     valid: bool | None
     correct: bool | None
     error: str | None
+    verdict: Any  # what the call's `check` returned for this output, or None
 
 
 class EpisodeSession(Protocol):
-    """Made per episode by the agent layer; numbers calls, routes them, logs them."""
+    """Made per episode by the agent layer; numbers calls, routes them, logs them.
+
+    `check(text) -> Verdict` grades the output in-process (and grades shadow outputs too, so it must not change
+    scenario state); `context` is what `grade_call` needs to grade this call offline (e.g. the page state)."""
 
     async def call(self, *, role: str, call_kind: str, messages: list[dict[str, str]], expect: str = "text",
                    category: str = "template", json_schema: dict | None = None, max_tokens: int = 128,
-                   temperature: float = 0.0, hidden: Hidden | None = None, check: Any = None) -> CallResult: ...
+                   temperature: float = 0.0, hidden: Hidden | None = None, check: Any = None,
+                   context: Any = None) -> CallResult: ...
 
 
 class Outcome(BaseModel):
@@ -75,12 +80,14 @@ class Scenario(abc.ABC):
     async def run_episode(self, task: Any, session: EpisodeSession) -> Outcome:
         """Run the team on one task and grade it with the benchmark's own checker."""
 
-    def grade_call(self, task_id: str, call_kind: str, output: str) -> Verdict | None:
+    def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None) -> Verdict | None:
         """Grade one logged call offline with the scenario's own checker, rebuilt from the task id.
 
         The S1 log holds no hidden references, so held-out evaluation of a tuned SLM (`slmshift convert`)
         asks the scenario. Return None where this scenario cannot grade the call (the default); the caller
-        then falls back to comparing with the logged output. Must never raise on bad model output.
+        then falls back to comparing with the logged output. Must never raise on bad model output. Synchronous:
+        callers on an event loop use `asyncio.to_thread`. `context` carries what a call needs beyond its output
+        (e.g. page state), where the caller has it.
         """
         return None
 

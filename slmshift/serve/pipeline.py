@@ -42,6 +42,7 @@ class CallResult:
     correct: bool | None
     error: str | None
     escalated: bool = False
+    verdict: Any = None  # what `check` returned for this output (scenarios read parsed values from it)
 
 
 Grader = Callable[..., Any]  # Scenario.grade_call(task_id, call_kind, output, context=...) -> Verdict | None
@@ -78,17 +79,18 @@ class CallPipeline:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _check(check: Any, resp: LMResponse) -> tuple[bool | None, bool | None, str | None]:
+    def _check(check: Any, resp: LMResponse) -> tuple[bool | None, bool | None, str | None, Any]:
+        """(valid, correct, error, verdict). `check` must be free of side effects: shadows are checked with it too."""
         if resp.error is not None:
-            return False, None, resp.error
+            return False, None, resp.error, None
         if check is None:
-            return None, None, None
+            return None, None, None, None
         try:
             verdict = check(resp.text)
             valid, correct = verdict.valid, verdict.correct
-            return valid, correct, None if valid else (verdict.reason or "invalid output")
+            return valid, correct, None if valid else (verdict.reason or "invalid output"), verdict
         except Exception as e:  # a checker must not crash the episode on untrusted output
-            return False, None, f"checker failed: {type(e).__name__}: {e}"
+            return False, None, f"checker failed: {type(e).__name__}: {e}", None
 
     def _record(self, request: LMRequest, decision: RouteDecision, resp: LMResponse, latency: float,
                 valid: bool | None, correct: bool | None, error: str | None, infra: bool, **extra: Any) -> dict:
@@ -120,8 +122,7 @@ class CallPipeline:
         if shadow_tier is not None and decision.accept_confidence is None:  # in parallel: it never delays the answer
             shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
         resp, latency, infra = await self._invoke(decision.model, engine_req)
-        valid, correct, error = self._check(check, resp)
-        escalated = False
+        valid, correct, error, verdict = self._check(check, resp)
         if decision.accept_confidence is not None and not infra:
             keep, why = self._accept(resp, valid, decision.accept_confidence)
             if not keep:  # log the rejected SLM attempt, then the LLM answers
@@ -131,10 +132,9 @@ class CallPipeline:
                 decision = self.policy.decision("llm", f"cascade escalated: {why}")
                 resp, latency2, infra = await self._invoke(decision.model, request)
                 latency += latency2
-                valid, correct, error = self._check(check, resp)
-                escalated = True
+                valid, correct, error, verdict = self._check(check, resp)
                 self._record(request, decision, resp, latency, valid, correct, error, infra, escalated_from=attempt_id)
-                return CallResult(resp.text, resp, decision, valid, correct, error, escalated=True)
+                return CallResult(resp.text, resp, decision, valid, correct, error, escalated=True, verdict=verdict)
             decision = decision.model_copy(update={"reason": f"{decision.reason}; accepted: {why}"})
         if shadow_tier is not None and shadow_task is None and not infra:
             shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
@@ -143,7 +143,7 @@ class CallPipeline:
         self._record(request, decision, resp, latency, valid, correct, error, infra)
         if shadow_task is not None:
             await shadow_task
-        return CallResult(resp.text, resp, decision, valid, correct, error, escalated=escalated)
+        return CallResult(resp.text, resp, decision, valid, correct, error, verdict=verdict)
 
     @staticmethod
     def _accept(resp: LMResponse, valid: bool | None, tau: float) -> tuple[bool, str]:
@@ -184,10 +184,44 @@ class CallPipeline:
         req = request.model_copy(update={"adapter": primary.adapter}) if tier == "slm" and primary.adapter else request
         try:
             resp, latency, infra = await self._invoke(model, req)
-            valid, correct, error = self._check(check, resp)
+            valid, correct, error, _ = self._check(check, resp)
             if correct is None and valid and self.grader is not None:
                 correct = await self._grade(request, resp.text, context)
             self._record(request, decision, resp, latency, valid, correct, error, infra,
                          id=f"{request.record_id}:shadow", shadow=True, shadow_of=request.record_id)
         except Exception:  # a shadow must never disturb the episode
             pass
+
+
+class LocalHandle:
+    """An engine called in-process, shaped like a DeploymentHandle (`await handle.remote(request)`): the pipeline
+    without Serve, for offline evaluation and for tests that script a model's answers."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def remote(self, request: LMRequest) -> Any:
+        return self._one(request)
+
+    async def _one(self, request: LMRequest) -> LMResponse:
+        return (await self.engine.generate([request]))[0]
+
+
+class MemoryLog:
+    """The pipeline's log interface kept in memory (records and episode outcomes as dicts), for in-process use."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.episodes: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def add_episode(self, result: dict) -> None:
+        self.episodes.append(result)
+
+    def flush(self) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass

@@ -11,11 +11,9 @@ Persisted under `clusters/`: `centroids.npy` (k x 384 float32, normalised), `ind
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.artifacts import ClusterIndex, normalise as _normalise, prompt_text
 from slmshift.platform.embeddings import DIM, embed
-from slmshift.platform.errors import SlmshiftError
 
 __all__ = ["ClusterOptions", "Clustering", "ClusterIndex", "prompt_text", "embed_texts", "cluster_calls",
            "label_clusters"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import slmshift.scenarios  # noqa: F401  (registers "metagpt")
-from slmshift.platform.config import PolicySpec, ScenarioSpec, load_config
+from slmshift.agents.client import Session, local_session
+from slmshift.platform.config import ScenarioSpec, load_config
+from slmshift.platform.policies import PolicySpec
+from slmshift.platform.types import ModelSpec
+from slmshift.serve.engines.scripted import ScriptedEngine
 from slmshift.platform.errors import ConfigError
 from slmshift.platform.sandbox import run_python
 from slmshift.platform.scenario import scenario_class, scenario_options
@@ -115,30 +118,19 @@ def test_run_sop_delivers_by_subscription_and_checks_publications():
 # ---------------------------------------------------------------- episodes with a scripted team
 
 
-@dataclass
-class _Result:
-    text: str
-    valid: bool | None
-    correct: bool | None
-    error: str | None
+def ScriptedSession(script: dict[str, list[str]]) -> Session:
+    """A real episode session over the real call pipeline (route, check, S1 record) whose model is scripted."""
+    engine = ScriptedEngine(ModelSpec(name="scripted", tier="llm", backend="simulated"), script)
+    session = local_session(engine, scenario="metagpt")
+    session.engine = engine
+    return session
 
 
-class ScriptedSession:
-    """Answers each call kind from a script (a list consumed in order; the last entry repeats) and applies the
-    call's checker as LMClient does. Records every call."""
-
-    def __init__(self, script: dict[str, list[str]]):
-        self.script, self.calls = {k: list(v) for k, v in script.items()}, []
-
-    async def call(self, *, role, call_kind, messages, expect="text", category="template", json_schema=None,
-                   max_tokens=128, temperature=0.0, hidden=None, check=None):
-        q = self.script.get(call_kind)
-        text = (q.pop(0) if len(q) > 1 else q[0]) if q else hidden.answer
-        v = check(text) if check else None
-        self.calls.append({"role": role, "call_kind": call_kind, "category": category, "expect": expect,
-                           "schema": json_schema, "valid": v.valid if v else None, "messages": messages,
-                           "hidden": hidden})
-        return _Result(text, v.valid if v else None, v.correct if v else None, None if not v or v.valid else v.reason)
+def seen(session: Session) -> list[dict]:
+    """Each request the scripted model saw, joined with the pipeline's S1 record of it."""
+    return [{"role": r.role, "call_kind": r.call_kind, "category": r.category, "expect": r.expect,
+             "schema": r.json_schema, "valid": rec["valid"], "messages": r.messages, "hidden": r.hidden}
+            for r, rec in zip(session.engine.requests, session.pipeline.log.records)]
 
 
 def _scenario(**options) -> MetaGPTScenario:
@@ -150,19 +142,19 @@ def test_the_debug_loop_fixes_failing_code():
     wrong = "```python\n" + P0.prompt + "    return False\n```"
     session = ScriptedSession({"code": [wrong]})  # debug answers with the (hidden) canonical solution
     out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
-    kinds = [c["call_kind"] for c in session.calls]
+    kinds = [c["call_kind"] for c in seen(session)]
     assert kinds == ["prd", "design", "tasks", "code", "tests", "summary", "debug", "tests", "summary"]
     assert out.success and out.reward == 1.0 and out.steps == 2
-    roles = {c["call_kind"]: (c["role"], c["category"]) for c in session.calls}
+    roles = {c["call_kind"]: (c["role"], c["category"]) for c in seen(session)}
     assert roles == {"prd": ("ProductManager", "template"), "design": ("Architect", "reasoning"),
                      "tasks": ("ProjectManager", "template"), "code": ("Engineer", "reasoning"),
                      "debug": ("Engineer", "debugging"), "tests": ("QaEngineer", "reasoning"),
                      "summary": ("QaEngineer", "template")}
-    debug = next(c for c in session.calls if c["call_kind"] == "debug")
+    debug = next(c for c in seen(session) if c["call_kind"] == "debug")
     assert "AssertionError" in debug["messages"][-1]["content"]  # the failure output reaches the Engineer
-    first_summary = next(c for c in session.calls if c["call_kind"] == "summary")
+    first_summary = next(c for c in seen(session) if c["call_kind"] == "summary")
     assert json.loads(first_summary["hidden"].answer)["status"] == "FAIL"  # the teacher's reference follows the run
-    for c in session.calls:
+    for c in seen(session):
         assert (c["expect"] == "json") == (c["call_kind"] in ("prd", "design", "tasks", "summary"))
         assert (c["schema"] is not None) == (c["expect"] == "json")
         assert c["hidden"].answer not in json.dumps(c["messages"])  # the reference never reaches the prompt
@@ -172,26 +164,26 @@ def test_the_feedback_loop_is_bounded():
     wrong = "```python\n" + P0.prompt + "    return False\n```"
     session = ScriptedSession({"code": [wrong], "debug": [wrong]})
     out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
-    kinds = [c["call_kind"] for c in session.calls]
+    kinds = [c["call_kind"] for c in seen(session)]
     assert kinds.count("debug") == 2 and kinds.count("summary") == 3 and not out.success
     assert out.steps == 3 and "AssertionError" in out.detail
     session = ScriptedSession({"code": [wrong]})
     out = asyncio.run(_scenario(debug_rounds=0).run_episode(P0, session))
-    assert "debug" not in [c["call_kind"] for c in session.calls] and not out.success
+    assert "debug" not in [c["call_kind"] for c in seen(session)] and not out.success
 
 
 def test_invalid_output_is_retried_within_budget_then_recorded():
     session = ScriptedSession({"prd": ['{"goals": [', "not json"], "code": ["I cannot do that."],
                                "debug": ["I cannot do that."]})
     out = asyncio.run(_scenario(format_retries=1, debug_rounds=1).run_episode(P0, session))
-    prd = [c for c in session.calls if c["call_kind"] == "prd"]
+    prd = [c for c in seen(session) if c["call_kind"] == "prd"]
     assert [c["valid"] for c in prd] == [False, False]  # two tries, both recorded as invalid
     assert "rejected" in prd[1]["messages"][-1]["content"]  # the error is fed back on the retry
-    code = [c for c in session.calls if c["call_kind"] in ("code", "debug")]
+    code = [c for c in seen(session) if c["call_kind"] in ("code", "debug")]
     assert all(c["valid"] is False for c in code) and len(code) == 4  # (1 + 1 retry) x (code, debug)
     assert not out.success and out.steps == 0 and "no parsable code" in out.detail
     # the team went on after the bad PRD: every role still acted
-    assert {c["role"] for c in session.calls} == set(ROLES)
+    assert {c["role"] for c in seen(session)} == set(ROLES)
 
 
 def test_a_wrong_summary_stops_the_loop_as_metagpt_would():
@@ -199,7 +191,7 @@ def test_a_wrong_summary_stops_the_loop_as_metagpt_would():
     lie = '{"status": "PASS", "send_to": "NoOne", "reason": "fine"}'
     session = ScriptedSession({"code": [wrong], "summary": [lie]})
     out = asyncio.run(_scenario(debug_rounds=2).run_episode(P0, session))
-    assert "debug" not in [c["call_kind"] for c in session.calls] and not out.success
+    assert "debug" not in [c["call_kind"] for c in seen(session)] and not out.success
 
 
 # ---------------------------------------------------------------- teacher references, tasks, config

@@ -15,7 +15,7 @@ from slmshift.platform.sandbox import SandboxLimits, SandboxResult, run_python_a
 from slmshift.platform.scenario import EpisodeSession
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.metagpt import prompts, teacher
-from slmshift.scenarios.metagpt.data import Problem, check_program
+from slmshift.scenarios.metagpt.data import Problem, answer_key_paths, grade_code_async
 from slmshift.scenarios.metagpt.schemas import SCHEMAS, Check, RunSummary, check_json, check_tests, extract_code
 from slmshift.scenarios.metagpt.sop import Message, MessagePool
 
@@ -48,19 +48,13 @@ class Company:
         verdict = Check(False, False, "not called")
         text = ""
         for _ in range(self.format_retries + 1):
-            # the checker runs inside the client (which records its verdict); keep our own copy for the value
-            verdict_box: list[Check] = []
-
-            def checked(t: str) -> Check:
-                verdict_box.append(check(t))
-                return verdict_box[-1]
-
+            # the checker runs inside the call pipeline (which records its verdict and returns it with the result)
             res = await self.session.call(
                 role=role, call_kind=kind, category=CATEGORY[kind], messages=messages, expect=EXPECT[kind],
                 json_schema=SCHEMAS[kind].model_json_schema() if kind in SCHEMAS else None,
-                max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=checked)
+                max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=check)
             text = res.text
-            verdict = verdict_box[-1] if verdict_box else Check(False, False, res.error or "no output")
+            verdict = res.verdict if res.verdict is not None else Check(False, False, res.error or "no output")
             if res.valid and verdict.valid:
                 return verdict.value, text, verdict
             messages = messages + [{"role": "assistant", "content": text},
@@ -117,15 +111,16 @@ class Company:
         else:
             tests, _, _ = await self._call("QaEngineer", "tests", prompts.tests_messages(p, code),
                                            teacher.tests_ref(p), lambda t: check_tests(t, p.entry_point))
-            # the tool: HumanEval's tests (the grader) and QA's own asserts, each in the sandbox
-            run = await run_python_async(check_program(p, code), self.limits)
+            # the tool: HumanEval's tests (the grader; they call the code in a process of its own) and QA's own
+            # asserts, each in the sandbox
+            run = await grade_code_async(p, code, self.limits)
             self.runs.append(run)
             passed, reason = run.ok, run.reason
             report.append(f"HumanEval tests: {'passed' if run.ok else 'FAILED: ' + run.reason}")
             if not run.ok and run.stderr.strip():
                 report.append("stderr (last lines):\n" + "\n".join(run.stderr.strip().splitlines()[-6:]))
             if tests is not None:
-                extra = await run_python_async(f"{code}\n\n{tests}\n", self.limits)
+                extra = await run_python_async(f"{code}\n\n{tests}\n", self.limits, hide=answer_key_paths())
                 report.append(f"QA's own tests: {'passed' if extra.ok else 'FAILED: ' + extra.reason}")
         tool_output = "\n".join(report)
         summary, text, _ = await self._call(

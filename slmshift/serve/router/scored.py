@@ -116,7 +116,6 @@ class Learned(ScoredPolicy):
     def __init__(self, spec: Any, models: list[ModelSpec]):
         super().__init__(spec, models)
         self._scorer: Any = None
-        self._error: str | None = None
 
     def score_features(self, request: LMRequest, embedding: np.ndarray, cluster: int | None) -> float:
         if self._scorer is None:
