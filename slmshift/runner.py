@@ -96,7 +96,12 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
             for spec in cfg.scenarios:
                 cls = scenario_class(spec.kind)
                 seed = cfg.experiment.seed if spec.seed is None else spec.seed
-                tasks = cls(spec, seed).tasks()
+                if spec.exclude_tasks:  # ask for enough tasks to make up for the excluded ones, then drop them
+                    skip = set(spec.exclude_tasks)
+                    more = spec.model_copy(update={"episodes": spec.episodes + len(skip)})
+                    tasks = [t for t in cls(more, seed).tasks() if str(t.id) not in skip][:spec.episodes]
+                else:
+                    tasks = cls(spec, seed).tasks()
                 for policy in cfg.router.policies:
                     bar = progress.add_task(f"{spec.label} · {policy.label}", total=len(tasks))
                     teams = [TeamActor.options(max_concurrency=spec.concurrency).remote(

@@ -90,6 +90,8 @@ class ScenarioSpec(_Strict):
     concurrency: int = Field(default=8, ge=1, description="Episodes each team actor runs at once.")
     seed: int | None = Field(default=None, description="Task sampling seed (default: experiment.seed).")
     options: dict[str, Any] = Field(default_factory=dict, description="Scenario-specific options (see its docs).")
+    exclude_tasks: list[str] = Field(default_factory=list, description="Task ids never to run (e.g. those a "
+                                     "`slmshift tune` search saw, for `--verify`); other tasks take their place.")
 
     @property
     def label(self) -> str:
