@@ -202,8 +202,8 @@ class HFOptions(_Strict):
     )
     scheduler: Literal["continuous", "static"] = Field(
         default="continuous", description="'continuous': requests join and leave the running batch at every decode "
-        "step; 'static': @serve.batch waves through one model.generate (the pre-0.x engine).")
-    kv_cache_mb: int = Field(default=2048, ge=16, description="Continuous scheduler: most MB of KV cache for the "
+        "step; 'static': @serve.batch waves, each through one model.generate (the older engine, kept for comparison).")
+    kv_cache_mb: int = Field(default=2048, ge=1, description="Continuous scheduler: most MB of KV cache for the "
                              "running batch; requests wait (admission control) until theirs fits.")
     prefix_cache_mb: int = Field(default=512, ge=0, description="Continuous scheduler: MB of KV kept for shared "
                                  "prompt prefixes, least recently used evicted; 0 turns prefix reuse off.")

@@ -231,3 +231,105 @@ def test_hub_without_network_says_so(monkeypatch):
         sources.load_model_and_tokenizer("someorg/some-model", "float32", "cpu")
     msg = str(err.value)
     assert "someorg/some-model" in msg and "no model hub is reachable" in msg and "packaged:smollm2-135m" in msg
+
+
+# --- the continuous scheduler -----------------------------------------------------------------------------------
+
+SYSTEM = "You are an operator. Answer with one JSON function call; never explain. " * 3
+
+
+def sys_req(content: str, **kw) -> LMRequest:
+    return LMRequest(experiment_id="t", episode_id="e", call_index=0, scenario="s", role="r", call_kind="k",
+                     messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], **kw)
+
+
+async def timed(engine, requests, delays=None):
+    """Submit each request (after its delay) and note the order in which they finish."""
+    order: list[int] = []
+
+    async def one(i, q):
+        await asyncio.sleep((delays or [0] * len(requests))[i])
+        r = await engine.submit(q)
+        order.append(i)
+        return r
+
+    out = await asyncio.gather(*(one(i, q) for i, q in enumerate(requests)))
+    return out, order
+
+
+def test_short_request_does_not_wait_for_a_long_one(tiny_dir):
+    engine = make(tiny_dir)
+    long_q, short_q = req(PROMPTS[1], max_tokens=300), req(PROMPTS[0], max_tokens=3)
+    (long_r, short_r), order = asyncio.run(timed(engine, [long_q, short_q], delays=[0, 0.01]))
+    assert long_r.error is None and short_r.error is None
+    assert long_r.tokens_out > 100  # (no early EOS: a long row really was running)
+    assert order == [1, 0] and short_r.latency_s < long_r.latency_s / 3
+    # the static engine makes the short one wait for the long one's batch
+    (s_long, s_short), _ = asyncio.run(timed(make(tiny_dir, "static"), [long_q, short_q]))
+    assert s_short.latency_s == pytest.approx(s_long.latency_s, rel=0.5)
+
+
+def test_greedy_tokens_and_logprobs_equal_the_static_engine(tiny_dir, static):
+    engine = make(tiny_dir, prefill_chunk_tokens=16)  # several prefill chunks per prompt
+    batch = [sys_req(p, max_tokens=m) for p, m in zip(PROMPTS * 2, [16, 3, 40, 8, 1, 24, 12, 30])]
+    cont, ref = gen(engine, batch), gen(static, batch)
+    for c, r in zip(cont, ref):
+        assert c.error is None and (c.text, c.tokens_in, c.tokens_out) == (r.text, r.tokens_in, r.tokens_out)
+        assert abs(c.mean_logprob - r.mean_logprob) < 1e-4
+    assert engine.stats()["prefill_chunks"] > len(batch)
+
+
+def test_prefix_cache_hits_on_a_repeated_system_prompt(tiny_dir, static):
+    engine = make(tiny_dir)
+    first = gen(engine, [sys_req(PROMPTS[1], max_tokens=12)])[0]
+    s = engine.stats()
+    assert s["prefix_lookups"] == 1 and s["prefix_hits"] == 0 and s["prefix_blocks"] > 0
+    tok = engine.tokenizer
+    system = tok(tok.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    later = gen(engine, [sys_req(p, max_tokens=12) for p in PROMPTS])
+    s = engine.stats()
+    assert s["prefix_hits"] == len(PROMPTS)  # every later prompt reused the system prompt's blocks (16 tokens each)
+    assert s["prefix_tokens_hit"] >= len(PROMPTS) * (len(system) // 16 * 16) > 0
+    assert 0 < s["prefix_token_hit_rate"] < 1
+    # reused KV gives the same tokens as computing the prompt afresh
+    assert later[1].text == first.text
+    assert [r.text for r in later] == [r.text for r in gen(static, [sys_req(p, max_tokens=12) for p in PROMPTS])]
+    off = make(tiny_dir, prefix_cache_mb=0)
+    assert [r.text for r in gen(off, [sys_req(p, max_tokens=12) for p in PROMPTS])] == [r.text for r in later]
+    assert "prefix_hits" not in off.stats()
+
+
+def test_sampled_rows_reproduce_whatever_the_batch(tiny_dir, static):
+    engine = make(tiny_dir)
+    q = req(PROMPTS[2], max_tokens=20, temperature=0.9, seed=11)
+    alone = asyncio.run(engine.submit(q)).text
+    others = [req(PROMPTS[i % 4], max_tokens=5 + 7 * i, temperature=0.5 * (i % 3), seed=i) for i in range(6)]
+    (out, _) = asyncio.run(timed(engine, others[:3] + [q] + others[3:], delays=[0, 0.002, 0.004, 0.003, 0, 0.01, 0]))
+    assert out[3].text == alone == gen(static, [q])[0].text  # and the same draw as the static engine
+    assert len({asyncio.run(engine.submit(q.model_copy(update={"seed": s}))).text for s in range(4)}) > 1
+
+
+def test_kv_budget_admits_what_fits_and_refuses_what_never_can(tiny_dir, static):
+    engine = make(tiny_dir, kv_cache_mb=1)  # the tiny model's KV is 512 B/token: 2048 tokens
+    assert engine._get_scheduler().bytes_per_token == 512
+    batch = [req(PROMPTS[i % 4], max_tokens=600) for i in range(6)]  # ~630 tokens each: 3 fit at once
+    out = gen(engine, batch)
+    assert all(r.error is None for r in out) and engine.stats()["peak_rows"] == 3
+    assert [r.text for r in out] == [r.text for r in gen(static, batch)]
+    huge = gen(engine, [req("hi", max_tokens=5000)])[0]
+    assert huge.text == "" and "hf.kv_cache_mb=1" in huge.error and "max_tokens" in huge.error
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_recovers(tiny_dir, monkeypatch):
+    engine = make(tiny_dir)
+    ok = gen(engine, [req("hi", max_tokens=4)])[0]
+
+    def boom(*a, **kw):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.model, "forward", boom)
+        failed = gen(engine, [req("hi", max_tokens=4), req("x = 1", max_tokens=9)])
+    assert all("device lost" in r.error for r in failed)
+    assert gen(engine, [req("hi", max_tokens=4)])[0].text == ok.text
