@@ -1,6 +1,6 @@
 """MetaGPT episodes per second with simulated engines on both tiers (zero latency), at 1, 8 and 64 concurrent
 teams (a team = one episode's five roles; they run as coroutines inside `--actors` team actors, as the runner
-does), through the full stack (team actors -> LMClient -> router -> Serve -> simulated engine -> S1 log, and
+does), through the full stack (team actors -> call pipeline -> router -> Serve -> simulated engine -> S1 log, and
 the sandbox for every test run). The baseline, measured in the same run, is 1 team: the ratio shows how
 throughput scales with concurrency.
 
@@ -19,7 +19,8 @@ from ray import serve
 
 import slmshift.scenarios  # noqa: F401  (registers "metagpt")
 from slmshift.agents.team import TeamActor
-from slmshift.platform.config import PolicySpec, ScenarioSpec
+from slmshift.platform.config import ScenarioSpec
+from slmshift.platform.policies import policy_spec
 from slmshift.platform.log import InteractionLog
 from slmshift.platform.scenario import scenario_class
 from slmshift.platform.types import ModelSpec
@@ -41,7 +42,7 @@ def run_arm(teams: int, actors: int, episodes: int, handles, specs, log, tag: st
                         options={"debug_rounds": 1})
     cls = scenario_class("metagpt")
     tasks = cls(spec, 0).tasks()
-    policy = PolicySpec(kind="call_kind", name="per-role", map={"prd": "slm", "tasks": "slm", "summary": "slm",
+    policy = policy_spec(kind="call_kind", name="per-role", map={"prd": "slm", "tasks": "slm", "summary": "slm",
                                                                 "tests": "slm"})
     team_actors = [TeamActor.options(max_concurrency=spec.concurrency).remote(
         cls, spec, 0, "bench", policy, specs, handles, {m.name: m.params for m in specs}, log) for _ in range(actors)]

@@ -1,6 +1,6 @@
 """Overhead of the slmshift stack, measured side by side in one run on one Ray instance.
 
-1. Per-call latency and calls/s: actor -> LMClient (router, S1 record, metrics) -> Serve -> simulated engine
+1. Per-call latency and calls/s: actor -> call pipeline (router, check, S1 record, metrics) -> Serve -> simulated engine
    with zero latency -> S1 log actor, against actors calling a bare Serve echo deployment with the same
    request object. Target: full stack <= 1.3x bare Serve.
 2. The hf engine's tokens/s for SmolLM2-135M under 32 concurrent requests through Serve, against offline
@@ -21,7 +21,7 @@ import time
 import ray
 from ray import serve
 
-from slmshift.platform.config import PolicySpec
+from slmshift.platform.policies import policy_spec
 from slmshift.platform.types import Hidden, LMRequest, ModelSpec
 from slmshift.serve.deployment import deploy_models
 
@@ -42,15 +42,17 @@ class Echo:
 
 @ray.remote(num_cpus=0)
 class Caller:
-    """Makes `n` calls with `c` coroutines, either bare or through the LMClient; returns per-call latencies."""
+    """Makes `n` calls with `c` coroutines, either bare or through the call pipeline; returns per-call latencies."""
 
     def __init__(self, mode: str, handle, models=None, log=None, params=None):
         self.mode, self.handle = mode, handle
         if mode == "full":
-            from slmshift.agents.client import LMClient
+            from slmshift.platform.log import LogClient
+            from slmshift.serve.pipeline import CallPipeline
 
-            self.client = LMClient("bench", "bench", PolicySpec(kind="llm"), models, {"teacher": handle},
-                                   params, log)
+            self.log = LogClient(log)
+            self.pipeline = CallPipeline(policy=policy_spec(kind="llm"), models=models, handles={"teacher": handle},
+                                         params=params, log=self.log)
 
     async def run(self, n: int, c: int, offset: int) -> list[float]:
         lat: list[float] = []
@@ -59,7 +61,10 @@ class Caller:
             for j in range(k, n, c):
                 t0 = time.perf_counter()
                 if self.mode == "full":
-                    session = self.client.episode(f"a{offset}-{j}", "t")
+                    from slmshift.agents.client import Session
+
+                    session = Session(self.pipeline, experiment_id="bench", scenario="bench",
+                                      episode_id=f"a{offset}-{j}", task_id="t")
                     await session.call(role="agent", call_kind="intent", messages=request(j).messages,
                                        max_tokens=16, hidden=request(j).hidden)
                 else:
@@ -68,7 +73,7 @@ class Caller:
 
         await asyncio.gather(*(worker(k) for k in range(c)))
         if self.mode == "full":
-            await self.client.drain()
+            await self.log.drain()
         return lat
 
 

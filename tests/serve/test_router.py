@@ -131,3 +131,93 @@ def test_adapters_policy_similarity_floor_and_slm_fallback(convert_dir):
     policy = adapter_policy(convert_dir, min_similarity=0.99, default="slm", slm_model="small2")
     d = policy.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
     assert (d.tier, d.model, d.adapter) == ("slm", "small2", None) and "too far" in d.reason
+
+
+# --- scored policies: threshold, learned, random; failures fall back to `default` ------------------------------
+
+
+def test_threshold_scores_by_call_kind_and_routes_against_tau():
+    from slmshift.platform.policies import Estimate
+
+    est = [Estimate(call_kind="intent", successes=9, trials=10), Estimate(call_kind="function_call", successes=1,
+                                                                          trials=10)]
+    p = build_policy(policy_spec(kind="threshold", tau=0.6, estimates=est), MODELS)
+    hi, lo = p.route(req("intent")), p.route(req("function_call"))
+    assert (hi.tier, lo.tier) == ("slm", "llm")
+    # Beta-smoothed towards the parent (all calls: 10/20 = 0.5) with 2 pseudo-trials: (9 + 2*0.5...) / 12
+    pooled = (10 + 2 * 0.5) / (20 + 2)
+    assert hi.score == pytest.approx((9 + 2 * pooled) / 12) and "tau 0.600" in hi.reason
+    assert p.route(req("unseen")).score == pytest.approx(pooled)  # an unseen kind gets the parent's estimate
+
+
+def test_threshold_per_cluster_tau_and_broken_index_fallback(convert_dir, tmp_path):
+    from slmshift.platform.policies import Estimate
+
+    est = [Estimate(cluster=0, call_kind="k", successes=6, trials=10), Estimate(cluster=1, call_kind="k",
+                                                                             successes=6, trials=10)]
+    p = build_policy(policy_spec(kind="threshold", tau=0.9, tau_per_cluster={0: 0.5}, estimates=est,
+                                 clusters=str(convert_dir / "clusters")), MODELS)
+    d0 = p.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
+    d1 = p.route(call("Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo"))
+    assert (d0.cluster, d0.tier, d1.cluster, d1.tier) == (0, "slm", 1, "llm")  # same score, cluster 0's own tau
+    (tmp_path / "clusters.json").write_text("[]")  # an index that cannot load: every call goes to `default`
+    broken = build_policy(policy_spec(kind="threshold", estimates=est, clusters=str(tmp_path), default="slm"), MODELS)
+    d = broken.route(call("anything"))
+    assert d.tier == "slm" and "failed to load" in d.reason and "default" in d.reason
+
+
+def test_learned_policy_scores_with_the_saved_classifier(tmp_path):
+    import numpy as np
+
+    from slmshift.platform.embeddings import embed
+    from slmshift.platform.scorers import LearnedScorer
+
+    texts = INTENT_PROMPTS + CALL_PROMPTS
+    x = embed([f"system: You are an agent.\nuser: {t}" for t in texts])
+    y = np.array([1] * len(INTENT_PROMPTS) + [0] * len(CALL_PROMPTS))
+    LearnedScorer.fit(x, ["k"] * len(texts), y).save(tmp_path / "learned.joblib")
+    p = build_policy(policy_spec(kind="learned", model=str(tmp_path / "learned.joblib"), tau=0.5), MODELS)
+    good = p.route(call("Identify which functions the user request needs. Request: rent a car in Oslo"))
+    bad = p.route(call("Call the function with JSON arguments. Function get_stock(sym). Input: price of X"))
+    assert good.tier == "slm" and bad.tier == "llm" and good.score > 0.5 > bad.score
+
+
+def test_random_policy_hits_its_share_and_repeats():
+    p = build_policy(policy_spec(kind="random", slm_share=0.3, seed=1), MODELS)
+    reqs = [LMRequest(experiment_id="e", episode_id=f"ep{i}", call_index=0, scenario="s", role="r", call_kind="k",
+                      messages=[{"role": "user", "content": "hi"}]) for i in range(2000)]
+    tiers = [p.route(r).tier for r in reqs]
+    assert abs(tiers.count("slm") / len(tiers) - 0.3) < 0.03
+    assert tiers == [p.route(r).tier for r in reqs]  # keyed by the call, so relaunches repeat it
+
+
+def test_policy_file_loads_with_paths_relative_to_it_and_bad_values_name_the_field(tmp_path, convert_dir):
+    from slmshift.platform.config import load_config
+    from slmshift.platform.errors import ConfigError
+
+    pol = tmp_path / "tune" / "policy.yaml"
+    pol.parent.mkdir()
+    (tmp_path / "clusters").symlink_to(convert_dir / "clusters")
+    pol.write_text("kind: threshold\nname: tuned\ntau: 0.4\ntau_per_cluster: {1: 0.7}\nclusters: ../clusters\n"
+                   "estimates: [{call_kind: k, successes: 3, trials: 4}]\n")
+    head = ("experiment: {name: x}\nmodels:\n  - {name: big, tier: llm, backend: simulated}\n"
+            "  - {name: small, tier: slm, backend: simulated}\n")
+    yml = tmp_path / "x.yaml"
+    yml.write_text(head + f"router: {{policies: [{{file: {pol}}}]}}\nscenarios: [{{kind: operator}}]\n")
+    spec = load_config(yml).router.policies[0]
+    assert (spec.kind, spec.label, spec.tau_per_cluster) == ("threshold", "tuned", {1: 0.7})
+    assert spec.clusters == str((tmp_path / "clusters").resolve())
+    assert build_policy(spec, MODELS).route(call("Identify which functions the user request needs.")).cluster == 0
+    bad = [("tau: 1.5", "router.policies[0].tau (line 7): Input should be less than or equal to 1"),
+           ("tau_per_cluster: {7: 0.5}, clusters: CL", "router.policies[0].tau_per_cluster (line 7): unknown cluster "
+            "id(s) [7]")]
+    for body, expected in bad:
+        yml.write_text(head + "router:\n  policies:\n    - {kind: threshold, estimates: [{successes: 1, trials: 2}], "
+                       + body.replace("CL", str(convert_dir / "clusters")) + "}\nscenarios: [{kind: operator}]\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(yml)
+        assert expected in str(e.value), str(e.value)
+    pol.write_text("tau: 0.5\n")
+    yml.write_text(head + f"router: {{policies: [{{file: {pol}}}]}}\nscenarios: [{{kind: operator}}]\n")
+    with pytest.raises(ConfigError, match="policy file .*policy.yaml: must be a mapping with at least `kind:`"):
+        load_config(yml)
