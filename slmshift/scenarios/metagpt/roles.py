@@ -16,7 +16,8 @@ from slmshift.platform.scenario import EpisodeSession
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.metagpt import prompts, teacher
 from slmshift.scenarios.metagpt.data import Problem, answer_key_paths, grade_code_async
-from slmshift.scenarios.metagpt.schemas import SCHEMAS, Check, RunSummary, check_json, check_tests, extract_code
+from slmshift.scenarios.metagpt.grading import check_design, check_summary, grade_output
+from slmshift.scenarios.metagpt.schemas import SCHEMAS, Check, check_tests, extract_code
 from slmshift.scenarios.metagpt.sop import Message, MessagePool
 
 CATEGORY = {"prd": "template", "design": "reasoning", "tasks": "template", "code": "reasoning",
@@ -43,7 +44,7 @@ class Company:
                 "ProjectManager": self.project_manager, "Engineer": self.engineer, "QaEngineer": self.qa_engineer}
 
     async def _call(self, role: str, kind: str, messages: list[dict[str, str]], hidden: Hidden,
-                    check: Callable[[str], Check]) -> tuple[Any, str, Check]:
+                    check: Callable[[str], Check], context: Any = None) -> tuple[Any, str, Check]:
         """One logical call with its format retries. Returns (parsed value or None, last text, last check)."""
         verdict = Check(False, False, "not called")
         text = ""
@@ -52,7 +53,8 @@ class Company:
             res = await self.session.call(
                 role=role, call_kind=kind, category=CATEGORY[kind], messages=messages, expect=EXPECT[kind],
                 json_schema=SCHEMAS[kind].model_json_schema() if kind in SCHEMAS else None,
-                max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=check)
+                max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=check,
+                context=context)
             text = res.text
             verdict = res.verdict if res.verdict is not None else Check(False, False, res.error or "no output")
             if res.valid and verdict.valid:
@@ -66,25 +68,19 @@ class Company:
     async def product_manager(self, msg: Message, pool: MessagePool) -> list[Message]:
         p = self.problem
         _, text, _ = await self._call("ProductManager", "prd", prompts.prd_messages(p), teacher.prd_ref(p),
-                                      lambda t: check_json(t, SCHEMAS["prd"]))
+                                      lambda t: grade_output(p, "prd", t))
         return [Message("prd", "ProductManager", text)]
 
     async def architect(self, msg: Message, pool: MessagePool) -> list[Message]:
         p = self.problem
-
-        def check(t: str) -> Check:
-            c = check_json(t, SCHEMAS["design"])
-            return c if not c.valid else Check(True, p.entry_point in c.value.signature,
-                                               "" if p.entry_point in c.value.signature else "wrong signature", c.value)
-
         _, text, _ = await self._call("Architect", "design", prompts.design_messages(p, msg.content),
-                                      teacher.design_ref(p), check)
+                                      teacher.design_ref(p), lambda t: check_design(t, p.entry_point))
         return [Message("design", "Architect", text)]
 
     async def project_manager(self, msg: Message, pool: MessagePool) -> list[Message]:
         p = self.problem
         _, text, _ = await self._call("ProjectManager", "tasks", prompts.tasks_messages(p, msg.content),
-                                      teacher.tasks_ref(p), lambda t: check_json(t, SCHEMAS["tasks"]))
+                                      teacher.tasks_ref(p), lambda t: grade_output(p, "tasks", t))
         return [Message("tasks", "ProjectManager", text)]
 
     async def engineer(self, msg: Message, pool: MessagePool) -> list[Message]:
@@ -125,7 +121,7 @@ class Company:
         tool_output = "\n".join(report)
         summary, text, _ = await self._call(
             "QaEngineer", "summary", prompts.summary_messages(p, tool_output), teacher.summary_ref(passed, reason),
-            lambda t: _check_summary(t, passed))
+            lambda t: check_summary(t, passed), context={"tests_passed": passed})
         # MetaGPT routes on the summary's send_to; an unusable summary falls back on the test result itself
         send_back = summary.send_to == "Engineer" if summary is not None else not passed
         rounds, budget = pool.count("test_report"), pool.feedback_budget("QaEngineer", "Engineer")
@@ -133,12 +129,3 @@ class Company:
             return [Message("test_report", "QaEngineer", tool_output)]
         return [Message("done", "QaEngineer", text, data=passed)]
 
-
-def _check_summary(text: str, passed: bool) -> Check:
-    c = check_json(text, RunSummary)
-    if not c.valid:
-        return c
-    s: RunSummary = c.value
-    right = (s.status == "PASS") == passed and (s.send_to == "NoOne") == passed
-    return Check(True, right, "" if right else f"summary says {s.status}/{s.send_to} but the tests "
-                 f"{'passed' if passed else 'failed'}", s)
