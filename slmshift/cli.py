@@ -137,6 +137,49 @@ def convert(
         console.print(serve_snippet(rep.registry, base_src), markup=False, highlight=False)
 
 
+@app.command()
+def tune(
+    run_dir: Optional[str] = typer.Argument(None, help="A run directory with paired outcomes (a `shadow: slm` arm or "
+                                            "a cascade arm)."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="Paired outcomes from elsewhere: CSV or Parquet with "
+                                        "columns prompt, slm_correct, llm_correct (optional slm_cost, llm_cost, "
+                                        "call_kind, cluster, task_id, slm_logprob, slm_valid)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/tune; required with --pairs)."),
+    budget: float = typer.Option(0.95, "--budget", help="Quality budget relative to always-LLM's."),
+    holdout: float = typer.Option(0.5, "--holdout", help="Share of tasks held out for reporting."),
+    time_budget: float = typer.Option(300.0, "--time-budget", help="Seconds the Tune search may take."),
+    trials: int = typer.Option(200, "--trials", min=1, help="Most Tune trials."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated kinds to search (default: "
+                                           "threshold,threshold_cluster,learned,cascade,random)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the split, the search and the bootstrap."),
+    llm_share: Optional[float] = typer.Option(None, "--llm-share", help="Only calibrate: print each policy's tau "
+                                              "for this LLM-call share (RouteLLM's calibration) and exit."),
+    verify: bool = typer.Option(False, "--verify", help="Then re-run episodes at the chosen point and at "
+                                "always-LLM on tasks the run never saw; print predicted vs measured."),
+    verify_episodes: Optional[int] = typer.Option(None, "--verify-episodes", min=1, help="Episodes per arm for "
+                                                  "--verify (default: the run's)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Search router thresholds with Ray Tune on paired outcomes; report curves, APGR/CPT/AIQ and a policy file."""
+    from pydantic import ValidationError
+
+    from slmshift.train.tune import TuneOptions, cli_tune
+
+    try:
+        opts = TuneOptions(budget=budget, holdout=holdout, time_budget_s=time_budget, trials=trials, seed=seed,
+                           num_cpus=num_cpus, progress=not no_progress,
+                           **({"kinds": [k.strip() for k in policies.split(",") if k.strip()]} if policies else {}))
+    except ValidationError as e:
+        probs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        _fail(SlmshiftError(f"slmshift tune: invalid option(s): {probs}. See `slmshift tune --help`."))
+    try:
+        cli_tune(run_dir, pairs, out, opts, llm_share=llm_share, verify_run=verify, verify_episodes=verify_episodes,
+                 console=console)
+    except SlmshiftError as e:
+        _fail(e)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Packaged models that work offline, and whether they are in the cache."""

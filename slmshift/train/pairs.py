@@ -1,0 +1,302 @@
+"""Paired outcomes: one row per call whose outcome is known on both tiers, the input of `slmshift tune`.
+
+Two sources:
+- a run directory (`paired_from_run`): a call and its shadow (`<id>` + `<id>:shadow`, the same request sent to the
+  other tier by a policy with `shadow: slm|llm|both`), and a cascade escalation (the rejected SLM attempt
+  `<id>:cascade` + the LLM's answer `<id>`). Rows with an infrastructure error on either side, or an outcome
+  neither the scenario's check nor its grader could tell, are left out and counted in `notes`.
+  The task cluster comes from RUN_DIR/convert/clusters when `slmshift convert` wrote one.
+- a file (`paired_from_file`): CSV or Parquet with columns `prompt`, `slm_correct`, `llm_correct` and optional
+  `slm_cost`, `llm_cost`, `call_kind`, `cluster`, `task_id`, `episode_id`, `episode_success`, `slm_logprob`
+  (mean token log-prob of the SLM's answer, for a cascade) and `slm_valid` (did the SLM's answer pass the call's
+  check). Without cost columns, cost is the share of LLM calls (SLM 0, LLM 1 per call).
+
+The table's columns: row, task, episode, call_kind, prompt, cluster (nullable int), slm_ok, llm_ok, slm_cost,
+llm_cost, slm_logprob, slm_valid (nullable bool), obs_tier (the tier whose answer the episode used; None from a
+file) and episode_success (the episode's observed outcome, where known).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.scorers import outcome
+
+COLUMNS = ["row", "task", "episode", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok", "slm_cost", "llm_cost",
+           "slm_logprob", "slm_valid", "obs_tier", "episode_success"]
+REQUIRED = ("slm_correct", "llm_correct")
+OPTIONAL = ("prompt", "slm_cost", "llm_cost", "call_kind", "cluster", "task_id", "episode_id", "episode_success",
+            "slm_logprob", "slm_valid")
+HOW_TO_PAIR = ("Fix: run the experiment with paired outcomes, e.g. a policy arm `- {kind: llm, name: paired, "
+               "shadow: slm}` (every LLM call is also sent to the SLM and graded) or a cascade arm `- {kind: "
+               "cascade, shadow: llm}`, then run `slmshift tune RUN_DIR` on the new run. Or give paired data from "
+               "elsewhere with `slmshift tune --pairs FILE --out DIR`.")
+
+
+@dataclass
+class PairedTable:
+    """Paired outcomes plus what is known about where they came from."""
+
+    df: pd.DataFrame
+    source: str
+    has_cost: bool
+    clusters_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
+    run_dir: str | None = None
+    _emb: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    @property
+    def has_prompt(self) -> bool:
+        return bool(self.df["prompt"].notna().any())
+
+    @property
+    def has_cluster(self) -> bool:
+        return bool(self.df["cluster"].notna().any())
+
+    @property
+    def has_logprob(self) -> bool:
+        return bool(self.df["slm_logprob"].notna().any())
+
+    @property
+    def has_episodes(self) -> bool:
+        return bool(self.df["episode"].notna().all() and self.df["episode_success"].notna().all())
+
+    def embeddings(self) -> np.ndarray:
+        """MiniLM embeddings of each row's prompt, exactly as the router embeds a call (`prompt_text`)."""
+        if self._emb is None:
+            from slmshift.platform.artifacts import prompt_text
+            from slmshift.platform.embeddings import embed
+
+            self._emb = embed([prompt_text(p) for p in self.df["prompt"].fillna("")])
+        return self._emb
+
+    def requirements(self) -> dict[str, str | None]:
+        """Policy variant -> why it cannot be evaluated on this table (None when it can)."""
+        return {
+            "threshold": None,
+            "threshold_cluster": None if self.has_cluster else "no cluster per call (no RUN_DIR/convert/clusters "
+                                                                "and no `cluster` column)",
+            "learned": None if self.has_prompt else "no `prompt` column",
+            "cascade": None if self.has_logprob else "no SLM log-prob per call (`slm_logprob`; a cascade also reads "
+                                                      "`slm_valid`)",
+            "random": None,
+        }
+
+
+def _empty_to_none(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else v
+
+
+def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedTable:
+    """Pairs from a run's S1 log (shadow pairs and cascade escalations)."""
+    from slmshift.platform.log import read_interactions
+
+    try:
+        df = read_interactions(run_dir, include_shadow=True)
+    except SlmshiftError:
+        raise
+    except Exception as e:
+        raise SlmshiftError(f"{run_dir}: cannot read the interaction log ({type(e).__name__}: {e}). Fix: pass a run "
+                            "directory printed by `slmshift run`.") from None
+    if df.empty:
+        raise SlmshiftError(f"{run_dir}: no interaction log found. Fix: pass a run directory printed by `slmshift run`.")
+    notes: list[str] = []
+    infra = df["infra_error"].astype(bool)
+    if infra.any():
+        notes.append(f"{int(infra.sum())} record(s) with an infrastructure error left out")
+    by_id = df[~infra].set_index("id", drop=False)
+    pairs: list[tuple[pd.Series, pd.Series, str]] = []  # (slm record, llm record, tier the episode used)
+    shadows = by_id[by_id["shadow"].astype(bool)]
+    for _, s in shadows.iterrows():
+        m = by_id.loc[s["shadow_of"]] if s["shadow_of"] in by_id.index else None
+        if m is None or m["tier"] == s["tier"]:
+            continue
+        pairs.append((s, m, "llm") if s["tier"] == "slm" else (m, s, "slm"))
+    esc = by_id[by_id["escalated_from"].notna() & ~by_id["shadow"].astype(bool)]
+    for _, llm in esc.iterrows():
+        a = llm["escalated_from"]
+        if a in by_id.index:
+            pairs.append((by_id.loc[a], llm, "llm"))
+    if not pairs:
+        n = int((~df["shadow"].astype(bool)).sum())
+        raise SlmshiftError(f"{run_dir}: {n} call(s) logged but no paired outcomes (no shadow records, no cascade "
+                            f"escalations): tune needs each call's outcome on both tiers. {HOW_TO_PAIR}")
+    rows, unknown = [], 0
+    for slm, llm, obs in pairs:
+        s_ok, l_ok = outcome(slm["correct"], slm["valid"]), outcome(llm["correct"], llm["valid"])
+        if s_ok is None or l_ok is None:
+            unknown += 1
+            continue
+        main = llm if obs == "llm" else slm
+        rows.append({
+            "row": str(main["id"]), "task": str(main["task_id"]) or None,
+            "episode": f"{main['experiment_id']}/{main['episode_id']}", "call_kind": str(main["call_kind"]),
+            "prompt": str(main["prompt"]), "cluster": None, "slm_ok": bool(s_ok), "llm_ok": bool(l_ok),
+            "slm_cost": float(slm["cost_usd"]), "llm_cost": float(llm["cost_usd"]),
+            "slm_logprob": _empty_to_none(slm["mean_logprob"]), "slm_valid": _empty_to_none(slm["valid"]),
+            "obs_tier": obs, "episode_success": _empty_to_none(main["episode_success"])})
+    if unknown:
+        notes.append(f"{unknown} pair(s) left out: an outcome neither the check nor the grader could tell")
+    if not rows:
+        raise SlmshiftError(f"{run_dir}: {len(pairs)} paired call(s), but none has a known outcome on both tiers "
+                            "(the scenario's check gave no verdict and it has no `grade_call`). Fix: pair calls of a "
+                            "scenario that grades calls (operator, metagpt, cradle).")
+    out = _frame(rows)
+    clusters_dir = clusters_dir or _default_clusters(run_dir)
+    table = PairedTable(out, source=str(run_dir), has_cost=True, clusters_dir=clusters_dir, notes=notes,
+                        run_dir=str(run_dir))
+    if clusters_dir:
+        _assign_clusters(table)
+    return table
+
+
+def _default_clusters(run_dir: str) -> str | None:
+    d = Path(run_dir) / "convert" / "clusters"
+    return str(d) if (d / "clusters.json").is_file() else None
+
+
+def _assign_clusters(table: PairedTable) -> None:
+    from slmshift.platform.artifacts import ClusterIndex
+
+    index = ClusterIndex.load(table.clusters_dir)  # raises SlmshiftError naming the dir
+    table.df["cluster"] = pd.array([c for c, _ in index.assign_vectors(table.embeddings())], dtype="Int64")
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["cluster"] = pd.array(df["cluster"], dtype="Int64")
+    df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
+    df["slm_logprob"] = pd.to_numeric(df["slm_logprob"], errors="coerce").astype(float)
+    for c in ("slm_ok", "llm_ok"):
+        df[c] = df[c].astype(bool)
+    return df.reset_index(drop=True)
+
+
+_TRUE = {"true", "1", "yes", "t", "y", "1.0"}
+_FALSE = {"false", "0", "no", "f", "n", "0.0"}
+
+
+def _booleans(path: str, col: str, s: pd.Series, *, nullable: bool = False) -> pd.Series:
+    """A column of booleans (true/false, 1/0, yes/no); anything else is an error naming the file, column and row."""
+    out = []
+    for i, v in enumerate(s.tolist()):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA or (isinstance(v, str) and not v.strip()):
+            if nullable:
+                out.append(None)
+                continue
+            raise SlmshiftError(f"{path}: column {col!r}, row {i + 1}: empty; every row needs an outcome (true/false). "
+                                "Fix: drop the rows whose outcome is unknown.")
+        if isinstance(v, (bool, np.bool_)):
+            out.append(bool(v))
+            continue
+        key = str(v).strip().lower()
+        if isinstance(v, (int, float, np.integer, np.floating)) and float(v) in (0.0, 1.0):
+            out.append(bool(v))
+        elif key in _TRUE:
+            out.append(True)
+        elif key in _FALSE:
+            out.append(False)
+        else:
+            raise SlmshiftError(f"{path}: column {col!r}, row {i + 1}: {v!r} is not a boolean. Fix: write each outcome "
+                                "as true/false (or 1/0).")
+    return pd.Series(pd.array(out, dtype="boolean"), index=s.index)
+
+
+def _numbers(path: str, col: str, s: pd.Series) -> pd.Series:
+    x = pd.to_numeric(s, errors="coerce")
+    bad = x.isna() & s.notna() & (s.astype(str).str.strip() != "")
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise SlmshiftError(f"{path}: column {col!r}, row {i + 1}: {s.iloc[i]!r} is not a number.")
+    return x.astype(float)
+
+
+def paired_from_file(path: str) -> PairedTable:
+    """Pairs from a CSV or Parquet file; bad input raises SlmshiftError naming the file and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise SlmshiftError(f"{path}: file not found. Fix: pass a CSV or Parquet file with columns prompt, "
+                            "slm_correct, llm_correct.")
+    try:
+        if p.suffix.lower() in (".parquet", ".pq"):
+            raw = pd.read_parquet(p)
+        else:
+            raw = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except Exception as e:
+        kind = "Parquet" if p.suffix.lower() in (".parquet", ".pq") else "CSV"
+        raise SlmshiftError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                            "Fix: pass a .csv (comma-separated, header row) or .parquet file.") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in REQUIRED if c not in raw.columns]
+    if missing:
+        raise SlmshiftError(f"{path}: missing column(s) {', '.join(missing)}; it has {', '.join(raw.columns) or 'none'}. "
+                            f"Fix: give columns {', '.join(REQUIRED)} (required) and optionally {', '.join(OPTIONAL)}.")
+    if raw.empty:
+        raise SlmshiftError(f"{path}: no rows. Fix: one row per call with its outcome on both tiers.")
+    notes = []
+    ignored = [c for c in raw.columns if c not in REQUIRED + OPTIONAL]
+    if ignored:
+        notes.append(f"column(s) ignored: {', '.join(ignored)}")
+    n = len(raw)
+
+    def col(name: str) -> pd.Series | None:
+        if name not in raw.columns:
+            return None
+        s = raw[name]
+        return None if s.astype(str).str.strip().eq("").all() else s
+
+    slm_ok, llm_ok = _booleans(path, "slm_correct", raw["slm_correct"]), _booleans(path, "llm_correct", raw["llm_correct"])
+    has_cost = col("slm_cost") is not None and col("llm_cost") is not None
+    if (col("slm_cost") is None) != (col("llm_cost") is None):
+        notes.append("only one of slm_cost/llm_cost given: cost is the share of LLM calls")
+    if has_cost:
+        slm_cost, llm_cost = _numbers(path, "slm_cost", raw["slm_cost"]), _numbers(path, "llm_cost", raw["llm_cost"])
+        for name, c in (("slm_cost", slm_cost), ("llm_cost", llm_cost)):
+            if c.isna().any() or (c < 0).any():
+                i = int(np.flatnonzero((c.isna() | (c < 0)).to_numpy())[0])
+                raise SlmshiftError(f"{path}: column {name!r}, row {i + 1}: cost must be a number >= 0.")
+    else:
+        slm_cost, llm_cost = pd.Series(np.zeros(n)), pd.Series(np.ones(n))
+    cluster = col("cluster")
+    if cluster is not None:
+        num = _numbers(path, "cluster", cluster)
+        if ((num.dropna() % 1) != 0).any():
+            raise SlmshiftError(f"{path}: column 'cluster': cluster ids must be integers.")
+        cluster = pd.array(num.round(), dtype="Int64")
+    kinds = col("call_kind")
+    prompt = col("prompt")
+    ep_ok = col("episode_success")
+    episode = col("episode_id")
+    df = pd.DataFrame({
+        "row": [str(i) for i in range(n)],
+        "task": raw["task_id"].astype(str).where(raw["task_id"].astype(str).str.strip() != "", None)
+        if col("task_id") is not None else None,
+        "episode": episode.astype(str) if episode is not None else None,
+        "call_kind": kinds.astype(str).where(kinds.astype(str).str.strip() != "", "call") if kinds is not None else "call",
+        "prompt": prompt.astype(str) if prompt is not None else None,
+        "cluster": cluster if cluster is not None else pd.array([None] * n, dtype="Int64"),
+        "slm_ok": slm_ok.astype(bool).to_numpy(), "llm_ok": llm_ok.astype(bool).to_numpy(),
+        "slm_cost": slm_cost.to_numpy(), "llm_cost": llm_cost.to_numpy(),
+        "slm_logprob": _numbers(path, "slm_logprob", raw["slm_logprob"]).to_numpy()
+        if col("slm_logprob") is not None else np.nan,
+        "slm_valid": _booleans(path, "slm_valid", raw["slm_valid"], nullable=True).to_numpy()
+        if col("slm_valid") is not None else pd.array([None] * n, dtype="boolean"),
+        "obs_tier": None,
+        "episode_success": _booleans(path, "episode_success", raw["episode_success"], nullable=True).to_numpy()
+        if ep_ok is not None else None,
+    })
+    if not has_cost:
+        notes.append("no cost columns: cost is the share of LLM calls")
+    if ep_ok is not None and episode is not None:
+        df["obs_tier"] = "llm"  # a file's episode outcome is read as its always-LLM outcome
+    df["cluster"] = pd.array(df["cluster"], dtype="Int64")
+    df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
+    return PairedTable(df[COLUMNS], source=str(path), has_cost=has_cost, notes=notes)
