@@ -45,8 +45,12 @@ class TeamActor:
                                n_calls=session.calls, steps=steps, detail=detail, error=error,
                                wall_s=time.perf_counter() - t0, attempt=attempt)
         self.log.add_episode(result.model_dump())
+        # The log actor holds this episode's records and outcome before the runner hears of it, so a kill of this
+        # process after the answer cannot lose them (the log keeps them until they are in a file).
+        await self.log.received()
         metrics.record_episode(result.scenario, result.policy, result.success)
         return result
 
     async def drain(self) -> None:
+        """Wait until everything this actor logged is in a file."""
         await self.log.drain()

@@ -4,12 +4,19 @@ Layout under `run_dir` (local path or URI, all IO through a pyarrow filesystem):
   interactions/shard-<seq>-<uuid8>.parquet   one per flush; `part-<n>.parquet` after close
   episodes/shard-<seq>-<uuid8>.parquet       episode outcomes per flush; `episodes.parquet` after close
 Files are written to a hidden `.<name>.tmp` and renamed, so readers (ours, pyarrow datasets, ray.data)
-never see half a file. Records are re-keyed by `id`; readers keep the latest version (shard sequence,
-then ts), so the log is correct before compaction too, e.g. after a crash.
+never see half a file. Records are re-keyed by `id`; readers keep the latest version (attempt, shard
+sequence, then ts), so the log is correct before compaction too, e.g. after a crash. An episode re-run after its
+team actor died writes the same ids with `attempt + 1`; records of an earlier attempt that the re-run did not
+overwrite are superseded: for an episode with an outcome, readers keep only the records of the outcome's attempt.
+
+Nothing acknowledged is lost when the log actor dies: a `LogClient` keeps every batch until the writer reports it
+written to a file (`put` and `sync` answer with the batches now durable and the writer's incarnation), and sends
+again what a dead incarnation had taken but not written. Resent records have the same ids, so readers see them once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -77,7 +84,9 @@ def _read(fs: pafs.FileSystem, paths: list[str], schema: pa.Schema, key: list[st
         return schema.empty_table().to_pandas(), 0
     df = pd.concat(frames, ignore_index=True)
     n = len(df)
-    df = df.sort_values(["_seq", "ts"], kind="stable").drop_duplicates(key, keep="last")
+    # A later attempt of an episode wins over an earlier one even when a resend wrote the earlier one later.
+    order = (["attempt"] if "attempt" in df.columns else []) + ["_seq", "ts"]
+    df = df.sort_values(order, kind="stable").drop_duplicates(key, keep="last")
     return df.drop(columns="_seq").reset_index(drop=True), n - len(df)
 
 
@@ -94,23 +103,36 @@ def _join_episodes(df: pd.DataFrame, eps: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _supersede(df: pd.DataFrame, eps: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Per episode with an outcome, keep only the records of the outcome's attempt (cascade and shadow ids too)."""
+    if df.empty or eps.empty:
+        return df, 0
+    m = df[_EP_KEY].merge(eps[_EP_KEY + ["attempt"]].rename(columns={"attempt": "_ep_attempt"}), on=_EP_KEY,
+                          how="left")
+    ep_attempt = m["_ep_attempt"].to_numpy()
+    stale = m["_ep_attempt"].notna().to_numpy() & (df["attempt"].to_numpy() != ep_attempt)
+    return df[~stale], int(stale.sum())
+
+
 def _episode_paths(fs: pafs.FileSystem, root: str) -> list[str]:
     return [p for p in _list(fs, root) if p.endswith("/episodes.parquet")] + _list(fs, f"{root}/episodes")
 
 
-def _read_all(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame, int, list[str], list[str]]:
+def _read_all(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int], list[str], list[str]]:
     fs, root = _open(run_dir)
     ep_paths = _episode_paths(fs, root)
     eps, _ = _read(fs, ep_paths, EPISODE_SCHEMA, _EP_KEY)
     in_paths = _list(fs, f"{root}/interactions")
     df, dropped = _read(fs, in_paths, INTERACTION_SCHEMA, ["id"])
+    df, superseded = _supersede(df, eps)
     df = _join_episodes(df, eps).sort_values(_EP_KEY + ["call_index"], kind="stable").reset_index(drop=True)
-    return df, eps, dropped, in_paths, ep_paths
+    return df, eps, {"duplicates_dropped": dropped, "superseded": superseded}, in_paths, ep_paths
 
 
 def read_interactions(run_dir: str, *, include_shadow: bool = False) -> pd.DataFrame:
-    """All interaction records, one per id (latest version), with episode outcomes joined. Shadow records (paired
-    outcomes on the other tier, never part of an episode) only when asked for."""
+    """All interaction records, one per id (latest version), with episode outcomes joined; for an episode with an
+    outcome, only its outcome's attempt. Shadow records (paired outcomes on the other tier, never part of an
+    episode) only when asked for."""
     df = _read_all(run_dir)[0]
     return df if include_shadow else df[~df["shadow"].astype(bool)].reset_index(drop=True)
 
@@ -130,6 +152,11 @@ class LogWriter:
         self._buf: dict[str, dict[str, Any]] = {}
         self._eps: dict[tuple[str, str], dict[str, Any]] = {}  # unflushed episode results
         self._outcomes: dict[tuple[str, str], tuple[bool, float]] = {}  # all known, to fill records at flush
+        # Client batches (source -> batch numbers) in the buffer, and those written but not yet reported back.
+        self._received: dict[str, set[int]] = {}
+        self._durable: dict[str, set[int]] = {}
+        # Tells a client that the writer it sent a batch to has died (a restart is a new incarnation).
+        self.incarnation = time.time_ns()
         try:
             for sub in ("interactions", "episodes"):
                 self._fs.create_dir(f"{self._root}/{sub}", recursive=True)
@@ -151,18 +178,39 @@ class LogWriter:
         )
 
     def add(self, records: list[Interaction | dict]) -> None:
+        self._buffer(records, [])
+        self._maybe_flush()
+
+    def add_episode(self, result: EpisodeResult | dict) -> None:
+        self._buffer([], [result])
+        self._maybe_flush()
+
+    def _buffer(self, records: list[Interaction | dict], episodes: list[EpisodeResult | dict]) -> None:
         for r in records:
             # Validating dicts drops unknown keys (e.g. a stray 'hidden'), so the reference cannot leak.
             rec = (r if isinstance(r, Interaction) else Interaction.model_validate(r)).model_dump()
             self._buf[rec["id"]] = rec
-        self._maybe_flush()
+        for result in episodes:
+            ep = (result if isinstance(result, EpisodeResult) else EpisodeResult.model_validate(result)).model_dump()
+            key = (ep["experiment_id"], ep["episode_id"])
+            self._eps[key] = ep
+            self._outcomes[key] = (ep["success"], ep["reward"])
 
-    def add_episode(self, result: EpisodeResult | dict) -> None:
-        ep = (result if isinstance(result, EpisodeResult) else EpisodeResult.model_validate(result)).model_dump()
-        key = (ep["experiment_id"], ep["episode_id"])
-        self._eps[key] = ep
-        self._outcomes[key] = (ep["success"], ep["reward"])
+    def put(self, source: str, batch: int, records: list[dict], episodes: list[dict]) -> tuple[int, list[int]]:
+        """A `LogClient` batch. Returns (incarnation, this source's batches written to a file since the last answer):
+        the client forgets a batch only once it is durable, so a writer killed with a full buffer loses nothing."""
+        self._buffer(records, episodes)
+        self._received.setdefault(source, set()).add(batch)
         self._maybe_flush()
+        return self._ack(source)
+
+    def sync(self, source: str | None = None) -> tuple[int, list[int]]:
+        """Flush now; answers like `put`."""
+        self.flush()
+        return self._ack(source)
+
+    def _ack(self, source: str | None) -> tuple[int, list[int]]:
+        return self.incarnation, sorted(self._durable.pop(source, ())) if source is not None else []
 
     def _maybe_flush(self) -> None:
         if len(self._buf) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_interval_s:
@@ -186,6 +234,13 @@ class LogWriter:
     def flush(self) -> int:
         """Write the buffer as one shard (and buffered episodes as another); returns interaction rows written."""
         self._last_flush = time.monotonic()
+        n = self._flush()
+        for source, batches in self._received.items():  # only now, after the files are in place
+            self._durable.setdefault(source, set()).update(batches)
+        self._received.clear()
+        return n
+
+    def _flush(self) -> int:
         if not self._buf and not self._eps:
             return 0
         seq, tag = self._next_seq, uuid.uuid4().hex[:8]
@@ -206,7 +261,8 @@ class LogWriter:
         return len(rows)
 
     def close(self) -> dict[str, int]:
-        """Final flush, then compact shards into deduplicated part files and episodes.parquet."""
+        """Final flush, then compact shards into deduplicated part files (superseded attempts left out) and
+        episodes.parquet."""
         self.flush()
         df, eps, dropped, in_paths, ep_paths = _read_all(self.run_dir)
         idir = f"{self._root}/interactions"
@@ -224,22 +280,31 @@ class LogWriter:
                 self._fs.delete_file(p)
             except FileNotFoundError:
                 pass
-        return {"interactions": len(df), "episodes": len(eps), "duplicates_dropped": dropped}
+        return {"interactions": len(df), "episodes": len(eps), **dropped}
 
 
 # The log actor: one per run, serialises writes; num_cpus=0 so it never takes a slot from agents or engines.
-InteractionLog = ray.remote(num_cpus=0, max_concurrency=1)(LogWriter)
+# Restarted when its process dies (a restart re-opens the run dir and continues the shard sequence); calls in flight
+# are retried by Ray, and what the dead one had buffered is resent by the clients (see LogClient).
+InteractionLog = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(LogWriter)
 
 
 class LogClient:
-    """The writer's side inside a team actor (or the gateway): buffers records and episode outcomes and ships them
-    to the log actor in batches, keeping the refs until acknowledged so `drain` can wait for every one."""
+    """The writer's side inside a team actor (or the gateway, or the driver): buffers records and episode outcomes
+    and ships them to the log actor in batches. Each batch is kept until the writer reports it written to a file,
+    and sent again when the writer that took it died before writing it, so `drain` returning means on disk."""
 
     def __init__(self, log: Any, flush_every: int = 64):
         self.log, self.flush_every = log, flush_every
         self._records: list[dict] = []
         self._episodes: list[dict] = []
-        self._pending: list[Any] = []  # log-actor calls not yet acknowledged
+        self._source = uuid.uuid4().hex
+        self._next = 0
+        self._unacked: dict[int, tuple[list[dict], list[dict]]] = {}  # batch -> payload, until durable
+        self._inflight: dict[int, Any] = {}  # batch -> ref of its put, not answered yet
+        self._receiver: dict[int, int] = {}  # batch -> incarnation of the writer that took it
+        self._latest = 0  # newest writer incarnation heard from
+        self._tasks: set[Any] = set()  # reply watchers (kept referenced until done)
 
     def add(self, record: dict) -> None:
         self._records.append(record)
@@ -248,22 +313,75 @@ class LogClient:
 
     def add_episode(self, result: dict) -> None:
         self._episodes.append(result)
-        self.flush()  # an outcome is written as soon as its episode finishes
+        self.flush()  # an outcome is shipped as soon as its episode finishes
 
     def flush(self) -> None:
-        """Ship buffered records to the log actor without waiting (the actor serialises writes)."""
-        if self._records:
-            self._pending.append(self.log.add.remote(self._records))
-            self._records = []
-        self._pending += [self.log.add_episode.remote(ep) for ep in self._episodes]
-        self._episodes = []
-        if len(self._pending) > 256:  # drop acknowledged refs so the list stays short
-            _, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        """Ship buffered records and outcomes to the log actor as one batch, without waiting."""
+        if self._records or self._episodes:
+            b, self._next = self._next, self._next + 1
+            self._unacked[b] = (self._records, self._episodes)
+            self._records, self._episodes = [], []
+            self._send(b)
 
-    async def drain(self) -> None:
-        """Flush and wait until the log actor has every record. Call before the owning actor exits:
-        calls still in flight from a killed actor are lost."""
+    def _send(self, b: int) -> None:
+        self._receiver.pop(b, None)
+        ref = self._inflight[b] = self.log.put.remote(self._source, b, *self._unacked[b])
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a synchronous caller (the driver): answers are read in drain
+            return
+        task = loop.create_task(self._settle(b, ref))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, b: int, ref: Any) -> None:
+        try:
+            reply = await ref
+        except Exception:  # the writer is gone for good (Ray retried on restarts): drain sends it again
+            if self._inflight.get(b) is ref:
+                del self._inflight[b]
+            return
+        if self._inflight.get(b) is ref:
+            del self._inflight[b]
+            if b in self._unacked:
+                self._receiver[b] = reply[0]
+        self._apply(reply)
+
+    def _apply(self, reply: tuple[int, list[int]]) -> None:
+        incarnation, durable = reply
+        for b in durable:
+            self._unacked.pop(b, None)
+            self._receiver.pop(b, None)
+        self._latest = max(self._latest, incarnation)
+        for b, taker in list(self._receiver.items()):
+            if taker < self._latest:  # taken by a writer that has since been replaced, never written: resend
+                self._send(b)
+
+    async def received(self) -> None:
+        """Wait until the log actor holds every batch shipped so far (not necessarily on disk yet): after this,
+        the death of this process cannot lose them."""
+        for b, ref in list(self._inflight.items()):
+            await self._settle(b, ref)
+
+    async def drain(self, timeout_s: float = 300.0) -> None:
+        """Flush and wait until every record and outcome is in a file. Call before the owning actor exits."""
         self.flush()
-        pending, self._pending = self._pending, []
-        for ref in pending:
-            await ref
+        deadline, last = time.monotonic() + timeout_s, None
+        while True:
+            await self.received()
+            if not self._unacked:
+                return
+            try:
+                self._apply(await self.log.sync.remote(self._source))
+            except Exception as e:
+                last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                await asyncio.sleep(0.5)
+            if not self._unacked:
+                return
+            if time.monotonic() > deadline:
+                raise SlmshiftError(
+                    f"the interaction log actor did not confirm {len(self._unacked)} batch(es) within {timeout_s:.0f} s"
+                    f"{f' (last error: {last})' if last else ''}; their records may be missing from the run's log.")
+            for b in self._unacked:
+                if b not in self._inflight and b not in self._receiver:
+                    self._send(b)

@@ -71,7 +71,7 @@ def test_round_trip_pandas_pyarrow_ray(tmp_path, ray_session):
     w.add([r.model_dump() for r in recs[20:]])  # dicts are accepted too
     assert len(read_interactions(run)) == 50  # readable before close
     counts = w.close()
-    assert counts == {"interactions": 50, "episodes": 0, "duplicates_dropped": 0}
+    assert counts == {"interactions": 50, "episodes": 0, "duplicates_dropped": 0, "superseded": 0}
 
     df = read_interactions(run)
     assert len(df) == 50 and df["id"].is_unique
@@ -226,8 +226,87 @@ def test_ray_actor(tmp_path, ray_session):
     ray.get(log.add_episode.remote(make_episode("ep0", True, 1.0)))
     ray.get(log.tick.remote())
     counts = ray.get(log.close.remote())
-    assert counts == {"interactions": 15, "episodes": 1, "duplicates_dropped": 0}
+    assert counts == {"interactions": 15, "episodes": 1, "duplicates_dropped": 0, "superseded": 0}
     ray.kill(log)
     df = read_interactions(run)
     assert len(df) == 15 and set(df[df.episode_id == "ep0"]["episode_success"]) == {True}
     assert ray.data.read_parquet(run + "/interactions").count() == 15
+
+
+def _actor_pid(class_name: str) -> int:
+    """The live process of an actor class, from the GCS actor table (what `ray.util.state.list_actors` shows,
+    without needing the dashboard)."""
+    from ray._private.state import actors
+
+    alive = [a for a in actors().values() if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+    assert len(alive) == 1, alive
+    return alive[0]["Pid"]
+
+
+def test_client_resends_what_a_killed_writer_had_buffered(tmp_path, ray_session):
+    """kill -9 the log actor while it holds taken-but-unwritten batches: the client resends them to the restarted
+    actor, and drain returns only when every record is in a file, each once."""
+    import asyncio
+    import signal
+    import time
+
+    from slmshift.platform.log import LogClient
+
+    run = str(tmp_path / "run")
+    log = InteractionLog.options(name="killed-log").remote(run, flush_interval_s=3600)  # never flushes on its own
+    client = LogClient(log, flush_every=5)
+    for e in range(4):
+        for c in range(5):
+            client.add(make_interaction(f"ep{e}", c).model_dump())
+        client.add_episode(make_episode(f"ep{e}", True, 1.0).model_dump())
+
+    async def received():
+        await client.received()
+
+    asyncio.run(received())
+    assert client._unacked and read_interactions(run).empty  # taken by the writer, not in a file yet
+    pid = _actor_pid("LogWriter")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait for the restart (a new process)
+        try:
+            if _actor_pid("LogWriter") != pid:
+                break
+        except AssertionError:
+            pass
+        time.sleep(0.2)
+    client.add(make_interaction("ep9", 0).model_dump())  # the new incarnation's answer tells the client
+    asyncio.run(client.drain(timeout_s=60))
+    assert not client._unacked
+    df, eps = read_interactions(run), read_episodes(run)
+    assert len(df) == 21 and df["id"].is_unique and len(eps) == 4
+    assert df.groupby("episode_id").size().to_dict() == {"ep0": 5, "ep1": 5, "ep2": 5, "ep3": 5, "ep9": 1}
+    counts = ray.get(log.close.remote())
+    assert counts["interactions"] == 21 and counts["episodes"] == 4
+    ray.kill(log)
+
+
+def test_superseded_attempt_records(tmp_path):
+    """An episode re-run with attempt 1 made fewer calls than the crashed attempt 0: readers keep only attempt 1's
+    records (cascade and shadow ids too); an episode without an outcome keeps what it has."""
+    run = str(tmp_path)
+    w = LogWriter(run, flush_every=1000)
+    first = [make_interaction("ep1", c, output="first", attempt=0) for c in range(4)]
+    shadow0 = make_interaction("ep1", 3, attempt=0, shadow=True, id=first[3].id + ":shadow")
+    w.add(first + [shadow0] + [make_interaction("ep2", c, attempt=0) for c in range(2)])
+    w.flush()
+    retry = [make_interaction("ep1", c, output="retry", attempt=1) for c in range(2)]
+    cascade = make_interaction("ep1", 1, attempt=1, escalated=True, tier="slm", id=retry[1].id + ":cascade")
+    w.add(retry + [cascade])
+    w.add_episode(make_episode("ep1", True, 1.0).model_copy(update={"attempt": 1, "n_calls": 2}))
+    w.flush()
+    w.add([make_interaction("ep1", 0, output="late resend of attempt 0", attempt=0)])  # written after attempt 1
+    w.flush()
+    df = read_interactions(run, include_shadow=True)
+    one = df[df.episode_id == "ep1"]
+    assert set(one["attempt"]) == {1} and len(one) == 3 and set(one[~one.escalated]["output"]) == {"retry"}
+    assert len(df[df.episode_id == "ep2"]) == 2  # no outcome yet: nothing superseded
+    counts = w.close()
+    assert counts["superseded"] == 3 and counts["interactions"] == 5  # calls 2, 3 and 3:shadow of attempt 0
+    after = read_interactions(run)
+    assert set(after[(after.episode_id == "ep1") & ~after.escalated]["output"]) == {"retry"}
