@@ -1,0 +1,111 @@
+"""Paired outcomes: from a run's S1 log (shadow pairs, cascade escalations) and from a CSV/Parquet file, and the
+errors a user gets for bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.log import LogWriter
+from slmshift.platform.types import EpisodeResult, Interaction
+from slmshift.train.pairs import paired_from_file, paired_from_run
+
+
+def rec(id_, tier, *, correct, valid=True, episode="ep1", task="t1", cost=0.0, **kw):
+    return Interaction(id=id_, experiment_id="exp", episode_id=episode, call_index=int(id_[1]), scenario="operator",
+                       task_id=task, policy="paired", role="planner", call_kind="intent", category="template",
+                       expect="json", prompt=json.dumps([{"role": "user", "content": f"pick for {id_}"}]),
+                       output="{}", model=tier + "-model", tier=tier, backend="simulated", route_kind="llm",
+                       route_reason="", tokens_in=10, tokens_out=5, latency_s=0.1, engine_latency_s=0.1,
+                       cost_usd=cost, flops=0.0, valid=valid, correct=correct, **kw).model_dump()
+
+
+def write_run(run_dir, records, episodes=(("ep1", "t1", True),)):
+    w = LogWriter(str(run_dir))
+    w.add(records)
+    for ep, task, ok in episodes:
+        w.add_episode(EpisodeResult(experiment_id="exp", episode_id=ep, scenario="operator", task_id=task,
+                                    policy="paired", success=ok, reward=float(ok), n_calls=1))
+    w.flush()
+    return str(run_dir)
+
+
+def test_shadow_pairs_and_cascade_escalations_from_a_run(tmp_path):
+    run = write_run(tmp_path / "run", [
+        rec("c1", "llm", correct=True, cost=2.0),  # an LLM call and its SLM shadow, wrong
+        rec("c1:shadow", "slm", correct=False, cost=0.1, shadow=True, shadow_of="c1", mean_logprob=-0.2),
+        rec("c2:cascade", "slm", correct=None, valid=False, cost=0.1, escalated=True, mean_logprob=-1.5),  # cascade
+        rec("c2", "llm", correct=True, cost=2.0, escalated_from="c2:cascade"),
+        rec("c3", "slm", correct=True, cost=0.1, mean_logprob=-0.1),  # an SLM call with an LLM shadow
+        rec("c3:shadow", "llm", correct=True, cost=2.0, shadow=True, shadow_of="c3"),
+        rec("c4", "llm", correct=True, cost=2.0),  # unpaired: left out
+        rec("c5", "llm", correct=True, cost=2.0),  # its shadow never reached a model: left out
+        rec("c5:shadow", "slm", correct=None, valid=False, shadow=True, shadow_of="c5", infra_error=True),
+    ])
+    t = paired_from_run(run)
+    df = t.df.set_index("row").sort_index()
+    assert list(df.index) == ["c1", "c2", "c3"]
+    assert df.slm_ok.tolist() == [False, False, True] and df.llm_ok.tolist() == [True, True, True]
+    assert df.obs_tier.tolist() == ["llm", "llm", "slm"]
+    assert df.slm_cost.tolist() == [0.1, 0.1, 0.1] and df.llm_cost.tolist() == [2.0, 2.0, 2.0]
+    assert df.slm_valid.tolist() == [True, False, True] and df.slm_logprob.tolist() == [-0.2, -1.5, -0.1]
+    assert df.episode_success.tolist() == [True] * 3 and set(df.task) == {"t1"}
+    assert t.has_cost and not t.has_cluster and t.has_logprob and t.has_episodes
+    assert any("infrastructure error" in n for n in t.notes)
+
+
+def test_a_run_without_paired_outcomes_says_how_to_produce_them(tmp_path):
+    run = write_run(tmp_path / "run", [rec("c1", "llm", correct=True)])
+    with pytest.raises(SlmshiftError, match=r"no paired outcomes.*shadow: slm.*cascade"):
+        paired_from_run(run)
+    with pytest.raises(SlmshiftError, match="no interaction log"):
+        paired_from_run(str(tmp_path / "empty"))
+
+
+def test_pairs_csv_with_costs_clusters_and_mixed_boolean_spellings(tmp_path):
+    p = tmp_path / "pairs.csv"
+    p.write_text("prompt,slm_correct,llm_correct,slm_cost,llm_cost,call_kind,cluster,task_id,extra\n"
+                 "a,true,1,0.1,1.0,intent,0,t1,x\n"
+                 "b,False,yes,0.1,1.0,,1,t1,x\n"
+                 "c,0,TRUE,0.2,2.0,summary,,t2,x\n")
+    t = paired_from_file(str(p))
+    assert t.df.slm_ok.tolist() == [True, False, False] and t.df.llm_ok.tolist() == [True, True, True]
+    assert t.df.call_kind.tolist() == ["intent", "call", "summary"]
+    assert t.df.cluster.tolist()[:2] == [0, 1] and pd.isna(t.df.cluster.iloc[2])
+    assert t.df.task.tolist() == ["t1", "t1", "t2"] and t.has_cost and t.df.llm_cost.tolist() == [1.0, 1.0, 2.0]
+    assert any("extra" in n for n in t.notes)
+    req = t.requirements()
+    assert req["threshold"] is None and req["learned"] is None and "slm_logprob" in req["cascade"]
+
+
+def test_pairs_parquet_without_costs_or_prompts(tmp_path):
+    p = tmp_path / "pairs.parquet"
+    pd.DataFrame({"slm_correct": [True, False], "llm_correct": [True, True]}).to_parquet(p)
+    t = paired_from_file(str(p))
+    # without cost columns, cost is the share of LLM calls: SLM 0, LLM 1 per call
+    assert t.df.slm_cost.tolist() == [0, 0] and t.df.llm_cost.tolist() == [1, 1] and not t.has_cost
+    assert any("share of LLM calls" in n for n in t.notes)
+    req = t.requirements()
+    assert "prompt" in req["learned"] and req["threshold_cluster"] is not None
+
+
+@pytest.mark.parametrize("text, match", [
+    ("prompt,slm_correct\na,true\n", r"missing column\(s\) llm_correct"),
+    ("prompt,slm_correct,llm_correct\n", "no rows"),
+    ("prompt,slm_correct,llm_correct\na,true,maybe\n", r"column 'llm_correct', row 1: 'maybe' is not a boolean"),
+    ("prompt,slm_correct,llm_correct\na,,true\n", r"column 'slm_correct', row 1: empty"),
+    ("prompt,slm_correct,llm_correct,slm_cost,llm_cost\na,1,1,cheap,1\n", r"column 'slm_cost', row 1"),
+    ("prompt,slm_correct,llm_correct,cluster\na,1,1,0.5\n", r"column 'cluster'"),
+])
+def test_bad_pairs_files_name_the_file_and_column(tmp_path, text, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(SlmshiftError, match=match) as e:
+        paired_from_file(str(p))
+    assert str(p) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SlmshiftError, match="file not found"):
+        paired_from_file(str(tmp_path / "nope.csv"))
