@@ -127,3 +127,52 @@ def test_no_browser_left_after_the_run(run):
 
     left = wait_for_pids_gone(sorted(_browser_procs() - run.browsers_before), 20)
     assert left == []
+
+
+# ---------------------------------------------------------------- tasks outside the DOM solver's list
+
+UNSOLVED = ["click-color", "book-flight", "terminal"]  # no DOM solver: only real models may play them
+REAL_ONLY = """\
+experiment: {{name: cradle-real, seed: 2, storage: {storage}}}
+{models}router:
+  policies:
+    - {{kind: slm, name: real}}
+scenarios:
+  - kind: cradle
+    episodes: 3
+    teams: 1
+    concurrency: 1
+    options: {{tasks: {tasks}, max_steps: 2, browsers_per_team: 1, modules: [info_gathering, action_planning],
+               info_max_tokens: 6, action_max_tokens: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def real_run(run, ray_cluster, tiny_teacher_models, tmp_path_factory):
+    """After `run` (one Ray cluster per module): a real model (the tiny hf SLM) on tasks the solver does not know."""
+    from slmshift.platform.config import load_config as load
+    from slmshift.scenarios.cradle import CradleScenario
+
+    storage = tmp_path_factory.mktemp("runs-real")
+    path = storage / "cradle-real.yaml"
+    path.write_text(REAL_ONLY.format(storage=storage, models=tiny_teacher_models, tasks=json.dumps(UNSOLVED)))
+    cfg = load(path, scenario_options())
+    assert CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies) == []
+    # the same tasks under an arm that can call the simulated teacher are refused, naming the arm
+    teacher_arm = path.read_text().replace("{kind: slm, name: real}", "{kind: llm, name: teacher-arm}")
+    (storage / "teacher.yaml").write_text(teacher_arm)
+    bad = load(storage / "teacher.yaml", scenario_options())
+    problems = CradleScenario.check_models(bad.scenarios[0], bad.models, bad.router.policies)
+    assert len(problems) == 1 and "'teacher-arm'" in problems[0][1] and "book-flight" in problems[0][1]
+    return run_experiment(cfg, keep_ray=True)
+
+
+def test_a_real_model_plays_tasks_the_solver_does_not_know(real_run):
+    ep = read_episodes(real_run.run_dir)
+    assert sorted(ep.task_id.str.split("#").str[0]) == sorted(UNSOLVED)
+    assert ep["error"].isna().all() and (ep["success"] == False).all()  # noqa: E712  finished, not crashed
+    df = read_interactions(real_run.run_dir)
+    assert set(df.model) == {"tiny"} and set(df.backend) == {"hf"}  # no call ever reached the teacher
+    acts = df[df.call_kind == "action_planning"]
+    assert len(acts) == 6 and acts["error"].notna().all()  # two turns each; a random model writes no valid action
+    assert set(df.call_kind) == {"info_gathering", "action_planning"}

@@ -155,9 +155,10 @@ def _load(tmp_path, options: str):
 
 def test_bad_options_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as e:
-        _load(tmp_path, "{tasks: [click-button, book-flight], max_steps: 0, modules: [info_gathering], foo: 1}")
+        _load(tmp_path, "{tasks: [click-button, book-a-flight], max_steps: 0, modules: [info_gathering], foo: 1}")
     msg = str(e.value)
-    assert "scenarios[0].options.tasks" in msg and "book-flight" in msg and "available: click-test" in msg
+    assert "scenarios[0].options.tasks" in msg and "book-a-flight" in msg and "miniwob registers 128" in msg
+    assert "book-flight" in msg  # the listing names the real tasks
     assert "scenarios[0].options.max_steps" in msg
     assert "scenarios[0].options.modules" in msg and "action_planning is required" in msg
     assert "scenarios[0].options.foo" in msg and "unknown key" in msg
@@ -193,3 +194,111 @@ def test_missing_browser_fails_before_any_episode(monkeypatch):
     spec = ScenarioSpec(kind="cradle", episodes=2)
     with pytest.raises(SlmshiftError, match="chromium-driver"):
         CradleScenario(spec, seed=0).tasks()  # what the runner calls in the driver, before any actor starts
+
+
+# ---------------------------------------------------------------- every MiniWoB++ task, and who may play it
+
+
+def test_catalog_is_miniwobs_registered_ids():
+    from slmshift.scenarios.cradle.catalog import UNSUPPORTED, all_tasks, supported_tasks
+
+    tasks = all_tasks()
+    assert len(tasks) == 128 and {"book-flight", "click-pie", "terminal", "flight.AA"} <= set(tasks)
+    assert set(UNSUPPORTED) <= set(tasks)  # every unsupported entry is a real task
+    assert set(TASKS) <= set(supported_tasks()) and len(supported_tasks()) == 128 - len(UNSUPPORTED)
+    assert {"drag-box", "draw-line", "copy-paste", "scroll-text-2", "circle-center"} <= set(UNSUPPORTED)
+
+
+def test_options_take_any_expressible_task_and_refuse_the_rest():
+    from slmshift.scenarios.cradle.catalog import supported_tasks
+
+    o = CradleScenario.Options.model_validate({"tasks": ["book-flight", "click-pie", "terminal"]})
+    assert o.tasks == ["book-flight", "click-pie", "terminal"]
+    assert CradleScenario.Options.model_validate({"tasks": "all"}).tasks == list(supported_tasks())
+    with pytest.raises(ValueError) as e:
+        CradleScenario.Options.model_validate({"tasks": ["drag-box", "copy-paste", "click-button"]})
+    msg = str(e.value)
+    assert "drag-box needs a mouse drag" in msg and "copy-paste needs copy and paste" in msg
+    assert "cannot express" in msg and "click-button" not in msg.split("Fix")[0]
+
+
+ARMS = """models:
+  - {name: tiny, tier: slm, backend: hf, source: /nonexistent/tiny}
+  - {name: teacher, tier: llm, backend: simulated}
+router:
+  policies:
+    - {kind: slm, name: all-slm}
+    - {kind: llm, name: all-llm}
+    - {kind: call_kind, name: split, map: {info_gathering: slm, self_reflection: slm, task_inference: slm,
+                                           action_planning: llm}}
+    - {kind: call_kind, name: slm-acts, map: {action_planning: slm}, default: slm}
+    - {kind: slm, name: shadowed, shadow: llm}
+"""
+
+
+def _arms(tmp_path, tasks):
+    p = tmp_path / "arms.yaml"
+    p.write_text("experiment: {name: t}\n" + ARMS + f"scenarios:\n  - kind: cradle\n    options: {{tasks: {tasks}}}\n")
+    cfg = load_config(p, scenario_options())
+    return CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies)
+
+
+def test_a_simulated_teacher_arm_is_refused_outside_the_solvers_tasks(tmp_path):
+    problems = _arms(tmp_path, "[click-button, book-flight]")
+    assert {f for f, _ in problems} == {"options.tasks"}
+    arms = [m.split("'")[1] for _, m in problems]
+    assert arms == ["all-llm", "split", "shadowed"]  # real-only arms ('all-slm', 'slm-acts') are fine
+    msg = problems[0][1]
+    assert "simulated teacher 'teacher' (llm)" in msg and "book-flight" in msg and "click-button," in msg
+    assert "route every cradle call kind of that arm (and its shadow) to a real model" in msg
+    assert _arms(tmp_path, "[click-button, enter-text]") == []  # the solver's tasks: every arm may play
+    assert len(_arms(tmp_path, "all")) == 3
+
+
+# ---------------------------------------------------------------- grade_call
+
+
+def test_grade_call_action_validity_and_the_solvers_next_action():
+    sc = CradleScenario(ScenarioSpec(kind="cradle", episodes=1), seed=0)
+    ctx = {"obs": CHECKBOXES, "taken": []}
+    right = sc.grade_call("click-checkboxes#7", "action_planning", "Action: click(8)", context=ctx)
+    assert right.valid and right.correct is True
+    wrong = sc.grade_call("click-checkboxes#7", "action_planning", "click(6)", context=ctx)
+    assert wrong.valid and wrong.correct is False and "click(8)" in wrong.reason
+    off_page = sc.grade_call("click-checkboxes#7", "action_planning", "click(99)", context=ctx)
+    assert not off_page.valid and off_page.correct is False and "no element with ref 99" in off_page.reason
+    # no page: grammar only
+    assert sc.grade_call("click-checkboxes#7", "action_planning", "click(99)").valid
+    assert sc.grade_call("click-checkboxes#7", "action_planning", "click(99)").correct is None
+    # a task the solver does not know: validity on the page, correctness unknown
+    other = sc.grade_call("book-flight#3", "action_planning", "click(9)", context=ctx)
+    assert other.valid and other.correct is None
+    # the history reaches the solver: after checking 8, the next right action is Submit
+    checked = {**CHECKBOXES, "elements": [dict(e, value=True) if e["ref"] == 8 else e for e in CHECKBOXES["elements"]]}
+    assert sc.grade_call("click-checkboxes#7", "action_planning", "click(9)",
+                         context={"obs": checked, "taken": ["click(8)"]}).correct is True
+
+
+def test_grade_call_other_modules():
+    sc = CradleScenario(ScenarioSpec(kind="cradle", episodes=1), seed=0)
+    ctx = {"obs": CHECKBOXES, "taken": []}
+    assert sc.grade_call("click-checkboxes#1", "info_gathering", '[8] checkbox "DKkQH"', context=ctx).correct is True
+    assert sc.grade_call("click-checkboxes#1", "info_gathering", "[6] checkbox", context=ctx).correct is False
+    assert sc.grade_call("click-checkboxes#1", "info_gathering", "[8]").correct is None
+    assert sc.grade_call("click-checkboxes#1", "task_inference", "check DKkQH [8]", context=ctx).correct is True
+    assert sc.grade_call("click-checkboxes#1", "self_reflection", "Yes.", context={"expected": True}).correct is True
+    assert sc.grade_call("click-checkboxes#1", "self_reflection", "no", context={"expected": True}).correct is False
+    assert sc.grade_call("click-checkboxes#1", "self_reflection", "no").correct is None
+    assert sc.grade_call("click-checkboxes#1", "intent", "x") is None
+
+
+@pytest.mark.parametrize("output", ["", "click(", "__import__('os').system('touch /tmp/slmshift-pwned')",
+                                    "click(__import__('os'))", "\x00" * 20, "x" * 50_000, None, 3])
+@pytest.mark.parametrize("context", [None, {"obs": CHECKBOXES, "taken": []}, {"obs": {"elements": 5}},
+                                     {"obs": CHECKBOXES, "taken": ["exec('x')"]}, "junk"])
+@pytest.mark.parametrize("kind", ["action_planning", "info_gathering", "task_inference", "self_reflection"])
+def test_grade_call_never_raises(kind, output, context):
+    v = CradleScenario(ScenarioSpec(kind="cradle", episodes=1), seed=0).grade_call(
+        "click-checkboxes#1", kind, output, context=context)
+    assert v is not None and v.correct is not True and isinstance(v.reason, str)
+    assert not Path("/tmp/slmshift-pwned").exists()

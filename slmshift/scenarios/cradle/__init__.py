@@ -23,9 +23,9 @@ Nothing here imports selenium or miniwob at import time; `browser.py` does so in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from slmshift.platform.scenario import (
     EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
@@ -34,6 +34,8 @@ from slmshift.platform.types import Hidden
 from slmshift.scenarios.cradle import prompts
 from slmshift.scenarios.cradle.actions import Action, parse_action
 from slmshift.scenarios.cradle.browser import browser_paths  # stdlib only at import; selenium loads in the actor
+from slmshift.scenarios.cradle.catalog import UNSUPPORTED, all_tasks, supported_tasks, unsupported_reason
+from slmshift.scenarios.cradle.grading import grade_output, page_context, target_of
 from slmshift.scenarios.cradle.observe import clickable_refs, element_line, render
 from slmshift.scenarios.cradle.pool import BrowserPool, pool_size
 from slmshift.scenarios.cradle.skills import Skill, SkillLibrary, generalize
@@ -45,8 +47,10 @@ DEFAULT_TASKS = [t for t in TASKS if not t.startswith("click-test")]
 
 
 class CradleOptions(ScenarioOptions):
-    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1,
-                             description=f"MiniWoB++ tasks, cycled over the episodes; available: {', '.join(TASKS)}.")
+    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1, description=(
+        "MiniWoB++ tasks, cycled over the episodes: any task miniwob registers (`miniwob/<task>-v1`) that the "
+        "action grammar can express, or 'all' for every such task. Arms that can call a simulated teacher are "
+        f"limited to its DOM solver's tasks: {', '.join(TASKS)}."))
     max_steps: int = Field(default=14, ge=1, le=100,
                            description="Turns per episode; an invalid action uses a turn. use-spinner needs up to 13.")
     modules: list[Module] = Field(default=list(MODULES), min_length=1,
@@ -66,10 +70,19 @@ class CradleOptions(ScenarioOptions):
     action_max_tokens: int = Field(default=24, ge=1, description="Token budget of action planning.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of every call (0 = greedy).")
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _all_tasks(cls, v: Any) -> Any:
+        return list(supported_tasks()) if v == "all" or v == ["all"] else v
+
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str]) -> list[str]:
-        require_known(v, TASKS, "tasks (no DOM solver)", f"available: {', '.join(TASKS)}")
+        known = all_tasks()
+        require_known(v, known, "MiniWoB++ tasks", f"miniwob registers {len(known)}: {', '.join(known)}")
+        bad = [unsupported_reason(t) for t in dict.fromkeys(v) if t in UNSUPPORTED]
+        if bad:
+            raise ValueError("; ".join(bad) + ". Fix: leave them out (`tasks: all` means every task it can express)")
         return v
 
     @field_validator("modules")
@@ -101,6 +114,46 @@ class CradleScenario(Scenario):
         super().__init__(spec, seed)
         self._pool = None
         self._skills = None
+
+    @classmethod
+    def check_models(cls, spec: Any, models: list[Any], policies: list[Any]) -> list[tuple[str, str]]:
+        """Config cross-check (called with the experiment's `models:` and `router.policies`): an arm that can send
+        a call kind of this scenario (or its shadow) to a `simulated` model is limited to the DOM solver's tasks,
+        since the simulated teacher answers from the solver. (field path within the scenario entry, message)."""
+        try:
+            o = cls.Options.model_validate(spec.options)
+        except ValidationError:
+            return []  # the options check reports it
+        unsolved = [t for t in dict.fromkeys(o.tasks) if t not in TASKS]
+        if not unsolved:
+            return []
+        first = {tier: next((m for m in models if m.tier == tier), None) for tier in ("llm", "slm")}
+        by_name = {m.name: m for m in models}
+        problems = []
+        for p in policies:
+            table = getattr(p, "map", None)
+            tiers = {table.get(k, p.default) for k in o.modules} if isinstance(table, dict) else set(p.tiers())
+            shadow = getattr(p, "shadow", "none")
+            tiers |= {"llm", "slm"} if shadow == "both" else ({shadow} if shadow in ("llm", "slm") else set())
+            sims = []
+            for tier in sorted(tiers):
+                chosen = getattr(p, f"{tier}_model", None)
+                m = by_name.get(chosen) if chosen else first[tier]
+                if m is not None and m.backend == "simulated":
+                    sims.append(f"{m.name!r} ({tier})")
+            if sims:
+                shown = ", ".join(unsolved[:8]) + (f" and {len(unsolved) - 8} more" if len(unsolved) > 8 else "")
+                problems.append(("options.tasks", (
+                    f"policy arm {p.label!r} can send cradle calls to the simulated teacher {', '.join(sims)}, which "
+                    f"answers only on the tasks its DOM solver knows ({', '.join(TASKS)}), not on {shown}. Fix: "
+                    "route every cradle call kind of that arm (and its shadow) to a real model (backend hf or "
+                    "openai), or keep `tasks` to the solver's list")))
+        return problems
+
+    def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None):
+        """Action validity in the strict grammar and, where `context` carries the page and the solver knows the
+        task, agreement with the solver's next action (see `grading.py` for each module and the context)."""
+        return grade_output(task_id, call_kind, output, context)
 
     def tasks(self) -> list[CradleTask]:
         browser_paths()  # the runner lists tasks in the driver: a missing browser fails here, with the fix
@@ -171,12 +224,13 @@ class CradleScenario(Scenario):
                 plan = None
             page = render(obs, o.max_elements)
             refs = clickable_refs(obs)
-            notes = await self._notes(task, session, obs, page, refs, plan, last, taken)
+            ctx = page_context(obs, taken)
+            notes = await self._notes(task, session, obs, page, refs, plan, last, taken, ctx)
             call = await session.call(
                 role="actor", call_kind="action_planning", category="template", expect="action",
                 messages=prompts.action_messages(page, notes, [str(a) for a in taken], examples),
                 max_tokens=o.action_max_tokens, temperature=o.temperature, hidden=self._action_hidden(obs, plan),
-                check=lambda text: prompts.check_action(text, refs, str(plan.action) if plan else None))
+                check=lambda text, ctx=ctx: grade_output(task.id, "action_planning", text, ctx), context=ctx)
             if not call.valid:
                 invalid += 1
                 continue
@@ -212,12 +266,10 @@ class CradleScenario(Scenario):
         return Hidden(answer=str(plan.action), distractors=wrong)
 
     async def _notes(self, task: CradleTask, session: EpisodeSession, obs: dict, page: str, refs: set[int],
-                     plan: Plan | None, last, taken: list[Action]) -> str:
+                     plan: Plan | None, last, taken: list[Action], ctx: dict) -> str:
         """Run the modules before action planning; their outputs become the planner's notes."""
         o, notes = self.options, ""
-        target = plan.action.ref if plan else None
-        if target is None and plan is not None:  # a key press acts on the focused element
-            target = next((el["ref"] for el in obs["elements"] if el["focused"] and el["ref"] > 0), None)
+        target = target_of(obs, plan)
         if "info_gathering" in o.modules:
             answer = element_line(obs, target) if target is not None else None
             others = [element_line(obs, r) for r in sorted(refs - {target})[-3:]]
@@ -225,7 +277,7 @@ class CradleScenario(Scenario):
                 role="observer", call_kind="info_gathering", category="reasoning", expect="text",
                 messages=prompts.info_messages(page), max_tokens=o.info_max_tokens, temperature=o.temperature,
                 hidden=Hidden(answer=answer, distractors=others) if answer else None,
-                check=lambda text: prompts.check_info(text, refs, target))
+                check=lambda text: grade_output(task.id, "info_gathering", text, ctx), context=ctx)
             if c.valid:
                 notes += f"Relevant element: {c.text.strip()[:80]}\n"
         if "self_reflection" in o.modules and last is not None:
@@ -237,12 +289,12 @@ class CradleScenario(Scenario):
                 max_tokens=o.reflection_max_tokens, temperature=o.temperature,
                 hidden=None if expected is None else Hidden(answer="yes" if expected else "no",
                                                             distractors=["no" if expected else "yes"]),
-                check=lambda text: prompts.check_reflection(text, expected))
+                check=lambda text: grade_output(task.id, "self_reflection", text, {"expected": expected}),
+                context={"expected": expected})
             if c.valid:
                 ok = c.text.strip().lower().lstrip("\"'*").startswith("yes")
                 notes += f"Last action {action}: {'worked' if ok else 'did not help; try something else'}\n"
         if "task_inference" in o.modules:
-            key = plan.action.args[0] if plan and plan.action.kind == "press" else None
             ref = plan.action.ref if plan else None
             wrong = [f"click [{r}]" for r in sorted(refs - {ref})[-2:]]
             c = await session.call(
@@ -250,7 +302,7 @@ class CradleScenario(Scenario):
                 messages=prompts.inference_messages(page, notes, [str(a) for a in taken]),
                 max_tokens=o.inference_max_tokens, temperature=o.temperature,
                 hidden=Hidden(answer=plan.subtask, distractors=wrong) if plan else None,
-                check=lambda text: prompts.check_inference(text, ref, key))
+                check=lambda text: grade_output(task.id, "task_inference", text, ctx), context=ctx)
             if c.valid:
                 notes += f"Subtask: {c.text.strip()[:100]}\n"
         return notes

@@ -141,13 +141,19 @@ def _make_env(task: str, episode_max_s: float) -> Any:
             """Go to `new_task`'s page: its open tab if any (no reload), else a new tab (closing the least
             recently used one beyond MAX_TABS)."""
             from miniwob.fields import get_field_extractor
-            from miniwob.selenium_instance import DEFAULT_BASE_URL
+            from miniwob.selenium_instance import DEFAULT_BASE_URL, HTML_DIR
 
             inst, driver = self.instance, self.instance.driver
             tabs = self.__dict__.setdefault("tabs", {self.subdomain: driver.current_window_handle})
             inst.force_stop()  # end the episode on the page we leave
             self.subdomain = inst.subdomain = new_task
-            inst.url = urllib.parse.urljoin(DEFAULT_BASE_URL, f"{new_task}.html")
+            if new_task.startswith("flight."):  # served over HTTP, as miniwob's own SeleniumInstance does
+                from miniwob.http_server import start_http_server
+
+                base = start_http_server(str(HTML_DIR))
+                inst.url = urllib.parse.urljoin(base, new_task.replace(".", "/") + "/wrapper.html")
+            else:
+                inst.url = urllib.parse.urljoin(DEFAULT_BASE_URL, f"{new_task}.html")
             inst.field_extractor = get_field_extractor(new_task)
             if new_task in tabs:
                 tabs[new_task] = tabs.pop(new_task)  # most recently used last
