@@ -86,7 +86,9 @@ def test_tasks_load_with_held_out_docs() -> None:
     assert list(t.missed_function) == [3] and [f["name"] for f in t.missed_function[3]] == ["sort"]
     assert "sort" not in {f["name"] for f in t.functions_at(2)} and "sort" in {f["name"] for f in t.functions_at(3)}
     assert t.turns[3] == [] and t.ground_truth[2] == []  # sort is asked for before it exists: nothing to call
-    assert all(f["description"].endswith("Note that the provided function is in Python 3 syntax.") for f in t.functions)
+    hint = "Note that the provided function is in Python 3 syntax."
+    assert all(f["description"].endswith(hint) for f in t.functions)
+    assert not t.missed_function[3][0]["description"].endswith(hint)  # BFCL hints after holding docs out
     assert mt_task_by_id("multi_turn_long_context_0").long_context and not t.long_context
     with pytest.raises(ValueError, match="multi_turn_base"):
         load_multi_turn_tasks(["live_simple"])
@@ -349,3 +351,18 @@ def test_options_and_yaml() -> None:
     cfg = load_config(ROOT / "scenarios" / "operator-multiturn.yaml")
     spec = next(s for s in cfg.scenarios if s.kind == "operator_multiturn")
     assert set(OperatorMultiTurnOptions.model_validate(spec.options).categories) == set(MT_CATEGORIES)
+
+
+def test_tasks_match_bfcls_own_loader() -> None:
+    """Docs, held-out docs (by turn) and questions as BFCL's `load_dataset_entry` builds them."""
+    bfcl_api()
+    from bfcl_eval.utils import load_dataset_entry
+
+    for category in ("multi_turn_miss_func",):  # the one with held-out docs (each category takes BFCL ~8 s)
+        theirs = {e["id"]: e for e in load_dataset_entry(category)}
+        ours = load_multi_turn_tasks([category])
+        assert len(ours) == len(theirs) == 200
+        for t in ours:
+            e = theirs[t.id]
+            assert t.functions == e["function"] and t.turns == e["question"], t.id
+            assert {str(k): v for k, v in t.missed_function.items()} == e.get("missed_function", {}), t.id

@@ -1,8 +1,8 @@
 """Multi-turn BFCL v4 tasks, read straight from the data shipped inside the installed ``bfcl_eval``.
 
-Function docs come from BFCL's ``multi_turn_func_doc`` files for the task's ``involved_classes``, with BFCL's
-Python hint added, and the ``missed_function`` docs held out until their turn, as BFCL's own loader
-(``populate_test_cases_with_predefined_functions``) does.
+Function docs come from BFCL's ``multi_turn_func_doc`` files for the task's ``involved_classes``, the
+``missed_function`` docs held out until their turn and BFCL's Python hint added to the others, as BFCL's own
+loader does (``populate_test_cases_with_predefined_functions``, then ``add_language_specific_hint_to_function_doc``).
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def _category_tasks(category: str) -> tuple[MultiTurnTask, ...]:
             for name in names:  # BFCL pops the first doc of that name from the list
                 i = next(i for i, d in enumerate(docs) if d["name"] == name)
                 missed.setdefault(int(turn), []).append(docs.pop(i))
-        docs = hint(docs, category)
-        missed = {t: hint(ds, category) for t, ds in missed.items()}
+        docs = hint(docs, category)  # BFCL hints the offered docs only, after taking the held-out ones away
         tasks.append(MultiTurnTask(row["id"], category, row["question"], row["initial_config"],
                                    row["involved_classes"], docs, missed, answers[row["id"]]))
     return tuple(tasks)
