@@ -255,6 +255,10 @@ class ModelSpec(_Strict):
     price: Price = Field(default_factory=Price)
     replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=64, ge=1, description="Per replica, as in Ray Serve.")
+    max_queued_requests: int | None = Field(
+        default=None, ge=-1, description="Requests each caller (team actor, gateway) may queue for this model "
+        "beyond those its replicas are running; more are rejected at once with ray.serve.exceptions."
+        "BackPressureError (HTTP 503) instead of waiting. Default: 4 x max_ongoing_requests x replicas; -1: no bound.")
     resources: Resources = Field(default_factory=Resources)
     batching: Batching = Field(default_factory=Batching)
     hf: HFOptions = Field(default_factory=HFOptions)
@@ -269,6 +273,13 @@ class ModelSpec(_Strict):
         description="hf only: an adapter registry.json written by `slmshift convert`; its promoted adapters are "
         "served, each named by its cluster label.",
     )
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int | None) -> int | None:
+        if v == 0:  # Serve accepts -1 or a positive bound
+            raise ValueError("must be -1 (no bound) or a positive number of requests")
+        return v
 
     @field_validator("registry")
     @classmethod

@@ -56,6 +56,10 @@ def app_for(spec: ModelSpec):
         name=f"model-{spec.name}",
         num_replicas=spec.replicas,
         max_ongoing_requests=spec.max_ongoing_requests,
+        # Bounded by default: under overload a caller is told at once (BackPressureError) rather than left
+        # waiting behind an unbounded queue. Serve counts the queue per caller (handle), not per deployment.
+        max_queued_requests=(4 * spec.max_ongoing_requests * spec.replicas if spec.max_queued_requests is None
+                             else spec.max_queued_requests),
         ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
     ).bind(spec.model_dump())
 
