@@ -366,3 +366,14 @@ def test_tasks_match_bfcls_own_loader() -> None:
             e = theirs[t.id]
             assert t.functions == e["function"] and t.turns == e["question"], t.id
             assert {str(k): v for k, v in t.missed_function.items()} == e.get("missed_function", {}), t.id
+
+
+def test_planner_prompt() -> None:
+    from slmshift.scenarios.bfcl.multiturn.prompts import PLANNER_EXAMPLE, planner_messages
+
+    t = mt_task_by_id("multi_turn_miss_func_0")
+    msgs = planner_messages(t, 3, ["user: Move the report.", "call: cd(folder='document') -> {}"])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"] and msgs[1:3] == PLANNER_EXAMPLE
+    assert "- sort: " in msgs[-1]["content"] and "cd(folder='document')" in msgs[-1]["content"]
+    assert "- sort: " not in planner_messages(t, 2, [])[-1]["content"]  # not offered before its turn
+    assert intent_reference(t, 3) not in json.dumps(msgs)

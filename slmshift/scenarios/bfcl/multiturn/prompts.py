@@ -14,7 +14,7 @@ import copy
 from slmshift.scenarios.bfcl.api import bfcl_api
 from slmshift.scenarios.bfcl.multiturn.data import MultiTurnTask
 
-__all__ = ["PLANNER_SYSTEM_PROMPT", "SUMMARY_SYSTEM_PROMPT", "turn_messages", "results_message", "operator_messages",
+__all__ = ["PLANNER_SYSTEM_PROMPT", "PLANNER_EXAMPLE", "SUMMARY_SYSTEM_PROMPT", "turn_messages", "results_message", "operator_messages",
            "planner_messages", "summary_messages", "select_docs", "digest_line"]
 
 PLANNER_SYSTEM_PROMPT = (
@@ -26,6 +26,16 @@ PLANNER_SYSTEM_PROMPT = (
     "exactly as given.\n\n"
     'Answer ONLY with JSON of the form {"functions": ["function_name", ...]} and nothing else.'
 )
+# A worked example (not from BFCL) shows the output format, as the single-turn Planner's does: small models
+# copy a shown format far more reliably than a described one.
+PLANNER_EXAMPLE = [
+    {"role": "user", "content": "Earlier in this conversation:\nuser: Show my calendar for today.\ncall: "
+                                "list_events(day='today') -> []\n\nLatest request:\nBook a meeting with Ana at 3pm "
+                                "and email her the invite.\n\nAvailable functions:\n- list_events: Events of a day."
+                                "\n- create_event: Add an event.\n- send_email: Send an email.\n\nWhich functions "
+                                "must be called for the latest request?"},
+    {"role": "assistant", "content": '{"functions": ["create_event", "send_email"]}'},
+]
 SUMMARY_SYSTEM_PROMPT = (
     "You are the reporting step of a workflow agent. The user's request and the function calls the agent made for "
     "it (with their results) follow. In one or two sentences of plain text, tell the user what was done and the "
@@ -90,7 +100,7 @@ def planner_messages(task: MultiTurnTask, turn: int, digest: list[str]) -> list[
     earlier = "\n".join(digest) if digest else "(this is the first request)"
     user = (f"Earlier in this conversation:\n{earlier}\n\nLatest request:\n{request}\n\n"
             f"Available functions:\n{listing}\n\nWhich functions must be called for the latest request?")
-    return [{"role": "system", "content": PLANNER_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": PLANNER_SYSTEM_PROMPT}, *PLANNER_EXAMPLE, {"role": "user", "content": user}]
 
 
 def digest_line(kind: str, text: str) -> str:
