@@ -28,30 +28,47 @@ def _fail(e: SlmshiftError) -> None:
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment YAML, e.g. scenarios/quickstart.yaml."),
+    config: Optional[Path] = typer.Argument(None, help="Experiment YAML, e.g. scenarios/quickstart.yaml "
+                                            "(not with --resume)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://HEAD:10001'); "
                                           "default: RAY_ADDRESS, then ray.address in the YAML, else embedded."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Override experiment.storage (path or s3:// URI)."),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="Override every scenario's episodes."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run: "
+                                         "same config, experiment id and directory; runs only the episodes without "
+                                         "an outcome, then writes the full report."),
+    grace: float = typer.Option(30.0, "--grace", min=0.0, help="On Ctrl-C/SIGTERM: seconds running episodes get "
+                                "to finish before they are cancelled (a second Ctrl-C cancels them at once)."),
 ) -> None:
-    """Run an experiment end to end and print its summary."""
+    """Run an experiment end to end and print its summary. Ctrl-C stops it cleanly (report for what finished);
+    `slmshift run --resume RUN_DIR` continues it."""
     import slmshift.scenarios  # noqa: F401  fills the scenario registry
     from slmshift.platform.config import load_config
     from slmshift.platform.report import print_summary
     from slmshift.platform.scenario import scenario_options
-    from slmshift.runner import run_experiment
+    from slmshift.runner import read_run_config, run_experiment
 
     try:
-        cfg = load_config(config, scenario_options())
+        if resume and (config or episodes or storage):
+            raise SlmshiftError("--resume RUN_DIR continues that run with the config it wrote (RUN_DIR/config.yaml); "
+                                "do not pass CONFIG, --episodes or --storage with it.")
+        if not resume and config is None:
+            raise SlmshiftError("missing CONFIG. Fix: `slmshift run scenarios/quickstart.yaml`, or "
+                                "`slmshift run --resume RUN_DIR` to continue an interrupted run.")
+        cfg = read_run_config(resume, scenario_options()) if resume else load_config(config, scenario_options())
         if episodes:
             cfg = cfg.model_copy(update={"scenarios": [s.model_copy(update={"episodes": episodes}) for s in cfg.scenarios]})
-        result = run_experiment(cfg, address=address, storage=storage, console=console)
+        result = run_experiment(cfg, address=address, storage=storage, console=console, resume=resume, grace_s=grace)
     except SlmshiftError as e:
         _fail(e)
     print_summary(result.summary, console)
     c = result.log_counts
     console.print(f"{c.get('interactions', 0)} calls and {c.get('episodes', 0)} episodes logged in {result.wall_s:.0f} s. "
                   f"Report: {result.run_dir}/report.md  Log: {result.run_dir}/interactions/")
+    if result.interrupted:
+        err_console.print(f"interrupted: {result.remaining} episode(s) have no outcome yet. Resume with:\n"
+                          f"  slmshift run --resume {result.run_dir}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -61,12 +78,14 @@ def report(run_dir: str = typer.Argument(..., help="A run directory printed by `
     from slmshift.platform.report import print_summary, summarize
 
     try:
-        df, ep = read_interactions(run_dir), read_episodes(run_dir)
+        everything, ep = read_interactions(run_dir, include_shadow=True), read_episodes(run_dir)
     except SlmshiftError as e:
         _fail(e)
+    shadow = everything["shadow"].astype(bool)
+    df = everything[~shadow].reset_index(drop=True)
     if df.empty:
         _fail(SlmshiftError(f"{run_dir}: no interaction log found. Fix: pass a run directory printed by `slmshift run`."))
-    print_summary(summarize(df, ep), console)
+    print_summary(summarize(df, ep, shadow=everything[shadow].reset_index(drop=True)), console)
 
 
 @app.command()
@@ -135,6 +154,26 @@ def convert(
         base_src = next((c.get("chosen_source") for c in rep.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
         console.print(f"{len(rep.promoted)} adapter(s) promoted. To serve them, add to an experiment YAML:")
         console.print(serve_snippet(rep.registry, base_src), markup=False, highlight=False)
+
+
+@app.command()
+def gateway(
+    config: Path = typer.Argument(..., help="A YAML with `models:` and `router:` (an experiment YAML works; its "
+                                  "scenarios are ignored) and an optional `gateway:` section."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default: gateway.port, 8000)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1; others need API keys)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the S1 log goes (default experiment.storage)."),
+) -> None:
+    """Serve the router and models behind an OpenAI-compatible API; every call is written to the S1 log."""
+    from slmshift.platform.config import GatewayConfig, load_config
+    from slmshift.serve.gateway import serve_gateway
+
+    try:
+        cfg = load_config(config, schema=GatewayConfig)
+        opts = cfg.gateway.model_copy(update={k: v for k, v in {"port": port, "host": host}.items() if v is not None})
+        serve_gateway(cfg, opts, console, storage=storage)
+    except SlmshiftError as e:
+        _fail(e)
 
 
 @app.command()

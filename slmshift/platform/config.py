@@ -75,8 +75,9 @@ def _rebuild_router_schema() -> None:
     union = Annotated[Union[kinds], Field(discriminator="kind")] if len(kinds) > 1 else kinds[0]  # type: ignore
     RouterSection.model_fields["policies"].annotation = list[union]  # type: ignore[valid-type]
     RouterSection.model_rebuild(force=True)
-    if "ExperimentConfig" in globals():
-        ExperimentConfig.model_rebuild(force=True)
+    for name in ("ExperimentConfig", "GatewayConfig"):
+        if name in globals():
+            globals()[name].model_rebuild(force=True)
 
 
 on_register(_rebuild_router_schema)
@@ -89,6 +90,8 @@ class ScenarioSpec(_Strict):
     teams: int = Field(default=2, ge=1, description="Team actors (Ray actors) sharing the episodes.")
     concurrency: int = Field(default=8, ge=1, description="Episodes each team actor runs at once.")
     seed: int | None = Field(default=None, description="Task sampling seed (default: experiment.seed).")
+    episode_attempts: int = Field(default=3, ge=1, description="Times an episode is run when its team actor dies "
+                                  "under it (OOM kill, lost node) before it is recorded as failed (error 'infra: …').")
     options: dict[str, Any] = Field(default_factory=dict, description="Scenario-specific options (see its docs).")
     exclude_tasks: list[str] = Field(default_factory=list, description="Task ids never to run (e.g. those a "
                                      "`slmshift tune` search saw, for `--verify`); other tasks take their place.")
@@ -110,6 +113,32 @@ class ExperimentConfig(_Strict):
 
 
 ExperimentConfig.model_rebuild(force=True)
+
+
+class GatewaySection(_Strict):
+    """`slmshift gateway`'s own settings (all optional)."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address; anything but loopback needs API keys "
+                      "(SLMSHIFT_GATEWAY_API_KEYS).")
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
+    scrub: bool = Field(default=True, description="Scrub secrets and PII from prompts and outputs before the S1 "
+                        "record is written.")
+    max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per ingress replica.")
+
+
+class GatewayConfig(_Strict):
+    """What `slmshift gateway` reads: an experiment YAML's models and router (its scenarios, if any, are ignored)."""
+
+    experiment: ExperimentSection = Field(default_factory=lambda: ExperimentSection(name="gateway"))
+    ray: RaySection = Field(default_factory=RaySection)
+    models: list[ModelSpec] = Field(min_length=1)
+    router: RouterSection
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    scenarios: list[ScenarioSpec] = Field(default_factory=list, description="Ignored by the gateway.")
+
+
+GatewayConfig.model_rebuild(force=True)
 
 
 def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
@@ -260,7 +289,8 @@ def _line_of(node: yaml.Node | None, path: str) -> int | None:
     return line
 
 
-def load_config(path: str | Path, scenario_options: dict[str, type[BaseModel]] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path, scenario_options: dict[str, type[BaseModel]] | None = None,
+                schema: type[BaseModel] | None = None) -> Any:
     """Read and validate an experiment YAML. Raises ConfigError listing every problem at once.
 
     Args:
@@ -298,9 +328,9 @@ def load_config(path: str | Path, scenario_options: dict[str, type[BaseModel]] |
         return f"{field} (line {line})" if line else field
 
     try:
-        cfg = ExperimentConfig.model_validate(data)
+        cfg = (schema or ExperimentConfig).model_validate(data)
     except ValidationError as e:
-        problems = [f"{at(_loc(err['loc']) or '<top>')}: {_message(err, ExperimentConfig)}" for err in e.errors()]
+        problems = [f"{at(_loc(err['loc']) or '<top>')}: {_message(err, schema or ExperimentConfig)}" for err in e.errors()]
         raise ConfigError(str(path), problems, "See the configuration reference in README.md.") from None
     problems = [f"{at(f)}: {m}" for f, m in _cross_checks(cfg, scenario_options)]
     if problems:

@@ -35,10 +35,11 @@ class SimulatedEngine(Engine):
     def _answer(self, req: LMRequest) -> LMResponse:
         p = self.spec.profile
         tokens_in = estimate_tokens("".join(m.get("content", "") for m in req.messages))
-        if req.hidden is None:
-            return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
-                              tokens_in=tokens_in, simulated=True,
-                              error="simulated engine needs the scenario's hidden reference for this call; none was given")
+        if req.hidden is None:  # e.g. a gateway call: no scenario knows the answer. Say so, deterministically.
+            text = f"[simulated {self.spec.name}: no scenario reference for this call, so no real answer]"
+            return LMResponse(text=text, model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                              tokens_in=tokens_in, tokens_out=min(estimate_tokens(text), req.max_tokens),
+                              simulated=True, mean_logprob=0.0)
         rng = self._rng(req)
         right = rng.random() < p.accuracy_for(req.call_kind)
         if right or not req.hidden.distractors:
