@@ -28,7 +28,7 @@ from slmshift.scenarios.bfcl.multiturn.prompts import (
     digest_line, operator_messages, planner_messages, results_message, select_docs, summary_messages, turn_messages,
 )
 from slmshift.scenarios.bfcl.multiturn.teacher import (
-    intent_distractors, intent_reference, step_distractors, step_reference, summary_reference,
+    intent_distractors, intent_reference, step_distractors, step_reference, summary_distractors, summary_reference,
 )
 
 
@@ -90,11 +90,12 @@ class OperatorMultiTurnScenario(Scenario):
                 check=lambda text, t=turn: grade_turn_intent(task, t, text), context={"turn": turn})
             n_model_calls += 1
             selected = _selected(intent.text) if intent.valid else None
-            digest.append(digest_line("user", request[:2000]))
+            digest.append(digest_line("user", request))
             # 'all' is BFCL's prompt: the first turn's docs stay in the system prompt, held-out docs arrive only
             # as their turn's user message
             docs = task.functions if o.operator_functions == "all" else select_docs(task, turn, selected)
             executed: list[str] = []  # rendered calls run this turn
+            turn_calls: list[str] = []  # every call of the turn as fed back (refused ones as written), for the summary
             step_results: list[list[str]] = []
             had_error = False
             force_quit = False
@@ -119,6 +120,7 @@ class OperatorMultiTurnScenario(Scenario):
                     names = [c.render() if not c.error else c.source for c in step.calls]
                     history.append(results_message(names, results))
                     executed += [c.render() for c in step.calls if not c.error]
+                    turn_calls += names
                     step_results.append(results)
                     n_actions += len(results)
                     had_error = any(r.startswith("Error during execution") for r in results)
@@ -130,13 +132,13 @@ class OperatorMultiTurnScenario(Scenario):
                 grader.force_terminated(turn, len(step_results))
                 break
             if o.summary:
-                calls = list(executed)
                 flat = [r for rs in step_results for r in rs]
                 await session.call(
                     role="operator", call_kind="summary", category="reasoning", expect="text",
-                    messages=summary_messages(request, calls, flat), max_tokens=o.summary_max_tokens,
+                    messages=summary_messages(request, turn_calls, flat), max_tokens=o.summary_max_tokens,
                     temperature=o.temperature,
-                    hidden=Hidden(answer=summary_reference(task, turn, calls, flat), distractors=[]),
+                    hidden=Hidden(answer=summary_reference(task, turn, turn_calls, flat),
+                                  distractors=summary_distractors(task, turn)),
                     check=check_summary, context={"turn": turn})
                 n_model_calls += 1
             check = grader.end_turn(turn, backends, step_results)

@@ -273,6 +273,9 @@ def test_malformed_and_hostile_steps_are_recorded_and_the_episode_continues(tmp_
     assert '"current_working_directory": "document"' in feedback  # the allowed call in the same step ran
     assert ops[1]["valid"] is False and "malformed" in ops[1]["reason"]
     assert ops[2]["context"]["turn"] == 1  # the malformed step ended turn 0, as a failed decode does in BFCL
+    summary = next(c for c in session.calls if c["kind"] == "summary")["messages"][-1]["content"]
+    assert "- cd(folder='document') -> {" in summary and "system('touch" in summary  # each call with its result
+    assert summary.count("Error during execution: only bare function names") == 1
     assert not out.success and "turn 0: multi_turn:instance_state_mismatch" in out.detail
     assert collections.Counter(c["kind"] for c in session.calls)["intent"] == len(t.turns)
 

@@ -20,7 +20,7 @@ from slmshift.scenarios.bfcl.multiturn.grader import (
 from slmshift.scenarios.bfcl.teacher import _wrong_value
 
 __all__ = ["TURN_DONE", "CANNOT_DO", "keyword_form", "step_reference", "step_distractors", "intent_reference",
-           "intent_distractors", "summary_reference"]
+           "intent_distractors", "summary_reference", "summary_distractors"]
 
 TURN_DONE = "All requested actions for this turn are complete; no more function calls are needed."
 CANNOT_DO = ("I cannot complete this request yet: a function it needs is not available or a required detail is "
@@ -112,3 +112,11 @@ def summary_reference(task: MultiTurnTask, turn: int, calls: list[str], results:
         return CANNOT_DO
     done = "; ".join(f"{c} -> {r[:120]}" for c, r in zip(calls, results)) or "nothing"
     return f"Done. I called: {done}"
+
+
+def summary_distractors(task: MultiTurnTask, turn: int) -> list[str]:
+    """Answers that misreport the turn (BFCL does not grade the answer, so these only look wrong), and a call
+    where text is due."""
+    first = next((c for t in range(len(task.ground_truth)) for c in ground_truth_calls(task, t)), None)
+    wrong = [CANNOT_DO if task.ground_truth[turn] else "Done. Everything you asked for is complete."]
+    return wrong + ([_render(task, [first])] if first is not None else [])
