@@ -16,6 +16,14 @@ task) never pays for. Everything runs at nice 15, Ray's worker niceness. On a ma
 browsers, per-browser speed falls with contention.
 
 Run: .venv/bin/python bench/miniwob_env.py [--episodes 20] [--sizes 1,2,4] [--rounds 2]
+
+Task coverage (`--coverage`): how many of miniwob's registered tasks run end to end outside the DOM solver.
+  env:   every registered task in one `MiniWoBBrowser` (as a browser actor runs it), played by a seeded random
+         agent that writes actions in the scenario's grammar (click a ref on the page, type a word of the
+         task's fields into a field, press Enter): did it start, take steps, end with the task's reward, crash?
+  stack: `run_experiment` with a real-model arm only (the tiny random hf model the tests build) on every task the
+         grammar supports (`tasks: all`): did each episode start and finish without an error?
+Run: .venv/bin/python bench/miniwob_env.py --coverage [--steps 12] [--no-stack]
 """
 
 from __future__ import annotations
@@ -180,14 +188,132 @@ def actors(n: int, episodes: int, rounds: int) -> tuple[float, float, float]:
             ray.kill(b)
 
 
+# -- coverage: every registered task -----------------------------------------------------------------------
+
+def random_action(page: dict, rng) -> Action:
+    """A seeded random agent's next action, in the grammar the scenario's models write."""
+    from slmshift.scenarios.cradle.actions import TEXT_MAX_LEN
+
+    els = [e for e in page["elements"] if e["ref"] > 0 and e["tag"] not in ("body", "html", "div", "form")]
+    fields = [e for e in els if e["tag"].startswith("input_") and e["tag"] not in ("input_checkbox", "input_radio")
+              or e["tag"] in ("textarea", "select")]
+    words = [v for _, v in page["fields"] if v] or page["utterance"].split() or ["x"]
+    r = rng.random()
+    if fields and r < 0.35:
+        return Action("type", (rng.choice(fields)["ref"], str(rng.choice(words))[:TEXT_MAX_LEN]))
+    if r < 0.42:
+        return Action("press", ("Enter",))
+    return Action("click", (rng.choice(els or page["elements"])["ref"],))
+
+
+def coverage_env(tasks: list[str], steps: int, seed: int = 0) -> list[dict]:
+    import random
+
+    from slmshift.scenarios.cradle.browser import MiniWoBBrowser
+
+    rng, rows = random.Random(seed), []
+    b = MiniWoBBrowser(episode_max_s=120)
+    try:
+        for task in tasks:
+            row = {"task": task, "started": False, "steps": 0, "done": False, "reward": 0.0, "error": None}
+            t0 = time.perf_counter()
+            try:
+                page = b.reset(task, seed)
+                row["started"] = True
+                for _ in range(steps):
+                    out = b.step(*random_action(page, rng).env_args())
+                    if out["crashed"]:
+                        raise RuntimeError(out["reason"])
+                    row["steps"] += 1
+                    if out["done"]:
+                        row["done"], row["reward"] = True, out["reward"]
+                        break
+                    page = out
+            except Exception as e:  # a crash is what this counts; keep going with a fresh browser
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                b.close()
+                b = MiniWoBBrowser(episode_max_s=120)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            print(f"  {task:32s} started={row['started']!s:5} steps={row['steps']:2d} done={row['done']!s:5} "
+                  f"reward={row['reward']:+.2f} {row['error'] or ''}", flush=True)
+    finally:
+        b.close()
+    return rows
+
+
+def coverage_stack(tasks: list[str]) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from slmshift.platform.config import load_config
+    from slmshift.platform.log import read_episodes, read_interactions
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.runner import run_experiment
+    from slmshift.serve.tiny import build_tiny_llama
+
+    import slmshift.scenarios  # noqa: F401
+
+    tmp = Path(tempfile.mkdtemp(prefix="slmshift-cov-"))
+    tiny = build_tiny_llama(tmp / "tiny")
+    yaml = (f"experiment: {{name: coverage, seed: 0, storage: {tmp}}}\n"
+            f"models:\n  - {{name: tiny, tier: slm, backend: hf, source: {tiny}, resources: {{num_cpus: 1}}}}\n"
+            "router: {policies: [{kind: slm, name: real-model}]}\n"
+            f"scenarios:\n  - kind: cradle\n    episodes: {len(tasks)}\n    teams: 1\n    concurrency: 2\n"
+            "    options: {tasks: all, max_steps: 2, modules: [action_planning], browsers_per_team: 2, "
+            "action_max_tokens: 8, skills: false}\n")
+    (tmp / "cov.yaml").write_text(yaml)
+    t0 = time.perf_counter()
+    res = run_experiment(load_config(tmp / "cov.yaml", scenario_options()))
+    wall = time.perf_counter() - t0
+    ep, df = read_episodes(res.run_dir), read_interactions(res.run_dir)
+    ep = ep.assign(task=ep.task_id.str.split("#").str[0])
+    calls = df.groupby("episode_id").size()
+    ok = ep[ep["error"].isna()]
+    return {"episodes": len(ep), "tasks": ep.task.nunique(), "finished": len(ok),
+            "with_calls": int((ep.episode_id.map(calls).fillna(0) > 0).sum()),
+            "errors": ep[ep["error"].notna()][["task", "error"]].values.tolist(), "wall_s": wall}
+
+
+def coverage(steps: int, stack: bool) -> None:
+    from slmshift.scenarios.cradle.catalog import UNSUPPORTED, all_tasks, supported_tasks
+    from slmshift.scenarios.cradle.teacher import TASKS as SOLVED
+
+    tasks = list(all_tasks())
+    print(f"[coverage] {len(tasks)} registered miniwob tasks; {len(UNSUPPORTED)} need an action the grammar lacks; "
+          f"DOM solver: {len(SOLVED)}")
+    rows = coverage_env(tasks, steps)
+    sup = [r for r in rows if r["task"] not in UNSUPPORTED]
+    for name, group in (("supported", sup), ("unsupported", [r for r in rows if r["task"] in UNSUPPORTED])):
+        print(f"  env, {name:11s}: {len(group)} tasks: started {sum(r['started'] for r in group)}, took steps "
+              f"{sum(r['steps'] > 0 for r in group)}, ended with the task's reward {sum(r['done'] for r in group)} "
+              f"(won {sum(r['reward'] > 0 for r in group)}), crashed {sum(r['error'] is not None for r in group)}; "
+              f"{sum(r['wall_s'] for r in group):.0f} s")
+    crashed = [(r["task"], r["error"]) for r in rows if r["error"]]
+    if crashed:
+        print("  crashed:", crashed)
+    if stack:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        st = coverage_stack(list(supported_tasks()))
+        print(f"  stack (tiny hf model, every supported task): {st['finished']}/{st['episodes']} episodes finished "
+              f"without an error on {st['tasks']} tasks, {st['with_calls']} made model calls; {st['wall_s']:.0f} s; "
+              f"errors: {st['errors'] or 'none'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--episodes", type=int, default=20, help="episodes per browser per round")
     p.add_argument("--sizes", default="1,2,4", help="browser actor counts")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--coverage", action="store_true", help="task coverage instead of throughput")
+    p.add_argument("--steps", type=int, default=12, help="coverage: random actions per task at most")
+    p.add_argument("--no-stack", action="store_true", help="coverage: skip the run_experiment part")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     browser_paths()
+    if args.coverage:
+        coverage(args.steps, not args.no_stack)
+        return
     # Ray runs its workers (and so their Chromium) at nice 15; the baseline runs at the same niceness, so on a
     # busy machine both compete for the CPU alike, as browsers and team actors do in a real run.
     os.nice(max(0, 15 - os.nice(0)))

@@ -153,3 +153,15 @@ def test_episode_completes_after_browser_crash(ray_cluster):
     # every turn makes Cradle's calls, self-reflection from the second turn on
     assert session.kinds[:3] == ["info_gathering", "task_inference", "action_planning"]
     assert session.kinds[3:7] == ["info_gathering", "self_reflection", "task_inference", "action_planning"]
+
+
+def test_tasks_outside_the_solver_switch_in_one_browser(browser):
+    """Tasks the DOM solver does not know start in the same browser, including the `flight.*` ones that miniwob
+    serves over HTTP, and their own reward grades them."""
+    for task in ("click-color", "flight.AA", "book-flight", "flight.Alaska", "click-button"):
+        obs = browser.reset(task, 5)
+        assert obs["utterance"] and obs["elements"] and not obs["done"], task
+        assert browser.env.instance.url.endswith("flight/AA/wrapper.html") == (task == "flight.AA")
+    target = dict(obs["fields"])["target"]
+    right = next(el for el in obs["elements"] if el["tag"] == "button" and el["text"] == target)
+    assert browser.step("click", (right["ref"],))["reward"] == 1.0  # back on an ordinary task after the flights

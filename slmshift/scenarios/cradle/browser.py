@@ -92,6 +92,26 @@ def _chrome_wrapper(chrome: str) -> str:
     return path
 
 
+def _quiet_http_server() -> str:
+    """miniwob's HTTP server for the `flight.*` tasks (its singleton), without a log line per request."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    import miniwob.http_server as hs
+    from miniwob.selenium_instance import HTML_DIR
+
+    if hs.SERVER_SINGLETON is None:
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer(("localhost", 0), functools.partial(Quiet, directory=str(HTML_DIR)))
+        Thread(target=httpd.serve_forever, daemon=True).start()
+        hs.SERVER_SINGLETON = httpd
+    return hs.start_http_server(str(HTML_DIR))
+
+
 def _make_env(task: str, episode_max_s: float) -> Any:
     """A miniwob environment on `task` whose Chromium is started with our flags and lifetime."""
     from miniwob.environment import MiniWoBEnvironment
@@ -141,16 +161,14 @@ def _make_env(task: str, episode_max_s: float) -> Any:
             """Go to `new_task`'s page: its open tab if any (no reload), else a new tab (closing the least
             recently used one beyond MAX_TABS)."""
             from miniwob.fields import get_field_extractor
-            from miniwob.selenium_instance import DEFAULT_BASE_URL, HTML_DIR
+            from miniwob.selenium_instance import DEFAULT_BASE_URL
 
             inst, driver = self.instance, self.instance.driver
             tabs = self.__dict__.setdefault("tabs", {self.subdomain: driver.current_window_handle})
             inst.force_stop()  # end the episode on the page we leave
             self.subdomain = inst.subdomain = new_task
             if new_task.startswith("flight."):  # served over HTTP, as miniwob's own SeleniumInstance does
-                from miniwob.http_server import start_http_server
-
-                base = start_http_server(str(HTML_DIR))
+                base = _quiet_http_server()
                 inst.url = urllib.parse.urljoin(base, new_task.replace(".", "/") + "/wrapper.html")
             else:
                 inst.url = urllib.parse.urljoin(DEFAULT_BASE_URL, f"{new_task}.html")
@@ -173,6 +191,8 @@ def _make_env(task: str, episode_max_s: float) -> Any:
     from miniwob.reward import get_raw_reward
 
     logging.getLogger("selenium").setLevel(logging.WARNING)
+    if task.startswith("flight."):
+        _quiet_http_server()  # before miniwob starts its own, noisy one
     return Env(subdomain=task, reward_processor=get_raw_reward)
 
 
