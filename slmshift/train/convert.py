@@ -28,8 +28,8 @@ from slmshift.train.finetune import LoraOptions
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_snippet"]
 
-PROMOTION_RULE = ("promoted when held-out accuracy after > before; on a tie above zero, when held-out loss after < "
-                  "before and the valid-output rate is no lower; never at zero accuracy")
+PROMOTION_RULE = ("promoted only on evidence: the 95% paired-bootstrap interval of adapter - base accuracy on the "
+                  "same held-out calls (at least min_promotion_calls of them) lies above zero")
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -54,6 +54,8 @@ class ConvertOptions(BaseModel):
     lora: LoraOptions = Field(default_factory=_default_lora)
     min_train_rows: int = Field(default=4, ge=1, description="A cluster needs this many train rows to get an adapter.")
     min_val_rows: int = Field(default=1, ge=1, description="...and this many validation rows to be judged.")
+    min_promotion_calls: int = Field(default=30, ge=1, description="Held-out calls an adapter needs before its "
+                                     "accuracy gain can promote it (the paired-bootstrap interval must exclude zero).")
     eval_batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget cap per held-out call.")
     threads: int | None = Field(default=None, ge=1, description="torch threads for evaluation (default: all cores).")
@@ -86,21 +88,34 @@ class ConvertReport:
         return [c for c in self.clusters if c.get("promoted")]
 
 
-def promotion(before: Any, after: Any, loss_before: float | None, loss_after: float | None) -> tuple[bool, str]:
-    """Apply PROMOTION_RULE; returns (promoted, reason)."""
-    b, a = before.correct_rate, after.correct_rate
-    if a > b:
-        return True, f"held-out accuracy {b:.2f} -> {a:.2f}"
-    if a < b:
-        return False, f"held-out accuracy fell {b:.2f} -> {a:.2f}"
-    if a == 0:
-        # Serving it would take the cluster's calls from the LLM and get them all wrong: seen on the quickstart,
-        # where a function-call adapter promoted on lower loss alone sank the tuned arm's success to 0.
-        return False, "held-out accuracy 0 before and after: the LLM keeps these calls"
-    if loss_before is not None and loss_after is not None and loss_after < loss_before \
-            and after.valid_rate >= before.valid_rate:
-        return True, f"accuracy tied at {a:.2f}; held-out loss {loss_before:.3f} -> {loss_after:.3f}"
-    return False, f"accuracy tied at {a:.2f} and held-out loss/valid rate not better"
+def paired_interval(before: list[bool], after: list[bool], *, resamples: int = 4000, seed: int = 0
+                    ) -> tuple[float, float, float]:
+    """(mean, low, high) of after - before accuracy: a 95% percentile bootstrap over calls, resampling pairs."""
+    import numpy as np
+
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if len(d) == 0:
+        return 0.0, 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def promotion(before: Any, after: Any, min_calls: int = 30, seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
+    """Apply PROMOTION_RULE to two evaluations of the same held-out calls; returns (promoted, reason, interval)."""
+    b = [bool(v.get("correct")) for v in before.verdicts]
+    a = [bool(v.get("correct")) for v in after.verdicts]
+    if len(a) != len(b):
+        return False, f"base and adapter were judged on different calls ({len(b)} vs {len(a)})", {}
+    mean, low, high = paired_interval(b, a, seed=seed)
+    ci = {"diff": mean, "low": low, "high": high, "n": len(a)}
+    acc = f"held-out accuracy {before.correct_rate:.2f} -> {after.correct_rate:.2f}, diff {mean:+.2f} " \
+          f"[{low:+.2f}, {high:+.2f}] on {len(a)} calls"
+    if len(a) < min_calls:
+        return False, f"{acc}: fewer than {min_calls} held-out calls, not enough evidence to promote", ci
+    if low > 0:
+        return True, f"{acc}: interval above zero", ci
+    return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than the base", ci
 
 
 def serve_snippet(registry_path: str, base_source: str, name: str = "slm-tuned") -> str:
@@ -288,16 +303,17 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                 after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
-            promoted, reason = promotion(sel.before, after, tr.val_loss_base, tr.val_loss_adapter)
+            promoted, reason, interval = promotion(sel.before, after, o.min_promotion_calls, o.lora.seed)
             e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
-                     promoted=promoted, status=reason, train=tr.model_dump())
+                     promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)
             registry.add(AdapterEntry(
                 cluster=e["id"], label=e["label"], role=e["role"], call_kind=e["call_kind"],
                 base_model=sel.chosen.source, adapter_dir=tr.adapter_dir, promoted=promoted, reason=reason,
                 metrics=AdapterMetrics(val_accuracy_before=sel.before.correct_rate,
                                        val_accuracy_after=after.correct_rate, val_loss_before=tr.val_loss_base,
                                        val_loss_after=tr.val_loss_adapter, n_train=tr.n_train, n_val=tr.n_val,
-                                       val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate)))
+                                       val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate,
+                                       accuracy_diff_interval=interval)))
             registry.save()  # after each cluster: an interrupted convert keeps what finished
     finally:
         if started:

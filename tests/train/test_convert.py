@@ -82,16 +82,21 @@ def test_router_index_places_a_new_call_in_its_cluster(converted):
     assert idx.label(cid) == "planner-intent" and sim > 0.8
 
 
-def test_promotion_rule():
-    def ev(acc: float, valid: float = 1.0) -> EvalResult:
-        return EvalResult("m", None, 4, valid_rate=valid, correct_rate=acc)
+def test_promotion_needs_an_interval_above_zero_on_enough_calls():
+    def ev(correct: list[int]) -> EvalResult:
+        return EvalResult("m", None, len(correct), valid_rate=1.0, correct_rate=sum(correct) / len(correct),
+                          verdicts=[{"correct": bool(c)} for c in correct])
 
-    assert promotion(ev(0.25), ev(0.5), 1.0, 2.0)[0]  # accuracy wins, whatever the loss
-    assert not promotion(ev(0.5), ev(0.25), 2.0, 1.0)[0]
-    assert promotion(ev(0.5), ev(0.5), 2.0, 1.0)[0]  # tie: lower loss decides
-    assert not promotion(ev(0.5), ev(0.5), 1.0, 2.0)[0]
-    assert not promotion(ev(0.5, 1.0), ev(0.5, 0.5), 2.0, 1.0)[0]  # ...unless it breaks the format more often
-    assert not promotion(ev(0.0, 0.0), ev(0.0, 0.5), 2.0, 1.0)[0]  # never at zero accuracy: the LLM keeps those calls
+    base = [0] * 20 + [1] * 20
+    ok, why, ci = promotion(ev(base), ev([1] * 16 + [0] * 4 + [1] * 20))  # +16 of 40 calls fixed
+    assert ok and ci["low"] > 0 and ci["n"] == 40 and "interval above zero" in why
+    ok, why, ci = promotion(ev(base), ev([1] * 3 + [0] * 17 + [1] * 18 + [0] * 2))  # +3 -2: noise
+    assert not ok and ci["low"] <= 0 <= ci["high"] and "includes zero" in why
+    ok, why, _ = promotion(ev([0] * 10), ev([1] * 10))  # a clear win, but only 10 calls
+    assert not ok and "fewer than 30 held-out calls" in why
+    assert promotion(ev([0] * 10), ev([1] * 10), min_calls=5)[0]
+    ok, why, _ = promotion(ev(base), ev([0] * 40))
+    assert not ok and "worse than the base" in why
 
 
 @pytest.mark.parametrize("setup,needle", [
