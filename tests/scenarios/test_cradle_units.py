@@ -240,7 +240,11 @@ def _arms(tmp_path, tasks):
     p = tmp_path / "arms.yaml"
     p.write_text("experiment: {name: t}\n" + ARMS + f"scenarios:\n  - kind: cradle\n    options: {{tasks: {tasks}}}\n")
     cfg = load_config(p, scenario_options())
-    return CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies)
+    problems = CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies)
+    # the same hook on the validated options model, which is all the config loader holds per scenario kind
+    opts = scenario_options()["cradle"].model_validate(cfg.scenarios[0].options)
+    assert opts.check_models(cfg.models, cfg.router.policies) == problems
+    return problems
 
 
 def test_a_simulated_teacher_arm_is_refused_outside_the_solvers_tasks(tmp_path):

@@ -85,6 +85,36 @@ class CradleOptions(ScenarioOptions):
             raise ValueError("; ".join(bad) + ". Fix: leave them out (`tasks: all` means every task it can express)")
         return v
 
+    def check_models(self, models: list[Any], policies: list[Any]) -> list[tuple[str, str]]:
+        """An arm that can send a call kind of this scenario (or its shadow) to a `simulated` model is limited to the
+        DOM solver's tasks, since the simulated teacher answers from the solver. One ("options.tasks", message) per
+        such arm when `tasks` goes beyond them; [] otherwise."""
+        unsolved = [t for t in dict.fromkeys(self.tasks) if t not in TASKS]
+        if not unsolved:
+            return []
+        first = {tier: next((m for m in models if m.tier == tier), None) for tier in ("llm", "slm")}
+        by_name = {m.name: m for m in models}
+        problems = []
+        for p in policies:
+            table = getattr(p, "map", None)
+            tiers = {table.get(k, p.default) for k in self.modules} if isinstance(table, dict) else set(p.tiers())
+            shadow = getattr(p, "shadow", "none")
+            tiers |= {"llm", "slm"} if shadow == "both" else ({shadow} if shadow in ("llm", "slm") else set())
+            sims = []
+            for tier in sorted(tiers):
+                chosen = getattr(p, f"{tier}_model", None)
+                m = by_name.get(chosen) if chosen else first[tier]
+                if m is not None and m.backend == "simulated":
+                    sims.append(f"{m.name!r} ({tier})")
+            if sims:
+                shown = ", ".join(unsolved[:8]) + (f" and {len(unsolved) - 8} more" if len(unsolved) > 8 else "")
+                problems.append(("options.tasks", (
+                    f"policy arm {p.label!r} can send cradle calls to the simulated teacher {', '.join(sims)}, which "
+                    f"answers only on the tasks its DOM solver knows ({', '.join(TASKS)}), not on {shown}. Fix: "
+                    "route every cradle call kind of that arm (and its shadow) to a real model (backend hf or "
+                    "openai), or keep `tasks` to the solver's list")))
+        return problems
+
     @field_validator("modules")
     @classmethod
     def _planning(cls, v: list[str]) -> list[str]:
@@ -117,38 +147,13 @@ class CradleScenario(Scenario):
 
     @classmethod
     def check_models(cls, spec: Any, models: list[Any], policies: list[Any]) -> list[tuple[str, str]]:
-        """Config cross-check (called with the experiment's `models:` and `router.policies`): an arm that can send
-        a call kind of this scenario (or its shadow) to a `simulated` model is limited to the DOM solver's tasks,
-        since the simulated teacher answers from the solver. (field path within the scenario entry, message)."""
+        """Config cross-check with the experiment's `models:` and `router.policies` (see `CradleOptions.check_models`);
+        (field path within the scenario entry, message) each."""
         try:
             o = cls.Options.model_validate(spec.options)
         except ValidationError:
             return []  # the options check reports it
-        unsolved = [t for t in dict.fromkeys(o.tasks) if t not in TASKS]
-        if not unsolved:
-            return []
-        first = {tier: next((m for m in models if m.tier == tier), None) for tier in ("llm", "slm")}
-        by_name = {m.name: m for m in models}
-        problems = []
-        for p in policies:
-            table = getattr(p, "map", None)
-            tiers = {table.get(k, p.default) for k in o.modules} if isinstance(table, dict) else set(p.tiers())
-            shadow = getattr(p, "shadow", "none")
-            tiers |= {"llm", "slm"} if shadow == "both" else ({shadow} if shadow in ("llm", "slm") else set())
-            sims = []
-            for tier in sorted(tiers):
-                chosen = getattr(p, f"{tier}_model", None)
-                m = by_name.get(chosen) if chosen else first[tier]
-                if m is not None and m.backend == "simulated":
-                    sims.append(f"{m.name!r} ({tier})")
-            if sims:
-                shown = ", ".join(unsolved[:8]) + (f" and {len(unsolved) - 8} more" if len(unsolved) > 8 else "")
-                problems.append(("options.tasks", (
-                    f"policy arm {p.label!r} can send cradle calls to the simulated teacher {', '.join(sims)}, which "
-                    f"answers only on the tasks its DOM solver knows ({', '.join(TASKS)}), not on {shown}. Fix: "
-                    "route every cradle call kind of that arm (and its shadow) to a real model (backend hf or "
-                    "openai), or keep `tasks` to the solver's list")))
-        return problems
+        return o.check_models(models, policies)
 
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None):
         """Action validity in the strict grammar and, where `context` carries the page and the solver knows the
