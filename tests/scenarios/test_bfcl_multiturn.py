@@ -380,3 +380,18 @@ def test_planner_prompt() -> None:
     assert "- sort: " in msgs[-1]["content"] and "cd(folder='document')" in msgs[-1]["content"]
     assert "- sort: " not in planner_messages(t, 2, [])[-1]["content"]  # not offered before its turn
     assert intent_reference(t, 3) not in json.dumps(msgs)
+
+
+def test_costly_math_is_refused_and_precision_does_not_leak() -> None:
+    import decimal
+
+    import mpmath
+
+    t = next(t for t in load_multi_turn_tasks(["multi_turn_base"]) if "MathAPI" in t.involved_classes)
+    b = Backends(t.initial_config, t.involved_classes)
+    prec, dps = decimal.getcontext().prec, mpmath.mp.dps
+    slow = b.run_step(parse_step("[power(base=10**15, exponent=10**15), logarithm(value=2, base=3, precision=10**9)]"))
+    assert all("too large to run" in r for r in slow)
+    ok = b.run_step(parse_step("[square_root(number=2, precision=50), logarithm(value=8, base=2, precision=40)]"))
+    assert "1.414213562373095048801688724209698078569671875376" in ok[0] and "3.0" in ok[1]
+    assert (decimal.getcontext().prec, mpmath.mp.dps) == (prec, dps)  # the backend's global settings are undone

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ast
 import copy
+import decimal
 import importlib
 import inspect
 import json
 import operator
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,10 @@ _FENCE = re.compile(r"^```[\w+-]*[ \t]*\n?(.*?)\n?```$", re.S)
 # BFCL refuses these names before its eval (multi_turn_utils.execute_multi_turn_func_call); same message here.
 _BFCL_BLOCKED = {"kill", "exit", "quit", "remove", "unlink", "popen", "Popen", "run"}
 _CODE_START = re.compile(r"^\s*(\[|[A-Za-z_][\w.]*\s*\(|(import|from|def|class|lambda)\b)")
+# Arguments whose size sets a backend method's run time (MathAPI's bigint power, mpmath/decimal precision): a
+# model could otherwise stall the process for hours. BFCL's ground truth stays far below these.
+_COSTLY = {("power", "exponent"): 1_000, ("power", "base"): 10**6, ("logarithm", "precision"): 1_000,
+           ("square_root", "precision"): 1_000}
 _ARITH = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 
@@ -180,10 +186,21 @@ class Backends:
         method = self.methods.get(call.name)
         if method is None:
             return f"Error during execution: name '{call.name}' is not defined"
+        for (name, param), limit in _COSTLY.items():
+            value = call.kwargs.get(param)
+            if name == call.name and isinstance(value, (int, float)) and abs(value) > limit:
+                return f"Error during execution: {param}={value!r} is too large to run (limit {limit})"
+        mp = sys.modules.get("mpmath")
+        dps = mp.mp.dps if mp is not None else None
         try:
-            return render_result(method(*call.args, **call.kwargs))
+            with decimal.localcontext():  # MathAPI sets the thread's decimal precision: keep it to this call
+                return render_result(method(*call.args, **call.kwargs))
         except Exception as exc:  # wrong argument names/types or a backend bug: a failed call, not a crash
             return f"Error during execution: {exc}"
+        finally:
+            mp = sys.modules.get("mpmath")
+            if mp is not None:  # and mpmath's process-wide precision
+                mp.mp.dps = dps if dps is not None else 15
 
     def run_step(self, step: ParsedStep) -> list[str]:
         """Each call of a step in order (a failing call does not stop the next, as in BFCL)."""
