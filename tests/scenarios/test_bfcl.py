@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-from dataclasses import dataclass
 
 import pytest
 
@@ -386,26 +385,18 @@ def test_relevance_categories_never_evaluate_model_output(tmp_path) -> None:
 # ---------------------------------------------------------------- operator episodes (scripted team)
 
 
-@dataclass
-class _Result:
-    text: str
-    valid: bool | None
-    correct: bool | None
-    error: str | None
+def ScriptedSession(script: dict[str, str] | None = None):
+    """A real episode session over the real call pipeline whose model answers each call kind from `script`, else
+    with the call's hidden reference (the simulated teacher at accuracy 1)."""
+    from slmshift.agents.client import local_session
+    from slmshift.platform.types import ModelSpec
+    from slmshift.serve.engines.scripted import ScriptedEngine
 
-
-class ScriptedSession:
-    """Answers each call kind from a script (the hidden reference when none) and applies the call's check."""
-
-    def __init__(self, script: dict[str, str] | None = None):
-        self.script, self.calls = script or {}, []
-
-    async def call(self, *, role, call_kind, messages, expect="text", category="template", json_schema=None,
-                   max_tokens=128, temperature=0.0, hidden=None, check=None):
-        text = self.script.get(call_kind, hidden.answer)
-        v = check(text)
-        self.calls.append((role, call_kind, text))
-        return _Result(text, v.valid, v.correct, None if v.valid else v.reason)
+    engine = ScriptedEngine(ModelSpec(name="scripted", tier="llm", backend="simulated"),
+                            {k: [v] for k, v in (script or {}).items()})
+    session = local_session(engine, scenario="operator")
+    session.kinds = lambda: [r.call_kind for r in engine.requests]
+    return session
 
 
 def _operator(categories: list[str]):
@@ -422,7 +413,7 @@ def test_operator_episode_with_the_teacher(task_id: str) -> None:
     session = ScriptedSession()
     out = asyncio.run(sc.run_episode(_task(task_id), session))
     assert out.success, out
-    kinds = [k for _, k, _ in session.calls]
+    kinds = session.kinds()
     # on an irrelevance task the Planner picks nothing, so the Operator is never asked
     assert kinds == (["intent"] if task_id.startswith("irrelevance") else ["intent", "function_call"])
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 
 import slmshift.scenarios  # noqa: F401  (registers "operator_multiturn")
+from slmshift.agents.client import Session, local_session
 from slmshift.platform.config import ScenarioSpec, load_config
 from slmshift.platform.scenario import scenario_class
+from slmshift.platform.types import ModelSpec
 from slmshift.scenarios.bfcl.api import bfcl_api
 from slmshift.scenarios.bfcl.multiturn import (
     MT_CATEGORIES, Backends, EpisodeGrader, grade_step, grade_turn_intent, load_multi_turn_tasks, mt_task_by_id,
@@ -26,6 +28,7 @@ from slmshift.scenarios.bfcl.multiturn.teacher import (
     CANNOT_DO, TURN_DONE, intent_distractors, intent_reference, step_distractors, step_reference,
 )
 from slmshift.scenarios.operator_multiturn import OperatorMultiTurnOptions
+from slmshift.serve.engines.scripted import ScriptedEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXED = ["multi_turn_base_0", "multi_turn_miss_func_0", "multi_turn_miss_param_0", "multi_turn_long_context_0"]
@@ -34,33 +37,33 @@ FIXED = ["multi_turn_base_0", "multi_turn_miss_func_0", "multi_turn_miss_param_0
 # ---------------------------------------------------------------- a scripted team
 
 
-@dataclass
-class _Result:
-    text: str
-    valid: bool | None
-    correct: bool | None
-    error: str | None
-    verdict: Any = None
+def ScriptedSession(answer: Callable[[str, int], str | None] | None = None) -> Session:
+    """A real episode session over the real call pipeline (route, check, S1 record) whose model answers with the
+    call's hidden reference (the simulated teacher at accuracy 1) unless `answer(call_kind, n-th call of that
+    kind)` returns a text. `session.calls` joins what the model was asked with the pipeline's record of it."""
+    counts: collections.Counter = collections.Counter()
 
+    def reply(r):
+        n = counts[r.call_kind]
+        counts[r.call_kind] += 1
+        text = answer(r.call_kind, n) if answer else None
+        return r.hidden.answer if text is None else text
 
-class ScriptedSession:
-    """Answers with the call's hidden reference (the simulated teacher at accuracy 1) unless `answer` returns a
-    text for (call_kind, n-th call of that kind); applies the call's check and records every call."""
+    engine = ScriptedEngine(ModelSpec(name="scripted", tier="llm", backend="simulated"), answer=reply)
+    session = local_session(engine, scenario="operator_multiturn")
+    contexts: list[Any] = []
+    inner = session.call
 
-    def __init__(self, answer: Callable[[str, int], str | None] | None = None):
-        self.answer, self.calls, self.count = answer, [], collections.Counter()
+    async def call(**kw):  # remember each call's grading context; the call itself is the pipeline's
+        contexts.append(kw.get("context"))
+        return await inner(**kw)
 
-    async def call(self, *, role, call_kind, messages, expect="text", category="template", json_schema=None,
-                   max_tokens=128, temperature=0.0, hidden=None, check=None, context=None):
-        n = self.count[call_kind]
-        self.count[call_kind] += 1
-        scripted = self.answer(call_kind, n) if self.answer else None
-        text = hidden.answer if scripted is None else scripted
-        v = check(text)
-        self.calls.append({"role": role, "kind": call_kind, "text": text, "valid": v.valid, "correct": v.correct,
-                           "reason": v.reason, "messages": messages, "context": context, "hidden": hidden,
-                           "category": category})
-        return _Result(text, v.valid, v.correct, None if v.valid else v.reason, v)
+    session.call = call
+    session.calls_seen = lambda: [
+        {"role": r.role, "kind": r.call_kind, "text": rec["output"], "valid": rec["valid"], "correct": rec["correct"],
+         "reason": rec["error"], "messages": r.messages, "context": ctx, "hidden": r.hidden, "category": r.category}
+        for r, rec, ctx in zip(engine.requests, session.pipeline.log.records, contexts)]
+    return session
 
 
 def _scenario(**options):
@@ -71,7 +74,7 @@ def _scenario(**options):
 def _run(task_id: str, answer=None, **options):
     session = ScriptedSession(answer)
     out = asyncio.run(_scenario(**options).run_episode(mt_task_by_id(task_id), session))
-    return out, session
+    return out, SimpleNamespace(calls=session.calls_seen())
 
 
 # ---------------------------------------------------------------- data
