@@ -59,6 +59,10 @@ def _keep_mask(df: pd.DataFrame, o: CurateOptions) -> pd.Series:
     rule = {"episode_or_call": ep_ok | call_ok, "episode": ep_ok, "call": call_ok,
             "episode_and_call": ep_ok & call_ok, "valid": pd.Series(True, index=df.index)}[o.rule]
     keep = valid & rule & df["tier"].isin(o.tiers) & df["error"].isna()
+    # A call lost to the infrastructure is no model's output; a shadow call never fed its episode: neither is S2 data.
+    for col in ("infra_error", "shadow"):
+        if col in df.columns:
+            keep &= ~df[col].fillna(False).astype(bool)
     if o.drop_incorrect:
         keep &= ~df["correct"].eq(False)
     return keep
