@@ -21,7 +21,9 @@ from slmshift.platform.scenario import (
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.bfcl.grader import INTENT_SCHEMA, Grade, parse_intent
-from slmshift.scenarios.bfcl.multiturn.data import MAX_STEPS, MT_CATEGORIES, MultiTurnTask, load_multi_turn_tasks, mt_task_by_id
+from slmshift.scenarios.bfcl.multiturn.data import (
+    MAX_STEPS, MT_CATEGORIES, MultiTurnTask, load_multi_turn_tasks, mt_task_by_id,
+)
 from slmshift.scenarios.bfcl.multiturn.executor import Backends, parse_step
 from slmshift.scenarios.bfcl.multiturn.grader import EpisodeGrader, grade_step, grade_turn_intent
 from slmshift.scenarios.bfcl.multiturn.prompts import (

@@ -169,7 +169,8 @@ def test_hostile_calls_are_refused_without_execution(template: str, tmp_path) ->
 def test_backend_failures_are_error_results_not_crashes() -> None:
     t = mt_task_by_id("multi_turn_base_0")
     b = Backends(t.initial_config, t.involved_classes)
-    results = b.run_step(parse_step("[cd(folder=None), cd(folder='document', extra=1), nosuch(a=1), cd(folder='document')]"))
+    step = "[cd(folder=None), cd(folder='document', extra=1), nosuch(a=1), cd(folder='document')]"
+    results = b.run_step(parse_step(step))
     assert results[0].startswith("Error during execution: ") and "NoneType" in results[0]  # raised inside the API
     assert "unexpected keyword argument 'extra'" in results[1]  # wrong argument
     assert results[2] == "Error during execution: name 'nosuch' is not defined"  # unknown method
@@ -339,7 +340,8 @@ def test_grade_call_offline() -> None:
     assert not sc.grade_call(t.id, "intent", '{"functions": []}', context={"turn": 0}).correct
     assert sc.grade_call(t.id, "function_call", step_reference(t, 0, []), context={"turn": 0, "executed": []}).correct
     ctx = {"turn": 0, "executed": ["cd(folder='document')", "mkdir(dir_name='temp')"]}
-    assert sc.grade_call(t.id, "function_call", "[mv(source='final_report.pdf', destination='temp')]", context=ctx).correct
+    mv = "[mv(source='final_report.pdf', destination='temp')]"
+    assert sc.grade_call(t.id, "function_call", mv, context=ctx).correct
     assert not sc.grade_call(t.id, "function_call", "[cd(folder='document')]", context=ctx).correct
     assert sc.grade_call(t.id, "summary", "I moved the report.").valid
     assert not sc.grade_call(t.id, "summary", "[cd(folder='x')]").valid

@@ -103,7 +103,8 @@ def load_tasks(categories: list[str], n: int | None = None, seed: int = 0) -> li
     if unknown or not categories:
         what = f"unknown BFCL categories {unknown}" if unknown else "no BFCL categories given"
         raise ValueError(f"{what}; valid names: {', '.join(CATEGORIES)}"
-                         f" (multi-turn ones run in the operator_multiturn scenario: {', '.join(MULTI_TURN_CATEGORIES)})")
+                         " (multi-turn ones run in the operator_multiturn scenario: "
+                         f"{', '.join(MULTI_TURN_CATEGORIES)})")
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n}")
     pools = []

@@ -138,7 +138,8 @@ def parse_step(text: str, *, allow_positional: bool = False) -> ParsedStep:
         body = ast.parse(wrapped.strip().strip("'"), mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         looks_like_code = bool(_CODE_START.match(src))
-        return ParsedStep((), malformed=f"not a list of function calls ({type(exc).__name__})" if looks_like_code else "")
+        why = f"not a list of function calls ({type(exc).__name__})"
+        return ParsedStep((), malformed=why if looks_like_code else "")
     elts = body.elts if isinstance(body, (ast.List, ast.Tuple)) else [body]
     if not elts:
         return ParsedStep(())  # "[]": BFCL's empty response, the turn is done

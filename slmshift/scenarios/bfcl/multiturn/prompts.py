@@ -14,8 +14,8 @@ import copy
 from slmshift.scenarios.bfcl.api import bfcl_api
 from slmshift.scenarios.bfcl.multiturn.data import MultiTurnTask
 
-__all__ = ["PLANNER_SYSTEM_PROMPT", "PLANNER_EXAMPLE", "SUMMARY_SYSTEM_PROMPT", "turn_messages", "results_message", "operator_messages",
-           "planner_messages", "summary_messages", "select_docs", "digest_line"]
+__all__ = ["PLANNER_SYSTEM_PROMPT", "PLANNER_EXAMPLE", "SUMMARY_SYSTEM_PROMPT", "turn_messages", "results_message",
+           "operator_messages", "planner_messages", "summary_messages", "select_docs", "digest_line"]
 
 PLANNER_SYSTEM_PROMPT = (
     "You are the planning step of a workflow agent (in the style of Open Operator) that operates real "
