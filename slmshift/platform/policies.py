@@ -80,6 +80,38 @@ def on_register(rebuild: Any) -> None:
     rebuild()
 
 
+def registry_problems(path: str, registry: str, slm_model: str | None, models: list[ModelSpec]) -> Problems:
+    """A policy's adapter registry: readable, its cluster index complete, every promoted adapter served by the SLM."""
+    from slmshift.platform.artifacts import CLUSTER_FILES, AdapterRegistryFile
+    from slmshift.platform.errors import SlmshiftError
+
+    try:
+        doc = AdapterRegistryFile.read(registry)
+    except SlmshiftError as e:
+        return [(f"{path}.registry", str(e))]
+    problems: Problems = []
+    clusters = (Path(registry).parent / doc.clusters_dir).resolve()
+    missing = [n for n in CLUSTER_FILES if not (clusters / n).is_file()]
+    if missing:
+        problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
+                         "Fix: run `slmshift convert` again"))
+    slm = next((m for m in models if m.name == slm_model), None) if slm_model else \
+        next((m for m in models if m.tier == "slm"), None)
+    if slm is None:
+        return problems  # the tier check reports it
+    served = set(slm.adapters)
+    if slm.registry:
+        try:
+            served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
+        except SlmshiftError:
+            pass  # reported on the model
+    for e in doc.entries:
+        if e.promoted and e.label not in served:
+            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model "
+                             f"{slm.name!r}; Fix: add `registry: {registry}` to that model (or name it in slm_model)"))
+    return problems
+
+
 def _tau(field: str = "tau", default: float = 0.5, what: str = "route to the SLM when the score is at least this"):
     return Field(default=default, ge=0, le=1, description=f"Threshold in [0, 1]: {what}.")
 
@@ -128,9 +160,11 @@ class _ClusterPaths(PolicySpec):
     tau: float = _tau()
     tau_per_cluster: dict[int, float] = Field(default_factory=dict, description="cluster id -> threshold in [0, 1], "
                                               "overriding `tau` for that cluster.")
+    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): SLM calls "
+                                 "use their cluster's promoted adapter (clusters: the registry's, unless given).")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
 
-    @field_validator("clusters")
+    @field_validator("clusters", "registry")
     @classmethod
     def _abs_clusters(cls, v: str | None) -> str | None:
         return absolute_path(v) if v else v
@@ -146,18 +180,19 @@ class _ClusterPaths(PolicySpec):
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         import json
 
+        problems = registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
         if not self.tau_per_cluster:
-            return []
+            return problems
         if not self.clusters:
-            return [(f"{path}.tau_per_cluster", "needs `clusters:` (the S3 cluster dir the ids refer to)")]
+            return problems + [(f"{path}.tau_per_cluster", "needs `clusters:` (the S3 cluster dir the ids refer to)")]
         info = Path(self.clusters) / "clusters.json"
         if not info.is_file():
-            return [(f"{path}.clusters", f"{self.clusters} is not a cluster dir (no clusters.json). Fix: point at "
-                     "RUN_DIR/convert/clusters")]
+            return problems + [(f"{path}.clusters", f"{self.clusters} is not a cluster dir (no clusters.json). Fix: "
+                                "point at RUN_DIR/convert/clusters")]
         known = {int(c["id"]) for c in json.loads(info.read_text())}
         bad = sorted(set(self.tau_per_cluster) - known)
-        return [(f"{path}.tau_per_cluster", f"unknown cluster id(s) {bad}; {self.clusters} has {sorted(known)}")] \
-            if bad else []
+        return problems + ([(f"{path}.tau_per_cluster", f"unknown cluster id(s) {bad}; {self.clusters} has "
+                             f"{sorted(known)}")] if bad else [])
 
 
 class Estimate(BaseModel):
@@ -238,35 +273,7 @@ class AdaptersPolicy(PolicySpec):
         return absolute_path(v)
 
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
-        from slmshift.platform.artifacts import CLUSTER_FILES, AdapterRegistryFile
-        from slmshift.platform.errors import SlmshiftError
-
-        try:
-            doc = AdapterRegistryFile.read(self.registry)
-        except SlmshiftError as e:
-            return [(f"{path}.registry", str(e))]
-        problems: Problems = []
-        clusters = (Path(self.registry).parent / doc.clusters_dir).resolve()
-        missing = [n for n in CLUSTER_FILES if not (clusters / n).is_file()]
-        if missing:
-            problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
-                             "Fix: run `slmshift convert` again"))
-        slm = next((m for m in models if m.name == self.slm_model), None) if self.slm_model else \
-            next((m for m in models if m.tier == "slm"), None)
-        if slm is None:
-            return problems  # the tier check reports it
-        served = set(slm.adapters)
-        if slm.registry:
-            try:
-                served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
-            except SlmshiftError:
-                pass  # reported on the model
-        for e in doc.entries:
-            if e.promoted and e.label not in served:
-                problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model "
-                                 f"{slm.name!r}; Fix: add `registry: {self.registry}` to that model (or name it in "
-                                 "slm_model)"))
-        return problems
+        return registry_problems(path, self.registry, self.slm_model, models)
 
 
 # Keys of a policy file whose relative paths resolve against the file's own directory.

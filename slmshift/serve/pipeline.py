@@ -180,8 +180,9 @@ class CallPipeline:
         """The same request on the other tier, graded, logged as '<id>:shadow'; never returned to the episode."""
         model = self.policy.models[tier]
         decision = self.policy.decision(tier, f"shadow of {primary.tier} call")
-        # the SLM side serves the adapter the policy would have used, where it chose one for this call
-        req = request.model_copy(update={"adapter": primary.adapter}) if tier == "slm" and primary.adapter else request
+        # the SLM side serves the adapter the policy would use for this call's cluster, where it has one
+        adapter = (primary.adapter or self.policy.adapter_for(primary.cluster)) if tier == "slm" else None
+        req = request.model_copy(update={"adapter": adapter}) if adapter else request
         try:
             resp, latency, infra = await self._invoke(model, req)
             valid, correct, error, _ = self._check(check, resp)

@@ -54,6 +54,8 @@ class ConvertOptions(BaseModel):
     lora: LoraOptions = Field(default_factory=_default_lora)
     min_train_rows: int = Field(default=4, ge=1, description="A cluster needs this many train rows to get an adapter.")
     min_val_rows: int = Field(default=1, ge=1, description="...and this many validation rows to be judged.")
+    max_clusters: int | None = Field(default=None, ge=1, description="Train at most this many clusters, the largest "
+                                      "first (the rest are reported as not tuned); None: every eligible cluster.")
     min_promotion_calls: int = Field(default=30, ge=1, description="Held-out calls an adapter needs before its "
                                      "accuracy gain can promote it (the paired-bootstrap interval must exclude zero).")
     eval_batch_size: int = Field(default=16, ge=1)
@@ -254,6 +256,11 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     for e in per_cluster:
         if e["id"] in selections and e not in todo:
             e["status"] = f"not tuned: {e['n_train']} train rows (needs {o.min_train_rows})"
+    if o.max_clusters is not None and len(todo) > o.max_clusters:
+        todo = sorted(todo, key=lambda e: -e["n_train"])
+        for e in todo[o.max_clusters:]:
+            e["status"] = f"not tuned: max_clusters={o.max_clusters} (larger clusters went first)"
+        todo = todo[:o.max_clusters]
     if todo:
         registry_path = _train_and_register(todo, selections, rows, curated_path, out, o, grader, threads, console)
     timings["train_eval_s"] = time.perf_counter() - t

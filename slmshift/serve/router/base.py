@@ -53,6 +53,10 @@ class RouterPolicy(abc.ABC):
     def fallback(self, why: str) -> RouteDecision:
         return self.decision(self.spec.default, f"{why}: default")
 
+    def adapter_for(self, cluster: int | None) -> str | None:
+        """The LoRA adapter the SLM serves for calls of this cluster, if the policy has one (shadow calls use it)."""
+        return None
+
     def other_model(self, tier: Tier) -> str | None:
         """The model of the other tier, for shadow calls."""
         return self.models["slm" if tier == "llm" else "llm"]

@@ -49,7 +49,16 @@ class ScoredPolicy(RouterPolicy):
 
     def __init__(self, spec: Any, models: list[ModelSpec]):
         super().__init__(spec, models)
-        self.placement = Placement(spec.clusters)
+        self.adapters: dict[int, str] = {}
+        clusters = spec.clusters
+        if spec.registry:
+            doc = AdapterRegistryFile.read(spec.registry)
+            self.adapters = {e.cluster: e.label for e in doc.entries if e.promoted}
+            clusters = clusters or str((Path(spec.registry).parent / doc.clusters_dir).resolve())
+        self.placement = Placement(clusters)
+
+    def adapter_for(self, cluster: int | None) -> str | None:
+        return self.adapters.get(cluster) if cluster is not None else None
 
     def score_features(self, request: LMRequest, embedding: np.ndarray, cluster: int | None) -> float:
         raise NotImplementedError
@@ -67,8 +76,10 @@ class ScoredPolicy(RouterPolicy):
         tau = self.spec.tau_per_cluster.get(cluster, self.spec.tau) if cluster is not None else self.spec.tau
         tier = "slm" if s >= tau else "llm"
         where = f"cluster {cluster} " if cluster is not None else ""
-        return self.decision(tier, f"{where}score {s:.3f} {'>=' if tier == 'slm' else '<'} tau {tau:.3f}",
-                             score=s, cluster=cluster)
+        adapter = self.adapter_for(cluster) if tier == "slm" else None
+        return self.decision(tier, f"{where}score {s:.3f} {'>=' if tier == 'slm' else '<'} tau {tau:.3f}"
+                             + (f" -> adapter {adapter!r}" if adapter else ""), score=s, cluster=cluster,
+                             adapter=adapter)
 
 
 @register_policy("threshold")
@@ -77,14 +88,14 @@ class Threshold(ScoredPolicy):
         super().__init__(spec, models)
         from slmshift.platform.scorers import ThresholdTable
 
-        estimates = list(spec.estimates) or estimates_from_run(spec.from_run, spec.clusters)
+        estimates = list(spec.estimates) or estimates_from_run(spec.from_run, self.placement.clusters_dir)
         self.table = ThresholdTable(estimates, spec.prior_strength)
 
     def score_features(self, request: LMRequest, embedding: np.ndarray, cluster: int | None) -> float:
         return self.table.score(request.call_kind, cluster)
 
     def route(self, request: LMRequest) -> RouteDecision:
-        if self.spec.clusters is None:  # per call kind only: no embedding needed
+        if self.placement.clusters_dir is None:  # per call kind only: no embedding needed
             s = self.table.score(request.call_kind, None)
             tier = "slm" if s >= self.spec.tau else "llm"
             return self.decision(tier, f"call kind {request.call_kind!r} score {s:.3f} "
@@ -134,6 +145,9 @@ class ByAdapter(RouterPolicy):
         doc = AdapterRegistryFile.read(spec.registry)
         self.adapters = {e.cluster: e.label for e in doc.entries if e.promoted}
         self.placement = Placement(str((Path(spec.registry).parent / doc.clusters_dir).resolve()))
+
+    def adapter_for(self, cluster: int | None) -> str | None:
+        return self.adapters.get(cluster) if cluster is not None else None
 
     def route(self, request: LMRequest) -> RouteDecision:
         if not self.adapters:
