@@ -93,7 +93,7 @@ _AWS_ID = re.compile(r"(?:AKIA|ASIA)[A-Z0-9]{16}")
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 
 _KEYWORD = re.compile(
-    r"(?i)(?<![A-Za-z])(?P<kw>[A-Za-z0-9]*[_.-]?(?:api[_ -]?key|apikey|access[_ -]?key(?:[_ -]?id)?|secret|"
+    r"(?i)(?<![A-Za-z0-9])(?P<kw>(?:[A-Za-z0-9]{1,40}[_.-]){0,4}?(?:api[_ -]?key|apikey|access[_ -]?key(?:[_ -]?id)?|secret|"
     r"token|auth|authorization|password|passwd|pwd|passphrase|credentials?|private[_ -]?key|client[_ -]?key|"
     r"session[_ -]?(?:id|key)|cookie|signature|key)s?)(?![A-Za-z])"
     r"[\"']?\s*(?:[:=]|=>|:=|\bis\b|\bwas\b|\bto\b|\s)\s*[\"']?"
@@ -121,7 +121,7 @@ _PHONE_HINT = re.compile(r"(?i)(?:phone|tel|call|mobile|cell|fax|whatsapp|sms|te
 _DATE = re.compile(r"^(?:\d{1,2}[-/.]\d{1,2}[-/.](?:\d{2}|\d{4})|\d{4}[-/.]\d{1,2}[-/.]\d{1,2})$")
 # an area code in parentheses is digits only, and a ')' closes a '(' of the number itself
 _NOT_PHONE_PARENS = re.compile(r"\([^)]*[^\d)\s][^)]*\)|^[^(]*\)")
-_PHONE_CAND = re.compile(r"\d[\d\s().\-/]{5,}\d")
+_PHONE_CAND = re.compile(r"\d[\d\s().\-/]{5,30}\d")
 _ID_KEYWORD = re.compile(
     r"(?i)\b(?:ssn|social security(?: number| no)?|passport(?: number| no\.?| #)?|driver'?s? licen[cs]e"
     r"(?: number| no\.?)?|national (?:id|insurance)(?: number| no\.?)?|tax (?:id|number)|nino|bsn|"
@@ -329,23 +329,41 @@ def _detect_secrets(text: str, spans: _Spans) -> None:
         offset += len(line) + 1
 
 
+def _phone_windows(text: str) -> list[tuple[int, int]]:
+    """Stretches that could hold a phone number as people write one; phonenumbers' matcher runs on these only
+    (on a whole text full of numbers it is slow, and a bare digit run without a phone word is not taken anyway)."""
+    out = []
+    for m in _PHONE_CAND.finditer(text):
+        a, raw = m.start(), m.group(0)
+        if a > 0 and text[a - 1] in "+(":
+            a -= 1
+        if sum(c.isdigit() for c in raw) < (5 if text[a] == "+" else 7):
+            continue
+        if text[a] in "+(" or re.search(r"\d[\s.\-/)]+\d", raw) or _PHONE_HINT.search(text[max(0, a - 30):a]):
+            out.append((a, m.end()))
+    return out
+
+
 def _phones(text: str, spans: _Spans) -> None:
-    if not _PHONE_CAND.search(text):
+    windows = _phone_windows(text)
+    if not windows:
         return
     import phonenumbers
 
-    for region in PHONE_REGIONS:
-        for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            a, b, raw = m.start, m.end, m.raw_string
-            if not spans.free(a, b) or _DATE.match(raw) or _NOT_PHONE_PARENS.search(raw):
-                continue  # a date, or arithmetic like '(123.456) - 0.456' or '1.33) - 0.33'
-            if not raw.startswith("+") and sum(c.isdigit() for c in raw) < 7:
-                continue  # '0 1 2 3 4 5'; national numbers have 7+ digits
-            seps = re.findall(r"\d([\s.\-/)]+)(?=\d)", raw)
-            # a single '.' between digits is a decimal number (2.718281828), not a phone number
-            formatted = raw.startswith(("+", "00", "(")) or any(set(s) != {"."} for s in seps) or len(seps) >= 2
-            if formatted or _PHONE_HINT.search(text[max(0, a - 30):a]):
-                spans.add(a, b, "phone")
+    for w0, w1 in windows:
+        lo, hi = max(0, w0 - 1), min(len(text), w1 + 1)  # one character each side for the matcher's edge checks
+        for region in PHONE_REGIONS:
+            for m in phonenumbers.PhoneNumberMatcher(text[lo:hi], region, leniency=phonenumbers.Leniency.VALID):
+                a, b, raw = lo + m.start, lo + m.end, m.raw_string
+                if not spans.free(a, b) or _DATE.match(raw) or _NOT_PHONE_PARENS.search(raw):
+                    continue  # a date, or arithmetic like '(123.456) - 0.456' or '1.33) - 0.33'
+                if not raw.startswith("+") and sum(c.isdigit() for c in raw) < 7:
+                    continue  # '0 1 2 3 4 5'; national numbers have 7+ digits
+                seps = re.findall(r"\d([\s.\-/)]+)(?=\d)", raw)
+                # a single '.' between digits is a decimal number (2.718281828), not a phone number
+                formatted = raw.startswith(("+", "00", "(")) or any(set(s) != {"."} for s in seps) or len(seps) >= 2
+                if formatted or _PHONE_HINT.search(text[max(0, a - 30):a]):
+                    spans.add(a, b, "phone")
 
 
 def _find(text: str) -> _Spans:

@@ -250,3 +250,19 @@ def test_scrub_json_leaves_keys_and_non_strings():
 @pytest.mark.parametrize("text", ["", "   ", "\n\n", "plain words only"])
 def test_trivial_text_unchanged(text):
     assert scrub_text(text) == text
+
+
+@pytest.mark.parametrize("kind", ["digits", "hex", "base64", "numbers"])
+def test_long_machine_text_scrubs_in_linear_time(kind):
+    """Tool outputs hold long blobs; a backtracking pattern once took minutes on 20k hex characters."""
+    import base64
+    import time
+
+    rng = random.Random(7)
+    text = {"digits": "".join(rng.choice(string.digits) for _ in range(20000)),
+            "hex": bytes(rng.getrandbits(8) for _ in range(10000)).hex(),
+            "base64": base64.b64encode(bytes(rng.getrandbits(8) for _ in range(15000))).decode(),
+            "numbers": ", ".join(str(rng.randint(0, 10**9)) for _ in range(3000))}[kind]
+    t0 = time.perf_counter()
+    assert scrub_text(text) == text
+    assert time.perf_counter() - t0 < 10, "measured < 0.5 s each on a busy 2-core machine"
