@@ -495,9 +495,31 @@ def _alive(pid_dir: Path) -> bool:
         return False
 
 
+def _status_uid(pid: str) -> int | None:
+    """`_proc_uid` on raw syscalls: the sweep after every run reads every process's status (was ~20 ms a run
+    with pathlib on a host of ~120 processes)."""
+    try:
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        status = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    i = status.find(b"\nUid:")
+    if i < 0:
+        return None
+    try:
+        return int(status[i + 5:i + 64].split(None, 1)[0])
+    except (ValueError, IndexError):
+        return None
+
+
 def _processes_of(uid: int) -> list[int]:
-    return [int(d.name) for d in Path("/proc").iterdir()
-            if d.name.isdigit() and _proc_uid(d) == uid and _alive(d)]
+    return [int(n) for n in os.listdir("/proc")
+            if n.isdigit() and _status_uid(n) == uid and _alive(Path("/proc") / n)]
 
 
 def _kill_all(pgid: int, uid: int | None) -> None:
