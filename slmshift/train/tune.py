@@ -171,13 +171,15 @@ def fit_scorer(kind: str, params: dict[str, Any], table: PairedTable, search: np
     if kind == "oracle":
         # Only calls where the LLM alone is right go to the LLM, and those of successful episodes with the fewest
         # such calls first: the best call-level and episode-level curve for each LLM share. Reads the outcomes.
-        gain = df["llm_ok"].to_numpy(bool) & ~df["slm_ok"].to_numpy(bool)
-        s = np.ones(n)
+        # Calls where both tiers agree go next, and calls only the SLM gets right last.
+        llm_ok, slm_ok = df["llm_ok"].to_numpy(bool), df["slm_ok"].to_numpy(bool)
+        gain = llm_ok & ~slm_ok
+        s = np.where(slm_ok & ~llm_ok, 1.0, 0.75)
         if gain.any():
             per_ep = pd.Series(gain.astype(int)).groupby(df["episode"].fillna(df["row"]).to_numpy()).transform("sum")
             ok_ep = df["episode_success"].fillna(True).astype(bool).to_numpy()
             rank = np.where(ok_ep, per_ep.to_numpy(), per_ep.max() + 1)
-            s = np.where(gain, 0.5 * rank / (rank.max() + 1), 1.0)
+            s = np.where(gain, 0.5 * rank / (rank.max() + 1), s)
         return Fitted(kind, params, s, zeros)
     raise ValueError(f"unknown policy kind {kind!r}")
 
@@ -546,11 +548,15 @@ def _policy_metrics(f: Fitted, held: np.ndarray, replay: Replay, opts: TuneOptio
         q_weak = float(baselines["always_slm"][f"quality_{level}"])
         q_strong = float(baselines["always_llm"][f"quality_{level}"])
         x, c = res["llm_share"], res["cost"]
-        m = {"apgr": rm.apgr(x, q, q_weak, q_strong), "cpt50": rm.cpt(x, q, 0.5, q_weak, q_strong),
-             "cpt80": rm.cpt(x, q, 0.8, q_weak, q_strong), "aiq": rm.aiq(c, q),
+        c0 = float(baselines["always_slm"]["cost"])
+        xe, qe, ce = _from_zero(x, q, c, q_weak, c0)
+        m = {"apgr": rm.apgr(xe, qe, q_weak, q_strong), "cpt50": rm.cpt(xe, qe, 0.5, q_weak, q_strong),
+             "cpt80": rm.cpt(xe, qe, 0.8, q_weak, q_strong), "aiq": rm.aiq(ce, qe),
              "curve": [{"tau": float(t), "llm_share": float(a), "quality": float(b), "cost": float(d),
                         "pgr": float(p)} for t, a, b, d, p in zip(taus, x, q, c, rm.pgr(q, q_weak, q_strong))]}
         m["curve"].sort(key=lambda p: (p["llm_share"], p["quality"]))
+        if len(xe) > len(x):
+            m["joined_to_always_slm"] = True
         qb = rm.weighted_mean(w, vals)  # (B, k)
         # the always-SLM/LLM ends, resampled with the same tasks: a paired bootstrap of the gap
         all_ok = replay.outcomes(np.ones((replay.n, 1), bool)).astype(float)
@@ -562,14 +568,23 @@ def _policy_metrics(f: Fitted, held: np.ndarray, replay: Replay, opts: TuneOptio
         ap, c5, c8, aq = [], [], [], []
         for b in range(min(len(qb), opts.n_boot)):
             xs = share_b[b] if level == "call" else x  # episode-level: the call share of the same routing
-            ap.append(rm.apgr(xs, qb[b], wb[b], sb[b]))
-            c5.append(rm.cpt(xs, qb[b], 0.5, wb[b], sb[b]))
-            c8.append(rm.cpt(xs, qb[b], 0.8, wb[b], sb[b]))
-            aq.append(rm.aiq(cost_b[b], qb[b]))
+            xs, qs, cs = _from_zero(xs, qb[b], cost_b[b], wb[b], c0)
+            ap.append(rm.apgr(xs, qs, wb[b], sb[b]))
+            c5.append(rm.cpt(xs, qs, 0.5, wb[b], sb[b]))
+            c8.append(rm.cpt(xs, qs, 0.8, wb[b], sb[b]))
+            aq.append(rm.aiq(cs, qs))
         m.update({"apgr_ci": rm.interval(ap), "cpt50_ci": rm.interval(c5), "cpt80_ci": rm.interval(c8),
                   "aiq_ci": rm.interval(aq)})
         out[level] = m
     return out
+
+
+def _from_zero(x: np.ndarray, q: np.ndarray, c: np.ndarray, q0: float, c0: float):
+    """A curve that cannot reach an LLM share of 0 (a cascade always escalates a failed check) is joined to
+    always-SLM at 0, the random mix of the two in between, so that every policy's APGR, CPT and AIQ span [0, 1]."""
+    if len(x) == 0 or np.min(x) <= 1e-12:
+        return x, q, c
+    return np.append(0.0, x), np.append(q0, q), np.append(c0, c)
 
 
 # --- outputs --------------------------------------------------------------------------------------------------
@@ -778,11 +793,14 @@ def calibrate(table: PairedTable, llm_share: float, opts: TuneOptions | None = N
     need = table.requirements()
     out = {}
     for kind in ("threshold", "threshold_cluster", "learned", "cascade"):
-        if need.get(kind):
+        if need.get(kind) or kind not in opts.kinds:
             continue
         f = fit_scorer(kind, {}, table, search, seed=opts.seed)
         every = np.arange(len(table))
-        tau = rm.calibrate_tau(f.effective(every), llm_share)
+        scores = f.effective(every)
+        if f.valid is not None:  # a cascade escalates a failed check whatever tau is: those count as LLM calls
+            scores = np.where(f.valid, scores, -1.0)
+        tau = max(0.0, rm.calibrate_tau(scores, llm_share))
         out[kind] = {"tau": tau, "llm_share_all": float(1 - f.mask(every, np.array([tau])).mean()),
                      "llm_share_held_out": float(1 - f.mask(held, np.array([tau])).mean()),
                      "distinct_scores": int(len(np.unique(f.scores)))}

@@ -1,0 +1,181 @@
+"""`slmshift tune`: a real Ray Tune + Optuna search on paired outcomes (from a CSV, and from a run with simulated
+models), its outputs, the policy file it writes (loaded by the config and routed with), calibration, --verify."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from slmshift.cli import app
+from slmshift.platform.types import LMRequest
+from slmshift.train import routing_metrics as rm
+
+runner = CliRunner()
+
+
+def synthetic_pairs(n_tasks: int = 80, seed: int = 0) -> pd.DataFrame:
+    """Three call kinds per task; the SLM is good at one, poor at another; its log-prob is informative, not decisive."""
+    rng = np.random.default_rng(seed)
+    acc = {"intent": 0.92, "function_call": 0.35, "summary": 0.7}
+    words = {"intent": "choose which tool fits the user request", "function_call": "write the exact python call",
+             "summary": "summarise the answer for the user"}
+    rows = []
+    for t in range(n_tasks):
+        ep_ok = rng.random() < 0.97
+        for k, a in acc.items():
+            llm_ok, slm_ok = rng.random() < 0.95, rng.random() < a
+            lp = rng.normal(-0.3, 0.2) if slm_ok else rng.normal(-0.9, 0.3)
+            rows.append({"prompt": json.dumps([{"role": "user", "content": f"{words[k]} (task {t})"}]),
+                         "slm_correct": slm_ok, "llm_correct": llm_ok, "slm_cost": 0.0001, "llm_cost": 0.002,
+                         "call_kind": k, "task_id": f"t{t}", "episode_id": f"e{t}",
+                         "episode_success": bool(ep_ok and llm_ok), "slm_logprob": min(lp, 0.0),
+                         "slm_valid": bool(slm_ok or rng.random() < 0.5)})
+    return pd.DataFrame(rows)
+
+
+def held_out_tasks(m: dict, df: pd.DataFrame) -> set:
+    from slmshift.train.pairs import PairedTable
+    from slmshift.train.tune import split
+
+    t = PairedTable(df.rename(columns={"task_id": "task", "episode_id": "episode"}).assign(row=[str(i) for i in range(len(df))]),
+                    source="x", has_cost=True)
+    _, held, _ = split(t, 0.5, m["seed"])
+    return set(df["task_id"].iloc[held])
+
+
+def assert_front_non_dominated(front: list[dict], key: str) -> None:
+    q = np.array([p["search"][key] for p in front])
+    c = np.array([p["search"]["cost"] for p in front])
+    assert len(front) >= 2
+    for i in range(len(front)):
+        dominated = (q >= q[i]) & (c <= c[i]) & ((q > q[i]) | (c < c[i]))
+        assert not dominated.any(), front[i]
+    assert rm.pareto_mask(q, c).all()
+
+
+def test_calibration_prints_tau_for_an_llm_share(tmp_path):
+    from slmshift.train.pairs import paired_from_file
+    from slmshift.train.tune import TuneOptions, calibrate
+
+    p = tmp_path / "pairs.csv"
+    synthetic_pairs(60).to_csv(p, index=False)
+    res = runner.invoke(app, ["tune", "--pairs", str(p), "--out", str(tmp_path / "o"), "--llm-share", "0.3",
+                              "--policies", "threshold,cascade"])
+    assert res.exit_code == 0, res.output
+    assert "tau for an LLM-call share of 0.3" in res.output and "cascade" in res.output
+    cal = calibrate(paired_from_file(str(p)), 0.3, TuneOptions(kinds=["learned", "cascade"]))
+    for kind in ("learned", "cascade"):  # continuous scores: within 2 points of the target on the calls scored
+        assert abs(cal[kind]["llm_share_all"] - 0.3) <= 0.02, (kind, cal[kind])
+
+
+def test_bad_pairs_file_exits_2_naming_the_column(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("prompt,slm_correct,llm_correct\na,1,perhaps\n")
+    res = runner.invoke(app, ["tune", "--pairs", str(p), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "llm_correct" in res.output and str(p) in res.output
+    res = runner.invoke(app, ["tune", "--pairs", str(p)])
+    assert res.exit_code == 2 and "--out" in res.output
+
+
+def test_six_trial_search_on_a_pairs_csv(ray_cluster, tmp_path):
+    p = tmp_path / "pairs.csv"
+    synthetic_pairs(80).to_csv(p, index=False)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["tune", "--pairs", str(p), "--out", str(out), "--trials", "6", "--time-budget", "120",
+                              "--policies", "threshold,learned,cascade,random", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials["trial"].nunique() == 6 and len(trials) > 6 * 5  # each trial replays a grid of thresholds
+    front = json.loads((out / "pareto.json").read_text())
+    assert_front_non_dominated(front, "quality_episode")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["quality"] == "episode" and m["tune"]["trials"] == 6
+    df = synthetic_pairs(80)
+    invalid_share = (~df["slm_valid"][df["task_id"].isin(held_out_tasks(m, df))]).mean()
+    for kind in set(trials["kind"]) | {"oracle"}:
+        for level in ("call", "episode"):
+            pm = m["policies"][kind][level]
+            assert {"apgr", "cpt50", "cpt80", "aiq", "curve", "apgr_ci"} <= set(pm)
+            assert pm["curve"][-1]["llm_share"] == 1.0  # a cascade always escalates a failed check:
+            assert pm["curve"][0]["llm_share"] == (0.0 if kind != "cascade" else pytest.approx(invalid_share))
+    # the oracle bounds every deployable policy's call-level APGR (its curve is the best at every share)
+    for kind in set(trials["kind"]):
+        assert m["policies"][kind]["call"]["apgr"] <= m["policies"]["oracle"]["call"]["apgr"] + 1e-9
+    ch = m["chosen"]
+    assert ch["search"]["quality_episode"] >= 0.95 * 0.0 and 0 <= ch["held_out"]["slm_share"] <= 1
+    assert ch["held_out"]["quality_call_ci"][0] <= ch["held_out"]["quality_call"] <= ch["held_out"]["quality_call_ci"][1]
+    for f in ("report.md", "curves.png", "pareto.png", "policy.yaml"):
+        assert (out / f).stat().st_size > 0
+    spec = yaml.safe_load((out / "policy.yaml").read_text())
+    assert spec["kind"] in {"threshold", "learned", "cascade", "random", "llm"}
+    if spec["kind"] == "learned":
+        assert (out / "learned.joblib").is_file()
+    assert "episode level" in (out / "report.md").read_text()
+
+
+# --- run -> tune -> run with policy.yaml, simulated models -------------------------------------------------------
+
+MODELS = {"models": [
+    {"name": "student", "tier": "slm", "backend": "simulated", "resources": {"num_cpus": 0},
+     "price": {"input_per_m": 0.1, "output_per_m": 0.2}, "profile": {"accuracy": {"intent": 0.95, "default": 0.3}}},
+    {"name": "teacher", "tier": "llm", "backend": "simulated", "resources": {"num_cpus": 0},
+     "price": {"input_per_m": 3.0, "output_per_m": 15.0}, "profile": {"accuracy": {"default": 1.0}}}]}
+
+
+@pytest.fixture(scope="module")
+def paired_run(ray_cluster, tmp_path_factory):
+    from slmshift.platform.config import load_config
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.runner import run_experiment
+
+    storage = tmp_path_factory.mktemp("runs")
+    doc = {"experiment": {"name": "paired", "seed": 1, "storage": str(storage)}, **MODELS,
+           "router": {"policies": [{"kind": "llm", "name": "paired", "shadow": "slm"}]},
+           "scenarios": [{"kind": "operator", "episodes": 24, "teams": 1, "concurrency": 8,
+                          "options": {"categories": ["simple"], "retries": 0}}]}
+    path = storage / "paired.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return run_experiment(load_config(path, scenario_options()))
+
+
+def test_run_tune_verify_and_load_the_policy_file(paired_run, tmp_path):
+    import slmshift.scenarios  # noqa: F401
+    from slmshift.platform.config import load_config
+    from slmshift.platform.log import read_interactions
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.serve.router import build_policy
+
+    run_dir = paired_run.run_dir
+    res = runner.invoke(app, ["tune", run_dir, "--trials", "6", "--time-budget", "120", "--policies",
+                              "threshold,cascade,random", "--verify", "--verify-episodes", "4", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = f"{run_dir}/tune"
+    m = json.loads(open(f"{out}/metrics.json").read())
+    assert m["quality"] == "episode" and m["split_unit"] == "task"
+    assert_front_non_dominated(json.loads(open(f"{out}/pareto.json").read()), "quality_episode")
+    # the SLM is right on most intents and wrong on most function calls: routing beats random
+    assert m["policies"]["threshold"]["call"]["apgr"] > m["policies"]["random"]["call"]["apgr"]
+
+    # the policy file loads exactly as documented, and the router routes with it
+    cfg_path = tmp_path / "use.yaml"
+    cfg_path.write_text(yaml.safe_dump({"experiment": {"name": "use"}, **MODELS,
+                                        "router": {"policies": [{"file": f"{out}/policy.yaml"}]},
+                                        "scenarios": [{"kind": "operator"}]}))
+    cfg = load_config(cfg_path, scenario_options())
+    policy = build_policy(cfg.router.policies[0], cfg.models)
+    for kind in ("intent", "function_call"):
+        d = policy.route(LMRequest(experiment_id="x", episode_id="e", call_index=0, scenario="operator", role="r",
+                                   call_kind=kind, messages=[{"role": "user", "content": "hi"}]))
+        assert d.tier in ("llm", "slm") and d.model in ("student", "teacher")
+
+    # --verify ran both arms on tasks the tuned run never saw
+    v = json.loads(open(f"{out}/verify.json").read())
+    assert set(v["measured"]) == {cfg.router.policies[0].label, "always-llm"}
+    assert all(r["episodes"] == 4 for r in v["measured"].values())
+    seen = set(read_interactions(run_dir)["task_id"])
+    new = set(read_interactions(v["run_dir"])["task_id"])
+    assert new and not (seen & new)
+    assert "predicted" in res.output and "measured" in res.output
