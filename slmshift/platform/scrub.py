@@ -416,7 +416,10 @@ def scrub_json(value: Any, counts: Counter | None = None) -> Any:
             except ValueError:
                 pass
             else:
-                return json.dumps(scrub_json(inner, counts), ensure_ascii=False)
+                before = sum(counts.values())
+                scrubbed = scrub_json(inner, counts)
+                # re-encode only when something was removed: a clean string stays byte for byte
+                return json.dumps(scrubbed, ensure_ascii=False) if sum(counts.values()) > before else value
         return scrub_text(value, counts)
     if isinstance(value, list):
         return [scrub_json(v, counts) for v in value]
@@ -429,9 +432,13 @@ def _scrub_field(raw: str, counts: Counter) -> str:
     s = raw.strip()
     if s[:1] in "{[":
         try:
-            return json.dumps(scrub_json(json.loads(s), counts), ensure_ascii=False)
+            parsed = json.loads(s)
         except ValueError:
             pass
+        else:
+            before = sum(counts.values())
+            scrubbed = scrub_json(parsed, counts)
+            return json.dumps(scrubbed, ensure_ascii=False) if sum(counts.values()) > before else raw
     return scrub_text(raw, counts)
 
 

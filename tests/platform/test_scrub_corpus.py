@@ -242,6 +242,11 @@ def test_scrub_record_keeps_json_valid_and_other_fields():
     assert counts == Counter({"secret": 2, "email": 1, "phone": 1})
 
 
+def test_clean_json_is_kept_byte_for_byte():
+    rec = {"prompt": '[{"role":"user","content":"sum [1,2,3]"}]', "output": '{"name":"f","arguments":"{\\"a\\":1}"}'}
+    assert scrub_record(rec) == rec
+
+
 def test_scrub_json_leaves_keys_and_non_strings():
     assert scrub_json({"password": 12345678, "a@b.io": ["c@d.io", 1.5, None]}) == {
         "password": 12345678, "a@b.io": ["[EMAIL]", 1.5, None]}
