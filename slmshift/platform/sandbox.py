@@ -29,6 +29,7 @@ Bad outcomes are results (`ok=False` with a `reason`), never exceptions.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -41,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -111,11 +113,10 @@ if _cfg["unshare"]:
         # A private mount namespace: a tmpfs over each directory the sandbox uid cannot traverse (e.g. /root),
         # holding only the interpreter's own tree bound back in. Hides the rest, so a secret there stays unseen.
         _ok(_libc.mount(None, b"/", None, 16384 | (1 << 18), None), "making mounts private")
-        for _top, _targets in _cfg["expose"]:
+        for _g, (_top, _targets) in enumerate(_cfg["expose"]):
             _staged = []
             for _i, _t in enumerate(_targets):
-                _s = os.path.join(_cfg["stage"], str(_i))
-                os.mkdir(_s)
+                _s = os.path.join(_cfg["stage"], str(_g) + "-" + str(_i))  # made by the host, once
                 _ok(_libc.mount(_t.encode(), _s.encode(), None, 4096 | 16384, None), "binding " + _t)
                 _staged.append((_s, _t))
             _ok(_libc.mount(b"tmpfs", _top.encode(), b"tmpfs", 0, b"mode=0755,size=64k"), "tmpfs on " + _top)
@@ -552,14 +553,33 @@ def _exited_within(pid: int, seconds: float) -> bool:
         os.close(fd)
 
 
-def _tail(path: Path, n: int) -> str:
+def _tail(f, n: int) -> str:
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4 * n))
-            return f.read().decode("utf-8", "replace")[-n:]
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 4 * n))
+        return f.read().decode("utf-8", "replace")[-n:]
     except OSError:
         return ""
+
+
+_stage_lock = threading.Lock()
+_stages: dict[tuple[int, ...], str] = {}
+
+
+def _stage(expose: list[tuple[str, list[str]]]) -> str:
+    """Empty mount points for the interpreter trees a private mount namespace binds back in: one directory per
+    process, reused by every run (each run mounts on them in its own namespace), so no run makes or removes
+    directories for them (directory operations cost milliseconds on a busy disk)."""
+    shape = tuple(len(targets) for _, targets in expose)
+    with _stage_lock:
+        if shape not in _stages:
+            d = tempfile.mkdtemp(prefix="slmshift-sbx-stage-")
+            for g, n in enumerate(shape):
+                for i in range(n):
+                    os.mkdir(os.path.join(d, f"{g}-{i}"))
+            atexit.register(shutil.rmtree, d, ignore_errors=True)
+            _stages[shape] = d
+        return _stages[shape]
 
 
 def _reason(rc: int, stderr: str, timed_out: bool, limits: SandboxLimits, reached_end: bool = True,
@@ -707,11 +727,10 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None, test
            "hide": sorted({os.path.realpath(h) for h in hide})}
     token = secrets.token_hex(16).encode()  # the end marker: fresh per run, known only to the host and the bootstrap
     secret = token + (b"\n" + tests.encode("utf-8") if tests is not None else b"")
-    work = Path(tempfile.mkdtemp(prefix="slmshift-sbx-"))   # candidate's cwd (chowned to its uid)
-    outs = Path(tempfile.mkdtemp(prefix="slmshift-sbx-out-"))  # captured output, never visible to it
-    cfg["stage"] = str(outs)
     fds: list[int] = []
+    work = Path(tempfile.mkdtemp(prefix="slmshift-sbx-"))   # candidate's cwd (chowned to its uid)
     try:
+        cfg["stage"] = _stage(plan.expose) if plan.expose else ""
         secret_r = _secret_pipe(secret)
         fds.append(secret_r)
         mark_r, mark_w = os.pipe()
@@ -726,7 +745,8 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None, test
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
         t0 = time.perf_counter()
         timed_out = False
-        with (outs / "stdout").open("wb") as fo, (outs / "stderr").open("wb") as fe:
+        # captured output: unnamed files (O_TMPFILE), never visible to the run, nothing to remove afterwards
+        with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
             proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, repr(cfg), str(prog)],
                                     cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
                                     start_new_session=True, close_fds=True, pass_fds=(secret_r, mark_w))
@@ -740,9 +760,9 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None, test
                 _kill_all(proc.pid, uid)
             rc = proc.wait()
             _kill_all(proc.pid, uid)  # children the candidate left behind
-        wall = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            stdout, stderr = _tail(fo, limits.output_chars), _tail(fe, limits.output_chars)
         reached = _read_marker(mark_r) == token
-        stdout, stderr = _tail(outs / "stdout", limits.output_chars), _tail(outs / "stderr", limits.output_chars)
         reason = _reason(rc, stderr, timed_out, limits, reached, tests is not None)
         return SandboxResult(ok=rc == 0 and not timed_out and reached, reached_end=reached, returncode=rc,
                              reason=reason, stdout=stdout, stderr=stderr, wall_s=wall, timed_out=timed_out)
@@ -752,7 +772,6 @@ def _run_as(code: str, limits: SandboxLimits, plan: _Plan, uid: int | None, test
         for fd in fds:
             os.close(fd)
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(outs, ignore_errors=True)
 
 
 async def run_python_async(code: str, limits: SandboxLimits | None = None, *,
