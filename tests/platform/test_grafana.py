@@ -102,7 +102,6 @@ def test_install_writes_into_the_session_dashboards_folder(tmp_path, monkeypatch
 
 EXPERIMENT = """\
 experiment: {{name: grafana-check, seed: 0, storage: {storage}}}
-ray: {{num_cpus: 2, dashboard: true, metrics_export_port: {port}, object_store_mb: 200}}
 models:
   - name: teacher
     tier: llm
@@ -170,10 +169,14 @@ def test_every_panel_query_returns_data_from_prometheus(tmp_path, monkeypatch):
     # Ray exports every 10 s by default; a short run needs a finer grain to show rates
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")
     cfg_path = tmp_path / "exp.yaml"
-    cfg_path.write_text(EXPERIMENT.format(storage=tmp_path / "runs", port=metrics_port))
+    cfg_path.write_text(EXPERIMENT.format(storage=tmp_path / "runs"))
     cfg = load_config(cfg_path, scenario_options())
     assert not ray.is_initialized(), "this test starts its own Ray (with a fixed metrics port)"
     try:
+        # A new local cluster even when a `ray start` one runs on this machine (plain ray.init() would join it);
+        # the runner then uses this Ray as it would the embedded one.
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=200 * 1024**2, _metrics_export_port=metrics_port, namespace="slmshift")
         result = run_experiment(cfg, keep_ray=True)
         installed = install_dashboard()  # the session's folder, as a user's run would
         assert installed.is_file() and (installed.parent / "default_grafana_dashboard.json").is_file()
