@@ -131,7 +131,8 @@ def main() -> None:
                     "reference throughput); bounded: factor x load, default bound; unbounded: factor x load, -1.")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", namespace="slmshift-bench")
+    # address="local": a new cluster even when a `ray start` one runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", namespace="slmshift-bench")
     rows = []
     try:
         for mode in args.modes.split(","):
