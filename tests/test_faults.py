@@ -42,18 +42,20 @@ def write_config(tmp_path: Path, name: str, episodes: int = 30, latency: float =
 
 
 def actors(class_name: str, state: str | None = "ALIVE") -> list[dict]:
-    """The GCS actor table (what `ray.util.state.list_actors` shows, without needing the dashboard)."""
+    """Actors whose class name starts with `class_name`, from the GCS actor table (what `ray.util.state.list_actors` shows, without needing the dashboard)."""
     from ray._private.state import actors as table
 
-    return [a for a in table().values() if a["ActorClassName"] == class_name and (state is None or a["State"] == state)]
+    return [a for a in table().values()
+            if a["ActorClassName"].startswith(class_name) and (state is None or a["State"] == state)]
 
 
-def kill_later(class_name: str, after_s: float, killed: list[int]) -> threading.Thread:
-    """kill -9 (what the OOM killer does) one process of `class_name`, `after_s` after the first one is alive."""
+def kill_later(class_name: str, after_s: float, killed: list[int], when: str = "TeamActor") -> threading.Thread:
+    """kill -9 (what the OOM killer does) one process of `class_name`, `after_s` after a `when` actor (a team: the
+    episodes have started) is alive."""
 
     def go() -> None:
         deadline = time.time() + 120
-        while time.time() < deadline and not actors(class_name):
+        while time.time() < deadline and not actors(when):
             time.sleep(0.1)
         time.sleep(after_s)
         alive = actors(class_name)
@@ -166,3 +168,20 @@ def test_resume_needs_a_run_dir(tmp_path):
     proc = cli("run", "--resume", str(tmp_path / "nope"))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "no config.yaml" in err and "Traceback" not in err
+
+
+def test_model_replica_killed_mid_run(cluster, reference, tmp_path):
+    """kill -9 the teacher's Serve replica: calls in flight are retried (bounded) while Serve replaces it, and any
+    that still fail are recorded as infrastructure errors, left out of the model's quality and SLM share."""
+    killed: list[int] = []
+    killer = kill_later("ServeReplica:big", 1.5, killed)
+    res = run_experiment(load_config(write_config(tmp_path, "faults"), scenario_options()), keep_ray=True)
+    killer.join(5)
+    assert killed, "the replica was never killed"
+    df, ep = assert_logged_exactly_once(res.run_dir, 30)
+    infra = df[df["infra_error"]]
+    assert infra["error"].str.startswith("infra: ").all()
+    arm = res.summary["arms"][0]
+    assert arm["infra_errors"] == len(infra)
+    assert arm["valid_rate"] == 1.0  # the teacher is always right: failures of the infrastructure are not its own
+    print(f"{len(infra)} call(s) recorded as infrastructure errors after the replica was killed")
