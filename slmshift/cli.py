@@ -112,6 +112,7 @@ def convert(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the split, k-means and LoRA."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show Ray Train / Ray Data workers' own output."),
 ) -> None:
     """Turn a run's log into per-task LoRA-tuned SLMs (S2 curate, S3 cluster, S4 select, S5 fine-tune)."""
     from pydantic import ValidationError
@@ -130,7 +131,7 @@ def convert(
         opts = ConvertOptions.model_validate({
             **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus,
                    min_promotion_calls=min_promotion_calls),
-            "progress": not no_progress,
+            "progress": not no_progress, "verbose": verbose,
             "lora": {**defaults.lora.model_dump(), **lora},
             "curate": {**defaults.curate.model_dump(), **cur},
             "cluster": {**defaults.cluster.model_dump(), **pick(k_max=k_max, seed=seed)},
@@ -220,6 +221,33 @@ def tune(
                  console=console)
     except SlmshiftError as e:
         _fail(e)
+
+
+@app.command()
+def loop(
+    config: Optional[Path] = typer.Argument(None, help="Experiment YAML with a `loop:` section, e.g. "
+                                            "scenarios/paper-table.yaml (omit with --resume)."),
+    iterations: int = typer.Option(1, "--iterations", min=1, help="Loop iterations (collect, convert, tune, verify)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="A LOOP_DIR to continue from its last finished stage."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: embedded)."),
+) -> None:
+    """Run the S6 loop and write the paper's case-study table as measured (LOOP_DIR/report.html and .md)."""
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.loop import load_loop_dir, run_loop
+    from slmshift.platform.config import load_config
+    from slmshift.platform.scenario import scenario_options
+
+    try:
+        if resume:
+            cfg = load_loop_dir(resume)
+        elif config is None:
+            raise SlmshiftError("slmshift loop: give a CONFIG (e.g. scenarios/paper-table.yaml) or --resume LOOP_DIR")
+        else:
+            cfg = load_config(config, scenario_options())
+        loop_dir = run_loop(cfg, iterations=iterations, loop_dir=resume, console=console, address=address)
+    except SlmshiftError as e:
+        _fail(e)
+    console.print(f"Loop report: {loop_dir}/report.html  ({loop_dir}/report.md)")
 
 
 @models_app.command("list")

@@ -26,8 +26,9 @@ def cluster_address(cfg: RaySection, address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or cfg.address
 
 
-def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
-    """Join `address` (argument > RAY_ADDRESS > config) or start an embedded cluster.
+def start_ray(cfg: RaySection, address: str | None = None, *, log_to_driver: bool = True) -> RayInfo:
+    """Join `address` (argument > RAY_ADDRESS > config) or start an embedded cluster. `log_to_driver=False` keeps
+    workers' output (Ray Train / Data internals) in Ray's session log files instead of the console.
 
     Raises RayConnectError with the fix when a given address cannot be reached.
     """
@@ -41,14 +42,15 @@ def start_ray(cfg: RaySection, address: str | None = None) -> RayInfo:
     if address:
         _check_reachable(address)
         try:
-            ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                           log_to_driver=log_to_driver)
         except Exception as e:  # ConnectionError, ValueError, TimeoutError: all mean the same to the user
             raise _connect_error(address, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         return RayInfo(False, address, ctx.dashboard_url or None, None)
     dashboard = cfg.dashboard and importlib.util.find_spec("aiohttp") is not None  # ray[default] deps present
     kwargs = dict(
         num_cpus=cfg.num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, logging_level=logging.WARNING,
-        dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port,
+        dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port, log_to_driver=log_to_driver,
     )
     if cfg.object_store_mb:
         kwargs["object_store_memory"] = cfg.object_store_mb * 1024**2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -49,11 +49,11 @@ class RouterSection(_Strict):
     @field_validator("policies", mode="before")
     @classmethod
     def _expand_files(cls, v: Any) -> Any:
-        return [_read_policy_file(p) if isinstance(p, dict) and set(p) == {"file"} else p for p in v] \
+        return [read_policy_file(p) if isinstance(p, dict) and set(p) == {"file"} else p for p in v] \
             if isinstance(v, list) else v
 
 
-def _read_policy_file(entry: dict) -> dict:
+def read_policy_file(entry: dict) -> dict:
     """A `{file: PATH}` arm: the policy spec in that YAML, its relative paths resolved against the file."""
     path = Path(absolute_path(str(entry["file"])))
     try:
@@ -101,12 +101,48 @@ class ScenarioSpec(_Strict):
         return self.name or self.kind
 
 
+class LoopConvert(_Strict):
+    """The loop's conversion settings (`slmshift convert`'s flags as a typed section)."""
+
+    rule: Literal["episode_or_call", "episode", "call", "episode_and_call", "valid"] = Field(
+        default="episode_or_call", description="S2 keep rule.")
+    k_min: int = Field(default=2, ge=1, description="Smallest number of S3 clusters tried.")
+    k_max: int = Field(default=8, ge=1, description="Largest number of S3 clusters tried.")
+    candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1,
+                                  description="S4 SLM candidates (registered names, packaged:..., or model dirs).")
+    min_train_rows: int = Field(default=16, ge=1, description="Curated train rows a cluster needs to be tuned.")
+    min_promotion_calls: int = Field(default=30, ge=1, description="Held-out calls an adapter needs to be promoted.")
+    lora_rank: int = Field(default=8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(default=16.0, gt=0, description="LoRA alpha.")
+    lora_steps: int = Field(default=60, ge=1, description="LoRA optimiser steps per cluster.")
+    lora_lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per LoRA step.")
+
+
+class LoopSection(_Strict):
+    """`slmshift loop`: collect -> convert -> tune -> verify, per iteration."""
+
+    collect_episodes: int = Field(default=64, ge=1, description="Episodes per scenario collected on training tasks "
+                                  "in each iteration (every call shadowed on the other tier at shadow_rate).")
+    verify_episodes: int = Field(default=16, ge=1, description="Episodes per scenario and arm on held-out verify "
+                                 "tasks (always-LLM and the tuned router).")
+    budget: float = Field(default=0.95, gt=0, lt=1, description="Relative quality budget: the tuned router must keep "
+                          "verify success >= budget x always-LLM's (0.95 = at most 5% quality loss).")
+    shadow_rate: float = Field(default=1.0, gt=0, le=1, description="Share of collected calls also sent to the other "
+                               "tier (paired outcomes); lower it to shorten collection with a real SLM.")
+    max_clusters: int = Field(default=4, ge=1, description="Most clusters LoRA-tuned per iteration (largest first).")
+    tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")
+    seed: int = Field(default=0, description="Seeds the task split, clustering, LoRA and the search.")
+    convert: LoopConvert = Field(default_factory=LoopConvert)
+
+
 class ExperimentConfig(_Strict):
     experiment: ExperimentSection
     ray: RaySection = Field(default_factory=RaySection)
     models: list[ModelSpec] = Field(min_length=1)
     router: RouterSection
     scenarios: list[ScenarioSpec] = Field(min_length=1)
+    loop: LoopSection | None = Field(default=None, description="Settings of `slmshift loop` (ignored by `run`).")
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)

@@ -89,7 +89,7 @@ def build_tiny_llama(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,  # BFCL prompts run to ~2k tokens with the tiny character-level tokenizer
         # A wide init gives peaked logits, so greedy argmax is not decided by float noise
         # (otherwise batched-vs-alone comparisons would flip on near-ties).
         initializer_range=0.2,

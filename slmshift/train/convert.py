@@ -12,6 +12,7 @@ tie, when its held-out loss is lower and its valid-output rate is no worse.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,8 @@ class ConvertOptions(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="Default: Ray's free CPUs / workers.")
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the embedded Ray cluster (default: all).")
     progress: bool = Field(default=True, description="Progress bars for embedding, clustering, evaluation, training.")
+    verbose: bool = Field(default=False, description="Show Ray Train / Ray Data workers' own output on the console "
+                          "(default: it stays in Ray's session log files).")
 
 
 @dataclass
@@ -295,7 +298,13 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
         # has no dashboard, so its processes (which inherit this env) get an address where nothing answers: the
         # cleaner then just keeps waiting, and the run is never torn down by mistake.
         os.environ.setdefault(_API_ENV, "http://127.0.0.1:9")
-        start_ray(RaySection(num_cpus=o.num_cpus, dashboard=False))
+        start_ray(RaySection(num_cpus=o.num_cpus, dashboard=False), log_to_driver=o.verbose)
+        if not o.verbose:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False  # our own bar reports the training steps
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            logging.getLogger("ray.train").setLevel(logging.WARNING)
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
     try:
         for e in todo:

@@ -1,0 +1,445 @@
+"""`slmshift loop`: the paper's S6 loop as one command, measured.
+
+Per iteration: collect (episodes on training tasks, every call shadowed on the other tier at `loop.shadow_rate`)
+-> convert (S2-S5 on the collected log) -> tune (Ray Tune over router policies on the paired outcomes) -> verify
+(fresh episodes on held-out tasks: always-LLM against the tuned policy serving the new adapters). The next
+iteration collects with the tuned router and adapters. Every stage writes under LOOP_DIR/iter-N/ and marks itself
+done in LOOP_DIR/state.json, so `--resume LOOP_DIR` continues from the last finished stage (an interrupted run stage
+resumes its own run). The loop ends with LOOP_DIR/report.md and report.html: the paper's case-study table
+(arXiv 2506.02153, Appendix B) re-done as a measurement.
+
+The next iteration's experiment is built as an ExperimentConfig transform (models + policies), never as YAML text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmshift.platform.config import ExperimentConfig, LoopSection, read_policy_file
+from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.policies import policy_spec
+
+STAGES = ("collect", "convert", "tune", "verify")
+# The paper's estimates of the share of LLM calls SLMs could take (Appendix B), by our scenario kinds.
+PAPER_ESTIMATE = {"metagpt": 0.60, "operator": 0.40, "cradle": 0.70}
+PAPER_NAME = {"metagpt": "MetaGPT", "operator": "Open Operator", "cradle": "Cradle"}
+
+
+class LoopState:
+    """LOOP_DIR/state.json: per iteration and stage, its status, outputs and wall time; rewritten atomically."""
+
+    def __init__(self, loop_dir: Path):
+        self.path = loop_dir / "state.json"
+        self.doc: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"iterations": {}}
+
+    def stage(self, it: int, name: str) -> dict[str, Any]:
+        return self.doc["iterations"].setdefault(str(it), {}).setdefault(name, {"status": "pending"})
+
+    def update(self, it: int, name: str, **fields: Any) -> None:
+        self.stage(it, name).update(fields)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+def split_tasks(cfg: ExperimentConfig, loop: LoopSection) -> dict[str, dict[str, list[str]]]:
+    """Per scenario, disjoint seeded sets of training and verify task ids from one pool."""
+    from slmshift.platform.scenario import scenario_class
+
+    out = {}
+    for spec in cfg.scenarios:
+        seed = cfg.experiment.seed if spec.seed is None else spec.seed
+        pool_n = loop.collect_episodes + loop.verify_episodes
+        tasks = scenario_class(spec.kind)(spec.model_copy(update={"episodes": pool_n}), seed).tasks()
+        ids = list(dict.fromkeys(t.id for t in tasks))  # scenarios may cycle tasks when episodes exceed them
+        rng = np.random.default_rng(loop.seed)
+        rng.shuffle(ids)
+        n_verify = max(1, round(len(ids) * loop.verify_episodes / pool_n))
+        if n_verify >= len(ids):
+            raise SlmshiftError(f"scenario {spec.label!r} has only {len(ids)} distinct tasks: too few to hold out "
+                                f"verify tasks. Fix: widen its task options or lower loop.verify_episodes.")
+        out[spec.label] = {"verify": ids[:n_verify], "train": ids[n_verify:]}
+    return out
+
+
+def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
+    """The experiment's models, the SLM serving the promoted adapters of `registry` (if any)."""
+    if not registry:
+        return list(cfg.models)
+    slm = next(m for m in cfg.models if m.tier == "slm")
+    return [m.model_copy(update={"registry": registry}) if m is slm else m for m in cfg.models]
+
+
+def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
+                   it: int) -> ExperimentConfig:
+    scenarios = [s.model_copy(update={"episodes": loop.collect_episodes,
+                                      "exclude_tasks": sorted(set(s.exclude_tasks) | set(split[s.label]["verify"]))})
+                 for s in cfg.scenarios]
+    arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate})
+    return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
+                                  "router": cfg.router.model_copy(update={"policies": [arm]})})
+
+
+def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[str]], tuned: Any,
+                  registry: str | None) -> ExperimentConfig:
+    scenarios = [s.model_copy(update={"episodes": loop.verify_episodes,
+                                      "exclude_tasks": sorted(set(s.exclude_tasks) | seen.get(s.label, set()))})
+                 for s in cfg.scenarios]
+    arms = [policy_spec(kind="llm", name="all-llm"), tuned.model_copy(update={"name": "tuned", "shadow": "none"})]
+    return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
+                                  "router": cfg.router.model_copy(update={"policies": arms})})
+
+
+def tuned_policy(policy_file: str, registry: str | None) -> Any:
+    """The tuned point as a policy spec; scored kinds also serve their cluster's promoted adapter."""
+    data = read_policy_file({"file": policy_file})
+    if registry and data.get("kind") in ("threshold", "learned"):
+        data["registry"] = registry
+    return policy_spec(data)
+
+
+def convert_options(loop: LoopSection) -> Any:
+    """The loop's typed `convert:` section as ConvertOptions."""
+    from slmshift.train.convert import ConvertOptions
+
+    c, d = loop.convert, ConvertOptions()
+    return ConvertOptions(
+        candidates=c.candidates, min_train_rows=c.min_train_rows, min_promotion_calls=c.min_promotion_calls,
+        max_clusters=loop.max_clusters, progress=False,
+        curate=d.curate.model_copy(update={"rule": c.rule, "seed": loop.seed}),
+        cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),
+        lora=d.lora.model_copy(update={"rank": c.lora_rank, "alpha": c.lora_alpha, "steps": c.lora_steps,
+                                       "learning_rate": c.lora_lr, "batch_size": c.batch_size, "seed": loop.seed}))
+
+
+def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
+    """A rough wall-time estimate for a 2-core CPU machine, from per-call costs measured on this project's runs:
+    a packaged-SmolLM2 call ~6 s under load, a simulated call ~0, LoRA ~25 s per step of 8 rows."""
+    slm = next((m for m in cfg.models if m.tier == "slm"), None)
+    per_slm_call = 6.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.5
+    calls_per_episode = {"operator": 2, "metagpt": 7, "cradle": 12}
+    calls = sum(calls_per_episode.get(s.kind, 4) for s in cfg.scenarios)
+    collect = loop.collect_episodes * calls * loop.shadow_rate * per_slm_call / 8  # ~8 SLM calls batched at once
+    verify = 2 * loop.verify_episodes * calls * per_slm_call / 8
+    lora = loop.max_clusters * (loop.convert.lora_steps * 25 + 60)
+    return iterations * (collect + verify + lora + loop.tune_time_budget_s) / 60
+
+
+def _run(cfg: ExperimentConfig, storage: str, state: LoopState, it: int, stage: str, console: Any,
+         address: str | None) -> str:
+    from slmshift.runner import run_experiment
+
+    prev = state.stage(it, stage).get("run_dir")
+    result = run_experiment(cfg, address=address, storage=storage, console=console,
+                            resume=prev if prev and Path(prev, "config.yaml").is_file() else None)
+    return result.run_dir
+
+
+def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = None, console: Any = None,
+             address: str | None = None) -> Path:
+    """Run (or resume, when `loop_dir` holds a state.json) the loop; returns LOOP_DIR. Raises SlmshiftError when
+    a stage fails, after recording it in the state and the report."""
+    from rich.console import Console
+
+    console = console or Console()
+    loop = cfg.loop or LoopSection()
+    if loop_dir is None:
+        root = Path(cfg.experiment.storage).expanduser().resolve()
+        loop_dir = str(root / f"{cfg.experiment.name}-loop-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
+    ld = Path(loop_dir)
+    ld.mkdir(parents=True, exist_ok=True)
+    state = LoopState(ld)
+    if "config" not in state.doc:
+        state.doc["config"] = cfg.model_dump(mode="json")
+        state.doc["split"] = split_tasks(cfg, loop)
+        state.update(0, "setup", status="done")
+    split = state.doc["split"]
+    console.print(f"[bold]slmshift loop[/] {iterations} iteration(s) -> {ld}  (rough estimate on 2 CPU cores: "
+                  f"{estimate_minutes(cfg, loop, iterations):.0f} min)", soft_wrap=True)
+    policy, registry = policy_spec(kind="llm"), None
+    seen: dict[str, set[str]] = {k: set() for k in split}
+    try:
+        for it in range(1, iterations + 1):
+            idir = ld / f"iter-{it}"
+            idir.mkdir(exist_ok=True)
+            for stage in STAGES:
+                st = state.stage(it, stage)
+                if st["status"] == "done":
+                    console.print(f"iter {it} · {stage}: done earlier, skipped")
+                else:
+                    t0 = time.perf_counter()
+                    state.update(it, stage, status="running", started=time.time())
+                    console.rule(f"iter {it} · {stage}")
+                    out = _stage(stage, it, cfg, loop, split, seen, policy, registry, idir, state, console, address)
+                    state.update(it, stage, status="done", wall_s=round(time.perf_counter() - t0, 1), **out)
+                st = state.stage(it, stage)
+                if stage == "collect":
+                    seen = _seen_tasks(st["run_dir"], seen)
+                elif stage == "convert":
+                    registry = st.get("registry")
+                elif stage == "tune":
+                    policy = tuned_policy(st["policy_file"], registry)
+            (idir / "config.json").write_text(json.dumps(
+                {"policy": policy.model_dump(mode="json"), "registry": registry}, indent=2))
+    except (SlmshiftError, Exception) as e:
+        running = [(int(i), s) for i, stages in state.doc["iterations"].items() for s, v in stages.items()
+                   if v.get("status") == "running"]
+        for i, s in running:
+            state.update(i, s, status="failed", reason=f"{type(e).__name__}: {str(e)[:500]}")
+        write_report(ld, state)
+        raise SlmshiftError(f"loop stopped at {running[-1][1] if running else 'a stage'}: {e}. The stage is recorded "
+                            f"in {ld}/report.md. Fix the cause, then: slmshift loop CONFIG --resume {ld}") from None
+    write_report(ld, state)
+    return ld
+
+
+def _seen_tasks(run_dir: str, seen: dict[str, set[str]]) -> dict[str, set[str]]:
+    from slmshift.platform.log import read_episodes
+
+    eps = read_episodes(run_dir)
+    out = {k: set(v) for k, v in seen.items()}
+    for scenario, g in eps.groupby("scenario"):
+        out.setdefault(scenario, set()).update(g["task_id"])
+    return out
+
+
+def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split: dict, seen: dict, policy: Any,
+           registry: str | None, idir: Path, state: LoopState, console: Any, address: str | None) -> dict[str, Any]:
+    if stage == "collect":
+        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it), str(idir), state, it,
+                                stage, console, address)}
+    if stage == "convert":
+        from slmshift.train.convert import convert
+
+        rep = convert(state.stage(it, "collect")["run_dir"], str(idir / "convert"), convert_options(loop),
+                      console=console)
+        return {"registry": rep.registry if rep.promoted else None, "convert_dir": rep.out_dir,
+                "clusters": [{k: c.get(k) for k in ("id", "label", "call_kind", "n_train", "n_val", "promoted",
+                                                    "status", "interval")}
+                             | {"before": (c.get("before") or {}).get("correct_rate"),
+                                "after": (c.get("after") or {}).get("correct_rate")} for c in rep.clusters]}
+    if stage == "tune":
+        from slmshift.train.pairs import paired_from_run
+        from slmshift.train.tune import TuneOptions, tune_routing
+
+        run_dir = state.stage(it, "collect")["run_dir"]
+        conv = state.stage(it, "convert").get("convert_dir")
+        clusters = str(Path(conv) / "clusters") if conv and Path(conv, "clusters").is_dir() else None
+        table = paired_from_run(run_dir, clusters_dir=clusters)
+        res = tune_routing(table, str(idir / "tune"), TuneOptions(budget=loop.budget, seed=loop.seed,
+                                                                  time_budget_s=loop.tune_time_budget_s),
+                           console=console)
+        return {"policy_file": res.policy_file, "chosen": _jsonable(res.chosen)}
+    if stage == "verify":
+        tuned = tuned_policy(state.stage(it, "tune")["policy_file"], registry)
+        return {"run_dir": _run(verify_config(cfg, loop, seen, tuned, registry), str(idir), state, it, stage,
+                                console, address)}
+    raise AssertionError(stage)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def _boot(values: np.ndarray, stat: Any, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    s = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n)]
+    return float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))
+
+
+def verify_rows(run_dir: str, budget: float, kinds: dict[str, str]) -> list[dict[str, Any]]:
+    """Per scenario: tuned vs always-LLM on the verify episodes, with bootstrap 95% intervals over episodes."""
+    from slmshift.platform.log import read_episodes, read_interactions
+
+    calls, eps = read_interactions(run_dir), read_episodes(run_dir)
+    calls = calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)]
+    rows = []
+    for scenario, g in eps.groupby("scenario"):
+        llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == "tuned"]
+        c_llm = calls[(calls["scenario"] == scenario) & (calls["policy"] == "all-llm")]
+        c_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == "tuned")]
+        slm = (c_t["tier"] == "slm").to_numpy(dtype=float)
+        s_llm, s_t = llm["success"].to_numpy(dtype=float), tuned["success"].to_numpy(dtype=float)
+        ratio = s_t.mean() / s_llm.mean() if len(s_llm) and s_llm.mean() > 0 else float("nan")
+        kind = kinds.get(scenario, scenario)
+        per_kind = c_t.groupby("call_kind")["tier"].apply(lambda t: float((t == "slm").mean())).to_dict()
+        cost_llm = c_llm.groupby("episode_id")["cost_usd"].sum().mean() if len(c_llm) else float("nan")
+        cost_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == "tuned")].groupby(
+            "episode_id")["cost_usd"].sum().mean() if len(c_t) else float("nan")
+        rows.append({
+            "scenario": scenario, "kind": kind, "episodes": int(len(tuned)), "calls": int(len(c_t)),
+            "slm_share": float(slm.mean()) if len(slm) else float("nan"), "slm_share_ci": _boot(slm, np.mean),
+            "success_llm": float(s_llm.mean()) if len(s_llm) else float("nan"),
+            "success_tuned": float(s_t.mean()) if len(s_t) else float("nan"),
+            "success_tuned_ci": _boot(s_t, np.mean), "quality_ratio": float(ratio),
+            "meets_budget": bool(ratio >= budget) if ratio == ratio else False,
+            "cost_per_episode_llm": float(cost_llm), "cost_per_episode_tuned": float(cost_t),
+            "latency_p50_llm": float(c_llm["latency_s"].median()) if len(c_llm) else float("nan"),
+            "latency_p50_tuned": float(c_t["latency_s"].median()) if len(c_t) else float("nan"),
+            "slm_share_by_call_kind": per_kind,
+            "simulated_llm": bool(c_llm["simulated"].astype(bool).all()) if len(c_llm) else False,
+        })
+    return rows
+
+
+def _fmt(v: float, pct: bool = True) -> str:
+    if v != v:
+        return "-"
+    return f"{v:.0%}" if pct else f"{v:.4g}"
+
+
+def write_report(ld: Path, state: LoopState) -> None:
+    """LOOP_DIR/report.md and report.html (PNG plots embedded), from whatever stages finished."""
+    import base64
+
+    config = state.doc.get("config") or {}
+    loop = LoopSection.model_validate(config.get("loop") or {})
+    kinds = {s.get("name") or s["kind"]: s["kind"] for s in config.get("scenarios", [])}
+    iters = {int(k): v for k, v in state.doc["iterations"].items() if k != "0"}
+    table, stage_rows, cluster_rows, per_iter = [], [], [], {}
+    for it in sorted(iters):
+        for name in STAGES:
+            st = iters[it].get(name, {})
+            stage_rows.append([str(it), name, st.get("status", "pending"),
+                               f"{st['wall_s']:.0f}" if "wall_s" in st else "-", st.get("reason", "")])
+        for c in iters[it].get("convert", {}).get("clusters", []) or []:
+            ci = c.get("interval") or {}
+            cluster_rows.append([str(it), str(c["id"]), c["label"], f"{c['n_train']}/{c['n_val']}",
+                                 _fmt(c["before"] if c["before"] is not None else float("nan")),
+                                 _fmt(c["after"] if c["after"] is not None else float("nan")),
+                                 f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}] (n={ci['n']})" if ci else "-",
+                                 "yes" if c["promoted"] else "no", c.get("status", "")])
+        v = iters[it].get("verify", {})
+        if v.get("status") == "done":
+            per_iter[it] = verify_rows(v["run_dir"], loop.budget, kinds)
+            for r in per_iter[it]:
+                lo, hi = r["slm_share_ci"]
+                est = PAPER_ESTIMATE.get(r["kind"], float("nan"))
+                table.append([str(it), PAPER_NAME.get(r["kind"], r["scenario"]), _fmt(est),
+                              f"{_fmt(r['slm_share'])} [{_fmt(lo)}, {_fmt(hi)}]",
+                              f"{_fmt(r['success_tuned'])} vs {_fmt(r['success_llm'])} (ratio {r['quality_ratio']:.2f})",
+                              "yes" if r["meets_budget"] else "no", f"{r['episodes']} ep / {r['calls']} calls",
+                              f"{_fmt(r['cost_per_episode_tuned'], False)} vs {_fmt(r['cost_per_episode_llm'], False)}",
+                              f"{_fmt(r['latency_p50_tuned'], False)} vs {_fmt(r['latency_p50_llm'], False)}",
+                              "simulated" if r["simulated_llm"] else "real"])
+    md = ["# slmshift loop report", "",
+          f"Loop dir: `{ld}`. Budget: the tuned router keeps verify-episode success >= {loop.budget} x always-LLM's "
+          "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",
+          "Always-LLM quality marked *simulated* is a declared teacher profile, not a real LLM: tables built on it "
+          "measure the routing machinery, not a frontier model.", "",
+          "## The paper's table, measured (verify episodes on held-out tasks)", ""]
+    header = ["iter", "agent system", "paper estimate", "SLM share of calls [95% CI]", "success tuned vs all-LLM",
+              f">= {loop.budget}x", "n", "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]
+    md += _md_table(header, table) if table else ["(no verify stage finished yet)"]
+    md += ["", "## SLM share per call kind (verify, tuned arm)", ""]
+    kinds_rows = [[str(it), r["scenario"], k, _fmt(v)] for it, rows in per_iter.items() for r in rows
+                  for k, v in sorted(r["slm_share_by_call_kind"].items())]
+    md += _md_table(["iter", "scenario", "call kind", "SLM share"], kinds_rows) if kinds_rows else ["-"]
+    md += ["", "## Held-out accuracy per cluster before/after LoRA (paired-bootstrap interval of the difference)", ""]
+    md += _md_table(["iter", "cluster", "label", "train/val", "before", "after", "diff [95% CI]", "promoted", "why"],
+                    cluster_rows) if cluster_rows else ["-"]
+    md += ["", "## Stages", ""] + _md_table(["iter", "stage", "status", "wall s", "reason"], stage_rows)
+    pngs = _plots(ld, per_iter, iters)
+    md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (ld / "report.md").write_text("\n".join(md) + "\n")
+    html = _html("\n".join(md), {p.name: base64.b64encode(p.read_bytes()).decode() for p in pngs})
+    (ld / "report.html").write_text(html)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+
+
+def _plots(ld: Path, per_iter: dict[int, list[dict]], iters: dict[int, dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    if per_iter:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        scen = sorted({r["scenario"] for rows in per_iter.values() for r in rows})
+        for s in scen:
+            its = [it for it in sorted(per_iter) if any(r["scenario"] == s for r in per_iter[it])]
+            rows = [next(r for r in per_iter[it] if r["scenario"] == s) for it in its]
+            axes[0].plot(its, [r["cost_per_episode_tuned"] for r in rows], marker="o", label=f"{s} tuned")
+            axes[0].plot(its, [r["cost_per_episode_llm"] for r in rows], ls="--", marker="x", label=f"{s} all-LLM")
+            kinds = sorted({k for r in rows for k in r["slm_share_by_call_kind"]})
+            for k in kinds:
+                axes[1].plot(its, [r["slm_share_by_call_kind"].get(k, np.nan) for r in rows], marker="o",
+                             label=f"{s}: {k}")
+        axes[0].set(title="cost per episode (verify)", xlabel="iteration", ylabel="USD")
+        axes[1].set(title="SLM share per call kind (verify, tuned)", xlabel="iteration", ylim=(0, 1))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append(ld / "loop_trends.png")
+        fig.savefig(out[-1], dpi=90)
+        plt.close(fig)
+    for it in sorted(iters):  # each iteration's Pareto front, as tune drew it
+        for png in sorted((ld / f"iter-{it}" / "tune").glob("*pareto*.png")):
+            dest = ld / f"iter{it}_{png.name}"
+            dest.write_bytes(png.read_bytes())
+            out.append(dest)
+    return out
+
+
+def _html(md: str, images: dict[str, str]) -> str:
+    """A self-contained page (tables and base64 PNGs), readable offline; no scripts."""
+    import html as h
+
+    body, rows = [], []
+
+    def flush_table() -> None:
+        if rows:
+            head, *rest = rows
+            body.append("<table><thead><tr>" + "".join(f"<th>{h.escape(c)}</th>" for c in head) + "</tr></thead>"
+                        "<tbody>" + "".join("<tr>" + "".join(f"<td>{h.escape(c)}</td>" for c in r) + "</tr>"
+                                            for r in rest) + "</tbody></table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                rows.append(cells)
+            continue
+        flush_table()
+        if line.startswith("![") and "](" in line:
+            name = line[line.index("](") + 2:-1]
+            body.append(f'<p><img alt="{h.escape(name)}" src="data:image/png;base64,{images.get(name, "")}"></p>')
+        elif line.startswith("## "):
+            body.append(f"<h2>{h.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{h.escape(line[2:])}</h1>")
+        elif line.strip():
+            body.append(f"<p>{h.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>slmshift loop report</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def load_loop_dir(loop_dir: str) -> ExperimentConfig:
+    """The config a loop dir was started with (for --resume)."""
+    p = Path(loop_dir) / "state.json"
+    if not p.is_file():
+        raise SlmshiftError(f"{loop_dir}: not a loop directory (no state.json). Fix: pass the LOOP_DIR that "
+                            "`slmshift loop` printed.")
+    doc = json.loads(p.read_text())
+    return ExperimentConfig.model_validate(doc["config"])
+
