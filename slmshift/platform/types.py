@@ -27,6 +27,8 @@ class Hidden(BaseModel):
     distractors: list[str] = Field(
         default_factory=list, description="Plausible wrong outputs a weaker teacher returns when it fails."
     )
+    upstream_ok: bool = Field(default=True, description="Were the earlier steps this call depends on right? A "
+                              "teacher handed wrong upstream output does worse (SimulatedProfile.upstream_penalty).")
 
 
 class LMRequest(BaseModel):
@@ -225,6 +227,9 @@ class SimulatedProfile(_Strict):
         default_factory=lambda: {"default": 0.9},
         description="Probability of a correct answer per call kind; 'default' covers the rest.",
     )
+    upstream_penalty: float = Field(default=0.5, ge=0, le=1, description="Share of its accuracy the teacher loses "
+                                    "when an earlier step it depends on was wrong (e.g. an SLM's bad plan in a mixed "
+                                    "arm): accuracy x (1 - penalty). 0: it answers as if given the right input.")
     latency_base_s: float = Field(default=0.0, ge=0, description="Fixed time per call.")
     latency_per_token_s: float = Field(default=0.0, ge=0, description="Time per output token.")
     latency_jitter: float = Field(default=0.0, ge=0, le=1, description="Relative random spread of latency.")

@@ -59,3 +59,13 @@ def test_same_task_same_answer_across_runs_and_arms():
     b = asyncio.run(e.generate([r.model_copy(update={"experiment_id": "other-run", "policy": "arm2",
                                                      "episode_id": "x" + r.episode_id}) for r in reqs(200)]))
     assert [r.text for r in a] == [r.text for r in b]
+
+
+def test_wrong_upstream_output_costs_the_teacher_its_declared_penalty():
+    bad = Hidden(answer="RIGHT", distractors=["WRONG"], upstream_ok=False)
+    e = engine(accuracy={"intent": 0.9}, upstream_penalty=0.5)
+    ok = sum(r.text == "RIGHT" for r in asyncio.run(e.generate(reqs(2000)))) / 2000
+    hurt = sum(r.text == "RIGHT" for r in asyncio.run(e.generate(reqs(2000, hidden=bad)))) / 2000
+    assert 0.87 < ok < 0.93 and 0.41 < hurt < 0.49
+    unhurt = engine(accuracy={"intent": 0.9}, upstream_penalty=0.0).generate(reqs(2000, hidden=bad))
+    assert 0.87 < sum(r.text == "RIGHT" for r in asyncio.run(unhurt)) / 2000 < 0.93

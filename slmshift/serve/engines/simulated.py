@@ -41,7 +41,8 @@ class SimulatedEngine(Engine):
                               tokens_in=tokens_in, tokens_out=min(estimate_tokens(text), req.max_tokens),
                               simulated=True, mean_logprob=0.0)
         rng = self._rng(req)
-        right = rng.random() < p.accuracy_for(req.call_kind)
+        accuracy = p.accuracy_for(req.call_kind) * (1.0 if req.hidden.upstream_ok else 1.0 - p.upstream_penalty)
+        right = rng.random() < accuracy
         if right or not req.hidden.distractors:
             text = req.hidden.answer if right else ""
         else:
