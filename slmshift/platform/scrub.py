@@ -67,6 +67,7 @@ _PROVIDER_KEYS = re.compile("|".join([
     r"glpat-[A-Za-z0-9_-]{20,}",                                    # GitLab
     r"xox[abposre]-[A-Za-z0-9-]{10,}", r"xapp-\d-[A-Za-z0-9-]{10,}",  # Slack
     r"https://hooks\.slack\.com/services/[A-Za-z0-9/]+",
+    r"https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[A-Za-z0-9_-]+",  # Discord webhooks
     r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}", r"whsec_[A-Za-z0-9]{20,}",  # Stripe
     r"hf_[A-Za-z0-9]{30,}", r"api_org_[A-Za-z0-9]{30,}",             # Hugging Face
     r"gsk_[A-Za-z0-9]{40,}",                                        # Groq
@@ -87,6 +88,11 @@ _PROVIDER_KEYS = re.compile("|".join([
 ]))
 _PROVIDER = re.compile(r"(?<![A-Za-z0-9_-])(?:" + _PROVIDER_KEYS.pattern + r")(?![A-Za-z0-9_-])")
 _BEARER = re.compile(r"(?i)(?<=\bbearer\s)\s*[A-Za-z0-9._~+/-]{16,}=*")
+_BASIC = re.compile(r"(?i)(?<=\bbasic\s)\s*[A-Za-z0-9+/]{8,}={0,2}(?![A-Za-z0-9+/=])")
+# passwords given on a command line: curl -u user:PASS, sshpass -p PASS, --password PASS / --password=PASS
+_CLI_PASSWORD = re.compile(r"(?:\b(?:curl|wget|http)\b[^\n]{0,200}?\s(?:-u|--user)\s+[^\s:\"']+:|\bsshpass\s+-p\s*|"
+                           r"--pass(?:word)?[= ]\s*)"
+                           r"[\"']?(?P<pw>[^\s\"']{4,})")
 _AWS_ID = re.compile(r"(?:AKIA|ASIA)[A-Z0-9]{16}")
 # An AWS secret access key is 40 base64 characters with no prefix: taken only when its key id is in the text
 # (or a keyword names it, below), and only with mixed case and a digit, so a git SHA (hex) stays.
@@ -184,6 +190,29 @@ def _nir_ok(m: re.Match) -> bool:
     return 97 - int(d[:13]) % 97 == int(d[13:])
 
 
+def _basic_auth(m: re.Match) -> bool:
+    """HTTP Basic credentials: base64 of 'user:password'."""
+    import base64
+    import binascii
+
+    try:
+        return b":" in base64.b64decode(m.group(0).strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+
+
+_CF_ODD = dict(zip("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                   [1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8,
+                    12, 14, 16, 10, 22, 25, 24, 23]))
+
+
+def _codice_fiscale_ok(m: re.Match) -> bool:
+    """Italian codice fiscale: the 16th letter checks the first 15 characters."""
+    s = m.group(0)
+    total = sum(_CF_ODD[c] if i % 2 == 0 else (int(c) if c.isdigit() else ord(c) - 65) for i, c in enumerate(s[:15]))
+    return chr(65 + total % 26) == s[15]
+
+
 def _digits(m: re.Match) -> str:
     return re.sub(r"\D", "", m.group(0))
 
@@ -203,6 +232,8 @@ _NATIONAL_IDS: list[tuple[re.Pattern, Callable[[re.Match], bool] | None]] = [
     (re.compile(r"(?<![\d-])[2-9]\d{3}[ -]\d{4}[ -]\d{4}(?![\d-])"), lambda m: verhoeff_ok(_digits(m))),
     # Canadian SIN, grouped 3-3-3, Luhn
     (re.compile(r"(?<![\d-])[1-79]\d{2}[ -]\d{3}[ -]\d{3}(?![\d-])"), lambda m: luhn_ok(_digits(m))),
+    # Italian codice fiscale, check letter
+    (re.compile(r"(?<![A-Za-z0-9])[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z](?![A-Za-z0-9])"), _codice_fiscale_ok),
     # French NIR (sécurité sociale), grouped, mod-97 key
     (re.compile(r"(?<!\d)[12] ?\d{2} ?(?:0[1-9]|1[0-2]) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}(?!\d)"), _nir_ok),
 ]
@@ -379,6 +410,8 @@ def _find(text: str) -> _Spans:
     each(_URL_CRED, "secret", group="pw")
     each(_PROVIDER, "secret")
     each(_BEARER, "secret")
+    each(_BASIC, "secret", _basic_auth)
+    each(_CLI_PASSWORD, "secret", lambda m: not _TEMPLATE.match(m.group("pw")), group="pw")
     if _AWS_ID.search(text) or re.search(r"(?i)aws.{0,20}secret", text):
         each(_AWS_SECRET, "secret", lambda m: (re.search(r"[a-z]", m.group(0)) is not None
                                                and re.search(r"[A-Z]", m.group(0)) is not None

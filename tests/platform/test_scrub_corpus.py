@@ -136,6 +136,12 @@ PLANTED: list[tuple[str, str, str]] = [
     ("secret", "pwd: letmein", "letmein"),
     ("secret", f"mongodb+srv://admin:{_r(12)}@cluster0.mongodb.net", "admin:" + "x"),
     ("iban", "iban: FR14 2004 1010 0505 0001 3M02 606", "2004 1010"),
+    # a second probe found these missed; the patterns for them came after
+    ("secret", "Authorization: Basic dXNlcjpwYXNzd29yZDEyMw==", "dXNlcjpw"),
+    ("secret", f"curl -u admin:{_r(12)} https://api.example.com", "admin:" + "x"),
+    ("secret", f'sshpass -p "{_r(10)}" ssh root@host', 'sshpass -p "' + "x"),
+    ("secret", f"https://discord.com/api/webhooks/{_r(18, string.digits)}/{_r(68, _ALNUM + '_-')}", "webhooks/"),
+    ("national_id", "Codice fiscale RSSMRA85T10A562S", "RSSMRA85T10A562S"),
 ]
 # Keyword-only values: the fragment is the value itself.
 for i, (kind, text, frag) in enumerate(PLANTED):
@@ -170,6 +176,9 @@ LOOKALIKES = [
     "model Qwen2.5-7B-Instruct at 2.5e-05 lr, batch 32, seed 1234",
     "def f(key, value):\n    return {key: value}",
     "assert candidate(100, 2) == 50 and candidate(3, 5) == 0",
+    "git push -u origin:main; the basic idea is simple",
+    "RSSMRA85T10A562X is not a valid codice fiscale",
+    "mysql --password=$DB_PASS -h db",
 ]
 
 
