@@ -2,13 +2,14 @@
 
 What is found, in this order (earlier kinds win, so a key's digits are never read as a phone number):
   private_key  PEM private-key blocks, removed whole.
-  secret       credentials in URLs (`scheme://user:PASSWORD@host`); API keys and tokens in the current formats
+  secret       credentials in URLs (`scheme://user:PASSWORD@host`), HTTP Basic headers and command lines
+               (`curl -u`, `sshpass -p`, `--password`); API keys and tokens in the current formats
                of the major LLM and cloud providers (`_PROVIDER_KEYS`); JWTs and bearer tokens; an AWS secret
                access key beside its key id; high-entropy values assigned to words like key/secret/token/
                password; and whatever detect-secrets' keyed plugins flag line by line.
   email        addresses.
   national_id  numbers with a check digit or a strict format (US SSN, UK NI number, Canadian SIN, Indian
-               Aadhaar, Spanish DNI/NIE, Brazilian CPF, French NIR) and any value after words like
+               Aadhaar, Spanish DNI/NIE, Italian codice fiscale, Brazilian CPF, French NIR) and any value after words like
                "passport no" or "SSN".
   iban         IBANs, validated by their mod-97 check.
   credit_card  13-19 digit runs that pass the Luhn check.
