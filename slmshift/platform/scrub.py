@@ -9,8 +9,8 @@ What is found, in this order (earlier kinds win, so a key's digits are never rea
                password; and whatever detect-secrets' keyed plugins flag line by line.
   email        addresses.
   national_id  numbers with a check digit or a strict format (US SSN, UK NI number, Canadian SIN, Indian
-               Aadhaar, Spanish DNI/NIE, Italian codice fiscale, Brazilian CPF, French NIR) and any value after words like
-               "passport no" or "SSN".
+               Aadhaar, Spanish DNI/NIE, Italian codice fiscale, Brazilian CPF, French NIR) and any value after
+               words like "passport no" or "SSN".
   iban         IBANs, validated by their mod-97 check.
   credit_card  13-19 digit runs that pass the Luhn check.
   ipv4/ipv6    addresses `ipaddress` accepts, not version strings.
