@@ -242,11 +242,14 @@ def run_search(table: PairedTable, search: np.ndarray, kinds: list[str], opts: T
     started_here = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=opts.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+        # RAY_ADDRESS joins a cluster; otherwise always a fresh embedded one ("local"), never a stray `ray start`
+        where = {"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else \
+            {"address": "local", "num_cpus": opts.num_cpus}
+        ray.init(**where, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         started_here = True
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+    for name in ("ray", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)  # trials cut by the time budget are counted below
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

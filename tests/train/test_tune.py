@@ -84,7 +84,7 @@ def test_six_trial_search_on_a_pairs_csv(ray_cluster, tmp_path):
     p = tmp_path / "pairs.csv"
     synthetic_pairs(80).to_csv(p, index=False)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["tune", "--pairs", str(p), "--out", str(out), "--trials", "6", "--time-budget", "120",
+    res = runner.invoke(app, ["tune", "--pairs", str(p), "--out", str(out), "--trials", "6", "--time-budget", "600",
                               "--policies", "threshold,learned,cascade,random", "--no-progress"])
     assert res.exit_code == 0, res.output
     trials = pd.read_parquet(out / "trials.parquet")
@@ -149,7 +149,7 @@ def test_run_tune_verify_and_load_the_policy_file(paired_run, tmp_path):
     from slmshift.serve.router import build_policy
 
     run_dir = paired_run.run_dir
-    res = runner.invoke(app, ["tune", run_dir, "--trials", "6", "--time-budget", "120", "--policies",
+    res = runner.invoke(app, ["tune", run_dir, "--trials", "6", "--time-budget", "600", "--policies",
                               "threshold,cascade,random", "--verify", "--verify-episodes", "4", "--no-progress"])
     assert res.exit_code == 0, res.output
     out = f"{run_dir}/tune"
@@ -179,3 +179,47 @@ def test_run_tune_verify_and_load_the_policy_file(paired_run, tmp_path):
     new = set(read_interactions(v["run_dir"])["task_id"])
     assert new and not (seen & new)
     assert "predicted" in res.output and "measured" in res.output
+
+
+@pytest.mark.parametrize("kind", ["threshold", "learned", "cascade", "random"])
+def test_each_kind_writes_a_policy_file_the_config_loads_and_the_router_uses(kind, tmp_path):
+    """write_policy for every deployable kind -> `router: {policies: [{file: PATH}]}` -> build_policy -> a decision
+    that matches the replayed one."""
+    import slmshift.scenarios  # noqa: F401
+    from slmshift.platform.config import load_config
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.serve.router import build_policy
+    from slmshift.train.pairs import paired_from_file
+    from slmshift.train.tune import fit_scorer, split, write_policy
+
+    p = tmp_path / "pairs.csv"
+    synthetic_pairs(30).to_csv(p, index=False)
+    table = paired_from_file(str(p))
+    search, _, _ = split(table, 0.5, 0)
+    params = {"prior_strength": 3.0} if kind == "threshold" else {"C": 1.0} if kind == "learned" else {}
+    fitted = fit_scorer(kind, params, table, search)
+    tau = 0.6
+    held = {"quality_call": 0.9, "cost": 0.001, "llm_share": 0.4, "slm_share": 0.6}
+    out = tmp_path / "tune"
+    out.mkdir()
+    path = write_policy({"kind": kind, "params": params, "tau": tau, "held_out": held}, table, out,
+                        lambda k, pj: fitted)
+    cfg_path = tmp_path / "use.yaml"
+    cfg_path.write_text(yaml.safe_dump({"experiment": {"name": "use"}, **MODELS,
+                                        "router": {"policies": [{"file": str(path)}]},
+                                        "scenarios": [{"kind": "operator"}]}))
+    cfg = load_config(cfg_path, scenario_options())
+    spec = cfg.router.policies[0]
+    assert spec.kind == kind and spec.label == f"tuned-{kind}"
+    policy = build_policy(spec, cfg.models)
+    df = table.df
+    for i in range(6):
+        msgs = json.loads(df.prompt.iloc[i])
+        d = policy.route(LMRequest(experiment_id="x", episode_id="e", call_index=i, scenario="operator", role="r",
+                                   call_kind=df.call_kind.iloc[i], messages=msgs))
+        assert d.model == ("student" if d.tier == "slm" else "teacher")
+        if kind in ("threshold", "learned"):  # the deployed score is the replayed one
+            assert d.score == pytest.approx(fitted.scores[i], abs=1e-5)
+            assert d.tier == ("slm" if fitted.scores[i] >= tau else "llm")
+        if kind == "cascade":
+            assert d.accept_confidence == tau
