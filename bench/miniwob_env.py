@@ -29,6 +29,7 @@ Run: .venv/bin/python bench/miniwob_env.py --coverage [--steps 12] [--no-stack]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -256,11 +257,11 @@ def coverage_stack(tasks: list[str]) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="slmshift-cov-"))
     tiny = build_tiny_llama(tmp / "tiny")
-    yaml = (f"experiment: {{name: coverage, seed: 0, storage: {tmp}}}\n"
+    yaml = (f"experiment: {{name: coverage, seed: 0, storage: {tmp}}}\nray: {{dashboard: false}}\n"
             f"models:\n  - {{name: tiny, tier: slm, backend: hf, source: {tiny}, resources: {{num_cpus: 1}}}}\n"
             "router: {policies: [{kind: slm, name: real-model}]}\n"
             f"scenarios:\n  - kind: cradle\n    episodes: {len(tasks)}\n    teams: 1\n    concurrency: 2\n"
-            "    options: {tasks: all, max_steps: 2, modules: [action_planning], browsers_per_team: 2, "
+            f"    options: {{tasks: {json.dumps(tasks)}, max_steps: 2, modules: [action_planning], browsers_per_team: 2, "
             "action_max_tokens: 8, skills: false}\n")
     (tmp / "cov.yaml").write_text(yaml)
     t0 = time.perf_counter()
@@ -275,14 +276,14 @@ def coverage_stack(tasks: list[str]) -> dict:
             "errors": ep[ep["error"].notna()][["task", "error"]].values.tolist(), "wall_s": wall}
 
 
-def coverage(steps: int, stack: bool) -> None:
+def coverage(steps: int, stack: bool, only: list[str] | None = None, env: bool = True) -> None:
     from slmshift.scenarios.cradle.catalog import UNSUPPORTED, all_tasks, supported_tasks
     from slmshift.scenarios.cradle.teacher import TASKS as SOLVED
 
-    tasks = list(all_tasks())
+    tasks = only or list(all_tasks())
     print(f"[coverage] {len(tasks)} registered miniwob tasks; {len(UNSUPPORTED)} need an action the grammar lacks; "
           f"DOM solver: {len(SOLVED)}")
-    rows = coverage_env(tasks, steps)
+    rows = coverage_env(tasks, steps) if env else []
     sup = [r for r in rows if r["task"] not in UNSUPPORTED]
     for name, group in (("supported", sup), ("unsupported", [r for r in rows if r["task"] in UNSUPPORTED])):
         print(f"  env, {name:11s}: {len(group)} tasks: started {sum(r['started'] for r in group)}, took steps "
@@ -294,7 +295,7 @@ def coverage(steps: int, stack: bool) -> None:
         print("  crashed:", crashed)
     if stack:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        st = coverage_stack(list(supported_tasks()))
+        st = coverage_stack([t for t in tasks if t in supported_tasks()])
         print(f"  stack (tiny hf model, every supported task): {st['finished']}/{st['episodes']} episodes finished "
               f"without an error on {st['tasks']} tasks, {st['with_calls']} made model calls; {st['wall_s']:.0f} s; "
               f"errors: {st['errors'] or 'none'}")
@@ -308,11 +309,13 @@ def main() -> None:
     p.add_argument("--coverage", action="store_true", help="task coverage instead of throughput")
     p.add_argument("--steps", type=int, default=12, help="coverage: random actions per task at most")
     p.add_argument("--no-stack", action="store_true", help="coverage: skip the run_experiment part")
+    p.add_argument("--no-env", action="store_true", help="coverage: skip the random-agent part")
+    p.add_argument("--tasks", default="", help="coverage: comma-separated tasks (default: every registered one)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     browser_paths()
     if args.coverage:
-        coverage(args.steps, not args.no_stack)
+        coverage(args.steps, not args.no_stack, [t for t in args.tasks.split(",") if t] or None, not args.no_env)
         return
     # Ray runs its workers (and so their Chromium) at nice 15; the baseline runs at the same niceness, so on a
     # busy machine both compete for the CPU alike, as browsers and team actors do in a real run.
