@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -165,3 +166,20 @@ def test_tasks_outside_the_solver_switch_in_one_browser(browser):
     target = dict(obs["fields"])["target"]
     right = next(el for el in obs["elements"] if el["tag"] == "button" and el["text"] == target)
     assert browser.step("click", (right["ref"],))["reward"] == 1.0  # back on an ordinary task after the flights
+
+
+def test_copy_paste_through_the_grammars_clipboard_chords(browser):
+    """copy-paste needs the clipboard: the grammar's Ctrl chords, parsed like any model output, solve it."""
+    from slmshift.scenarios.cradle.actions import parse_action
+
+    for task in ("copy-paste", "copy-paste-2"):
+        obs = browser.reset(task, 21)
+        areas = [el["ref"] for el in obs["elements"] if el["tag"] == "textarea"]
+        nth = re.search(r"(\d+)(?:st|nd|rd|th) text area", obs["utterance"])  # copy-paste-2 has several
+        source = areas[int(nth.group(1)) - 1] if nth else areas[0]
+        refs = {el["tag"]: el["ref"] for el in obs["elements"] if el["ref"] > 0}
+        plan = [f"click({source})", 'press("Ctrl+A")', 'press("Ctrl+C")', f"click({refs['input_text']})",
+                'press("ctrl+v")', f"click({refs['button']})"]
+        for text in plan:
+            out = browser.step(*parse_action(text).env_args())
+        assert out["done"] and out["reward"] == 1.0, task

@@ -49,6 +49,8 @@ CHECKBOXES = {
     ('type(ref=5, text="a)b")', Action("type", (5, "a)b"))),
     ('press("Enter")', Action("press", ("Enter",))),
     ("press('<Tab>')", Action("press", ("Tab",))),
+    ('press("Ctrl+C")', Action("press", ("Ctrl+C",))),
+    ("press('ctrl-v')", Action("press", ("Ctrl+V",))),
     ('click("4")', Action("click", (4,))),
 ])
 def test_valid_actions(text, want):
@@ -206,7 +208,8 @@ def test_catalog_is_miniwobs_registered_ids():
     assert len(tasks) == 128 and {"book-flight", "click-pie", "terminal", "flight.AA"} <= set(tasks)
     assert set(UNSUPPORTED) <= set(tasks)  # every unsupported entry is a real task
     assert set(TASKS) <= set(supported_tasks()) and len(supported_tasks()) == 128 - len(UNSUPPORTED)
-    assert {"drag-box", "draw-line", "copy-paste", "scroll-text-2", "circle-center"} <= set(UNSUPPORTED)
+    assert {"drag-box", "draw-line", "highlight-text", "scroll-text-2", "circle-center"} <= set(UNSUPPORTED)
+    assert "copy-paste" not in UNSUPPORTED  # the clipboard chords express it
 
 
 def test_options_take_any_expressible_task_and_refuse_the_rest():
@@ -216,9 +219,9 @@ def test_options_take_any_expressible_task_and_refuse_the_rest():
     assert o.tasks == ["book-flight", "click-pie", "terminal"]
     assert CradleScenario.Options.model_validate({"tasks": "all"}).tasks == list(supported_tasks())
     with pytest.raises(ValueError) as e:
-        CradleScenario.Options.model_validate({"tasks": ["drag-box", "copy-paste", "click-button"]})
+        CradleScenario.Options.model_validate({"tasks": ["drag-box", "highlight-text", "click-button"]})
     msg = str(e.value)
-    assert "drag-box needs a mouse drag" in msg and "copy-paste needs copy and paste" in msg
+    assert "drag-box needs a mouse drag" in msg and "highlight-text needs selecting text" in msg
     assert "cannot express" in msg and "click-button" not in msg.split("Fix")[0]
 
 

@@ -2,7 +2,8 @@
 
     click(ref)              click the element with that ref
     type(ref, "text")       replace the content of a field (or pick a list entry) by typing text
-    press("Enter")          press one key: Enter, Tab, Backspace, Space, ArrowUp/Down/Left/Right, ...
+    press("Enter")          press one key: Enter, Tab, Backspace, Space, ArrowUp/Down/Left/Right, ...,
+                            or a clipboard chord: Ctrl+A (select all), Ctrl+C, Ctrl+X, Ctrl+V
 
 One call per action. Prose around the call (``Action: click(4)``, code fences) is tolerated; anything else is a
 `ParseError` whose message says what is wrong, and the scenario records it as an invalid call.
@@ -19,6 +20,8 @@ TEXT_MAX_LEN = 64  # miniwob's TYPING_MAX_LENGTH
 # Key names the grammar accepts -> miniwob's PRESS_KEY names (a subset of its DEFAULT_ALLOWED_KEYS).
 KEYS = {k: f"<{k}>" for k in ("Enter", "Tab", "Backspace", "Delete", "Space", "PageUp", "PageDown",
                               "ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight")}
+KEYS |= {f"Ctrl+{c.upper()}": f"C-{c}" for c in "acxv"}  # miniwob's chords: select all, copy, cut, paste
+_CHORD = re.compile(r"(?i)(?:ctrl|control|c)\s*[+-]\s*([acxv])")
 _ARITY = {"click": (("ref", int),), "type": (("ref", int), ("text", str)), "press": (("key", str),)}
 # A verb inside another expression (a string, an attribute, an argument) is not an action: exec('click(4)').
 _START = re.compile(r"(?<![\w.'\"(\[,=])(click|type|press)\s*\(")
@@ -99,6 +102,9 @@ def _from_call(node: ast.AST) -> Action:
     if kind == "press":
         key = str(values[0]).strip("<>")
         key = {"Return": "Enter", "Esc": "Escape", " ": "Space"}.get(key, key)
+        chord = _CHORD.fullmatch(key)
+        if chord:
+            key = f"Ctrl+{chord.group(1).upper()}"
         if key not in KEYS:
             raise ParseError(f"press() key {values[0]!r} is not allowed; keys: {', '.join(KEYS)}")
         values[0] = key

@@ -1,11 +1,11 @@
 """Which MiniWoB++ tasks the cradle scenario can play, and with which models.
 
 The task list is MiniWoB++'s own: the Gymnasium ids `miniwob/<task>-v1` that `import miniwob` registers (128 in
-miniwob 1.0: the 125 tasks of the MiniWoB++ paper's set plus the three `flight.*` ones). A task is *unsupported*
-when its goal needs an action the grammar (`click(ref)`, `type(ref, "text")`, `press("Key")`) cannot express;
-`UNSUPPORTED` names the missing action for each. Every other task runs with models that are real (`hf`,
-`openai`). The simulated teacher answers from the DOM solver (`teacher.py`), so an arm that can send a call
-to a simulated model is limited to the solver's tasks: `CradleScenario.check_models` says so at config time.
+miniwob 1.0, three of them the `flight.*` tasks). A task is *unsupported* when its goal needs an action the
+grammar (`click(ref)`, `type(ref, "text")`, `press("Key")`, with the clipboard chords `press("Ctrl+C")` etc.)
+cannot express; `UNSUPPORTED` names the missing action for each. Every other task runs with models that are real
+(`hf`, `openai`). The simulated teacher answers from the DOM solver (`teacher.py`), so an arm that can send a
+call to a simulated model is limited to the solver's tasks: `CradleScenario.check_models` says so at config time.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ UNSUPPORTED: dict[str, str] = {
     "draw-circle": "drawing a mouse path", "draw-line": "drawing a mouse path",
     **{t: _POINT for t in ("bisect-angle", "circle-center", "right-angle", "find-midpoint", "hot-cold")},
     **{t: _SELECT for t in ("highlight-text", "highlight-text-2", "text-editor")},
-    "copy-paste": "copy and paste (Ctrl+C, Ctrl+V) of text longer than type() takes (64 characters)",
-    "copy-paste-2": "copy and paste (Ctrl+C, Ctrl+V) of text longer than type() takes (64 characters)",
     "scroll-text-2": "scrolling a text area",
     "click-scroll-list": "Ctrl/Shift+click to select several entries of a list",
 }

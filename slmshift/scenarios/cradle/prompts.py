@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from slmshift.scenarios.cradle.actions import GRAMMAR, ParseError, parse_action
 
+KEY_HINT = "Keys: Enter, Tab, Backspace, Space, arrows; Ctrl+A, Ctrl+C, Ctrl+V to copy and paste."
+
 SYSTEM = "You operate a web page for a user. Elements are listed as [ref] kind \"text\"."
 
 
@@ -44,7 +46,7 @@ def action_messages(page: str, notes: str, done: list[str], examples: list[str])
     shots = "".join(f"Example of a solved task:\n{e}\n\n" for e in examples)
     history = ", ".join(done[-4:]) or "none"
     return _msgs(f"{shots}{page}\n\n{notes}Actions so far: {history}\n"
-                 f"Reply with exactly one action: {GRAMMAR}.")
+                 f"Reply with exactly one action: {GRAMMAR}. {KEY_HINT}")
 
 
 _REF = re.compile(r"\[\s*(-?\d+)\s*\]")
