@@ -361,7 +361,13 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                             + (f", {retried} re-run after a team actor died" if retried else "")
                             + (f", {lost} lost to dead actors" if lost else "")
                             + (f", {left} not finished" if left else ""))
-                        ray.get([t.drain.remote() for t in teams])
+                        for t, ref in [(t, t.drain.remote()) for t in teams]:
+                            try:  # a team that never came back has nothing left to drain
+                                ray.get(ref, timeout=300)
+                            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                                notes.append(f"{spec.label} · {policy.label}: a team actor could not drain its log "
+                                             f"({type(e).__name__}); records it held may be missing")
+                                console.print(f"[red]warning:[/] {notes[-1]}")
                         for t in teams:
                             ray.kill(t)
                         del args

@@ -31,13 +31,14 @@ models:
   - {{name: big, tier: llm, backend: simulated, resources: {{num_cpus: 0}},
      profile: {{accuracy: {{default: 1.0}}, latency_base_s: {latency}}}}}
 router: {{policies: [{{kind: llm, name: llm}}]}}
-scenarios: [{{kind: operator, episodes: {episodes}, teams: 2, concurrency: 3, episode_attempts: 3}}]
+scenarios: [{{kind: operator, episodes: {episodes}, teams: 2, concurrency: 3, episode_attempts: {attempts}}}]
 """
 
 
-def write_config(tmp_path: Path, name: str, episodes: int = 30, latency: float = 0.25) -> Path:
+def write_config(tmp_path: Path, name: str, episodes: int = 30, latency: float = 0.25, attempts: int = 3) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(CONFIG.format(name=name, storage=tmp_path / "runs", episodes=episodes, latency=latency))
+    path.write_text(CONFIG.format(name=name, storage=tmp_path / "runs", episodes=episodes, latency=latency,
+                                  attempts=attempts))
     return path
 
 
@@ -111,6 +112,22 @@ def test_team_actor_killed_mid_run(cluster, reference, tmp_path):
     assert ep.set_index("episode_id")["n_calls"].to_dict() == ref_ep.set_index("episode_id")["n_calls"].to_dict()
     assert len(df) == len(ref_df)
     assert res.summary["totals"]["calls"] == len(df) and res.summary["arms"][0]["success_rate"] == 1.0
+
+
+def test_episode_given_up_after_its_attempts(cluster, tmp_path):
+    """episode_attempts: 1 — the episodes a kill interrupts are recorded as failed by the infrastructure (none of
+    their records count), the rest of the run goes on and the report keeps them out of the success rate."""
+    killed: list[int] = []
+    killer = kill_later("TeamActor", 1.0, killed)
+    res = run_experiment(load_config(write_config(tmp_path, "faults", attempts=1), scenario_options()), keep_ray=True)
+    killer.join(5)
+    assert killed
+    df, ep = assert_logged_exactly_once(res.run_dir, 30)
+    lost = ep[ep["error"].fillna("").str.startswith("infra: the team actor died")]
+    assert 1 <= len(lost) < 30 and (lost["n_calls"] == 0).all() and (lost["attempt"] == 1).all()
+    assert not df["episode_id"].isin(lost["episode_id"]).any()  # their partial records are superseded
+    arm = res.summary["arms"][0]
+    assert arm["infra_lost_episodes"] == len(lost) and arm["success_rate"] == 1.0 and arm["episodes"] == 30
 
 
 def test_log_actor_killed_mid_run(cluster, reference, tmp_path):
