@@ -37,6 +37,7 @@ _PA = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
 _SHARD = re.compile(r"^shard-(\d+)-[0-9a-f]+\.parquet$")
 PART_ROWS = 100_000
 _EP_KEY = ["experiment_id", "episode_id"]
+NUDGE_S = 2.5  # a little over LogWriter's default flush interval
 
 
 def _schema(model: type) -> pa.Schema:
@@ -305,6 +306,7 @@ class LogClient:
         self._receiver: dict[int, int] = {}  # batch -> incarnation of the writer that took it
         self._latest = 0  # newest writer incarnation heard from
         self._tasks: set[Any] = set()  # reply watchers (kept referenced until done)
+        self._nudger: Any = None
 
     def add(self, record: dict) -> None:
         self._records.append(record)
@@ -346,6 +348,17 @@ class LogClient:
             if b in self._unacked:
                 self._receiver[b] = reply[0]
         self._apply(reply)
+        if self._receiver and (self._nudger is None or self._nudger.done()):
+            self._nudger = asyncio.get_running_loop().create_task(self._nudge())
+
+    async def _nudge(self) -> None:
+        """The writer flushes on its interval only when called: make sure it is called once that has passed, so
+        records reach a file even when this client (a gateway with no more traffic) sends nothing more."""
+        await asyncio.sleep(NUDGE_S)
+        try:
+            await self.log.tick.remote()
+        except Exception:
+            pass  # a dead writer: drain resends
 
     def _apply(self, reply: tuple[int, list[int]]) -> None:
         incarnation, durable = reply

@@ -310,3 +310,28 @@ def test_superseded_attempt_records(tmp_path):
     assert counts["superseded"] == 3 and counts["interactions"] == 5  # calls 2, 3 and 3:shadow of attempt 0
     after = read_interactions(run)
     assert set(after[(after.episode_id == "ep1") & ~after.escalated]["output"]) == {"retry"}
+
+
+def test_client_nudges_an_idle_writer_to_flush(tmp_path, ray_session):
+    """A client that stops sending (an idle gateway) still gets its records into a file within the flush interval."""
+    import asyncio
+
+    from slmshift.platform.log import NUDGE_S, LogClient
+
+    run = str(tmp_path / "run")
+    log = InteractionLog.remote(run)  # default 2 s flush interval
+
+    async def go():
+        await log.sync.remote()  # the interval starts now
+        client = LogClient(log, flush_every=100)
+        client.add(make_interaction("ep0", 0).model_dump())
+        client.flush()
+        await client.received()
+        assert read_interactions(run).empty  # taken, not yet written
+        await asyncio.sleep(NUDGE_S + 1.5)
+        assert len(read_interactions(run)) == 1
+        await client.drain()
+        assert not client._unacked
+
+    asyncio.run(go())
+    ray.kill(log)
