@@ -380,6 +380,9 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
             raise SlmshiftError(f"slmshift tune: unknown policy kind {k!r}; available: {', '.join(KINDS)}")
         (skipped.__setitem__(k, need[k]) if need[k] else kinds.append(k))
     notes = list(table.notes) + [f"{LABELS[k]} skipped: {why}" for k, why in skipped.items()]
+    if not kinds:
+        raise SlmshiftError(f"slmshift tune: no policy can be evaluated on {table.source}: " +
+                            "; ".join(f"{k}: {why}" for k, why in skipped.items()))
     for k in kinds:
         if not _deployable(k, table):
             notes.append(f"{LABELS[k]}: evaluated, but not written as policy.yaml (per-cluster tau needs a cluster "

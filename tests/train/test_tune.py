@@ -223,3 +223,53 @@ def test_each_kind_writes_a_policy_file_the_config_loads_and_the_router_uses(kin
             assert d.tier == ("slm" if fitted.scores[i] >= tau else "llm")
         if kind == "cascade":
             assert d.accept_confidence == tau
+
+
+def test_per_cluster_thresholds_write_a_policy_with_its_cluster_index(tmp_path):
+    """threshold_cluster: clusters placed by the same index the router loads, per-cluster tau offsets, and a
+    policy file whose `clusters:` path is relative to the file."""
+    import slmshift.scenarios  # noqa: F401
+    from sklearn.cluster import KMeans
+
+    from slmshift.platform.artifacts import ClusterIndex
+    from slmshift.platform.config import load_config
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.serve.router import build_policy
+    from slmshift.train.pairs import _assign_clusters, paired_from_file
+    from slmshift.train.tune import fit_scorer, split, write_policy
+
+    p = tmp_path / "pairs.csv"
+    synthetic_pairs(20).to_csv(p, index=False)
+    table = paired_from_file(str(p))
+    km = KMeans(n_clusters=3, n_init=4, random_state=0).fit(table.embeddings())
+    ClusterIndex(km.cluster_centers_, [{"id": i, "label": f"c{i}"} for i in range(3)]).save(tmp_path / "clusters")
+    table.clusters_dir = str(tmp_path / "clusters")
+    _assign_clusters(table)
+    assert table.has_cluster and set(table.df.cluster) <= {0, 1, 2}
+    search, _, _ = split(table, 0.5, 0)
+    params = {"prior_strength": 2.0, "off_0": 0.2, "off_1": -0.2, "off_2": 0.0}
+    fitted = fit_scorer("threshold_cluster", params, table, search)
+    out = tmp_path / "run" / "tune"
+    out.mkdir(parents=True)
+    held = {"quality_call": 0.9, "cost": 0.001, "llm_share": 0.4, "slm_share": 0.6}
+    path = write_policy({"kind": "threshold_cluster", "params": params, "tau": 0.5, "held_out": held}, table, out,
+                        lambda k, pj: fitted)
+    spec_doc = yaml.safe_load(path.read_text())
+    assert spec_doc["clusters"] == "../../clusters" and spec_doc["tau_per_cluster"] == {0: 0.7, 1: 0.3, 2: 0.5}
+    cfg_path = tmp_path / "use.yaml"
+    cfg_path.write_text(yaml.safe_dump({"experiment": {"name": "use"}, **MODELS,
+                                        "router": {"policies": [{"file": str(path)}]},
+                                        "scenarios": [{"kind": "operator"}]}))
+    policy = build_policy(load_config(cfg_path, scenario_options()).router.policies[0], MODELS_SPECS())
+    for i in range(len(table.df)):
+        row = table.df.iloc[i]
+        d = policy.route(LMRequest(experiment_id="x", episode_id="e", call_index=i, scenario="operator", role="r",
+                                   call_kind=row.call_kind, messages=json.loads(row.prompt)))
+        assert d.cluster == row.cluster and d.score == pytest.approx(fitted.scores[i])
+        assert d.tier == ("slm" if fitted.mask(np.array([i]), np.array([0.5]))[0, 0] else "llm")
+
+
+def MODELS_SPECS():
+    from slmshift.platform.types import ModelSpec
+
+    return [ModelSpec.model_validate(m) for m in MODELS["models"]]
