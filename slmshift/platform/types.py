@@ -209,7 +209,7 @@ class HFOptions(_Strict):
                              "running batch; requests wait (admission control) until theirs fits.")
     prefix_cache_mb: int = Field(default=512, ge=0, description="Continuous scheduler: MB of KV kept for shared "
                                  "prompt prefixes, least recently used evicted; 0 turns prefix reuse off.")
-    prefill_chunk_tokens: int = Field(default=256, ge=16, description="Continuous scheduler: prompt tokens prefilled "
+    prefill_chunk_tokens: int = Field(default=512, ge=16, description="Continuous scheduler: prompt tokens prefilled "
                                       "per step, between decode steps of the running rows.")
 
 

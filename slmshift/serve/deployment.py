@@ -28,7 +28,10 @@ class ModelServer:
 
     async def __call__(self, request: LMRequest) -> LMResponse:
         if not self.engine.continuous:
-            return await self.batched(request)
+            out = await self.batched(request)
+            if isinstance(out, BaseException):  # this request's own failure (see `batched`)
+                raise out
+            return out
         t0 = time.perf_counter()
         out = await self.engine.submit(request)
         metrics.record_batch(self.spec.name, self.spec.backend, 1, time.perf_counter() - t0)
@@ -42,7 +45,15 @@ class ModelServer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
     async def batched(self, requests: list[LMRequest]) -> list[LMResponse]:
         t0 = time.perf_counter()
-        out = await self.engine.generate(requests)
+        try:
+            out = await self.engine.generate(requests)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # One bad request must not fail the others batched with it: serve each alone; a failure is returned
+            # in its own request's place and raised to that caller only.
+            alone = await asyncio.gather(*(self.engine.generate([r]) for r in requests), return_exceptions=True)
+            out = [r if isinstance(r, BaseException) else r[0] for r in alone]
         metrics.record_batch(self.spec.name, self.spec.backend, len(requests), time.perf_counter() - t0)
         return out
 

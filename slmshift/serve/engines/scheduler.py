@@ -249,6 +249,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = self.step_rows = self.prefill_chunks = self.peak_rows = 0
+        self.threads = torch.get_num_threads()  # the replica's setting; a new thread may not inherit it
 
     # --- public (any thread) --------------------------------------------------------------------
 
@@ -280,7 +281,7 @@ class Scheduler:
     # --- the loop (scheduler thread) -----------------------------------------------------------
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 while not self._stop and not (self._waiting or self._prefilling or self._decoding):

@@ -1,0 +1,172 @@
+"""The hf engine's schedulers on the quickstart's real SLM request mix, side by side in one run.
+
+The mix is what the quickstart (scenarios/quickstart.yaml) sends the SLM, rebuilt with the operator scenario's own
+prompt builders on the same 16 BFCL tasks (seed 0; simple, multiple, parallel): the all-SLM arm's intent call
+(max_tokens 48), function call (128; every other one sees all the task's functions, as after an unusable
+intent) and one retry of it after an unparsable answer (128), then the
+intent-on-SLM arm's intent calls again: 64 requests. They are replayed through Ray Serve at 32 concurrent
+requests (32 client coroutines taking the next request as theirs returns, as the quickstart's 2 teams x 16
+episodes do) against:
+
+- `static`: `@serve.batch` waves through one `model.generate` (hf.scheduler: static, the old engine);
+- `continuous`: the step-loop scheduler with prefix reuse (hf.scheduler: continuous, the default);
+- `offline`: the same requests through plain `model.generate`, in-process, in arrival-order batches of 32
+  (each row still cut at its own max_tokens/EOS), no Serve: the throughput a batch job would get.
+
+Prints output tokens/s, p50/p95 request latency, the ratios, and the continuous engine's prefix-cache hit rate.
+Each engine gets the replica's CPUs alone (deployed one after the other). Uses packaged SmolLM2-135M.
+
+Run: .venv/bin/python bench/engine.py [--n 64] [--concurrency 32] [--engines static,continuous,offline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+from slmshift.platform.types import LMRequest, ModelSpec
+
+SOURCE = "packaged:smollm2-135m"
+RETRY_ANSWER = "I will call the function with the values from the request."
+
+
+def request_mix(n_tasks: int = 16) -> list[LMRequest]:
+    """The quickstart's SLM calls, in the order its arms issue them (see the module doc)."""
+    from slmshift.scenarios.bfcl import call_messages, intent_messages, load_tasks
+    from slmshift.scenarios.bfcl.data import expected_function_names
+
+    tasks = load_tasks(["simple", "multiple", "parallel"], n=n_tasks, seed=0)
+
+    def req(i: int, kind: str, messages: list[dict], max_tokens: int) -> LMRequest:
+        return LMRequest(experiment_id="bench", episode_id=f"ep{i}", call_index=0, scenario="operator",
+                         role="planner" if kind == "intent" else "operator", call_kind=kind, messages=messages,
+                         max_tokens=max_tokens)
+
+    intents = [req(i, "intent", intent_messages(t), 48) for i, t in enumerate(tasks)]
+    # The SLM's intent is often unusable; the Operator then sees every function: every other task here does.
+    calls = [call_messages(t, expected_function_names(t) if i % 2 == 0 else None) for i, t in enumerate(tasks)]
+    retries = [m + [{"role": "assistant", "content": RETRY_ANSWER},
+                    {"role": "user", "content": "That could not be parsed (no function call found). Reply with only "
+                                                "the function call(s) in the format [func_name(param=value, ...)]."}]
+               for m in calls]
+    return (intents + [req(i, "function_call", m, 128) for i, m in enumerate(calls)]
+            + [req(i, "function_call", m, 128) for i, m in enumerate(retries)] + intents)
+
+
+def spec_for(scheduler: str, concurrency: int) -> ModelSpec:
+    # The quickstart's SLM block, with room for its longest prompts (they no longer get truncated).
+    return ModelSpec(name=f"slm-{scheduler}", tier="slm", backend="hf", source=SOURCE, resources={"num_cpus": 1},
+                     max_ongoing_requests=max(64, 2 * concurrency),
+                     hf={"threads": 2, "max_input_tokens": 2048, "scheduler": scheduler},
+                     batching={"max_batch_size": 32, "batch_wait_timeout_s": 0.05})
+
+
+def summary(name: str, wall: float, lat: list[float], tokens: int, errors: int, extra: dict | None = None) -> dict:
+    q = statistics.quantiles(lat, n=20) if len(lat) > 1 else lat * 19
+    return {"engine": name, "requests": len(lat), "errors": errors, "wall_s": round(wall, 2),
+            "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "p50_s": round(statistics.median(lat), 2), "p95_s": round(q[18], 2), **(extra or {})}
+
+
+async def replay(handle, requests: list[LMRequest], concurrency: int) -> tuple[float, list[float], list]:
+    queue = list(enumerate(requests))
+    lat: list[float] = [0.0] * len(requests)
+    out: list = [None] * len(requests)
+
+    async def worker():
+        while queue:
+            i, q = queue.pop(0)
+            t0 = time.perf_counter()
+            out[i] = await handle.remote(q)
+            lat[i] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0, lat, out
+
+
+def serve_engine(scheduler: str, requests: list[LMRequest], concurrency: int) -> tuple[dict, list]:
+    from ray import serve
+
+    from slmshift.serve.deployment import deploy_models
+
+    spec = spec_for(scheduler, concurrency)
+    handle = deploy_models([spec], available_cpus=2)[spec.name]
+    warm = LMRequest(experiment_id="bench", episode_id="warm", call_index=0, scenario="bench", role="r",
+                     call_kind="warmup", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+    handle.remote(warm).result(timeout_s=300)
+    wall, lat, out = asyncio.run(replay(handle, requests, concurrency))
+    stats = handle.info.remote().result(timeout_s=60)["stats"]
+    serve.delete(spec.name)
+    extra = {k: round(v, 3) for k, v in stats.items()
+             if k in ("prefix_token_hit_rate", "prefix_hits", "prefix_lookups", "mean_decode_rows", "peak_rows")}
+    errors = [r.error for r in out if r.error]
+    if errors:
+        print(f"  {scheduler}: {len(errors)} errors, first: {errors[0]}")
+    return summary(scheduler, wall, lat, sum(r.tokens_out for r in out), len(errors), extra), out
+
+
+def offline(requests: list[LMRequest], batch: int = 32) -> tuple[dict, list[dict]]:
+    """Plain model.generate, batches of `batch` in arrival order; a row's latency is its batch's end."""
+    from slmshift.serve.engines.hf import HFEngine
+
+    engine = HFEngine(spec_for("static", batch))
+    items = [(q, engine._prompt_ids(q)) for q in requests]
+    engine._run_batch(items[:1])  # warm-up
+    results, lat = [], []
+    t0 = time.perf_counter()
+    for s in range(0, len(items), batch):
+        results += engine._run_batch(items[s : s + batch])
+        lat += [time.perf_counter() - t0] * len(items[s : s + batch])
+    wall = time.perf_counter() - t0
+    return summary("offline", wall, lat, sum(r["tokens_out"] for r in results), 0), results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=64, help="replay the first N requests of the 64-request mix")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--engines", default="static,continuous,offline")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+
+    import ray
+
+    from slmshift.serve.sources import pull_packaged
+
+    pull_packaged(SOURCE.split(":", 1)[1])
+    requests = request_mix()[: args.n]
+    print(f"{len(requests)} requests, {args.concurrency} concurrent, started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows, texts = [], {}
+    engines = args.engines.split(",")
+    if any(e != "offline" for e in engines):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for name in engines:
+        if name == "offline":
+            row, res = offline(requests, args.concurrency)
+            texts[name] = [r["text"] for r in res]
+        else:
+            row, out = serve_engine(name, requests, args.concurrency)
+            texts[name] = [r.text for r in out]
+        rows.append(row)
+        print(json.dumps(row))
+    by = {r["engine"]: r for r in rows}
+    if "static" in by and "continuous" in by:
+        s, c = by["static"], by["continuous"]
+        print(f"continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
+              f"{s['p50_s'] / c['p50_s']:.2f}x lower p50, {s['p95_s'] / c['p95_s']:.2f}x lower p95")
+        same = sum(a == b for a, b in zip(texts["static"], texts["continuous"]))
+        print(f"greedy outputs identical to the static engine: {same}/{len(requests)}")
+    if "offline" in by and "continuous" in by:
+        print(f"continuous (through Serve) / offline generate: "
+              f"{by['continuous']['tokens_per_s'] / by['offline']['tokens_per_s']:.2f}x tokens/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
