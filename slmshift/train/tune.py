@@ -245,7 +245,7 @@ def run_search(table: PairedTable, search: np.ndarray, kinds: list[str], opts: T
         # RAY_ADDRESS joins a cluster; otherwise always a fresh embedded one ("local"), never a stray `ray start`
         where = {"address": os.environ["RAY_ADDRESS"]} if os.environ.get("RAY_ADDRESS") else \
             {"address": "local", "num_cpus": opts.num_cpus}
-        ray.init(**where, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(**where, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         started_here = True
     for name in ("ray", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
