@@ -10,7 +10,7 @@
 3. Tune replay: `slmshift tune --pairs` on ~1.3k synthetic paired rows (the test generator's three call kinds) for
    a fixed search budget: trials/s, replayed thresholds/s and the command's total wall time (target <= 10 min).
 
-Run: .venv/bin/python bench/router.py [--decisions 200] [--slm-calls 16] [--tune-budget 120] [--skip-slm] [--skip-tune]
+Run: .venv/bin/python bench/router.py [--decisions 200] [--slm-calls 16] [--tune-budget 300] [--skip-slm] [--skip-tune]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decisions", type=int, default=200)
     ap.add_argument("--slm-calls", type=int, default=16)
-    ap.add_argument("--tune-budget", type=float, default=120.0)
+    ap.add_argument("--tune-budget", type=float, default=300.0)
     ap.add_argument("--skip-slm", action="store_true")
     ap.add_argument("--skip-tune", action="store_true")
     args = ap.parse_args()
