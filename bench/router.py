@@ -8,7 +8,8 @@
    (`engine.generate([request])`, no Serve), on the same prompts with the quickstart's max_tokens.
    Target: routing p50 <= 10% of the SLM call's p50.
 3. Tune replay: `slmshift tune --pairs` on ~1.3k synthetic paired rows (the test generator's three call kinds) for
-   a fixed search budget: trials/s, replayed thresholds/s and the command's total wall time (target <= 10 min).
+   the CLI's default search budget (300 s): trials/s, replayed thresholds/s and the whole command's wall time
+   (target <= 10 min).
 
 Run: .venv/bin/python bench/router.py [--decisions 200] [--slm-calls 16] [--tune-budget 300] [--skip-slm] [--skip-tune]
 """
