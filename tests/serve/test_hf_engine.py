@@ -333,3 +333,19 @@ def test_a_failing_step_fails_its_rows_and_the_engine_recovers(tiny_dir, monkeyp
         failed = gen(engine, [req("hi", max_tokens=4), req("x = 1", max_tokens=9)])
     assert all("device lost" in r.error for r in failed)
     assert gen(engine, [req("hi", max_tokens=4)])[0].text == ok.text
+
+
+def test_a_caller_that_gives_up_frees_its_row(tiny_dir):
+    engine = make(tiny_dir)
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.submit(req(PROMPTS[1], max_tokens=1000)), timeout=0.2)
+        await asyncio.sleep(0.3)  # the loop notices at its next iteration
+        return engine.stats()["steps"]
+
+    steps = asyncio.run(impatient())
+    time.sleep(0.3)
+    assert engine.stats()["cancelled"] == 1 and engine.stats()["steps"] == steps  # it stopped decoding
+    assert engine._scheduler._decoding == [] and engine._scheduler.pool.rows == 0
+    assert gen(engine, [req("hi", max_tokens=3)])[0].error is None

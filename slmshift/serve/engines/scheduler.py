@@ -248,7 +248,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.steps = self.step_rows = self.prefill_chunks = self.peak_rows = 0
+        self.steps = self.step_rows = self.prefill_chunks = self.peak_rows = self.cancelled = 0
         self.threads = torch.get_num_threads()  # the replica's setting; a new thread may not inherit it
 
     # --- public (any thread) --------------------------------------------------------------------
@@ -274,7 +274,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, float]:
         out = {"steps": self.steps, "mean_decode_rows": self.step_rows / self.steps if self.steps else 0.0,
-               "peak_rows": self.peak_rows,
+               "peak_rows": self.peak_rows, "cancelled": self.cancelled,
                "prefill_chunks": self.prefill_chunks, "kv_pool_mb": self.pool.nbytes() / 2**20}
         return out | (self.prefix.stats() if self.prefix else {})
 
@@ -295,10 +295,13 @@ class Scheduler:
                 self._decode_step()
 
     def _drop_cancelled(self) -> None:
+        """Rows whose caller gave up stop using the batch."""
+        n = len(self._waiting) + len(self._prefilling) + len(self._decoding)
         self._waiting = [r for r in self._waiting if not r.cancelled]
         self._prefilling = [r for r in self._prefilling if not r.cancelled]
         for row in [r for r in self._decoding if r.cancelled]:
             self._leave(row)
+        self.cancelled += n - len(self._waiting) - len(self._prefilling) - len(self._decoding)
 
     def _admitted(self) -> list[Row]:
         return self._prefilling + self._decoding
