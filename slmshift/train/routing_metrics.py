@@ -183,13 +183,17 @@ def aiq(cost: np.ndarray, quality: np.ndarray, c_min: float | None = None, c_max
 def calibrate_tau(scores: np.ndarray, llm_share: float) -> float:
     """RouteLLM's calibration (`routellm/calibrate_threshold.py`: the (1 - strong share) quantile of the strong
     win rate): with `s >= tau -> SLM`, tau is the `llm_share` quantile of the scores, so that share of calls
-    scores below it and goes to the LLM."""
+    scores below it and goes to the LLM. With tied scores no tau gives the exact share; we take the score value
+    whose share is nearest the target (the smaller share on a tie), where a plain quantile can miss it by the
+    whole tied block."""
     if not 0 <= llm_share <= 1:
         raise ValueError(f"llm_share must lie in [0, 1], got {llm_share}")
-    s = np.asarray(scores, dtype=float)
-    if llm_share >= 1:
+    s = np.sort(np.asarray(scores, dtype=float))
+    if len(s) == 0 or llm_share >= 1:
         return float("inf")
-    return float(np.quantile(s, llm_share, method="higher" if llm_share > 0 else "lower"))
+    cands = np.append(np.unique(s), np.inf)
+    shares = np.searchsorted(s, cands, side="left") / len(s)  # share of calls scoring below each candidate
+    return float(cands[int(np.argmin(np.abs(shares - llm_share)))])
 
 
 def pareto_mask(quality: np.ndarray, cost: np.ndarray) -> np.ndarray:

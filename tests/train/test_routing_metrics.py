@@ -91,3 +91,10 @@ def test_bootstrap_resamples_whole_groups():
     vals = np.array([1, 1, 0, 1, 1, 1.0])
     lo, hi = rm.interval(rm.weighted_mean(w, vals))
     assert 0 <= lo <= vals.mean() <= hi <= 1
+
+
+def test_calibration_with_tied_scores_takes_the_nearest_share():
+    s = np.array([0.2] * 5 + [0.5] * 5)  # a plain 30% quantile (0.2) would send no call to the LLM
+    assert rm.calibrate_tau(s, 0.3) == 0.5 and (s < 0.5).mean() == 0.5
+    assert rm.calibrate_tau(s, 0.2) == 0.2  # 0% is nearer than 50%
+    assert np.isinf(rm.calibrate_tau(s, 1.0)) and rm.calibrate_tau(s, 0.0) == 0.2
