@@ -208,7 +208,7 @@ def _run_arm(teams: list[Any], todo: list[tuple[str, Any, int]], spec: ScenarioS
     def free() -> list[int]:
         return [k for k in range(len(teams)) if k not in down and k not in dead]
 
-    while running or down or (queue and not stop.requested.is_set()):
+    while running or (queue and not stop.requested.is_set()):
         while queue and not stop.requested.is_set() and free() and len(running) < spec.concurrency * len(free()):
             eid, task, attempt = queue.pop()
             k = min(free(), key=load.__getitem__)
@@ -227,7 +227,12 @@ def _run_arm(teams: list[Any], todo: list[tuple[str, Any, int]], spec: ScenarioS
             if d[0] is None and now >= d[1]:
                 d[0] = teams[k].__ray_ready__.remote()
         probes = {d[0]: k for k, d in down.items() if d[0] is not None}
-        ready, _ = ray.wait(list(running) + list(probes), num_returns=1, timeout=0.5 if down else 1.0)
+        waiting = list(running) + list(probes)
+        if waiting:
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5 if down else 1.0)
+        else:  # every team is down and between probes
+            ready = []
+            time.sleep(0.2)
         if time.monotonic() - last_tick >= 1.0:  # the log actor writes outcomes on its interval even when idle
             if tick is not None and ray.wait([tick], timeout=0)[0]:
                 try:
