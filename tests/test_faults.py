@@ -202,3 +202,22 @@ def test_model_replica_killed_mid_run(cluster, reference, tmp_path):
     assert arm["infra_errors"] == len(infra)
     assert arm["valid_rate"] == 1.0  # the teacher is always right: failures of the infrastructure are not its own
     print(f"{len(infra)} call(s) recorded as infrastructure errors after the replica was killed")
+
+
+def test_stop_signals_escalate_and_handlers_are_restored():
+    """SIGTERM like SIGINT: the first asks for a graceful stop, the second cancels now, the third aborts; the
+    previous handlers come back afterwards."""
+    from slmshift.runner import _Stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _Stop(grace_s=60) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested.is_set() and not stop.grace_over()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.cancel_now.is_set() and stop.grace_over()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is before
