@@ -408,7 +408,9 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
 
     # the operating point, chosen on the search split
     q_llm_search = search_replay.evaluate(np.zeros((search_replay.n, 1), bool))[primary][0]
-    feasible = trials[trials["deployable"] & trials["pareto"] & (trials[primary] >= opts.budget * q_llm_search - 1e-12)]
+    dep = trials[trials["deployable"]]  # the choice is made on the deployable points' own front
+    dep = dep[rm.pareto_mask(dep[primary].to_numpy(), dep["cost"].to_numpy())] if len(dep) else dep
+    feasible = dep[dep[primary] >= opts.budget * q_llm_search - 1e-12]
     fitted_cache: dict[tuple[str, str], Fitted] = {}
 
     def fitted_for(kind: str, params_json: str) -> Fitted:
