@@ -164,6 +164,12 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
                   f"{estimate_minutes(cfg, loop, iterations):.0f} min)", soft_wrap=True)
     policy, registry = policy_spec(kind="llm"), None
     seen: dict[str, set[str]] = {k: set() for k in split}
+    import ray
+
+    from slmshift.platform.cluster import start_ray
+
+    # One Ray for every stage (runs, Ray Train, Ray Tune reuse it): start-up is paid once, not four times an iteration.
+    info = start_ray(cfg.ray, address, log_to_driver=False)
     try:
         for it in range(1, iterations + 1):
             idir = ld / f"iter-{it}"
@@ -193,9 +199,16 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
         for i, s in running:
             state.update(i, s, status="failed", reason=f"{type(e).__name__}: {str(e)[:500]}")
         write_report(ld, state)
+        if info.embedded:
+            ray.shutdown()
         raise SlmshiftError(f"loop stopped at {running[-1][1] if running else 'a stage'}: {e}. The stage is recorded "
                             f"in {ld}/report.md. Fix the cause, then: slmshift loop CONFIG --resume {ld}") from None
     write_report(ld, state)
+    if info.embedded:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
     return ld
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from slmshift.platform.log import read_episodes, read_interactions
 
+# Whole loops (runs, LoRA on Ray Train, a Ray Tune search): minutes each on 2 cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
 YAML = """\
 experiment: {{name: loop, storage: {storage}}}
 ray: {{num_cpus: 2, dashboard: false}}
@@ -28,7 +31,7 @@ loop:
   collect_episodes: 12
   verify_episodes: 4
   max_clusters: 1
-  tune_time_budget_s: 60
+  tune_time_budget_s: 20
   convert: {{candidates: [{tiny}], min_train_rows: 2, min_promotion_calls: 1, lora_steps: 2, k_max: 2, batch_size: 2}}
 """
 
