@@ -111,6 +111,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z_]*(?:\.[A-Za-z_]+)*(?:\(.*)?$")
 _VERSION = re.compile(r"^[vV]?\d+(?:\.\d+)+(?:[-+.]?[A-Za-z0-9]+)*$")
 _TEMPLATE = re.compile(r"^(?:\$|\{|<|%|\[|\*|x{4,}|X{4,}|\.{3})")
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-./+=~]")
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9_\-./+=~:]{16,}")
+
+
+def _letters_and_digits(token: str) -> bool:
+    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token)
 # Entropy plugins flag ordinary words in free text (they are meant for source files); IPs are handled with
 # validation below: everything else detect-secrets ships is keyed to a known format.
 _SKIP_PLUGINS = {"Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"}
@@ -338,7 +343,9 @@ def _detect_secrets(text: str, spans: _Spans) -> None:
 
     offset = 0
     for line in text.split("\n"):
-        if line.strip():
+        # Every plugin kept looks for a long token (short keyword values are _KEYWORD's job): skip the lines
+        # without one, most of any prompt, which would otherwise cost ~20 plugin scans each.
+        if any(_letters_and_digits(t) for t in _LONG_TOKEN.findall(line)):
             context = get_code_snippet(lines=[line], line_number=1)
             for plugin in _plugins():
                 try:
