@@ -65,7 +65,9 @@ class OperatorScenario(Scenario):
             return Outcome(success=grade.correct, reward=float(grade.correct),
                            detail=("correct" if grade.correct else "planner chose no function")[:200])
         messages = call_messages(task, selected)
-        hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed))
+        # The Operator sees only the functions the Planner picked: a wrong pick handicaps a teacher too.
+        hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed),
+                        upstream_ok=bool(intent.valid and intent.correct is not False))
         for attempt in range(o.retries + 1):
             call = await session.call(
                 role="operator", call_kind="function_call", category="template" if attempt == 0 else "debugging",
