@@ -170,6 +170,8 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
 
     # One Ray for every stage (runs, Ray Train, Ray Tune reuse it): start-up is paid once, not four times an iteration.
     info = start_ray(cfg.ray, address, log_to_driver=False)
+    console.print(f"{'embedded local Ray' if info.embedded else f'Ray cluster at {info.address}'}; dashboard: "
+                  f"{info.dashboard_url or 'off'}", soft_wrap=True)
     try:
         for it in range(1, iterations + 1):
             idir = ld / f"iter-{it}"
