@@ -133,8 +133,9 @@ def paired_run(ray_cluster, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("runs")
     doc = {"experiment": {"name": "paired", "seed": 1, "storage": str(storage)}, **MODELS,
-           "router": {"policies": [{"kind": "llm", "name": "paired", "shadow": "slm"}]},
-           "scenarios": [{"kind": "operator", "episodes": 24, "teams": 1, "concurrency": 8,
+           "router": {"policies": [{"kind": "llm", "name": "paired", "shadow": "slm"},
+                                   {"kind": "cascade", "name": "cascade", "tau": 0.5, "shadow": "llm"}]},
+           "scenarios": [{"kind": "operator", "episodes": 16, "teams": 1, "concurrency": 8,
                           "options": {"categories": ["simple"], "retries": 0}}]}
     path = storage / "paired.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -148,7 +149,12 @@ def test_run_tune_verify_and_load_the_policy_file(paired_run, tmp_path):
     from slmshift.platform.scenario import scenario_options
     from slmshift.serve.router import build_policy
 
+    from slmshift.train.pairs import paired_from_run
+
     run_dir = paired_run.run_dir
+    pairs = paired_from_run(run_dir).df  # both arms pair: shadows of LLM calls, cascade escalations and shadows
+    assert set(pairs.obs_tier) == {"llm", "slm"} and pairs.episode.str.contains("/cascade/").any()
+    assert pairs.slm_logprob.notna().all()
     res = runner.invoke(app, ["tune", run_dir, "--trials", "6", "--time-budget", "600", "--policies",
                               "threshold,cascade,random", "--verify", "--verify-episodes", "4", "--no-progress"])
     assert res.exit_code == 0, res.output
