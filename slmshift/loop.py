@@ -138,6 +138,9 @@ def _run(cfg: ExperimentConfig, storage: str, state: LoopState, it: int, stage: 
     prev = state.stage(it, stage).get("run_dir")
     result = run_experiment(cfg, address=address, storage=storage, console=console,
                             resume=prev if prev and Path(prev, "config.yaml").is_file() else None)
+    state.update(it, stage, run_dir=result.run_dir)  # before anything else: an interrupted run resumes this one
+    if result.interrupted:
+        raise KeyboardInterrupt
     return result.run_dir
 
 
@@ -195,6 +198,16 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
                     policy = tuned_policy(st["policy_file"], registry)
             (idir / "config.json").write_text(json.dumps(
                 {"policy": policy.model_dump(mode="json"), "registry": registry}, indent=2))
+    except KeyboardInterrupt:
+        for i, stages in state.doc["iterations"].items():
+            for name, v in stages.items():
+                if v.get("status") == "running":
+                    state.update(int(i), name, status="interrupted")
+        write_report(ld, state)
+        if info.embedded:
+            ray.shutdown()
+        console.print(f"interrupted: finished stages are kept. Resume with: slmshift loop --resume {ld}")
+        raise
     except (SlmshiftError, Exception) as e:
         running = [(int(i), s) for i, stages in state.doc["iterations"].items() for s, v in stages.items()
                    if v.get("status") == "running"]
