@@ -21,9 +21,14 @@ Run: .venv/bin/python bench/engine.py [--n 64] [--concurrency 32] [--engines sta
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
+import os
+
+# Passive OpenMP waiting, as the hf replicas get (deployment.app_for), for the in-process baseline too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
 import statistics
 import time
 
@@ -52,8 +57,11 @@ def request_mix(n_tasks: int = 16) -> list[LMRequest]:
                     {"role": "user", "content": "That could not be parsed (no function call found). Reply with only "
                                                 "the function call(s) in the format [func_name(param=value, ...)]."}]
                for m in calls]
-    return (intents + [req(i, "function_call", m, 128) for i, m in enumerate(calls)]
-            + [req(i, "function_call", m, 128) for i, m in enumerate(retries)] + intents)
+    out = []
+    for i in range(len(tasks)):  # per task, in the order its calls come (so --n keeps a representative mix)
+        out += [intents[i], req(i, "function_call", calls[i], 128), req(i, "function_call", retries[i], 128),
+                intents[i]]
+    return out
 
 
 def spec_for(scheduler: str, concurrency: int) -> ModelSpec:
@@ -127,7 +135,8 @@ def offline(requests: list[LMRequest], batch: int = 32) -> tuple[dict, list[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=64, help="replay the first N requests of the 64-request mix")
+    ap.add_argument("--n", type=int, default=64, help="replay the first N requests of the 64-request mix "
+                    "(4 per task: intent, call, retry, the second arm's intent)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--engines", default="static,continuous,offline")
     ap.add_argument("--json", help="also write the rows to this file")

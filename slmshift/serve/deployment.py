@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -63,6 +64,11 @@ class ModelServer:
 
 
 def app_for(spec: ModelSpec):
+    actor: dict[str, Any] = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
+    if spec.backend == "hf":
+        # OpenMP threads that spin while waiting collapse when the host is oversubscribed (Ray's actors, other
+        # replicas): measured 20x slower decoding on 2 busy cores, none with passive waiting. Set before torch loads.
+        actor["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     return ModelServer.options(
         name=f"model-{spec.name}",
         num_replicas=spec.replicas,
@@ -71,7 +77,7 @@ def app_for(spec: ModelSpec):
         # waiting behind an unbounded queue. Serve counts the queue per caller (handle), not per deployment.
         max_queued_requests=(4 * spec.max_ongoing_requests * spec.replicas if spec.max_queued_requests is None
                              else spec.max_queued_requests),
-        ray_actor_options={"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus},
+        ray_actor_options=actor,
     ).bind(spec.model_dump())
 
 
