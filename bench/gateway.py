@@ -79,7 +79,7 @@ def main() -> None:
     handles = deploy_models([teacher], 2)
     log = InteractionLog.remote(tempfile.mkdtemp(prefix="bench-gw-"))
     serve.run(build_app([teacher], [policy_spec(kind="llm", name="all-llm")], handles, log, "bench",
-                        GatewaySection(scrub=False), []), name="gateway", route_prefix="/gw")
+                        GatewaySection(), [], scrub=False), name="gateway", route_prefix="/gw")
     serve.run(echo_app(), name="echo", route_prefix="/echo")
     base = f"http://127.0.0.1:{a.port}"
     asyncio.run(drive(f"{base}/gw/v1/chat/completions", 40, 8))  # warm-up both

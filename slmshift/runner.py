@@ -350,7 +350,7 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                         # Held here for the arm: a restart re-reads its constructor arguments from the object
                         # store, so they must outlive any one actor process (ray#53727).
                         args = [ray.put(a) for a in (cls, spec, seed, exp_id, policy, cfg.models, handles, params,
-                                                     log)]
+                                                     log, cfg.log.scrub)]
                         teams = [TeamActor.options(max_concurrency=spec.concurrency, max_restarts=-1,
                                                    max_task_retries=0).remote(*args) for _ in range(spec.teams)]
                         t_arm = time.perf_counter()

@@ -11,7 +11,7 @@ import ray
 from slmshift.agents.client import Session
 from slmshift.platform import metrics
 from slmshift.platform.config import ScenarioSpec
-from slmshift.platform.log import LogClient
+from slmshift.platform.log import LogClient, ScrubbingLog
 from slmshift.platform.policies import PolicySpec
 from slmshift.platform.scenario import Scenario
 from slmshift.platform.types import EpisodeResult, ModelSpec
@@ -22,13 +22,13 @@ from slmshift.serve.pipeline import CallPipeline
 class TeamActor:
     def __init__(self, scenario_cls: type[Scenario], spec: ScenarioSpec, seed: int, experiment_id: str,
                  policy: PolicySpec, models: list[ModelSpec], handles: dict[str, Any],
-                 params: dict[str, float | None], log: Any):
+                 params: dict[str, float | None], log: Any, scrub: bool = False):
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # handle set-up chatter, per actor
         self.scenario = scenario_cls(spec, seed)
         self.label, self.policy, self.experiment_id, self.seed = spec.label, policy.label, experiment_id, seed
         self.log = LogClient(log)
-        self.pipeline = CallPipeline(policy=policy, models=models, handles=handles, params=params, log=self.log,
-                                     grader=self.scenario.grade_call)
+        self.pipeline = CallPipeline(policy=policy, models=models, handles=handles, params=params,
+                                     log=ScrubbingLog(self.log) if scrub else self.log, grader=self.scenario.grade_call)
 
     async def run_episode(self, task: Any, episode_id: str, attempt: int = 0) -> EpisodeResult:
         session = Session(self.pipeline, experiment_id=self.experiment_id, scenario=self.label,

@@ -49,6 +49,7 @@ def start_ray(cfg: RaySection, address: str | None = None, *, log_to_driver: boo
         return RayInfo(False, address, ctx.dashboard_url or None, None)
     dashboard = cfg.dashboard and importlib.util.find_spec("aiohttp") is not None  # ray[default] deps present
     kwargs = dict(
+        address="local",  # embedded means a new cluster, even when a `ray start` one runs on this machine
         num_cpus=cfg.num_cpus, namespace=NAMESPACE, include_dashboard=dashboard, logging_level=logging.WARNING,
         dashboard_host="127.0.0.1", dashboard_port=cfg.dashboard_port, log_to_driver=log_to_driver,
     )
@@ -63,6 +64,13 @@ def start_ray(cfg: RaySection, address: str | None = None, *, log_to_driver: boo
                               "Fix: check free memory and /tmp space, or stop a stale cluster with `ray stop`.") from None
     node = ray.nodes()[0] if ray.nodes() else {}
     url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
+    if url:
+        try:  # where Ray's dashboard looks for Grafana dashboards
+            from slmshift.platform.grafana import install_dashboard
+
+            install_dashboard()
+        except OSError as e:
+            logging.getLogger(__name__).warning("Grafana dashboard not installed: %s", e)
     return RayInfo(True, ctx.address_info.get("gcs_address", ""), url, node.get("MetricsExportPort"))
 
 

@@ -29,6 +29,13 @@ class ExperimentSection(_Strict):
     )
 
 
+class LogSection(_Strict):
+    """The S1 log's own settings."""
+
+    scrub: bool = Field(default=False, description="Scrub secrets and PII from prompts, outputs and errors before "
+                        "each record is written (S2 scrubs its training set either way). The gateway defaults to on.")
+
+
 class RaySection(_Strict):
     address: str | None = Field(
         default=None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts an embedded local one."
@@ -142,6 +149,7 @@ class ExperimentConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     router: RouterSection
     scenarios: list[ScenarioSpec] = Field(min_length=1)
+    log: LogSection = Field(default_factory=LogSection)
     loop: LoopSection | None = Field(default=None, description="Settings of `slmshift loop` (ignored by `run`).")
 
     def model(self, name: str) -> ModelSpec:
@@ -158,8 +166,6 @@ class GatewaySection(_Strict):
                       "(SLMSHIFT_GATEWAY_API_KEYS).")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
-    scrub: bool = Field(default=True, description="Scrub secrets and PII from prompts and outputs before the S1 "
-                        "record is written.")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per ingress replica.")
 
 
@@ -171,6 +177,7 @@ class GatewayConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     router: RouterSection
     gateway: GatewaySection = Field(default_factory=GatewaySection)
+    log: LogSection = Field(default_factory=lambda: LogSection(scrub=True))
     scenarios: list[ScenarioSpec] = Field(default_factory=list, description="Ignored by the gateway.")
 
 

@@ -398,3 +398,27 @@ class LogClient:
             for b in self._unacked:
                 if b not in self._inflight and b not in self._receiver:
                     self._send(b)
+
+
+class ScrubbingLog:
+    """A LogClient whose records have secrets and PII removed (`log.scrub`) before they leave the process."""
+
+    def __init__(self, inner: Any):
+        from slmshift.platform.scrub import Scrubber
+
+        self.inner, self.scrubber = inner, Scrubber()
+
+    def add(self, record: dict) -> None:
+        self.inner.add(self.scrubber.record(record))
+
+    def add_episode(self, result: dict) -> None:
+        self.inner.add_episode(result)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    async def drain(self) -> None:
+        await self.inner.drain()
+
+    def __getattr__(self, name: str) -> Any:  # received(), etc.
+        return getattr(self.inner, name)

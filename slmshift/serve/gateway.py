@@ -222,34 +222,8 @@ def error_for(result: Any) -> APIError | None:
 # --- the Serve ingress ------------------------------------------------------------------------------------------
 
 
-class ScrubbingLog:
-    """The pipeline's log with prompts and outputs scrubbed of secrets and PII before they are written."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-
-    def add(self, record: dict) -> None:
-        from slmshift.platform.scrub import scrub_json, scrub_text
-
-        try:
-            record["prompt"] = json.dumps(scrub_json(json.loads(record["prompt"])))
-        except ValueError:
-            record["prompt"] = scrub_text(record["prompt"])
-        record["output"] = scrub_text(record["output"])
-        self.inner.add(record)
-
-    def add_episode(self, result: dict) -> None:
-        self.inner.add_episode(result)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    async def drain(self) -> None:
-        await self.inner.drain()
-
-
 def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, Any], log: Any, experiment_id: str,
-              options: Any, api_keys: list[str]):
+              options: Any, api_keys: list[str], scrub: bool = True):
     """The gateway's Serve application, bound to the model handles and the S1 log actor."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -267,12 +241,12 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
     @serve.ingress(app)
     class Gateway:
         def __init__(self) -> None:
-            from slmshift.platform.log import LogClient
+            from slmshift.platform.log import LogClient, ScrubbingLog
             from slmshift.platform.policies import policy_spec
             from slmshift.serve.pipeline import CallPipeline
 
             self.log = LogClient(log, flush_every=16)
-            sink = ScrubbingLog(self.log) if options.scrub else self.log
+            sink = ScrubbingLog(self.log) if scrub else self.log
             self.models = {m.name: m for m in models}
             params = {m.name: m.params for m in models}
             self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, models=models, handles=handles,
@@ -389,7 +363,8 @@ def serve_gateway(cfg: Any, options: Any, console: Any, storage: str | None = No
         with console.status(f"deploying {len(cfg.models)} model(s) and the gateway"):
             handles = deploy_models(cfg.models, cluster_cpus())
             log = InteractionLog.options(name=f"gateway-log-{exp_id}").remote(run_dir)
-            app = build_app(cfg.models, list(cfg.router.policies), handles, log, exp_id, options, keys)
+            app = build_app(cfg.models, list(cfg.router.policies), handles, log, exp_id, options, keys,
+                            scrub=cfg.log.scrub)
             gw = serve.run(app, name="gateway", route_prefix="/", logging_config={"log_level": "WARNING"})
         names = [f"{POLICY_PREFIX}{p.label}" for p in cfg.router.policies] + [m.name for m in cfg.models]
         console.print(f"slmshift gateway on http://{options.host}:{options.port}/v1  models: {', '.join(names)}",

@@ -50,3 +50,39 @@ def test_too_many_cpus_reserved_fails_before_serve_hangs():
     spec = ModelSpec(name="big", tier="slm", backend="simulated", resources={"num_cpus": 2}, replicas=2)
     with pytest.raises(ModelLoadError, match="reserve 4 CPUs .* has 2"):
         deploy_models([spec], available_cpus=2)
+
+
+def test_overload_is_rejected_fast_with_backpressure(ray_cluster):
+    """10x the load a deployment is configured for: a bounded queue, the rest rejected at once, the replica lives."""
+    import time
+
+    from ray.serve.exceptions import BackPressureError
+
+    from slmshift.platform.types import Hidden
+
+    spec = ModelSpec(name="slow", tier="llm", backend="simulated", max_ongoing_requests=1, max_queued_requests=2,
+                     resources={"num_cpus": 0}, batching={"max_batch_size": 1, "handle_batch_ms": 0},
+                     profile={"accuracy": {"default": 1.0}, "latency_base_s": 1.0})
+    handle = deploy_models([spec], available_cpus=2)["slow"]
+
+    def ask(i):
+        return req(i).model_copy(update={"hidden": Hidden(answer="ok")})
+
+    async def fire():
+        async def one(i):
+            t0 = time.perf_counter()
+            try:
+                await handle.remote(ask(i))
+                return "ok", time.perf_counter() - t0
+            except BackPressureError:
+                return "rejected", time.perf_counter() - t0
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    out = asyncio.run(fire())
+    ok = [t for o, t in out if o == "ok"]
+    rejected = [t for o, t in out if o == "rejected"]
+    assert 1 <= len(ok) <= 4 and len(rejected) >= 8, out
+    assert max(rejected) < 1.0  # rejected before the 1 s model time, not after waiting
+    assert asyncio.run(asyncio.wait_for(handle.remote(ask(99)), 30)).text == "ok"
+    with pytest.raises(ValueError, match="-1 .no bound. or a positive"):
+        ModelSpec(name="z", tier="llm", backend="simulated", max_queued_requests=0)
