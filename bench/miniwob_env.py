@@ -257,7 +257,13 @@ def coverage_stack(tasks: list[str]) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="slmshift-cov-"))
     tiny = build_tiny_llama(tmp / "tiny")
-    yaml = (f"experiment: {{name: coverage, seed: 0, storage: {tmp}}}\nray: {{dashboard: false}}\n"
+    import socket
+
+    with socket.socket() as sock:  # a shared host may hold Ray's default dashboard port, which Ray binds anyway
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yaml = (f"experiment: {{name: coverage, seed: 0, storage: {tmp}}}\n"
+            f"ray: {{dashboard: false, dashboard_port: {port}}}\n"
             f"models:\n  - {{name: tiny, tier: slm, backend: hf, source: {tiny}, resources: {{num_cpus: 1}}}}\n"
             "router: {policies: [{kind: slm, name: real-model}]}\n"
             f"scenarios:\n  - kind: cradle\n    episodes: {len(tasks)}\n    teams: 1\n    concurrency: 2\n"
