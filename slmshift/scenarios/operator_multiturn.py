@@ -92,6 +92,8 @@ class OperatorMultiTurnScenario(Scenario):
                 check=lambda text, t=turn: grade_turn_intent(task, t, text), context={"turn": turn})
             n_model_calls += 1
             selected = _selected(intent.text) if intent.valid else None
+            # with 'selected', a wrong plan narrows the Operator's docs: it handicaps a simulated teacher too
+            plan_ok = o.operator_functions == "all" or bool(intent.valid and intent.correct is not False)
             digest.append(digest_line("user", request))
             # 'all' is BFCL's prompt: the first turn's docs stay in the system prompt, held-out docs arrive only
             # as their turn's user message
@@ -110,7 +112,8 @@ class OperatorMultiTurnScenario(Scenario):
                         messages=operator_messages(task, history, docs),
                         max_tokens=o.call_max_tokens, temperature=o.temperature,
                         hidden=Hidden(answer=step_reference(task, turn, done),
-                                      distractors=step_distractors(task, turn, done, seed)),
+                                      distractors=step_distractors(task, turn, done, seed),
+                                      upstream_ok=plan_ok),
                         check=lambda text, t=turn, d=done: grade_step(task, t, d, text),
                         context={"turn": turn, "executed": done})
                     n_model_calls += 1
