@@ -225,10 +225,15 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
                              f"{', '.join(sorted(scenario_options))}"))
             continue
         try:
-            scenario_options[s.kind].model_validate(s.options)
+            opts = scenario_options[s.kind].model_validate(s.options)
         except ValidationError as e:
             problems += [(f"scenarios[{i}].options.{_loc(err['loc'])}".rstrip("."), _message(err, scenario_options[s.kind]))
                          for err in e.errors()]
+            continue
+        # options that depend on the models and arms (e.g. tasks only a simulated teacher's solver knows)
+        hook = getattr(opts, "check_models", None)
+        if callable(hook):
+            problems += [(f"scenarios[{i}].{f}", m) for f, m in hook(cfg.models, cfg.router.policies)]
     return problems
 
 

@@ -175,3 +175,14 @@ def test_adapter_policy_keys_rejected_elsewhere(tmp_path):
     # each kind has its own options model: another kind's keys are unknown there, and the error lists the allowed ones
     assert "router.policies[1].registry (line 6): unknown key; allowed keys here: kind, name, default" in msg
     assert "router.policies[1].min_similarity (line 6): unknown key" in msg
+
+
+def test_cradle_tasks_beyond_the_solver_are_refused_for_a_simulated_arm(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("experiment: {name: c}\nmodels:\n  - {name: t, tier: llm, backend: simulated}\n"
+                   "router: {policies: [{kind: llm, name: teacher-arm}]}\n"
+                   "scenarios:\n  - kind: cradle\n    options: {tasks: [book-flight]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(yml, scenario_options())
+    assert "scenarios[0].options.tasks" in str(e.value) and "teacher-arm" in str(e.value)
+    assert "book-flight" in str(e.value)
