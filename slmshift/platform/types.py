@@ -126,6 +126,8 @@ class Interaction(BaseModel):
     valid: bool | None = Field(default=None, description="Did the output parse/validate for its call kind?")
     correct: bool | None = Field(default=None, description="Call-level correctness, where the scenario can tell.")
     error: str | None = None
+    context: str | None = Field(default=None, description="JSON of what the scenario's grade_call needs beyond the "
+                                "output (e.g. the turn, the page), so the call can be graded offline.")
     route_score: float | None = Field(default=None, description="The policy's estimate that the SLM's output is "
                                       "acceptable for this call (threshold, learned); None for fixed policies.")
     cluster: int | None = Field(default=None, description="S3 task cluster the router placed the call in, if any.")

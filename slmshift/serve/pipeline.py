@@ -93,7 +93,8 @@ class CallPipeline:
             return False, None, f"checker failed: {type(e).__name__}: {e}", None
 
     def _record(self, request: LMRequest, decision: RouteDecision, resp: LMResponse, latency: float,
-                valid: bool | None, correct: bool | None, error: str | None, infra: bool, **extra: Any) -> dict:
+                valid: bool | None, correct: bool | None, error: str | None, infra: bool, context: Any = None,
+                **extra: Any) -> dict:
         spec = self.specs[resp.model] if resp.model in self.specs else self.specs[decision.model]
         cost = cost_usd(spec.price, resp.tokens_in, resp.tokens_out)
         rec = Interaction(
@@ -106,7 +107,8 @@ class CallPipeline:
             engine_latency_s=resp.latency_s, cost_usd=cost,
             flops=flops(self.params.get(spec.name), resp.tokens_in, resp.tokens_out), mean_logprob=resp.mean_logprob,
             simulated=resp.simulated, valid=valid, correct=correct, error=error, infra_error=infra,
-            route_score=decision.score, cluster=decision.cluster, attempt=request.attempt, **extra)
+            route_score=decision.score, cluster=decision.cluster, attempt=request.attempt,
+            context=None if context is None else json.dumps(context, default=str), **extra)
         self.log.add(rec.model_dump())
         tags = {"model": resp.model, "tier": resp.tier, "scenario": request.scenario, "call_kind": request.call_kind,
                 "policy": request.policy}
@@ -128,19 +130,20 @@ class CallPipeline:
             if not keep:  # log the rejected SLM attempt, then the LLM answers
                 attempt_id = f"{request.record_id}:cascade"
                 self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; rejected: {why}"}),
-                             resp, latency, valid, correct, error, infra, id=attempt_id, escalated=True)
+                             resp, latency, valid, correct, error, infra, context, id=attempt_id, escalated=True)
                 decision = self.policy.decision("llm", f"cascade escalated: {why}")
                 resp, latency2, infra = await self._invoke(decision.model, request)
                 latency += latency2
                 valid, correct, error, verdict = self._check(check, resp)
-                self._record(request, decision, resp, latency, valid, correct, error, infra, escalated_from=attempt_id)
+                self._record(request, decision, resp, latency, valid, correct, error, infra, context,
+                             escalated_from=attempt_id)
                 return CallResult(resp.text, resp, decision, valid, correct, error, escalated=True, verdict=verdict)
             decision = decision.model_copy(update={"reason": f"{decision.reason}; accepted: {why}"})
         if shadow_tier is not None and shadow_task is None and not infra:
             shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
         if shadow_task is not None and correct is None and valid and self.grader is not None:
             correct = await self._grade(request, resp.text, context)  # paired data needs both sides graded
-        self._record(request, decision, resp, latency, valid, correct, error, infra)
+        self._record(request, decision, resp, latency, valid, correct, error, infra, context)
         if shadow_task is not None:
             await shadow_task
         return CallResult(resp.text, resp, decision, valid, correct, error, verdict=verdict)
@@ -188,7 +191,7 @@ class CallPipeline:
             valid, correct, error, _ = self._check(check, resp)
             if correct is None and valid and self.grader is not None:
                 correct = await self._grade(request, resp.text, context)
-            self._record(request, decision, resp, latency, valid, correct, error, infra,
+            self._record(request, decision, resp, latency, valid, correct, error, infra, context,
                          id=f"{request.record_id}:shadow", shadow=True, shadow_of=request.record_id)
         except Exception:  # a shadow must never disturb the episode
             pass

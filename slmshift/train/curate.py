@@ -23,7 +23,7 @@ from slmshift.train.scrub import Scrubber
 __all__ = ["CurateOptions", "CurateResult", "curate", "split_by_group", "CURATED_COLUMNS"]
 
 CURATED_COLUMNS = ["record_id", "episode_id", "task_id", "scenario", "role", "call_kind", "category", "expect",
-                   "messages", "target"]
+                   "messages", "target", "context"]
 Rule = Literal["episode_or_call", "episode", "call", "episode_and_call", "valid"]
 
 
@@ -128,6 +128,8 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
     kept = kept.rename(columns={"id": "record_id"})
     for col in ("task_id", "category", "expect"):
         kept[col] = kept[col].fillna("").astype(str)
+    if "context" not in kept.columns:  # logs written before calls carried their grading context
+        kept["context"] = None
     # Exact duplicates: same prompt and same output (e.g. one task replayed under several policy arms).
     key = [hashlib.sha1(f"{m}\x00{t}".encode()).hexdigest() for m, t in zip(kept["messages"], kept["target"])]
     exact = pd.Series(key, index=kept.index).duplicated(keep="first")

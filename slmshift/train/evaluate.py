@@ -63,7 +63,9 @@ class ScenarioGrader:
         verdict = None
         if sc is not None:
             try:
-                verdict = sc.grade_call(str(row.get("task_id", "")), str(row.get("call_kind", "")), output)
+                ctx = row.get("context")
+                verdict = sc.grade_call(str(row.get("task_id", "")), str(row.get("call_kind", "")), output,
+                                        context=json.loads(ctx) if isinstance(ctx, str) and ctx else None)
             except Exception as e:  # a checker tripping on model output is a wrong answer, not a crash
                 verdict = CallGrade(False, False, f"checker error: {type(e).__name__}: {str(e)[:120]}")
         if verdict is None:

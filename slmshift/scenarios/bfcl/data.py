@@ -8,10 +8,10 @@ The simulated teacher's answers for these tasks live in ``teacher``.
 from __future__ import annotations
 
 import functools
-import json
 import random
 from dataclasses import dataclass
-from importlib import resources
+
+from slmshift.scenarios.bfcl.api import read_data_jsonl
 
 __all__ = [
     "CATEGORIES",
@@ -67,21 +67,15 @@ class BFCLTask:
         return "irrelevance" if "irrelevance" in stem else "relevance" if "relevance" in stem else "ast"
 
 
-def _read_jsonl(*parts: str) -> list[dict]:
-    path = resources.files("bfcl_eval").joinpath("data", *parts)
-    with path.open("r", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 @functools.lru_cache(maxsize=None)
 def _category_tasks(category: str) -> tuple[BFCLTask, ...]:
     """All tasks of one short-named category, in file order (parsed once per process)."""
     stem = CATEGORIES[category]
     fname = f"{_VERSION_PREFIX}_{stem}.json"
     answers = {} if stem in _NO_ANSWER_FILE else {
-        row["id"]: row["ground_truth"] for row in _read_jsonl("possible_answer", fname)}
+        row["id"]: row["ground_truth"] for row in read_data_jsonl("possible_answer", fname)}
     tasks = []
-    for row in _read_jsonl(fname):
+    for row in read_data_jsonl(fname):
         if stem in _NO_ANSWER_FILE:
             tasks.append(BFCLTask(row["id"], category, row["question"][0], row["function"], []))
             continue

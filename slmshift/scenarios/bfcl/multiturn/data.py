@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import random
 from dataclasses import dataclass
-from importlib import resources
 
-from slmshift.scenarios.bfcl.api import bfcl_api
+from slmshift.scenarios.bfcl.api import bfcl_api, read_data_jsonl
 
 __all__ = ["MT_CATEGORIES", "MultiTurnTask", "load_multi_turn_tasks", "mt_task_by_id", "MAX_STEPS"]
 
@@ -47,25 +45,20 @@ class MultiTurnTask:
         return self.functions + extra
 
 
-def _read_jsonl(*parts: str) -> list[dict]:
-    with resources.files("bfcl_eval").joinpath("data", *parts).open("r", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 @functools.lru_cache(maxsize=None)
 def _class_docs(class_name: str) -> tuple[dict, ...]:
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
 
-    return tuple(_read_jsonl("multi_turn_func_doc", MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name]))
+    return tuple(read_data_jsonl("multi_turn_func_doc", MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name]))
 
 
 @functools.lru_cache(maxsize=None)
 def _category_tasks(category: str) -> tuple[MultiTurnTask, ...]:
     fname = f"{_VERSION_PREFIX}_{category}.json"
-    answers = {row["id"]: row["ground_truth"] for row in _read_jsonl("possible_answer", fname)}
+    answers = {row["id"]: row["ground_truth"] for row in read_data_jsonl("possible_answer", fname)}
     hint = bfcl_api().language_hint
     tasks = []
-    for row in _read_jsonl(fname):
+    for row in read_data_jsonl(fname):
         if row["id"] not in answers:
             raise RuntimeError(f"BFCL task {row['id']} has no possible answer")
         docs = [copy.deepcopy(d) for c in row["involved_classes"] for d in _class_docs(c)]
