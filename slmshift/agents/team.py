@@ -15,6 +15,7 @@ from slmshift.platform.log import LogClient, ScrubbingLog
 from slmshift.platform.policies import PolicySpec
 from slmshift.platform.scenario import Scenario
 from slmshift.platform.types import EpisodeResult, ModelSpec
+from slmshift.serve.handle_batching import wrap_handles
 from slmshift.serve.pipeline import CallPipeline
 
 
@@ -27,6 +28,7 @@ class TeamActor:
         self.scenario = scenario_cls(spec, seed)
         self.label, self.policy, self.experiment_id, self.seed = spec.label, policy.label, experiment_id, seed
         self.log = LogClient(log)
+        handles = wrap_handles(handles, models)  # micro-batches this actor's calls per deployment, where configured
         self.pipeline = CallPipeline(policy=policy, models=models, handles=handles, params=params,
                                      log=ScrubbingLog(self.log) if scrub else self.log, grader=self.scenario.grade_call)
 

@@ -247,13 +247,16 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
 
             self.log = LogClient(log, flush_every=16)
             sink = ScrubbingLog(self.log) if scrub else self.log
+            from slmshift.serve.handle_batching import wrap_handles
+
             self.models = {m.name: m for m in models}
             params = {m.name: m.params for m in models}
-            self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, models=models, handles=handles,
+            handles_ = wrap_handles(handles, models)
+            self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, models=models, handles=handles_,
                                                                         params=params, log=sink) for p in policies}
             for m in models:  # a deployed model by name: a fixed policy pinned to it
                 pinned = policy_spec(kind=m.tier, name=m.name, **{f"{m.tier}_model": m.name})
-                self.pipelines[m.name] = CallPipeline(policy=pinned, models=models, handles=handles, params=params,
+                self.pipelines[m.name] = CallPipeline(policy=pinned, models=models, handles=handles_, params=params,
                                                       log=sink)
             self.counters: dict[str, int] = {}
             self.replica = uuid.uuid4().hex[:6] if options.replicas > 1 else ""
