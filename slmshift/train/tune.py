@@ -850,6 +850,8 @@ def verify(run_dir: str, out_dir: str, *, episodes: int | None = None, console: 
     cfg = load_config(vpath, scenario_options())
     chosen_label = cfg.router.policies[0].label
     result = run_experiment(cfg, address=address, console=console)
+    if result.interrupted:  # Ctrl-C: the partial verify run is on disk; do not compare a part with the prediction
+        raise KeyboardInterrupt
     df = read_interactions(result.run_dir)
     df = df[~df["infra_error"].astype(bool)]
     from slmshift.platform.log import read_episodes
