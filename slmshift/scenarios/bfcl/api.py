@@ -27,6 +27,22 @@ class _AnyModelConfig(dict):
         return types.SimpleNamespace(underscore_to_dot=False, is_fc_model=False)
 
 
+def round_robin_sample(categories: list[str], tasks_of: Any, salt: str, seed: int, n: int | None) -> list:
+    """A deterministic sample spread over the categories: each category's tasks shuffled by (salt, seed, category),
+    then taken one per category in turn, so any prefix mixes the categories evenly."""
+    import random
+
+    pools = []
+    for cat in dict.fromkeys(categories):  # de-duplicate, keep order
+        pool = list(tasks_of(cat))
+        random.Random(f"{salt}:{seed}:{cat}").shuffle(pool)
+        pools.append(pool)
+    out: list = []
+    for i in range(max(len(p) for p in pools)):
+        out.extend(p[i] for p in pools if i < len(p))
+    return out if n is None else out[:n]
+
+
 def read_data_jsonl(*parts: str) -> list[dict]:
     """One JSONL data file shipped in bfcl_eval's `data/`; a missing package is an exit-2 error with the fix."""
     import json

@@ -8,10 +8,9 @@ The simulated teacher's answers for these tasks live in ``teacher``.
 from __future__ import annotations
 
 import functools
-import random
 from dataclasses import dataclass
 
-from slmshift.scenarios.bfcl.api import read_data_jsonl
+from slmshift.scenarios.bfcl.api import read_data_jsonl, round_robin_sample
 
 __all__ = [
     "CATEGORIES",
@@ -101,15 +100,7 @@ def load_tasks(categories: list[str], n: int | None = None, seed: int = 0) -> li
                          f"{', '.join(MULTI_TURN_CATEGORIES)})")
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n}")
-    pools = []
-    for cat in dict.fromkeys(categories):  # de-duplicate, keep order
-        pool = list(_category_tasks(cat))
-        random.Random(f"slmshift-bfcl:{seed}:{cat}").shuffle(pool)
-        pools.append(pool)
-    out: list[BFCLTask] = []
-    for i in range(max(len(p) for p in pools)):
-        out.extend(p[i] for p in pools if i < len(p))
-    return out if n is None else out[:n]
+    return round_robin_sample(categories, _category_tasks, "slmshift-bfcl", seed, n)
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import random
 from dataclasses import dataclass
 
-from slmshift.scenarios.bfcl.api import bfcl_api, read_data_jsonl
+from slmshift.scenarios.bfcl.api import bfcl_api, read_data_jsonl, round_robin_sample
 
 __all__ = ["MT_CATEGORIES", "MultiTurnTask", "load_multi_turn_tasks", "mt_task_by_id", "MAX_STEPS"]
 
@@ -81,15 +80,7 @@ def load_multi_turn_tasks(categories: list[str], n: int | None = None, seed: int
     if unknown or not categories:
         what = f"unknown BFCL multi-turn categories {unknown}" if unknown else "no BFCL multi-turn categories given"
         raise ValueError(f"{what}; valid names: {', '.join(MT_CATEGORIES)}")
-    pools = []
-    for cat in dict.fromkeys(categories):
-        pool = list(_category_tasks(cat))
-        random.Random(f"slmshift-bfcl-mt:{seed}:{cat}").shuffle(pool)
-        pools.append(pool)
-    out: list[MultiTurnTask] = []
-    for i in range(max(len(p) for p in pools)):
-        out.extend(p[i] for p in pools if i < len(p))
-    return out if n is None else out[:n]
+    return round_robin_sample(categories, _category_tasks, "slmshift-bfcl-mt", seed, n)
 
 
 @functools.lru_cache(maxsize=None)
