@@ -151,6 +151,7 @@ scenarios:
 def real_run(run, ray_cluster, tiny_teacher_models, tmp_path_factory):
     """After `run` (one Ray cluster per module): a real model (the tiny hf SLM) on tasks the solver does not know."""
     from slmshift.platform.config import load_config as load
+    from slmshift.platform.errors import ConfigError
     from slmshift.scenarios.cradle import CradleScenario
 
     storage = tmp_path_factory.mktemp("runs-real")
@@ -161,9 +162,10 @@ def real_run(run, ray_cluster, tiny_teacher_models, tmp_path_factory):
     # the same tasks under an arm that can call the simulated teacher are refused, naming the arm
     teacher_arm = path.read_text().replace("{kind: slm, name: real}", "{kind: llm, name: teacher-arm}")
     (storage / "teacher.yaml").write_text(teacher_arm)
-    bad = load(storage / "teacher.yaml", scenario_options())
-    problems = CradleScenario.check_models(bad.scenarios[0], bad.models, bad.router.policies)
-    assert len(problems) == 1 and "'teacher-arm'" in problems[0][1] and "book-flight" in problems[0][1]
+    with pytest.raises(ConfigError) as e:  # the config check refuses it before anything starts
+        load(storage / "teacher.yaml", scenario_options())
+    assert "scenarios[0].options.tasks" in str(e.value) and "'teacher-arm'" in str(e.value)
+    assert "book-flight" in str(e.value)
     return run_experiment(cfg, keep_ray=True)
 
 
