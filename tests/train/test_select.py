@@ -74,7 +74,7 @@ def test_packaged_smollm2_is_registered():
 
 def test_a_local_model_dir_becomes_a_candidate(tiny_model_dir):
     c = candidate_for_source(tiny_model_dir)
-    assert c.source == tiny_model_dir and c.context_length == 1024 and 1e4 < c.params < 1e6
+    assert c.source == tiny_model_dir and c.context_length == 4096 and 1e4 < c.params < 1e6
     spec = c.model_spec(threads=1, adapters={"x": tiny_model_dir})
     assert spec.backend == "hf" and spec.tier == "slm" and spec.adapters == {"x": tiny_model_dir}
 
