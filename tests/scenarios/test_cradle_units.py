@@ -242,11 +242,17 @@ router:
 def _arms(tmp_path, tasks):
     p = tmp_path / "arms.yaml"
     p.write_text("experiment: {name: t}\n" + ARMS + f"scenarios:\n  - kind: cradle\n    options: {{tasks: {tasks}}}\n")
-    cfg = load_config(p, scenario_options())
+    cfg = load_config(p)  # without the scenario options check, to see the hook's own answer
     problems = CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies)
-    # the same hook on the validated options model, which is all the config loader holds per scenario kind
+    # the same hook on the validated options model, which is what the config loader calls
     opts = scenario_options()["cradle"].model_validate(cfg.scenarios[0].options)
     assert opts.check_models(cfg.models, cfg.router.policies) == problems
+    if problems:  # ...and the loader refuses the YAML with each problem under its field path
+        with pytest.raises(ConfigError) as e:
+            load_config(p, scenario_options())
+        assert str(e.value).count("scenarios[0].options.tasks") == len(problems)
+    else:
+        load_config(p, scenario_options())
     return problems
 
 
