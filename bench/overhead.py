@@ -51,8 +51,11 @@ class Caller:
             from slmshift.serve.pipeline import CallPipeline
 
             self.log = LogClient(log)
-            self.pipeline = CallPipeline(policy=policy_spec(kind="llm"), models=models, handles={"teacher": handle},
-                                         params=params, log=self.log)
+            from slmshift.serve.handle_batching import wrap_handles
+
+            # as in a team actor: calls to a simulated model are micro-batched per deployment (handle_batch_ms)
+            self.pipeline = CallPipeline(policy=policy_spec(kind="llm"), models=models,
+                                         handles=wrap_handles({"teacher": handle}, models), params=params, log=self.log)
 
     async def run(self, n: int, c: int, offset: int) -> list[float]:
         lat: list[float] = []
