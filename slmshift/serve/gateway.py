@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import Request  # real (not string) annotations: the handlers are pickled to the Serve replica
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmshift.platform.types import ModelSpec
+from slmshift.platform.types import LMRequest, ModelSpec
 
 API_KEYS_ENV = "SLMSHIFT_GATEWAY_API_KEYS"
 POLICY_PREFIX = "router:"
@@ -286,8 +286,6 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
         async def chat(self, request: Request):
             from pydantic import ValidationError
 
-            from slmshift.agents.client import Session
-
             self._auth(request)
             if self._flusher is None:
                 self._flusher = asyncio.ensure_future(self._flush_forever())
@@ -312,13 +310,13 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             self.counters[episode] = index + 1
             call_kind = meta.get("call_kind") or ("tool_call" if req.tools else "json" if req.response_format
                                                   else "chat")
-            session = Session(pipeline, experiment_id=experiment_id, scenario=str(workload), episode_id=episode,
-                              task_id=str(meta.get("task_id", "")), seed=req.seed or 0)
-            session.calls = index
-            result = await session.call(
-                role=str(meta.get("role", "agent")), call_kind=str(call_kind), messages=to_messages(req),
-                expect="json" if req.response_format else "text", max_tokens=req.max_completion_tokens or req.max_tokens
-                or 512, temperature=req.temperature or 0.0, check=output_check(req))
+            request_ = LMRequest(
+                experiment_id=experiment_id, episode_id=episode, call_index=index, scenario=str(workload),
+                role=str(meta.get("role", "agent")), call_kind=str(call_kind), task_id=str(meta.get("task_id", "")),
+                policy=pipeline.spec.label, messages=to_messages(req), expect="json" if req.response_format else "text",
+                max_tokens=req.max_completion_tokens or req.max_tokens or 512, temperature=req.temperature or 0.0,
+                seed=req.seed or 0)
+            result = await pipeline.call(request_, output_check(req))
             failure = error_for(result)
             if failure is not None:
                 raise failure
