@@ -469,20 +469,6 @@ def scrub_json(value: Any, counts: Counter | None = None) -> Any:
     return value
 
 
-def _scrub_field(raw: str, counts: Counter) -> str:
-    s = raw.strip()
-    if s[:1] in "{[":
-        try:
-            parsed = json.loads(s)
-        except ValueError:
-            pass
-        else:
-            before = sum(counts.values())
-            scrubbed = scrub_json(parsed, counts)
-            return json.dumps(scrubbed, ensure_ascii=False) if sum(counts.values()) > before else raw
-    return scrub_text(raw, counts)
-
-
 RECORD_FIELDS = ("prompt", "output", "error")
 
 
@@ -493,7 +479,7 @@ def scrub_record(record: dict, counts: Counter | None = None, fields: Iterable[s
     out = dict(record)
     for f in fields:
         if isinstance(out.get(f), str) and out[f]:
-            out[f] = _scrub_field(out[f], counts)
+            out[f] = scrub_json(out[f], counts)  # a JSON field is scrubbed inside and stays JSON
     return out
 
 
