@@ -127,12 +127,19 @@ class Learned(ScoredPolicy):
     def __init__(self, spec: Any, models: list[ModelSpec]):
         super().__init__(spec, models)
         self._scorer: Any = None
+        self._load_error: Exception | None = None
 
     def score_features(self, request: LMRequest, embedding: np.ndarray, cluster: int | None) -> float:
+        if self._load_error is not None:  # a scorer that failed to load is not re-read from disk on every call
+            raise self._load_error
         if self._scorer is None:
             from slmshift.platform.scorers import LearnedScorer
 
-            self._scorer = LearnedScorer.load(self.spec.model)
+            try:
+                self._scorer = LearnedScorer.load(self.spec.model)
+            except Exception as e:
+                self._load_error = e
+                raise
         return float(self._scorer.score_batch(embedding[None, :], [request.call_kind])[0])
 
 
