@@ -32,6 +32,12 @@ class CallResult(Protocol):
     verdict: Any  # what the call's `check` returned for this output, or None
 
 
+def went_right(*results: CallResult | None) -> bool:
+    """Did every given upstream call produce a usable, not-wrong output? (None: a step that was not made.) What a
+    scenario passes as `Hidden.upstream_ok`, so a simulated teacher handed a wrong earlier step does worse."""
+    return all(r is None or bool(r.valid and r.correct is not False) for r in results)
+
+
 class EpisodeSession(Protocol):
     """Made per episode by the agent layer; numbers calls, routes them, logs them.
 

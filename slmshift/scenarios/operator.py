@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from slmshift.platform.scenario import (
-    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known, went_right,
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.bfcl import (
@@ -67,7 +67,7 @@ class OperatorScenario(Scenario):
         messages = call_messages(task, selected)
         # The Operator sees only the functions the Planner picked: a wrong pick handicaps a teacher too.
         hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed),
-                        upstream_ok=bool(intent.valid and intent.correct is not False))
+                        upstream_ok=went_right(intent))
         for attempt in range(o.retries + 1):
             call = await session.call(
                 role="operator", call_kind="function_call", category="template" if attempt == 0 else "debugging",

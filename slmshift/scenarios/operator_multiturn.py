@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from slmshift.platform.scenario import (
-    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known, went_right,
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.bfcl.grader import INTENT_SCHEMA, Grade, parse_intent
@@ -93,7 +93,7 @@ class OperatorMultiTurnScenario(Scenario):
             n_model_calls += 1
             selected = _selected(intent.text) if intent.valid else None
             # with 'selected', a wrong plan narrows the Operator's docs: it handicaps a simulated teacher too
-            plan_ok = o.operator_functions == "all" or bool(intent.valid and intent.correct is not False)
+            plan_ok = o.operator_functions == "all" or went_right(intent)
             digest.append(digest_line("user", request))
             # 'all' is BFCL's prompt: the first turn's docs stay in the system prompt, held-out docs arrive only
             # as their turn's user message

@@ -156,6 +156,42 @@ def test_episode_completes_after_browser_crash(ray_cluster):
     assert session.kinds[3:7] == ["info_gathering", "self_reflection", "task_inference", "action_planning"]
 
 
+class WrongNoteSession(TeacherSession):
+    """A perfect teacher except that the observer names a wrong element on the first turn; records, per call,
+    whether the scenario told the teacher its upstream notes were right."""
+
+    def __init__(self, scenario: CradleScenario):
+        super().__init__(scenario, kill_at=None)
+        self.marks: list[tuple[str, bool]] = []
+
+    async def call(self, *, call_kind, hidden=None, check=None, **kw):
+        if hidden is not None:
+            self.marks.append((call_kind, hidden.upstream_ok))
+            if call_kind == "info_gathering" and self.calls == 0:
+                hidden = hidden.model_copy(update={"answer": hidden.distractors[0]})
+        return await super().call(call_kind=call_kind, hidden=hidden, check=check, **kw)
+
+
+def test_a_wrong_note_marks_the_calls_that_read_it(ray_cluster):
+    """The planner's and actor's prompts carry the observer's note: when it names the wrong element, those calls
+    tell a simulated teacher its upstream was wrong (`upstream_ok`); the next turn, with right notes, is clean."""
+    spec = ScenarioSpec(kind="cradle", episodes=1, teams=1, concurrency=1,
+                        options={"tasks": ["login-user"], "browsers_per_team": 1, "skills": False})
+    scenario = CradleScenario(spec, seed=0)
+    session = WrongNoteSession(scenario)
+
+    async def play():
+        try:
+            return await scenario.run_episode(scenario.tasks()[0], session)
+        finally:
+            await scenario.close()
+
+    asyncio.run(play())
+    assert session.marks[:3] == [("info_gathering", True), ("task_inference", False), ("action_planning", False)]
+    assert session.marks[3:7] == [("info_gathering", True), ("self_reflection", True), ("task_inference", True),
+                                  ("action_planning", True)]
+
+
 def test_tasks_outside_the_solver_switch_in_one_browser(browser):
     """Tasks the DOM solver does not know start in the same browser, including the `flight.*` ones that miniwob
     serves over HTTP, and their own reward grades them."""

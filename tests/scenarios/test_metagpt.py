@@ -195,6 +195,17 @@ def test_a_wrong_summary_stops_the_loop_as_metagpt_would():
     assert "debug" not in [c["call_kind"] for c in seen(session)] and not out.success
 
 
+def test_each_call_tells_the_teacher_whether_what_it_was_handed_was_right():
+    """A wrong upstream output (here: an unparsable design, then failing code) marks the calls that carry it, so
+    a simulated teacher handed it answers worse (`upstream_penalty`); calls on a right upstream are unmarked."""
+    wrong = "```python\n" + P0.prompt + "    return False\n```"
+    session = ScriptedSession({"design": ["not json"], "code": [wrong]})
+    asyncio.run(_scenario(format_retries=0, debug_rounds=1).run_episode(P0, session))
+    marks = [(c["call_kind"], c["hidden"].upstream_ok) for c in seen(session)]
+    assert marks == [("prd", True), ("design", True), ("tasks", False), ("code", False), ("tests", False),
+                     ("summary", True), ("debug", True), ("tests", True), ("summary", True)]
+
+
 # ---------------------------------------------------------------- teacher references, tasks, config
 
 

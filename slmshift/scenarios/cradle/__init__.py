@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from slmshift.platform.scenario import (
-    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known,
+    EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known, went_right,
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.cradle import prompts
@@ -230,11 +230,12 @@ class CradleScenario(Scenario):
             page = render(obs, o.max_elements)
             refs = clickable_refs(obs)
             ctx = page_context(obs, taken)
-            notes = await self._notes(task, session, obs, page, refs, plan, last, taken, ctx)
+            notes, notes_ok = await self._notes(task, session, obs, page, refs, plan, last, taken, ctx)
             call = await session.call(
                 role="actor", call_kind="action_planning", category="template", expect="action",
                 messages=prompts.action_messages(page, notes, [str(a) for a in taken], examples),
-                max_tokens=o.action_max_tokens, temperature=o.temperature, hidden=self._action_hidden(obs, plan),
+                max_tokens=o.action_max_tokens, temperature=o.temperature,
+                hidden=self._action_hidden(obs, plan, notes_ok),
                 check=lambda text, ctx=ctx: grade_output(task.id, "action_planning", text, ctx), context=ctx)
             if not call.valid:
                 invalid += 1
@@ -264,16 +265,18 @@ class CradleScenario(Scenario):
             return []
         return [s.as_example() for s in lib.retrieve(utterance, self.options.skill_examples)]
 
-    def _action_hidden(self, obs: dict, plan: Plan | None) -> Hidden | None:
+    def _action_hidden(self, obs: dict, plan: Plan | None, upstream_ok: bool = True) -> Hidden | None:
         if plan is None:
             return None
         wrong = [str(a) for a in distractor_actions(obs, plan)] + [f"{plan.action.kind} the element"]
-        return Hidden(answer=str(plan.action), distractors=wrong)
+        return Hidden(answer=str(plan.action), distractors=wrong, upstream_ok=upstream_ok)
 
     async def _notes(self, task: CradleTask, session: EpisodeSession, obs: dict, page: str, refs: set[int],
-                     plan: Plan | None, last, taken: list[Action], ctx: dict) -> str:
-        """Run the modules before action planning; their outputs become the planner's notes."""
+                     plan: Plan | None, last, taken: list[Action], ctx: dict) -> tuple[str, bool]:
+        """Run the modules before action planning; their outputs become the planner's notes. Returns the notes
+        and whether every module that wrote them got it right (a wrong note handicaps a simulated teacher)."""
         o, notes = self.options, ""
+        made = []  # this turn's module outputs that went into the notes (an invalid one is left out of them)
         target = target_of(obs, plan)
         if "info_gathering" in o.modules:
             answer = element_line(obs, target) if target is not None else None
@@ -284,6 +287,7 @@ class CradleScenario(Scenario):
                 hidden=Hidden(answer=answer, distractors=others) if answer else None,
                 check=lambda text: grade_output(task.id, "info_gathering", text, ctx), context=ctx)
             if c.valid:
+                made.append(c)
                 notes += f"Relevant element: {c.text.strip()[:80]}\n"
         if "self_reflection" in o.modules and last is not None:
             action, then_plan, last_page = last
@@ -297,6 +301,7 @@ class CradleScenario(Scenario):
                 check=lambda text: grade_output(task.id, "self_reflection", text, {"expected": expected}),
                 context={"expected": expected})
             if c.valid:
+                made.append(c)
                 ok = c.text.strip().lower().lstrip("\"'*").startswith("yes")
                 notes += f"Last action {action}: {'worked' if ok else 'did not help; try something else'}\n"
         if "task_inference" in o.modules:
@@ -306,11 +311,12 @@ class CradleScenario(Scenario):
                 role="planner", call_kind="task_inference", category="reasoning", expect="text",
                 messages=prompts.inference_messages(page, notes, [str(a) for a in taken]),
                 max_tokens=o.inference_max_tokens, temperature=o.temperature,
-                hidden=Hidden(answer=plan.subtask, distractors=wrong) if plan else None,
+                hidden=Hidden(answer=plan.subtask, distractors=wrong, upstream_ok=went_right(*made)) if plan else None,
                 check=lambda text: grade_output(task.id, "task_inference", text, ctx), context=ctx)
             if c.valid:
+                made.append(c)
                 notes += f"Subtask: {c.text.strip()[:100]}\n"
-        return notes
+        return notes, went_right(*made)
 
 
 def obs_utterance(obs: dict, task: CradleTask) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from slmshift.platform.sandbox import SandboxLimits, SandboxResult, run_python_async
-from slmshift.platform.scenario import EpisodeSession
+from slmshift.platform.scenario import EpisodeSession, went_right
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.metagpt import prompts, teacher
 from slmshift.scenarios.metagpt.data import Problem, answer_key_paths, grade_code_async
@@ -38,16 +38,21 @@ class Company:
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     runs: list[SandboxResult] = field(default_factory=list)  # HumanEval test runs, in order
     final_code: str | None = None
+    # the latest call of each kind, so a later step can tell the teacher whether what it was handed was right
+    last: dict[str, Any] = field(default_factory=dict)
 
     def behaviours(self) -> dict[str, Any]:
         return {"ProductManager": self.product_manager, "Architect": self.architect,
                 "ProjectManager": self.project_manager, "Engineer": self.engineer, "QaEngineer": self.qa_engineer}
 
     async def _call(self, role: str, kind: str, messages: list[dict[str, str]], hidden: Hidden,
-                    check: Callable[[str], Check], context: Any = None) -> tuple[Any, str, Check]:
-        """One logical call with its format retries. Returns (parsed value or None, last text, last check)."""
+                    check: Callable[[str], Check], context: Any = None,
+                    upstream_ok: bool = True) -> tuple[Any, str, Check]:
+        """One logical call with its format retries. Returns (parsed value or None, last text, last check).
+        `upstream_ok`: was what this prompt carries from earlier steps right (wrong handicaps a simulated teacher)."""
         verdict = Check(False, False, "not called")
         text = ""
+        hidden = hidden.model_copy(update={"upstream_ok": upstream_ok})
         for _ in range(self.format_retries + 1):
             # the checker runs inside the call pipeline (which records its verdict and returns it with the result)
             res = await self.session.call(
@@ -56,12 +61,16 @@ class Company:
                 max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=check,
                 context=context)
             text = res.text
+            self.last[kind] = res
             verdict = res.verdict if res.verdict is not None else Check(False, False, res.error or "no output")
             if res.valid and verdict.valid:
                 return verdict.value, text, verdict
             messages = messages + [{"role": "assistant", "content": text},
                                    prompts.retry_message(res.error or verdict.reason, kind)]
         return None, text, verdict
+
+    def _right(self, *kinds: str) -> bool:
+        return went_right(*(self.last.get(k) for k in kinds))
 
     # --- roles ---------------------------------------------------------------------------------------------
 
@@ -74,13 +83,15 @@ class Company:
     async def architect(self, msg: Message, pool: MessagePool) -> list[Message]:
         p = self.problem
         _, text, _ = await self._call("Architect", "design", prompts.design_messages(p, msg.content),
-                                      teacher.design_ref(p), lambda t: check_design(t, p.entry_point))
+                                      teacher.design_ref(p), lambda t: check_design(t, p.entry_point),
+                                      upstream_ok=self._right("prd"))
         return [Message("design", "Architect", text)]
 
     async def project_manager(self, msg: Message, pool: MessagePool) -> list[Message]:
         p = self.problem
         _, text, _ = await self._call("ProjectManager", "tasks", prompts.tasks_messages(p, msg.content),
-                                      teacher.tasks_ref(p), lambda t: grade_output(p, "tasks", t))
+                                      teacher.tasks_ref(p), lambda t: grade_output(p, "tasks", t),
+                                      upstream_ok=self._right("design"))
         return [Message("tasks", "ProjectManager", text)]
 
     async def engineer(self, msg: Message, pool: MessagePool) -> list[Message]:
@@ -92,7 +103,8 @@ class Company:
         else:
             design, tasks = pool.latest("design"), pool.latest("tasks")
             messages = prompts.code_messages(p, design.content if design else "", tasks.content if tasks else "")
-            code, text, _ = await self._call("Engineer", "code", messages, teacher.code_ref(p), check)
+            code, text, _ = await self._call("Engineer", "code", messages, teacher.code_ref(p), check,
+                                             upstream_ok=self._right("design", "tasks"))
         if code is not None:
             self.final_code = code
         return [Message("code", "Engineer", text, data=code)]
@@ -105,12 +117,14 @@ class Company:
             passed, reason = False, "the Engineer's reply held no parsable code defining " + p.entry_point
             report.append(reason)
         else:
-            tests, _, _ = await self._call("QaEngineer", "tests", prompts.tests_messages(p, code),
-                                           teacher.tests_ref(p), lambda t: check_tests(t, p.entry_point))
             # the tool: HumanEval's tests (the grader; they call the code in a process of its own) and QA's own
-            # asserts, each in the sandbox
+            # asserts, each in the sandbox. The grader runs first only so that QA's test-writing call can tell a
+            # simulated teacher whether the code it was handed is right; QA's prompt does not see the result.
             run = await grade_code_async(p, code, self.limits)
             self.runs.append(run)
+            tests, _, _ = await self._call("QaEngineer", "tests", prompts.tests_messages(p, code),
+                                           teacher.tests_ref(p), lambda t: check_tests(t, p.entry_point),
+                                           upstream_ok=run.ok)
             passed, reason = run.ok, run.reason
             report.append(f"HumanEval tests: {'passed' if run.ok else 'FAILED: ' + run.reason}")
             if not run.ok and run.stderr.strip():
