@@ -2,6 +2,8 @@
 `slmshift gateway` (FastAPI ingress -> call pipeline: route, check, S1 record, metrics -> Serve -> a zero-latency
 simulated model) against the same HTTP requests to a bare Ray Serve echo app that returns a completion-shaped body.
 Target: gateway p50 latency <= 1.2x the bare echo's. Rounds alternate so machine noise hits both alike.
+On a CPU-bound machine latency follows CPU per request, so the bench also prints where each path spends it: CPU
+ms per request of every Ray process (the HTTP proxy, the ingress replica, the model replica, the log writer).
 
 Run: .venv/bin/python bench/gateway.py [--requests 400] [--concurrency 16] [--rounds 3]
 """
@@ -57,6 +59,19 @@ async def drive(url: str, n: int, c: int) -> tuple[list[float], float, int]:
         return lat, time.perf_counter() - t0, errors
 
 
+def ray_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each Ray worker process on this machine, by its role name."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::") and p.info["cpu_times"] is not None:
+            role = cmd.split()[0].removeprefix("ray::").split(".")[0]  # e.g. ServeReplica:echo:Echo, ProxyActor
+            out[role] = out.get(role, 0.0) + p.info["cpu_times"].user + p.info["cpu_times"].system
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=400)
@@ -85,9 +100,13 @@ def main() -> None:
     asyncio.run(drive(f"{base}/gw/v1/chat/completions", 40, 8))  # warm-up both
     asyncio.run(drive(f"{base}/echo/v1/chat/completions", 40, 8))
     res: dict[str, list] = {"gateway": [], "echo": []}
+    cpu: dict[str, dict[str, float]] = {"gateway": {}, "echo": {}}
     for _ in range(a.rounds):
         for name, path in (("echo", "/echo"), ("gateway", "/gw")):
+            before = ray_cpu_s()
             res[name].append(asyncio.run(drive(f"{base}{path}/v1/chat/completions", a.requests, a.concurrency)))
+            for role, t in ray_cpu_s().items():
+                cpu[name][role] = cpu[name].get(role, 0.0) + t - before.get(role, t)
     out = {}
     for name, runs in res.items():
         lat = sorted(x for r in runs for x in r[0])
@@ -95,6 +114,11 @@ def main() -> None:
                      "p99": lat[int(len(lat) * 0.99)], "errors": sum(r[2] for r in runs)}
         print(f"{name:8s} {out[name]['rps']:7.1f} req/s  p50 {out[name]['p50'] * 1e3:6.1f} ms  "
               f"p99 {out[name]['p99'] * 1e3:6.1f} ms  errors {out[name]['errors']}")
+    n = a.requests * a.rounds
+    for name, roles in cpu.items():
+        busy = sorted(((t / n * 1e3, role) for role, t in roles.items() if t / n >= 1e-4), reverse=True)
+        print(f"{name:8s} CPU ms/request in Ray processes: {sum(ms for ms, _ in busy):.2f} = "
+              + ", ".join(f"{role} {ms:.2f}" for ms, role in busy[:5]))
     print(f"gateway / bare Serve echo: p50 latency {out['gateway']['p50'] / out['echo']['p50']:.2f}x, "
           f"throughput {out['gateway']['rps'] / out['echo']['rps']:.2f}x  (target: latency <= 1.2x)")
     serve.shutdown()
