@@ -119,15 +119,16 @@ def convert_options(loop: LoopSection) -> Any:
 
 
 def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
-    """A rough wall-time estimate for a 2-core CPU machine, from per-call costs measured on this project's runs:
-    a packaged-SmolLM2 call ~6 s under load, a simulated call ~0, LoRA ~25 s per step of 8 rows."""
+    """A rough wall-time estimate for a 2-core CPU machine, from paper-table-small's stage times (2026-11-29, a
+    busy machine): ~7 s of wall time per SLM call made (collect: 96 shadowed packaged-SmolLM2 calls in 675 s), ~55 s
+    per LoRA step of 8 rows plus a minute of set-up and evaluation per cluster; simulated calls cost ~nothing."""
     slm = next((m for m in cfg.models if m.tier == "slm"), None)
-    per_slm_call = 6.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.5
+    per_slm_call = 7.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.5
     calls_per_episode = {"operator": 2, "metagpt": 7, "cradle": 12}
     calls = sum(calls_per_episode.get(s.kind, 4) for s in cfg.scenarios)
-    collect = loop.collect_episodes * calls * loop.shadow_rate * per_slm_call / 8  # ~8 SLM calls batched at once
-    verify = 2 * loop.verify_episodes * calls * per_slm_call / 8
-    lora = loop.max_clusters * (loop.convert.lora_steps * 25 + 60)
+    collect = loop.collect_episodes * calls * loop.shadow_rate * per_slm_call
+    verify = loop.verify_episodes * calls * 0.5 * per_slm_call  # the tuned arm's SLM calls (all-LLM's are simulated)
+    lora = loop.max_clusters * (loop.convert.lora_steps * 55 + 60)
     return iterations * (collect + verify + lora + loop.tune_time_budget_s) / 60
 
 

@@ -27,7 +27,7 @@ scenarios:
     teams: 1
     concurrency: 8
     options: {{categories: [simple]}}
-loop:
+{extra}loop:
   collect_episodes: 12
   verify_episodes: 4
   max_clusters: 1
@@ -44,7 +44,8 @@ def cli(*args, **kw):
 def loop_run(tmp_path_factory, tiny_teacher_models, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("loop")
     cfg = tmp / "loop.yaml"
-    cfg.write_text(YAML.format(storage=tmp / "runs", models=tiny_teacher_models, tiny=tiny_model_dir))
+    metagpt = "  - {kind: metagpt, teams: 1, concurrency: 4}\n"  # a second agent system: one table row each
+    cfg.write_text(YAML.format(storage=tmp / "runs", models=tiny_teacher_models, tiny=tiny_model_dir, extra=metagpt))
     r = cli("loop", str(cfg), "--iterations", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     loop_dir = Path(next(ln.split("Loop report: ")[1].split("/report.html")[0]
@@ -59,6 +60,9 @@ def test_two_iterations_write_the_table(loop_run):
         assert all(state["iterations"][it][s]["status"] == "done" for s in ("collect", "convert", "tune", "verify"))
     md = (loop_dir / "report.md").read_text()
     assert "The paper's table, measured" in md and "Open Operator" in md and "40%" in md and "simulated" in md
+    assert "| MetaGPT | 60% |" in md
+    # the console shows our stages, not Ray Data's execution plans (those go to the session's log files)
+    assert "Execution plan" not in r.stdout + r.stderr and "Progress bars disabled" not in r.stdout + r.stderr
     assert (loop_dir / "iter-2" / "config.json").is_file() and "rough estimate" in r.stdout
     # iteration 2 collected with the router iteration 1 tuned, paired on the other tier
     run2 = state["iterations"]["2"]["collect"]["run_dir"]
@@ -104,7 +108,7 @@ def test_html_report_renders_in_chromium(loop_run):
 
 def test_resume_after_a_kill_does_not_redo_finished_stages(tmp_path, tiny_teacher_models, tiny_model_dir):
     cfg = tmp_path / "loop.yaml"
-    cfg.write_text(YAML.format(storage=tmp_path / "runs", models=tiny_teacher_models, tiny=tiny_model_dir))
+    cfg.write_text(YAML.format(storage=tmp_path / "runs", models=tiny_teacher_models, tiny=tiny_model_dir, extra=""))
     proc = subprocess.Popen([sys.executable, "-m", "slmshift.cli", "loop", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     loop_dir, deadline = None, time.time() + 600

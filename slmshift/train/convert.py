@@ -299,12 +299,13 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
         # cleaner then just keeps waiting, and the run is never torn down by mistake.
         os.environ.setdefault(_API_ENV, "http://127.0.0.1:9")
         start_ray(RaySection(num_cpus=o.num_cpus, dashboard=False), log_to_driver=o.verbose)
-        if not o.verbose:
-            from ray.data import DataContext
+    if not o.verbose:  # also when a caller (the loop) started Ray: its plans and per-dataset lines are noise here
+        from ray.data import DataContext
 
-            DataContext.get_current().enable_progress_bars = False  # our own bar reports the training steps
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            logging.getLogger("ray.train").setLevel(logging.WARNING)
+        DataContext.get_current().enable_progress_bars = False  # our own bar reports the training steps
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we did that
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
     try:
         for e in todo:
