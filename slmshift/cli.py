@@ -32,7 +32,8 @@ def run(
                                             "(not with --resume)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto', 'ray://HEAD:10001'); "
                                           "default: RAY_ADDRESS, then ray.address in the YAML, else embedded."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Override experiment.storage (path or s3:// URI)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Override experiment.storage (a path, or a "
+                                          "file://, s3:// or gs:// URI)."),
     episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="Override every scenario's episodes."),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run: "
                                          "same config, experiment id and directory; runs only the episodes without "
@@ -72,12 +73,14 @@ def run(
 
 
 @app.command()
-def report(run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run`.")) -> None:
+def report(run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run` (a path or URI).")) -> None:
     """Recompute and print the summary of a finished (or interrupted) run from its log."""
     from slmshift.platform.log import read_episodes, read_interactions
     from slmshift.platform.report import print_summary, summarize
+    from slmshift.platform.storage import check
 
     try:
+        run_dir = check(run_dir, "RUN_DIR", write=False)
         everything, ep = read_interactions(run_dir, include_shadow=True), read_episodes(run_dir)
     except SlmshiftError as e:
         _fail(e)
@@ -90,8 +93,8 @@ def report(run_dir: str = typer.Argument(..., help="A run directory printed by `
 
 @app.command()
 def convert(
-    run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run`."),
-    out: Optional[str] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/convert)."),
+    run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run` (a path or URI)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output dir or URI (default: RUN_DIR/convert)."),
     base: Optional[list[str]] = typer.Option(None, "--base", help="SLM candidate: a registered name "
                                              "(smollm2-135m), 'packaged:…' or a local model dir; repeat to compare "
                                              "several. Default: smollm2-135m."),
@@ -153,7 +156,8 @@ def convert(
     for r in cluster_rows(rep):
         table.add_row(*r)
     console.print(table)
-    console.print(f"Report: {rep.out_dir}/report.md  ({rep.timings.get('total_s', 0):.0f} s)")
+    console.print(f"Report: {rep.out_dir}/report.md  ({rep.timings.get('total_s', 0):.0f} s)"
+                  + (f"  Working copy: {rep.local_dir}" if rep.local_dir else ""), soft_wrap=True)
     if rep.registry:
         base_src = next((c.get("chosen_source") for c in rep.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
         console.print(f"{len(rep.promoted)} adapter(s) promoted. To serve them, add to an experiment YAML:")

@@ -8,6 +8,10 @@ done in LOOP_DIR/state.json, so `--resume LOOP_DIR` continues from the last fini
 resumes its own run). The loop ends with LOOP_DIR/report.md and report.html: the paper's case-study table
 (arXiv 2506.02153, Appendix B) re-done as a measurement.
 
+LOOP_DIR may be a storage URI (s3://, gs://): the loop then works in a local mirror of it (`platform/storage.py`)
+and uploads the mirror whenever the state changes, stage outputs before state.json, so a stage the URI's state calls
+done has its files there; `--resume URI` downloads it first.
+
 The next iteration's experiment is built as an ExperimentConfig transform (models + policies), never as YAML text.
 """
 
@@ -32,10 +36,12 @@ PAPER_NAME = {"metagpt": "MetaGPT", "operator": "Open Operator", "cradle": "Crad
 
 
 class LoopState:
-    """LOOP_DIR/state.json: per iteration and stage, its status, outputs and wall time; rewritten atomically."""
+    """LOOP_DIR/state.json: per iteration and stage, its status, outputs and wall time; rewritten atomically, then
+    `sync` (a URI loop dir's upload) runs."""
 
-    def __init__(self, loop_dir: Path):
+    def __init__(self, loop_dir: Path, sync: Any = None):
         self.path = loop_dir / "state.json"
+        self.sync = sync or (lambda: None)
         self.doc: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"iterations": {}}
 
     def stage(self, it: int, name: str) -> dict[str, Any]:
@@ -46,6 +52,7 @@ class LoopState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.doc, indent=2, default=str))
         tmp.replace(self.path)
+        self.sync()
 
 
 def split_tasks(cfg: ExperimentConfig, loop: LoopSection) -> dict[str, dict[str, list[str]]]:
@@ -146,25 +153,33 @@ def _run(cfg: ExperimentConfig, storage: str, state: LoopState, it: int, stage: 
 
 
 def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = None, console: Any = None,
-             address: str | None = None) -> Path:
-    """Run (or resume, when `loop_dir` holds a state.json) the loop; returns LOOP_DIR. Raises SlmshiftError when
-    a stage fails, after recording it in the state and the report."""
+             address: str | None = None) -> str:
+    """Run (or resume, when `loop_dir` holds a state.json) the loop; returns LOOP_DIR (a path or URI). Raises
+    SlmshiftError when a stage fails, after recording it in the state and the report."""
     from rich.console import Console
+
+    from slmshift.platform.storage import check, download, is_uri, join, mirror_dir, upload
 
     console = console or Console()
     loop = cfg.loop or LoopSection()
     if loop_dir is None:
-        root = Path(cfg.experiment.storage).expanduser().resolve()
-        loop_dir = str(root / f"{cfg.experiment.name}-loop-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
-    ld = Path(loop_dir)
+        root = check(cfg.experiment.storage, "experiment.storage")
+        loop_dir = join(root, f"{cfg.experiment.name}-loop-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
+    else:
+        loop_dir = check(loop_dir, "--resume")
+    ld = mirror_dir(loop_dir) if is_uri(loop_dir) else Path(loop_dir)
+    if is_uri(loop_dir):
+        n = download(loop_dir, ld)
+        console.print(f"loop dir {loop_dir}: working copy {ld}" + (f" ({n} file(s) downloaded)" if n else ""),
+                      soft_wrap=True)
     ld.mkdir(parents=True, exist_ok=True)
-    state = LoopState(ld)
+    state = LoopState(ld, (lambda: upload(ld, loop_dir)) if is_uri(loop_dir) else None)
     if "config" not in state.doc:
         state.doc["config"] = cfg.model_dump(mode="json")
         state.doc["split"] = split_tasks(cfg, loop)
         state.update(0, "setup", status="done")
     split = state.doc["split"]
-    console.print(f"[bold]slmshift loop[/] {iterations} iteration(s) -> {ld}  (rough estimate on 2 CPU cores: "
+    console.print(f"[bold]slmshift loop[/] {iterations} iteration(s) -> {loop_dir}  (rough estimate on 2 CPU cores: "
                   f"{estimate_minutes(cfg, loop, iterations):.0f} min)", soft_wrap=True)
     policy, registry = policy_spec(kind="llm"), None
     seen: dict[str, set[str]] = {k: set() for k in split}
@@ -205,9 +220,10 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
                 if v.get("status") == "running":
                     state.update(int(i), name, status="interrupted")
         write_report(ld, state)
+        state.sync()
         if info.embedded:
             ray.shutdown()
-        console.print(f"interrupted: finished stages are kept. Resume with: slmshift loop --resume {ld}")
+        console.print(f"interrupted: finished stages are kept. Resume with: slmshift loop --resume {loop_dir}")
         raise
     except (SlmshiftError, Exception) as e:
         running = [(int(i), s) for i, stages in state.doc["iterations"].items() for s, v in stages.items()
@@ -215,17 +231,19 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
         for i, s in running:
             state.update(i, s, status="failed", reason=f"{type(e).__name__}: {str(e)[:500]}")
         write_report(ld, state)
+        state.sync()
         if info.embedded:
             ray.shutdown()
         raise SlmshiftError(f"loop stopped at {running[-1][1] if running else 'a stage'}: {e}. The stage is recorded "
-                            f"in {ld}/report.md. Fix the cause, then: slmshift loop CONFIG --resume {ld}") from None
+                            f"in {loop_dir}/report.md. Fix the cause, then: slmshift loop CONFIG --resume {loop_dir}") from None
     write_report(ld, state)
+    state.sync()
     if info.embedded:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
-    return ld
+    return loop_dir
 
 
 def _seen_tasks(run_dir: str, seen: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -464,11 +482,13 @@ def _html(md: str, images: dict[str, str]) -> str:
 
 
 def load_loop_dir(loop_dir: str) -> ExperimentConfig:
-    """The config a loop dir was started with (for --resume)."""
-    p = Path(loop_dir) / "state.json"
-    if not p.is_file():
+    """The config a loop dir (a path or URI) was started with (for --resume)."""
+    from slmshift.platform.storage import check, join, read_text
+
+    try:
+        doc = json.loads(read_text(join(check(loop_dir, "--resume", write=False), "state.json")))
+    except FileNotFoundError:
         raise SlmshiftError(f"{loop_dir}: not a loop directory (no state.json). Fix: pass the LOOP_DIR that "
-                            "`slmshift loop` printed.")
-    doc = json.loads(p.read_text())
+                            "`slmshift loop` printed.") from None
     return ExperimentConfig.model_validate(doc["config"])
 

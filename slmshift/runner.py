@@ -28,6 +28,8 @@ from slmshift.platform.config import ExperimentConfig, ScenarioSpec
 from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.log import InteractionLog, LogClient, read_episodes, read_interactions
 from slmshift.platform.scenario import scenario_class
+from slmshift.platform.storage import check as storage_check
+from slmshift.platform.storage import is_uri, join, normalize, read_text, storage_error, write_text
 from slmshift.platform.types import EpisodeResult
 
 
@@ -43,25 +45,12 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _write_text(uri: str, text: str) -> None:
-    from pyarrow import fs
-
-    if "://" not in uri:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        Path(uri).write_text(text)
-        return
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
 def new_run_dir(cfg: ExperimentConfig, storage: str | None = None) -> tuple[str, str]:
-    """(experiment id, run dir URI). The id is the name plus a UTC timestamp, unique per launch."""
+    """(experiment id, run dir: a local path or URI). The id is the name plus a UTC timestamp, unique per launch.
+    A storage location that cannot be written fails here, before Ray starts, naming its flag or field."""
     exp_id = f"{cfg.experiment.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
-    root = storage or cfg.experiment.storage
-    root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
-    return exp_id, f"{root}/{exp_id}"
+    root = storage_check(storage or cfg.experiment.storage, "--storage" if storage else "experiment.storage")
+    return exp_id, join(root, exp_id)
 
 
 def _prepare_sources(cfg: ExperimentConfig, console: Any, local: bool) -> None:
@@ -92,34 +81,22 @@ def build_tasks(cls: Any, spec: ScenarioSpec, seed: int) -> list[Any]:
     return cls(spec, seed).tasks()
 
 
-def _norm_run_dir(run_dir: str) -> str:
-    return run_dir.rstrip("/") if "://" in run_dir else str(Path(run_dir).expanduser().resolve())
-
-
 def read_run_config(run_dir: str, scenario_options: dict | None = None) -> ExperimentConfig:
     """The validated config a run wrote (RUN_DIR/config.yaml), for `--resume`."""
     import tempfile
 
-    from pyarrow import fs
-
     from slmshift.platform.config import load_config
 
-    run_dir = _norm_run_dir(run_dir)
-    if "://" not in run_dir:
-        path = Path(run_dir) / "config.yaml"
-        if not path.is_file():
-            raise SlmshiftError(f"{run_dir}: not a run directory (no config.yaml in it). Fix: pass a run directory "
-                                "printed by `slmshift run` (e.g. runs/quickstart-20260101-120000).")
-        return load_config(path, scenario_options)
-    filesystem, path = fs.FileSystem.from_uri(f"{run_dir}/config.yaml")
+    run_dir = normalize(run_dir, "--resume")
     try:
-        with filesystem.open_input_stream(path) as f:
-            text = f.read()
+        text = read_text(join(run_dir, "config.yaml"))
     except (OSError, FileNotFoundError) as e:
-        raise SlmshiftError(f"{run_dir}/config.yaml: cannot read it ({e}). Fix: pass a run directory printed by "
-                            "`slmshift run`.") from None
+        if not is_uri(run_dir) or isinstance(e, FileNotFoundError):
+            raise SlmshiftError(f"{run_dir}: not a run directory (no config.yaml in it). Fix: pass a run directory "
+                                "printed by `slmshift run` (e.g. runs/quickstart-20260101-120000).") from None
+        raise storage_error(run_dir, "--resume", e) from None
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.yaml").write_bytes(text)
+        (Path(d) / "config.yaml").write_text(text)
         return load_config(Path(d) / "config.yaml", scenario_options)
 
 
@@ -299,14 +276,14 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     done_before: set[str] = set()
     next_attempt: dict[str, int] = {}
     if resume:
-        run_dir = _norm_run_dir(resume)
+        run_dir = storage_check(resume, "--resume")
         found, done_before, next_attempt = _resume_state(run_dir)
         exp_id = found or run_dir.rstrip("/").rsplit("/", 1)[-1]
         console.print(f"[bold]slmshift[/] resuming [cyan]{exp_id}[/] in {run_dir}: {len(done_before)} episode(s) "
                       "already have an outcome", soft_wrap=True)
     else:
         exp_id, run_dir = new_run_dir(cfg, storage)
-        _write_text(f"{run_dir}/config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_text(join(run_dir, "config.yaml"), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         console.print(f"[bold]slmshift[/] experiment [cyan]{exp_id}[/] -> {run_dir}", soft_wrap=True)
 
     _prepare_sources(cfg, console, local=cluster_address(cfg.ray, address) is None)
@@ -401,6 +378,6 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     if interrupted:
         summary["incomplete"] = {"episodes_without_outcome": remaining,
                                  "resume": f"slmshift run --resume {run_dir}"}
-    _write_text(f"{run_dir}/report.json", reports.to_json(summary))
-    _write_text(f"{run_dir}/report.md", reports.to_markdown(summary, f"slmshift report: {exp_id}"))
+    write_text(join(run_dir, "report.json"), reports.to_json(summary))
+    write_text(join(run_dir, "report.md"), reports.to_markdown(summary, f"slmshift report: {exp_id}"))
     return RunResult(run_dir, summary, counts, summary["wall_s"], interrupted, remaining, exp_id, notes)

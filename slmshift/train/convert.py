@@ -3,7 +3,9 @@
 S2 curate (rule, scrub, dedup), S3 cluster (embeddings + faiss k-means), split by task/episode stratified by
 cluster, S4 select an SLM per cluster zero-shot, S5 fine-tune a LoRA adapter per cluster on Ray Train
 (C2's `train_adapter`), evaluate base vs adapter on the held-out calls, register every adapter and promote
-the ones that win. Writes the conversion layout under `RUN_DIR/convert/` (see docs of `convert`).
+the ones that win. Writes the conversion layout under `RUN_DIR/convert/` (see docs of `convert`). RUN_DIR and the
+output may be storage URIs (`platform/storage.py`): the output is then built in a local mirror and uploaded after
+each step.
 
 Promotion rule: an adapter is promoted when its held-out accuracy beats the base model's; when accuracies
 tie, when its held-out loss is lower and its valid-output rate is no worse.
@@ -84,6 +86,7 @@ class ConvertReport:
     promotion_rule: str = PROMOTION_RULE
     selection_rule: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    local_dir: str = ""  # the working copy on this machine when out_dir is a URI (the registry's paths are in it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,8 +193,20 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     console = console or Console()
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
-    run_dir = str(run_dir)
-    out = Path(out_dir or Path(run_dir) / "convert").resolve()
+    from slmshift.platform.storage import check, is_uri, join, mirror_dir, normalize, upload
+
+    run_dir = check(str(run_dir), "RUN_DIR", write=False)
+    out_uri = normalize(out_dir, "--out") if out_dir else join(run_dir, "convert")
+    out = Path(out_uri)
+    if is_uri(out_uri):
+        check(out_uri, "--out" if out_dir else "RUN_DIR (its convert/ dir; or pass --out)")
+        out = mirror_dir(out_uri)
+        console.print(f"output: {out_uri} (built in {out}, uploaded after each step)", soft_wrap=True)
+
+    def sync() -> None:
+        if is_uri(out_uri):
+            upload(out, out_uri)
+
     df = _read_log(run_dir)
     cands = _resolve_candidates(o.candidates)
 
@@ -220,6 +235,7 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     ClusterIndex(clus.centroids, info).save(out / "clusters")
     curated_path = out / "curated.parquet"
     rows.to_parquet(curated_path, index=False)
+    sync()
     timings["cluster_s"] = time.perf_counter() - t
     console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
 
@@ -265,21 +281,24 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             e["status"] = f"not tuned: max_clusters={o.max_clusters} (larger clusters went first)"
         todo = todo[:o.max_clusters]
     if todo:
-        registry_path = _train_and_register(todo, selections, rows, curated_path, out, o, grader, threads, console)
+        registry_path = _train_and_register(todo, selections, rows, curated_path, out, o, grader, threads, console,
+                                            sync)
     timings["train_eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     report = ConvertReport(
-        run_dir=run_dir, out_dir=str(out), counts=cur.counts, scrub_counts=cur.scrub_counts,
+        run_dir=run_dir, out_dir=str(out_uri), local_dir=str(out) if is_uri(out_uri) else "", counts=cur.counts, scrub_counts=cur.scrub_counts,
         clustering={"k": clus.k, "criterion": clus.criterion, "silhouette": clus.scores},
         clusters=per_cluster, grading=grader.method, timings={k: round(v, 2) for k, v in timings.items()},
         registry=registry_path, selection_rule=RULE, options=o.model_dump(mode="json"))
     write_report(report, out)
+    sync()
     return report
 
 
 def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.DataFrame, curated_path: Path,
-                        out: Path, o: ConvertOptions, grader: Any, threads: int, console: Any) -> str:
+                        out: Path, o: ConvertOptions, grader: Any, threads: int, console: Any,
+                        sync: Any = lambda: None) -> str:
     from slmshift.platform.cluster import start_ray
     from slmshift.platform.config import RaySection
     from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
@@ -332,6 +351,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                                        val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate,
                                        accuracy_diff_interval=interval)))
             registry.save()  # after each cluster: an interrupted convert keeps what finished
+            sync()
     finally:
         if started:
             ray.shutdown()
@@ -381,7 +401,9 @@ def to_markdown(report: ConvertReport) -> str:
         next((c.get("chosen_source") for c in report.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
     parts = [
         f"# slmshift conversion report: {Path(report.run_dir).name}",
-        f"Run: `{report.run_dir}`  Output: `{report.out_dir}`",
+        f"Run: `{report.run_dir}`  Output: `{report.out_dir}`"
+        + (f" (working copy on the machine that converted: `{report.local_dir}`; the paths below are in it)"
+           if report.local_dir else ""),
         f"Held-out grading: {report.grading} (scenario = the scenario's own checker; logged-output match = "
         "normalised exact match with the logged output, used where a scenario cannot grade offline).",
         "## Clusters (S3) and their SLMs (S4, S5)",

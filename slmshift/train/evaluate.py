@@ -89,11 +89,14 @@ def grader_for_run(run_dir: str | Path) -> ScenarioGrader:
     from slmshift.platform.config import ScenarioSpec
     from slmshift.platform.scenario import scenario_class
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
+    from slmshift.platform.storage import join, read_text
+
+    try:
+        text = read_text(join(str(run_dir), "config.yaml"))
+    except OSError:  # no config.yaml (a log from elsewhere): logged-output match grades
         return ScenarioGrader()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
         seed = int((raw.get("experiment") or {}).get("seed", 0))
         scenarios = {}
         for s in raw.get("scenarios") or []:
