@@ -16,6 +16,8 @@ app = typer.Typer(help="Measure and perform the move of agent teams from large t
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Packaged models: list them, convert them into the local cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+job_app = typer.Typer(help="Ray jobs: run an experiment on a running cluster through its dashboard.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
 # Piped output (CI, `| tee`) gets wide tables instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True)
@@ -252,6 +254,61 @@ def loop(
     except SlmshiftError as e:
         _fail(e)
     console.print(f"Loop report: {loop_dir}/report.html  ({loop_dir}/report.md)")
+
+
+@job_app.command("submit")
+def job_submit(
+    config: Path = typer.Argument(..., help="Experiment YAML, e.g. scenarios/quickstart.yaml (validated here first)."),
+    address: Optional[str] = typer.Option(None, "--address", help="The cluster's dashboard, e.g. http://HEAD:8265 "
+                                          "(default: RAY_API_SERVER_ADDRESS, then an http RAY_ADDRESS, then "
+                                          "http://127.0.0.1:8265)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the run goes, as the head sees it: a path "
+                                          "(relative ones are made absolute here) or a URI. Default: experiment.storage."),
+    episodes: Optional[int] = typer.Option(None, "--episodes", min=1, help="Override every scenario's episodes."),
+    python: Optional[str] = typer.Option(None, "--python", help="Python with slmshift installed on the head node "
+                                         "(default: this one's path, right for a head on this machine)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Submit and return; follow with `ray job logs -f ID`."),
+) -> None:
+    """Run an experiment as a Ray job on a running cluster (e.g. `ray start --head`), token auth handled; streams
+    its log and prints where the run's outputs are."""
+    import yaml
+
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.platform.cluster import follow_job, submit_job
+    from slmshift.platform.config import load_config
+    from slmshift.platform.scenario import scenario_options
+    from slmshift.platform.storage import normalize
+
+    try:
+        cfg = load_config(config, scenario_options())
+        root = normalize(storage or cfg.experiment.storage, "--storage" if storage else "experiment.storage")
+        cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"storage": root})})
+        if episodes:
+            cfg = cfg.model_copy(update={"scenarios": [s.model_copy(update={"episodes": episodes}) for s in cfg.scenarios]})
+        job = submit_job(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), cfg.experiment.name,
+                         address=address, python=python)
+    except SlmshiftError as e:
+        _fail(e)
+    console.print(f"job {job.job_id} submitted to {job.address}; the run goes under {root}/ on the head node"
+                  + ("" if "://" not in root else " (storage URI)"), soft_wrap=True, highlight=False)
+    hints = f"  ray job logs -f {job.job_id}   ray job status {job.job_id}   ray job stop {job.job_id}"
+    if no_wait:
+        console.print(f"Follow it (with --address {job.address} and RAY_AUTH_MODE=token if the cluster uses tokens):\n"
+                      + hints, soft_wrap=True, highlight=False, markup=False)
+        return
+    try:
+        job = follow_job(job, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; the job goes on on the cluster:\n{hints}", highlight=False, markup=False)
+        raise typer.Exit(130)
+    except SlmshiftError as e:
+        _fail(e)
+    if job.status != "SUCCEEDED":
+        err_console.print(f"job {job.job_id} {job.status}; its log is above (`ray job logs {job.job_id}`).",
+                          highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"job {job.job_id} SUCCEEDED. Run outputs: {job.run_dir or root + '/'} (report.md, interactions/); "
+                  f"summarise again with `slmshift report {job.run_dir or 'RUN_DIR'}`", soft_wrap=True, highlight=False)
 
 
 @models_app.command("list")
