@@ -75,8 +75,10 @@ def start_ray(cfg: RaySection, address: str | None = None, *, log_to_driver: boo
     try:
         ctx = ray.init(**kwargs)
     except Exception as e:
-        raise RayConnectError(f"Could not start an embedded Ray cluster: {type(e).__name__}: {e}. "
-                              "Fix: check free memory and /tmp space, or stop a stale cluster with `ray stop`.") from None
+        fix = (f"set another `ray.dashboard_port` in the YAML (or leave it out: the first free port from 8265 is "
+               f"used), or `ray: {{dashboard: false}}`" if "already occupied" in str(e)
+               else "check free memory and /tmp space, or stop a stale cluster with `ray stop`")
+        raise RayConnectError(f"Could not start an embedded Ray cluster: {type(e).__name__}: {e}. Fix: {fix}.") from None
     node = ray.nodes()[0] if ray.nodes() else {}
     url = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else None
     if url:

@@ -42,7 +42,8 @@ class RaySection(_Strict):
     )
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the embedded cluster (default: all).")
     dashboard: bool = Field(default=True, description="Start the dashboard on 127.0.0.1 when its deps are present.")
-    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    dashboard_port: int | None = Field(default=None, ge=1, le=65535, description="Embedded cluster's dashboard port "
+                                       "(default: 8265, or the next free one when another Ray holds it).")
     metrics_export_port: int | None = Field(
         default=None, ge=1, le=65535, description="Fixed Prometheus port for this node's metrics (default: random)."
     )
