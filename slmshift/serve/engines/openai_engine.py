@@ -1,4 +1,8 @@
-"""Any OpenAI-compatible chat endpoint (a hosted frontier model, a vLLM or Ray Serve LLM server)."""
+"""Any OpenAI-compatible chat endpoint (a hosted frontier model, a vLLM or Ray Serve LLM server).
+
+`ChatCompletionsEngine` holds the one LMRequest -> chat completion -> LMResponse mapping; `OpenAIEngine` points
+it at a configured endpoint, `VLLMEngine` (vllm_engine.py) at the vLLM server its replica starts.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +16,27 @@ from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
 
 
-class OpenAIEngine(Engine):
-    backend = "openai"
+class ChatCompletionsEngine(Engine):
+    """Engines that talk to an OpenAI-compatible `/chat/completions`: call `_connect` in the constructor."""
 
-    def __init__(self, spec: ModelSpec):
-        super().__init__(spec)
+    def _connect(self, base_url: str, api_key: str, timeout_s: float, max_retries: int) -> None:
         import openai
 
-        opts = spec.openai
-        if opts is None:
-            raise ModelLoadError(f"model {spec.name!r}: backend 'openai' needs an `openai:` section with base_url")
-        key = os.environ.get(opts.api_key_env)
-        if key is None:
-            raise ModelLoadError(
-                f"model {spec.name!r}: environment variable {opts.api_key_env} (models[].openai.api_key_env) is not set. "
-                f"Fix: export {opts.api_key_env}=<key> (any non-empty value for servers without auth).")
         # The SDK retries connection errors, 408/409/429 and 5xx with exponential backoff.
-        self.client = openai.AsyncOpenAI(base_url=opts.base_url, api_key=key, timeout=opts.timeout_s,
-                                         max_retries=opts.max_retries)
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s,
+                                         max_retries=max_retries)
         self.logprobs = True  # switched off for endpoints that reject it
 
-    async def _one(self, req: LMRequest) -> LMResponse:
+    def _error(self, message: str, t0: float, adapter: str | None = None) -> LMResponse:
+        return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                          adapter=adapter, latency_s=time.perf_counter() - t0, error=message)
+
+    async def _complete(self, req: LMRequest, model: str, adapter: str | None = None) -> LMResponse:
+        """One request as `model` at the endpoint; `adapter` is the LoRA adapter that name stands for, if any."""
         import openai
 
         t0 = time.perf_counter()
-        base = dict(model=self.spec.source, messages=req.messages, max_tokens=req.max_tokens,
+        base = dict(model=model, messages=req.messages, max_tokens=req.max_tokens,
                     temperature=req.temperature, seed=req.seed)
         try:
             try:
@@ -47,15 +47,31 @@ class OpenAIEngine(Engine):
                 self.logprobs = False
                 r = await self.client.chat.completions.create(**base)
         except Exception as e:
-            return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
-                              latency_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {str(e)[:300]}")
+            return self._error(f"{type(e).__name__}: {str(e)[:300]}", t0, adapter)
         choice = r.choices[0]
         lps = [t.logprob for t in (choice.logprobs.content or [])] if choice.logprobs else []
         lps = [x for x in lps if x is not None and math.isfinite(x)]
         return LMResponse(
             text=choice.message.content or "", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
-            tokens_in=r.usage.prompt_tokens if r.usage else 0, tokens_out=r.usage.completion_tokens if r.usage else 0,
+            adapter=adapter, tokens_in=r.usage.prompt_tokens if r.usage else 0,
+            tokens_out=r.usage.completion_tokens if r.usage else 0,
             latency_s=time.perf_counter() - t0, mean_logprob=sum(lps) / len(lps) if lps else None)
 
+
+class OpenAIEngine(ChatCompletionsEngine):
+    backend = "openai"
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        opts = spec.openai
+        if opts is None:
+            raise ModelLoadError(f"model {spec.name!r}: backend 'openai' needs an `openai:` section with base_url")
+        key = os.environ.get(opts.api_key_env)
+        if key is None:
+            raise ModelLoadError(
+                f"model {spec.name!r}: environment variable {opts.api_key_env} (models[].openai.api_key_env) is not set. "
+                f"Fix: export {opts.api_key_env}=<key> (any non-empty value for servers without auth).")
+        self._connect(opts.base_url, key, opts.timeout_s, opts.max_retries)
+
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        return list(await asyncio.gather(*(self._complete(r, self.spec.source) for r in requests)))
