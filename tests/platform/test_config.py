@@ -57,7 +57,7 @@ def test_unknown_key_lists_allowed_keys_and_line(tmp_path):
 
 def test_unknown_backend_lists_allowed(tmp_path):
     msg = problems(tmp_path, GOOD.replace("backend: hf", "backend: llamacpp"))
-    assert "models[0].backend (line 3): Input should be 'hf', 'simulated' or 'openai' (got 'llamacpp')" in msg
+    assert "models[0].backend (line 3): Input should be 'hf', 'vllm', 'simulated' or 'openai' (got 'llamacpp')" in msg
 
 
 def test_malformed_yaml_names_line(tmp_path):
@@ -161,7 +161,7 @@ def test_unknown_or_broken_adapter_dirs(tmp_path):
     assert "models[0].adapters.sql (line 3): adapter 'sql':" in msg and "no adapter_config.json" in msg
     assert "'__base__' is reserved" in msg
     msg = problems(tmp_path, GOOD.replace("backend: simulated}", f"backend: simulated, adapters: {{a: {tmp_path}}}}}"))
-    assert "models[1].adapters (line 4): LoRA adapters are served by backend 'hf' only" in msg
+    assert "models[1].adapters (line 4): LoRA adapters are served by backends 'hf' and 'vllm' only, not 'simulated'" in msg
 
 
 def test_registry_trained_on_another_base_and_missing_index(tmp_path):

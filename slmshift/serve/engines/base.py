@@ -44,6 +44,7 @@ _ENGINES: dict[str, str] = {
     "hf": "slmshift.serve.engines.hf:HFEngine",
     "simulated": "slmshift.serve.engines.simulated:SimulatedEngine",
     "openai": "slmshift.serve.engines.openai_engine:OpenAIEngine",
+    "vllm": "slmshift.serve.engines.vllm_engine:VLLMEngine",  # a vLLM server from its own env (no vllm import here)
 }
 
 
