@@ -2,11 +2,13 @@
 server (fast, no vLLM needed), and the real engine from its own env (slow; skipped where vLLM is absent)."""
 
 import asyncio
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -258,7 +260,7 @@ def test_close_stops_the_server(fake_vllm, model_dir):
     engine = VLLMEngine(ModelSpec(name="m", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm()))
     pid = json.loads(fake_vllm.log.read_text())["pid"]
     engine.close()
-    assert wait_gone(pid, 5)
+    assert wait_gone(pid, 5) and not os.path.exists(engine.log_path)  # a clean stop leaves no log behind
     engine.close()  # idempotent
 
 
@@ -268,10 +270,11 @@ def test_server_dies_with_its_owner(fake_vllm, model_dir, ray_style):
     server. Ray also SIGKILLs a dead worker's children (the watchdog): the server then gets its parent-death signal."""
     code = (f"from slmshift.platform.types import ModelSpec\nfrom slmshift.serve.engines.vllm_engine import VLLMEngine\n"
             f"e = VLLMEngine(ModelSpec(name='m', tier='slm', backend='vllm', source={model_dir!r}, "
-            f"vllm={fake_vllm()!r}))\nprint(e.proc.pid, flush=True)\nimport time; time.sleep(600)\n")
+            f"vllm={fake_vllm()!r}))\nprint(e.proc.pid, e.log_path, flush=True)\nimport time; time.sleep(600)\n")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        watchdog = int(owner.stdout.readline())
+        watchdog, log = owner.stdout.readline().split()
+        watchdog = int(watchdog)
         pid = json.loads(fake_vllm.log.read_text())["pid"]
         assert alive(pid)
         owner.send_signal(signal.SIGKILL)
@@ -279,6 +282,7 @@ def test_server_dies_with_its_owner(fake_vllm, model_dir, ray_style):
             os.kill(watchdog, signal.SIGKILL)
         owner.wait()
         assert wait_gone(pid), "the vLLM server outlived its replica"
+        os.unlink(log)  # kept, as after any replica that died without closing its engine
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -291,6 +295,8 @@ def test_server_dying_mid_run_is_named_in_the_error(fake_vllm, model_dir):
         assert out.text == "" and "the vLLM server exited with code 3" in out.error and engine.log_path in out.error
     finally:
         engine.close()
+    assert os.path.exists(engine.log_path)  # named in the error: kept
+    os.unlink(engine.log_path)
 
 
 def test_failed_start_names_the_root_cause(fake_vllm, model_dir):
@@ -298,6 +304,9 @@ def test_failed_start_names_the_root_cause(fake_vllm, model_dir):
     with pytest.raises(ModelLoadError) as e:
         VLLMEngine(spec)
     msg = str(e.value)
+    log = msg.split("(full log: ")[1].split(")")[0]
+    assert os.path.exists(log)
+    os.unlink(log)
     assert "exited with code 1 while starting: ValueError: not enough memory for the KV cache" in msg
     assert "Server log tail:" in msg and "RuntimeError: Engine core initialization failed" in msg
     assert "\n" not in msg  # one line: what Serve shows of a replica that failed to start
@@ -306,9 +315,10 @@ def test_failed_start_names_the_root_cause(fake_vllm, model_dir):
 def test_start_up_timeout(fake_vllm, model_dir):
     spec = ModelSpec(name="m", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm("hang", startup_timeout_s=2))
     t0 = time.time()
-    with pytest.raises(ModelLoadError, match=r"did not answer .*/health within vllm.startup_timeout_s=2 s"):
+    with pytest.raises(ModelLoadError, match=r"did not answer .*/health within vllm.startup_timeout_s=2 s") as e:
         VLLMEngine(spec)
     assert time.time() - t0 < 30
+    os.unlink(str(e.value).split("(full log: ")[1].split(")")[0])
 
 
 def test_engine_refuses_an_env_without_vllm(model_dir):
@@ -375,3 +385,5 @@ def test_real_vllm_behind_serve(ray_cluster, tmp_path):
     assert pids
     serve.delete(spec.name)
     assert all(wait_gone(pid, 60) for pid in pids), "the vLLM server outlived its Serve replica"
+    for log in glob.glob(os.path.join(tempfile.gettempdir(), f"slmshift-vllm-{spec.name}-*.log")):
+        os.unlink(log)  # Ray kills the replica without closing its engine: the log stays, as Ray's own logs do

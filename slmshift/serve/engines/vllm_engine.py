@@ -227,19 +227,22 @@ class VLLMEngine(ChatCompletionsEngine):
             return ""
 
     def _fail(self, what: str) -> None:
-        self.close()
+        self.close(keep_log=True)
         text = self._log_text()
         cause = root_cause(text)
         raise ModelLoadError(f"model {self.spec.name!r}: {what}{': ' + cause if cause else ''}. Server log tail: "
                              f"{log_tail(text) or '(empty)'} (full log: {self.log_path}). Fix: check "
                              f"models[].vllm and models[].source of {self.spec.name!r}.")
 
-    def close(self) -> None:
-        """Stop the server: end its lifeline (the watchdog stops the group), then SIGKILL the group if needed."""
+    def close(self, keep_log: bool = False) -> None:
+        """Stop the server: end its lifeline (the watchdog stops the group), then SIGKILL the group if needed.
+        Its log is removed unless the server had ended by itself (errors name that log) or `keep_log`."""
         proc, self.proc = getattr(self, "proc", None), None
         if proc is None:
             return
-        if proc.poll() is None:
+        if proc.poll() is not None:
+            keep_log = True
+        else:
             try:
                 proc.stdin.close()
                 proc.wait(timeout=STOP_GRACE_S + 5)
@@ -250,6 +253,8 @@ class VLLMEngine(ChatCompletionsEngine):
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
+        if not keep_log:
+            Path(self.log_path).unlink(missing_ok=True)
 
     def __del__(self) -> None:
         self.close()
