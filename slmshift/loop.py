@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,11 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
     info = start_ray(cfg.ray, address, log_to_driver=False)
     console.print(f"{'embedded local Ray' if info.embedded else f'Ray cluster at {info.address}'}; dashboard: "
                   f"{info.dashboard_url or 'off'}", soft_wrap=True)
+    # SIGTERM (a scheduler, `kill`) stops the loop like Ctrl-C: stages marked, report written, resume printed. A
+    # collect/verify run installs its own handlers meanwhile and ends its episodes gracefully first.
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         for it in range(1, iterations + 1):
             idir = ld / f"iter-{it}"
@@ -236,6 +243,9 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
             ray.shutdown()
         raise SlmshiftError(f"loop stopped at {running[-1][1] if running else 'a stage'}: {e}. The stage is recorded "
                             f"in {loop_dir}/report.md. Fix the cause, then: slmshift loop CONFIG --resume {loop_dir}") from None
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     write_report(ld, state)
     state.sync()
     if info.embedded:

@@ -132,3 +132,28 @@ def test_resume_after_a_kill_does_not_redo_finished_stages(tmp_path, tiny_teache
     assert st["collect"]["run_dir"] == collect_run and all(st[s]["status"] == "done" for s in st)
     df = read_interactions(collect_run, include_shadow=True)
     assert len(df) == n_before and df["id"].is_unique  # nothing collected twice
+
+
+def test_sigterm_mid_stage_stops_cleanly_and_says_how_to_resume(tmp_path, tiny_teacher_models, tiny_model_dir):
+    """SIGTERM (what a scheduler or `kill` sends) during convert: exit 130, the stage marked interrupted, the
+    report written and the resume command printed, as for Ctrl-C."""
+    cfg = tmp_path / "loop.yaml"
+    cfg.write_text(YAML.format(storage=tmp_path / "runs", models=tiny_teacher_models, tiny=tiny_model_dir, extra=""))
+    proc = subprocess.Popen([sys.executable, "-m", "slmshift.cli", "loop", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    loop_dir, deadline = None, time.time() + 600
+    while time.time() < deadline and loop_dir is None:
+        for d in (tmp_path / "runs").glob("loop-loop-*") if (tmp_path / "runs").is_dir() else []:
+            if (d / "state.json").is_file():
+                st = json.loads((d / "state.json").read_text())["iterations"].get("1", {})
+                if st.get("convert", {}).get("status") == "running":
+                    loop_dir = d
+        time.sleep(0.5)
+    assert loop_dir is not None, "the loop never reached convert"
+    proc.send_signal(signal.SIGTERM)  # the loop's own process only, as `kill PID` does
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"Resume with: slmshift loop --resume {loop_dir}" in out
+    st = json.loads((loop_dir / "state.json").read_text())["iterations"]["1"]
+    assert st["collect"]["status"] == "done" and st["convert"]["status"] == "interrupted"
+    assert (loop_dir / "report.md").is_file()
