@@ -58,6 +58,9 @@ class ModelServer:
         metrics.record_batch(self.spec.name, self.spec.backend, len(requests), time.perf_counter() - t0)
         return out
 
+    def check_health(self) -> None:  # Serve's periodic health check: a failing engine gets its replica replaced
+        self.engine.check_health()
+
     def info(self) -> dict[str, Any]:
         return {"name": self.spec.name, "params": self.engine.num_parameters(), "backend": self.spec.backend,
                 "stats": self.engine.stats()}

@@ -17,6 +17,7 @@ from slmshift.platform.errors import ModelLoadError
 from slmshift.platform.types import HFOptions, LMRequest, ModelSpec
 from slmshift.serve import sources
 from slmshift.serve.engines.hf import HFEngine
+from slmshift.serve.engines.scheduler import Row
 from slmshift.serve.sources import resolve_source
 from slmshift.serve.tiny import build_tiny_llama
 
@@ -333,6 +334,21 @@ def test_a_failing_step_fails_its_rows_and_the_engine_recovers(tiny_dir, monkeyp
         failed = gen(engine, [req("hi", max_tokens=4), req("x = 1", max_tokens=9)])
     assert all("device lost" in r.error for r in failed)
     assert gen(engine, [req("hi", max_tokens=4)])[0].text == ok.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread we kill on purpose
+def test_a_dead_step_loop_fails_the_health_check(tiny_dir, monkeypatch):
+    """An error outside a model step kills the scheduler thread; the replica's health check then fails, so Serve
+    replaces it instead of letting callers wait forever."""
+    engine = make(tiny_dir)
+    gen(engine, [req("hi", max_tokens=2)])
+    engine.check_health()  # running: healthy
+    monkeypatch.setattr(engine._scheduler, "_admit", lambda: (_ for _ in ()).throw(RuntimeError("bug")))
+    engine._scheduler.submit(Row(ids=[1, 2, 3], max_tokens=2, temperature=0.0, seed=0, adapter=None,
+                                 done=lambda _: None))
+    engine._scheduler._thread.join(timeout=30)
+    with pytest.raises(RuntimeError, match="step loop died"):
+        engine.check_health()
 
 
 def test_a_caller_that_gives_up_frees_its_row(tiny_dir):

@@ -291,8 +291,11 @@ def test_server_dies_with_its_owner(fake_vllm, model_dir, ray_style):
 def test_server_dying_mid_run_is_named_in_the_error(fake_vllm, model_dir):
     engine = VLLMEngine(ModelSpec(name="m", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm()))
     try:
+        engine.check_health()  # alive: no complaint
         out = asyncio.run(engine.generate([req("die")]))[0]
         assert out.text == "" and "the vLLM server exited with code 3" in out.error and engine.log_path in out.error
+        with pytest.raises(RuntimeError, match="is gone .exit code 3"):  # so Serve replaces the replica
+            engine.check_health()
     finally:
         engine.close()
     assert os.path.exists(engine.log_path)  # named in the error: kept

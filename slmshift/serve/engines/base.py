@@ -30,6 +30,10 @@ class Engine(abc.ABC):
         """One request; engines with their own scheduler override this and set `continuous`."""
         return (await self.generate([request]))[0]
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer serve (e.g. the server process it owns is gone): Serve then replaces
+        the replica. Called every few seconds by the deployment's own `check_health`."""
+
     def stats(self) -> dict[str, Any]:
         """Engine counters for `info()` (e.g. scheduler steps, prefix-cache hits); empty by default."""
         return {}

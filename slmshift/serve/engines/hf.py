@@ -264,6 +264,11 @@ class HFEngine(Engine):
         """Scheduler counters (steps, mean rows per decode step, prefix-cache hits); empty for the static path."""
         return self._scheduler.stats() if self._scheduler else {}
 
+    def check_health(self) -> None:
+        if self._scheduler is not None and not self._scheduler.alive():
+            raise RuntimeError(f"model {self.spec.name!r}: the continuous scheduler's step loop died; Serve restarts "
+                               "this replica (the replica's log has the traceback)")
+
     def close(self) -> None:
         if self._scheduler is not None:
             self._scheduler.close()

@@ -267,6 +267,10 @@ class Scheduler:
             self._waiting.append(row)
             self._cond.notify()
 
+    def alive(self) -> bool:
+        """False once the step loop has died (an error outside a model step); its rows would wait forever."""
+        return self._stop or self._thread is None or self._thread.is_alive()
+
     def close(self) -> None:
         with self._cond:
             self._stop = True

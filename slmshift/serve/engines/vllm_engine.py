@@ -287,6 +287,12 @@ class VLLMEngine(ChatCompletionsEngine):
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
         return list(await asyncio.gather(*(self.submit(r) for r in requests)))
 
+    def check_health(self) -> None:
+        code = self.proc.poll() if self.proc is not None else "closed"
+        if code is not None:
+            raise RuntimeError(f"the vLLM server of model {self.spec.name!r} is gone (exit code {code}; log: "
+                               f"{self.log_path}); Serve restarts this replica, which starts a new server")
+
     def num_parameters(self) -> float | None:
         return self._n_params
 
