@@ -170,21 +170,21 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     by = {r["engine"]: r for r in rows}
-    if "static" in by and "continuous" in by:
-        s, c = by["static"], by["continuous"]
-        print(f"continuous / static: {c['tokens_per_s'] / s['tokens_per_s']:.2f}x tokens/s, "
-              f"{s['p50_s'] / c['p50_s']:.2f}x lower p50, {s['p95_s'] / c['p95_s']:.2f}x lower p95")
-        same = sum(a == b for a, b in zip(texts["static"], texts["continuous"]))
-        print(f"greedy outputs identical to the static engine: {same}/{len(requests)}")
+
+    def compare(new: str, old: str, label: str) -> None:
+        """Ratios of `new` to `old` (measured in this run) and how many greedy outputs agree."""
+        if new in by and old in by:
+            n, o = by[new], by[old]
+            print(f"{label}: {n['tokens_per_s'] / o['tokens_per_s']:.2f}x tokens/s, "
+                  f"{o['p50_s'] / n['p50_s']:.2f}x lower p50, {o['p95_s'] / n['p95_s']:.2f}x lower p95")
+            same = sum(a == b for a, b in zip(texts[old], texts[new]))
+            print(f"greedy outputs of {new} identical to {old}'s: {same}/{len(requests)}")
+
+    compare("continuous", "static", "continuous / static")
     if "offline" in by and "continuous" in by:
         print(f"continuous (through Serve) / offline generate: "
               f"{by['continuous']['tokens_per_s'] / by['offline']['tokens_per_s']:.2f}x tokens/s")
-    if "vllm" in by and "continuous" in by:
-        v, c = by["vllm"], by["continuous"]
-        print(f"vllm / hf continuous: {v['tokens_per_s'] / c['tokens_per_s']:.2f}x tokens/s, "
-              f"{c['p50_s'] / v['p50_s']:.2f}x lower p50, {c['p95_s'] / v['p95_s']:.2f}x lower p95")
-        same = sum(a == b for a, b in zip(texts["vllm"], texts["continuous"]))
-        print(f"greedy outputs identical to the hf engine: {same}/{len(requests)}")
+    compare("vllm", "continuous", "vllm / hf continuous")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
