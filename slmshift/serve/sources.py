@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from slmshift.platform.assets import MissingDataPackageError, require_data_package
+from slmshift.platform.assets import MissingDataPackageError, cache_dir, require_data_package
 from slmshift.platform.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ class ResolvedSource:
     kind: Literal["packaged", "dir", "gguf", "hub"]
     path: str  # a local directory, a .gguf file's directory, or a hub id
     gguf_file: str | None = None
-
-
-def cache_dir() -> Path:
-    """`$SLMSHIFT_CACHE`, else ~/.cache/slmshift. Models live under `<cache>/models/<name>`."""
-    env = os.environ.get("SLMSHIFT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "slmshift"
 
 
 def one_line_error(exc: BaseException) -> str:
