@@ -208,6 +208,10 @@ class HFOptions(_Strict):
     scheduler: Literal["continuous", "static"] = Field(
         default="continuous", description="'continuous': requests join and leave the running batch at every decode "
         "step; 'static': @serve.batch waves, each through one model.generate (the older engine, kept for comparison).")
+    static_cache: bool | None = Field(
+        default=None, description="Static scheduler: generate with transformers' static KV cache, which lets it "
+        "compile the decode step on a GPU (CUDA graphs; measured 4.6 ms a step at batch 32 for the 135M shape on an "
+        "H100, ~70 ms eager). Default: on for CUDA, off on CPU (no compile there). Batches with LoRA adapters run eager.")
     kv_cache_mb: int = Field(default=2048, ge=1, description="Continuous scheduler: most MB of KV cache for the "
                              "running batch; requests wait (admission control) until theirs fits.")
     prefix_cache_mb: int = Field(default=512, ge=0, description="Continuous scheduler: MB of KV kept for shared "

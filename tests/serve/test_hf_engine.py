@@ -280,6 +280,19 @@ def test_greedy_tokens_and_logprobs_equal_the_static_engine(tiny_dir, static):
     assert engine.stats()["prefill_chunks"] > len(batch)
 
 
+def test_static_kv_cache_gives_the_same_tokens(tiny_dir, static):
+    """The GPU path's static KV cache (compiled there; eager on CPU, which is what runs here) changes no output."""
+    fixed = make(tiny_dir, "static", static_cache=True)
+    assert fixed.static_cache and not static.static_cache  # default off on CPU
+    seen, generate = [], fixed.model.generate
+    fixed.model.generate = lambda **kw: seen.append(kw["generation_config"].cache_implementation) or generate(**kw)
+    batch = [sys_req(p, max_tokens=m) for p, m in zip(PROMPTS * 2, [16, 3, 40, 8, 1, 24, 12, 30])]
+    for a, b in zip(gen(fixed, batch), gen(static, batch)):
+        assert a.error is None and (a.text, a.tokens_out) == (b.text, b.tokens_out)
+        assert abs(a.mean_logprob - b.mean_logprob) < 1e-4
+    assert seen and set(seen) == {"static"}
+
+
 def test_prefix_cache_hits_on_a_repeated_system_prompt(tiny_dir, static):
     engine = make(tiny_dir)
     first = gen(engine, [sys_req(PROMPTS[1], max_tokens=12)])[0]

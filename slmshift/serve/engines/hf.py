@@ -124,6 +124,8 @@ class HFEngine(Engine):
             raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
         self.max_resident = spec.hf.max_resident_adapters
         self.continuous = spec.hf.scheduler == "continuous"
+        # on a GPU eager decoding is bound by per-step launch overhead: a static cache lets generate() compile it
+        self.static_cache = spec.hf.static_cache if spec.hf.static_cache is not None else self.device.type == "cuda"
         self._scheduler: Scheduler | None = None
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.loads = 0  # adapter loads so far (evictions make it exceed the number of adapters)
@@ -350,6 +352,8 @@ class HFEngine(Engine):
                 extra["adapter_names"] = [a or BASE for a in wanted]
             elif self._resident:  # a peft-wrapped model: base-only batches run with every adapter off
                 extra["adapter_names"] = [BASE] * len(items)
+            if self.static_cache and "adapter_names" not in extra:  # peft's per-row adapters are not compilable
+                config.cache_implementation = "static"
             sequences = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
