@@ -163,3 +163,35 @@ def test_run_report_and_convert_on_s3(s3, tmp_path, tiny_model_dir):
     rep = json.loads(storage.read_text(f"{run_dir}/convert/report.json"))
     assert rep["out_dir"] == f"{run_dir}/convert" and "scenario" in rep["grading"]  # config.yaml read from S3
     assert Path(rep["local_dir"], "registry.json").is_file()  # the working copy serves on this machine
+
+
+@pytest.mark.slow  # one loop iteration (runs, LoRA on Ray Train, a Ray Tune search) on the tiny model: ~3 min
+def test_a_whole_loop_on_s3(s3, tmp_path, tiny_teacher_models, tiny_model_dir):
+    """`slmshift loop` with `experiment.storage: s3://…`: every stage's run and the loop's state and report land in
+    the bucket, and the URI it prints is what `--resume` takes (then nothing is redone)."""
+    (tmp_path / "loop.yaml").write_text(f"""\
+experiment: {{name: s3loop, storage: 's3://bkt/loops'}}
+ray: {{num_cpus: 2, dashboard: false}}
+{tiny_teacher_models}
+router: {{policies: [{{kind: llm, name: all-llm}}]}}
+scenarios: [{{kind: operator, teams: 1, concurrency: 8, options: {{categories: [simple]}}}}]
+loop:
+  collect_episodes: 8
+  verify_episodes: 4
+  max_clusters: 1
+  tune_time_budget_s: 10
+  convert: {{candidates: [{tiny_model_dir}], min_train_rows: 2, min_promotion_calls: 1, lora_steps: 2, k_max: 2,
+             batch_size: 2}}
+""")
+    r = cli("loop", str(tmp_path / "loop.yaml"), cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    uri = r.stdout.split("Loop report: ")[1].split("/report.html")[0]
+    assert uri.startswith("s3://bkt/loops/s3loop-loop-")
+    key = uri[len("s3://"):]
+    state = json.loads(storage.read_text(f"{uri}/state.json"))
+    assert all(state["iterations"]["1"][s]["status"] == "done" for s in ("collect", "convert", "tune", "verify"))
+    have = files(s3, key)
+    assert {"state.json", "report.md", "report.html", "iter-1/config.json"} <= have
+    assert any(p.startswith("iter-1/tune/") and p.endswith("policy.yaml") for p in have)
+    r = cli("loop", "--resume", uri, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0 and "iter 1 · verify: done earlier, skipped" in r.stdout, r.stdout[-2000:]
