@@ -60,7 +60,10 @@ def test_teacher_solves_and_tiny_model_fails_cleanly(run):
     assert len(ep) == 18 and ep["episode_id"].is_unique and (ep["error"].isna()).all()
     by_policy = ep.groupby("policy")["success"].mean().to_dict()
     # a teacher declared 100% accurate plays every task to the task's own reward of 1 ...
-    assert by_policy["all-llm"] == 1.0 and by_policy["split"] == 1.0
+    assert by_policy["all-llm"] == 1.0
+    # ... but not on notes the tiny model wrote: handed wrong upstream notes it loses `upstream_penalty` (0.5) of its
+    # accuracy, as a real LLM acting on a bad observer would
+    assert by_policy["split"] < 1.0
     assert (ep[ep.policy == "all-llm"]["reward"] == 1.0).all()
     # ... and a random tiny model writes no valid action: failed calls, finished episodes, no env steps
     slm = ep[ep.policy == "all-slm"]
