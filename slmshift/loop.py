@@ -197,7 +197,7 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
     # collect/verify run installs its own handlers meanwhile and ends its episodes gracefully first.
     on_term = None
     if threading.current_thread() is threading.main_thread():
-        on_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         for it in range(1, iterations + 1):
             idir = ld / f"iter-{it}"

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from slmshift.platform.config import RaySection
-from slmshift.platform.errors import RayConnectError
+from slmshift.platform.errors import RayConnectError, one_line_error
 
 NAMESPACE = "slmshift"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -204,7 +204,7 @@ def _job_client(address: str):
                               f"Fix: {TOKEN_FIX}.") from None
     except Exception as e:  # ConnectionError, requests errors, a non-Ray server
         raise RayConnectError(
-            f"Could not reach the Ray dashboard at {address} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Could not reach the Ray dashboard at {address} ({one_line_error(e)[:250]}). "
             "Fix: start a head with `ray start --head` (its dashboard listens on 127.0.0.1:8265), or pass "
             "--address http://HEAD:DASHBOARD_PORT (or set RAY_API_SERVER_ADDRESS).") from None
 

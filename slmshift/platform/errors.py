@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line_error(exc: BaseException) -> str:
+    """`Type: first line of the message` (just `Type` for an empty one), for errors quoted inside our own."""
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
 class SlmshiftError(Exception):
     """An error the user can fix: says what is wrong, where, and what to do."""
 

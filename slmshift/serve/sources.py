@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from slmshift.platform.assets import MissingDataPackageError, cache_dir, require_data_package
-from slmshift.platform.errors import ModelLoadError
+from slmshift.platform.errors import ModelLoadError, one_line_error
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ class ResolvedSource:
     kind: Literal["packaged", "dir", "gguf", "hub"]
     path: str  # a local directory, a .gguf file's directory, or a hub id
     gguf_file: str | None = None
-
-
-def one_line_error(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
 def _packaged_entry(name: str) -> dict[str, Any]:

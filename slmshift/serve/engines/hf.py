@@ -25,12 +25,12 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-from slmshift.platform.errors import ModelLoadError
+from slmshift.platform.errors import ModelLoadError, one_line_error
 from slmshift.platform.artifacts import AdapterRegistryFile, chat_prompt
 from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
 from slmshift.serve.engines.scheduler import Row, Scheduler
-from slmshift.serve.sources import one_line_error, load_model_and_tokenizer
+from slmshift.serve.sources import load_model_and_tokenizer
 
 
 class _RowSampler:

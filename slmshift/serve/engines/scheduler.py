@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from slmshift.platform.errors import one_line_error
+
 
 class PrefixCache:
     """KV of prompt prefixes in blocks of `block` tokens, keyed by (adapter, hash of every token up to the block's
@@ -352,7 +354,7 @@ class Scheduler:
             row.prefilled = end
         except Exception as exc:
             self._prefilling.remove(row)
-            row.done(f"generation failed: {_one_line(exc)}")
+            row.done(f"generation failed: {one_line_error(exc)}")
             return
         if row.prefilled < len(row.ids):
             return
@@ -389,7 +391,7 @@ class Scheduler:
             logits = self.forward(ids, _PoolCache(self.pool), [r.adapter for r in rows],
                                   position_ids=positions, attention_mask=mask)
         except Exception as exc:
-            err = f"generation failed: {_one_line(exc)}"
+            err = f"generation failed: {one_line_error(exc)}"
             for row in rows:
                 row.done(err)
             self._decoding = []
@@ -438,6 +440,3 @@ class Scheduler:
         return flags
 
 
-def _one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
