@@ -109,6 +109,8 @@ def convert(
     rule: Optional[str] = typer.Option(None, "--rule", help="Keep rule: episode_or_call (default), episode, call, "
                                        "episode_and_call, valid."),
     tiers: Optional[str] = typer.Option(None, "--tiers", help="Comma-separated tiers to learn from (default llm,slm)."),
+    call_kinds: Optional[str] = typer.Option(None, "--call-kinds", help="Comma-separated call kinds to convert, e.g. "
+                                             "function_call (default: all)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out share per cluster (0.25)."),
     k_max: Optional[int] = typer.Option(None, "--k-max", min=1, help="Largest number of clusters tried (8)."),
     min_train_rows: Optional[int] = typer.Option(None, "--min-train-rows", min=1, help="Rows a cluster needs (4)."),
@@ -131,7 +133,8 @@ def convert(
         lora = pick(steps=steps, rank=rank, alpha=alpha, learning_rate=lr, batch_size=batch_size, seed=seed,
                     target_modules=[m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None)
         cur = pick(rule=rule, val_fraction=val_fraction, seed=seed,
-                   tiers=[t.strip() for t in tiers.split(",") if t.strip()] if tiers else None)
+                   tiers=[t.strip() for t in tiers.split(",") if t.strip()] if tiers else None,
+                   call_kinds=[k.strip() for k in call_kinds.split(",") if k.strip()] if call_kinds else None)
         defaults = ConvertOptions()
         opts = ConvertOptions.model_validate({
             **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus,

@@ -32,6 +32,7 @@ from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.policies import policy_spec
 
 STAGES = ("collect", "convert", "tune", "verify")
+BEFORE_ARM = "tuned-base"  # verify's arm for "before conversion": the tuned router, the SLM without adapters
 # The paper's estimates of the share of LLM calls SLMs could take (Appendix B), by our scenario kinds.
 PAPER_ESTIMATE = {"metagpt": 0.60, "operator": 0.40, "cradle": 0.70}
 PAPER_NAME = {"metagpt": "MetaGPT", "operator": "Open Operator", "cradle": "Cradle"}
@@ -96,11 +97,15 @@ def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy
 
 
 def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[str]], tuned: Any,
-                  registry: str | None) -> ExperimentConfig:
+                  registry: str | None, before: Any = None) -> ExperimentConfig:
+    """Always-LLM against the tuned policy on held-out tasks; `before` (the same router on the base SLM, iteration 1
+    only, when adapters were promoted) measures the paper table's "before conversion" row on the same tasks."""
     scenarios = [s.model_copy(update={"episodes": loop.verify_episodes,
                                       "exclude_tasks": sorted(set(s.exclude_tasks) | seen.get(s.label, set()))})
                  for s in cfg.scenarios]
     arms = [policy_spec(kind="llm", name="all-llm"), tuned.model_copy(update={"name": "tuned", "shadow": "none"})]
+    if before is not None:
+        arms.append(before.model_copy(update={"name": BEFORE_ARM, "shadow": "none"}))
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
                                   "router": cfg.router.model_copy(update={"policies": arms})})
 
@@ -108,7 +113,7 @@ def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[
 def tuned_policy(policy_file: str, registry: str | None) -> Any:
     """The tuned point as a policy spec; scored kinds also serve their cluster's promoted adapter."""
     data = read_policy_file({"file": policy_file})
-    if registry and data.get("kind") in ("threshold", "learned"):
+    if registry and data.get("kind") in ("threshold", "learned", "cascade"):
         data["registry"] = registry
     return policy_spec(data)
 
@@ -295,8 +300,9 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
         return {"policy_file": res.policy_file, "chosen": _jsonable(res.chosen)}
     if stage == "verify":
         tuned = tuned_policy(state.stage(it, "tune")["policy_file"], registry)
-        return {"run_dir": _run(verify_config(cfg, loop, seen, tuned, registry), str(idir), state, it, stage,
-                                console, address)}
+        before = tuned_policy(state.stage(it, "tune")["policy_file"], None) if it == 1 and registry else None
+        return {"run_dir": _run(verify_config(cfg, loop, seen, tuned, registry, before), str(idir), state, it,
+                                stage, console, address)}
     raise AssertionError(stage)
 
 
@@ -315,25 +321,27 @@ def _boot(values: np.ndarray, stat: Any, n: int = 2000, seed: int = 0) -> tuple[
     return float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))
 
 
-def verify_rows(run_dir: str, budget: float, kinds: dict[str, str]) -> list[dict[str, Any]]:
-    """Per scenario: tuned vs always-LLM on the verify episodes, with bootstrap 95% intervals over episodes."""
+def verify_rows(run_dir: str, budget: float, kinds: dict[str, str], arm: str = "tuned") -> list[dict[str, Any]]:
+    """Per scenario: the `arm` policy vs always-LLM on the verify episodes, with bootstrap 95% intervals over
+    episodes; empty when the run has no such arm."""
     from slmshift.platform.log import read_episodes, read_interactions
 
     calls, eps = read_interactions(run_dir), read_episodes(run_dir)
     calls = calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)]
     rows = []
     for scenario, g in eps.groupby("scenario"):
-        llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == "tuned"]
+        llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == arm]
+        if tuned.empty:
+            continue
         c_llm = calls[(calls["scenario"] == scenario) & (calls["policy"] == "all-llm")]
-        c_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == "tuned")]
+        c_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == arm)]
         slm = (c_t["tier"] == "slm").to_numpy(dtype=float)
         s_llm, s_t = llm["success"].to_numpy(dtype=float), tuned["success"].to_numpy(dtype=float)
         ratio = s_t.mean() / s_llm.mean() if len(s_llm) and s_llm.mean() > 0 else float("nan")
         kind = kinds.get(scenario, scenario)
         per_kind = c_t.groupby("call_kind")["tier"].apply(lambda t: float((t == "slm").mean())).to_dict()
         cost_llm = c_llm.groupby("episode_id")["cost_usd"].sum().mean() if len(c_llm) else float("nan")
-        cost_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == "tuned")].groupby(
-            "episode_id")["cost_usd"].sum().mean() if len(c_t) else float("nan")
+        cost_t = c_t.groupby("episode_id")["cost_usd"].sum().mean() if len(c_t) else float("nan")
         rows.append({
             "scenario": scenario, "kind": kind, "episodes": int(len(tuned)), "calls": int(len(c_t)),
             "slm_share": float(slm.mean()) if len(slm) else float("nan"), "slm_share_ci": _boot(slm, np.mean),
@@ -380,10 +388,13 @@ def write_report(ld: Path, state: LoopState) -> None:
         v = iters[it].get("verify", {})
         if v.get("status") == "done":
             per_iter[it] = verify_rows(v["run_dir"], loop.budget, kinds)
-            for r in per_iter[it]:
+            adapters = bool(iters[it].get("convert", {}).get("registry"))
+            before = verify_rows(v["run_dir"], loop.budget, kinds, BEFORE_ARM) if it == 1 and adapters else []
+            when = f"{it}: after conversion" if adapters else f"{it}: no adapter promoted (base SLM)"
+            for label, r in [("0: before conversion", r) for r in before] + [(when, r) for r in per_iter[it]]:
                 lo, hi = r["slm_share_ci"]
                 est = PAPER_ESTIMATE.get(r["kind"], float("nan"))
-                table.append([str(it), PAPER_NAME.get(r["kind"], r["scenario"]), _fmt(est),
+                table.append([label, PAPER_NAME.get(r["kind"], r["scenario"]), _fmt(est),
                               f"{_fmt(r['slm_share'])} [{_fmt(lo)}, {_fmt(hi)}]",
                               f"{_fmt(r['success_tuned'])} vs {_fmt(r['success_llm'])} (ratio {r['quality_ratio']:.2f})",
                               "yes" if r["meets_budget"] else "no", f"{r['episodes']} ep / {r['calls']} calls",
@@ -394,7 +405,9 @@ def write_report(ld: Path, state: LoopState) -> None:
           f"Loop dir: `{ld}`. Budget: the tuned router keeps verify-episode success >= {loop.budget} x always-LLM's "
           "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",
           "Always-LLM quality marked *simulated* is a declared teacher profile, not a real LLM: tables built on it "
-          "measure the routing machinery, not a frontier model.", "",
+          "measure the routing machinery, not a frontier model.",
+          "Row 0 (before conversion) is the tuned router on the base SLM, row N the same router serving iteration N's "
+          "promoted adapters, both on the same held-out verify tasks.", "",
           "## The paper's table, measured (verify episodes on held-out tasks)", ""]
     header = ["iter", "agent system", "paper estimate", "SLM share of calls [95% CI]", "success tuned vs all-LLM",
               f">= {loop.budget}x", "n", "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]

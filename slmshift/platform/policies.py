@@ -255,7 +255,17 @@ class CascadePolicy(PolicySpec):
     kind: Literal["cascade"] = Field(description="SLM first; its answer is kept when the call's own check passes and "
                                      "its confidence exp(mean token log-prob) >= tau, else the LLM answers.")
     tau: float = _tau(what="accept the SLM's answer when exp(mean token log-prob) is at least this")
+    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): the SLM "
+                                 "answers first with the call's cluster's promoted adapter.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
+
+    @field_validator("registry")
+    @classmethod
+    def _abs_registry(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
 
 
 @register_policy_options

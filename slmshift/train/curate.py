@@ -38,6 +38,8 @@ class CurateOptions(BaseModel):
                                                 description="Keep calls served by these tiers.")
     near_dup_threshold: float = Field(default=0.9, gt=0, le=1, description=(
         "MinHash-estimated Jaccard similarity of (last user turn + output) above which a call is a near duplicate."))
+    call_kinds: list[str] | None = Field(default=None, min_length=1, description="Keep only calls of these kinds "
+                                         "(e.g. [function_call]: convert one task); None keeps every kind.")
     val_fraction: float = Field(default=0.25, ge=0, lt=1, description="Share of each cluster's episodes held out.")
     split_by: Literal["task", "episode"] = Field(default="task", description=(
         "Unit kept whole on one side of the split: 'task' also keeps repeats of one task (e.g. under several "
@@ -59,6 +61,8 @@ def _keep_mask(df: pd.DataFrame, o: CurateOptions) -> pd.Series:
     rule = {"episode_or_call": ep_ok | call_ok, "episode": ep_ok, "call": call_ok,
             "episode_and_call": ep_ok & call_ok, "valid": pd.Series(True, index=df.index)}[o.rule]
     keep = valid & rule & df["tier"].isin(o.tiers) & df["error"].isna()
+    if o.call_kinds is not None:
+        keep &= df["call_kind"].isin(o.call_kinds)
     # A call lost to the infrastructure is no model's output; a shadow call never fed its episode: neither is S2 data.
     for col in ("infra_error", "shadow"):
         if col in df.columns:

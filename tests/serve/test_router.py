@@ -133,6 +133,18 @@ def test_adapters_policy_similarity_floor_and_slm_fallback(convert_dir):
     assert (d.tier, d.model, d.adapter) == ("slm", "small2", None) and "too far" in d.reason
 
 
+def test_cascade_with_a_registry_answers_first_with_the_clusters_adapter(convert_dir):
+    spec = policy_spec(kind="cascade", name="tuned", tau=0.4, registry=str(convert_dir / "registry.json"))
+    p = build_policy(spec, MODELS)
+    d = p.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
+    assert (d.tier, d.adapter, d.cluster, d.accept_confidence) == ("slm", "planner-intent", 0, 0.4)
+    # a cluster without a promoted adapter: still SLM first (it is a cascade), on the base model
+    d2 = p.route(call("Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo"))
+    assert (d2.tier, d2.adapter, d2.cluster, d2.accept_confidence) == ("slm", None, 1, 0.4)
+    plain = build_policy(policy_spec(kind="cascade", tau=0.4), MODELS).route(call("anything"))
+    assert (plain.tier, plain.adapter, plain.cluster) == ("slm", None, None)
+
+
 # --- scored policies: threshold, learned, random; failures fall back to `default` ------------------------------
 
 

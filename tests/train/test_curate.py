@@ -41,6 +41,13 @@ def test_rules_are_configurable(log_df):
     assert llm_only.rows.empty  # every successful call in the log was served by the llm tier
 
 
+def test_one_call_kind_can_be_converted_alone(log_df):
+    every = curate(log_df).rows
+    only = curate(log_df, CurateOptions(call_kinds=["function_call"])).rows
+    assert set(only["call_kind"]) == {"function_call"}
+    assert len(only) == (every["call_kind"] == "function_call").sum() < len(every)
+
+
 def test_planted_secrets_are_removed(synthetic_log, log_df, planted_secrets):
     res = curate(log_df)
     text = "\n".join(res.rows["messages"]) + "\n".join(res.rows["target"])

@@ -1,5 +1,5 @@
 """Policies that place a call in an S3 task cluster: `threshold` and `learned` (a score against tau, global or per
-cluster) and `adapters` (the cluster's promoted LoRA adapter).
+cluster) and `adapters` (the cluster's promoted LoRA adapter); `cascade` uses the same placement for its adapters.
 
 The prompt is embedded with the packaged MiniLM (`prompt_text`, exactly as S3 embedded it) inside the process that
 routes (a team actor or the gateway), loaded on first use. If the embedder or the cluster index fails to load, the
@@ -44,13 +44,14 @@ class Placement:
         return vec[0], cluster, sim
 
 
-class ScoredPolicy(RouterPolicy):
-    """SLM when score >= tau (the cluster's own tau where `tau_per_cluster` has one)."""
+class WithAdapters(RouterPolicy):
+    """A policy whose SLM calls use their task cluster's promoted adapter from `spec.registry` (if it names one);
+    the registry's cluster index places calls unless the spec names its own `clusters`."""
 
     def __init__(self, spec: Any, models: list[ModelSpec]):
         super().__init__(spec, models)
         self.adapters: dict[int, str] = {}
-        clusters = spec.clusters
+        clusters = getattr(spec, "clusters", None)
         if spec.registry:
             doc = AdapterRegistryFile.read(spec.registry)
             self.adapters = {e.cluster: e.label for e in doc.entries if e.promoted}
@@ -59,6 +60,10 @@ class ScoredPolicy(RouterPolicy):
 
     def adapter_for(self, cluster: int | None) -> str | None:
         return self.adapters.get(cluster) if cluster is not None else None
+
+
+class ScoredPolicy(WithAdapters):
+    """SLM when score >= tau (the cluster's own tau where `tau_per_cluster` has one)."""
 
     def score_features(self, request: LMRequest, embedding: np.ndarray, cluster: int | None) -> float:
         raise NotImplementedError
@@ -144,17 +149,8 @@ class Learned(ScoredPolicy):
 
 
 @register_policy("adapters")
-class ByAdapter(RouterPolicy):
+class ByAdapter(WithAdapters):
     """Each call goes to its task cluster's promoted LoRA adapter on the SLM, else to the `default` tier."""
-
-    def __init__(self, spec: Any, models: list[ModelSpec]):
-        super().__init__(spec, models)
-        doc = AdapterRegistryFile.read(spec.registry)
-        self.adapters = {e.cluster: e.label for e in doc.entries if e.promoted}
-        self.placement = Placement(str((Path(spec.registry).parent / doc.clusters_dir).resolve()))
-
-    def adapter_for(self, cluster: int | None) -> str | None:
-        return self.adapters.get(cluster) if cluster is not None else None
 
     def route(self, request: LMRequest) -> RouteDecision:
         if not self.adapters:
