@@ -60,7 +60,7 @@ def start_ray(cfg: RaySection, address: str | None = None, *, log_to_driver: boo
             ctx = ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
                            log_to_driver=log_to_driver)
         except Exception as e:  # ConnectionError, ValueError, TimeoutError: all mean the same to the user
-            raise _connect_error(address, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise _connect_error(address, one_line_error(e)) from None
         return RayInfo(False, address, ctx.dashboard_url or None, None)
     dashboard = cfg.dashboard and importlib.util.find_spec("aiohttp") is not None  # ray[default] deps present
     kwargs = dict(

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slmshift.platform.errors import ConfigError, SlmshiftError
+from slmshift.platform.errors import ConfigError, SlmshiftError, one_line_error
 from slmshift.platform.artifacts import AdapterRegistryFile
 from slmshift.platform.policies import PATH_KEYS, PolicySpec, on_register, policy_kinds
 from slmshift.platform.types import VLLM_FIX, ModelSpec, absolute_path
@@ -67,7 +67,7 @@ def read_policy_file(entry: dict) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"policy file {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]}). Fix: "
+        raise ValueError(f"policy file {path}: cannot read it ({one_line_error(e)}). Fix: "
                          "point at a policy YAML such as RUN_DIR/tune/policy.yaml") from None
     if not isinstance(data, dict) or "kind" not in data:
         raise ValueError(f"policy file {path}: must be a mapping with at least `kind:` (a policy spec)")

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.errors import SlmshiftError, one_line_error
 from slmshift.platform.types import EpisodeResult, Interaction
 
 _PA = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
@@ -387,7 +387,7 @@ class LogClient:
             try:
                 self._apply(await self.log.sync.remote(self._source))
             except Exception as e:
-                last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                last = one_line_error(e)
                 await asyncio.sleep(0.5)
             if not self._unacked:
                 return

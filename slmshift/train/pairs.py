@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.errors import SlmshiftError, one_line_error
 from slmshift.platform.scorers import outcome
 
 COLUMNS = ["row", "task", "episode", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok", "slm_cost", "llm_cost",
@@ -232,7 +232,7 @@ def paired_from_file(path: str) -> PairedTable:
             raw = pd.read_csv(p, dtype=str, keep_default_na=False)
     except Exception as e:
         kind = "Parquet" if p.suffix.lower() in (".parquet", ".pq") else "CSV"
-        raise SlmshiftError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        raise SlmshiftError(f"{path}: cannot read it as {kind} ({one_line_error(e)}). "
                             "Fix: pass a .csv (comma-separated, header row) or .parquet file.") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in REQUIRED if c not in raw.columns]

@@ -233,3 +233,6 @@ def test_policy_file_loads_with_paths_relative_to_it_and_bad_values_name_the_fie
     yml.write_text(head + f"router: {{policies: [{{file: {pol}}}]}}\nscenarios: [{{kind: operator}}]\n")
     with pytest.raises(ConfigError, match="policy file .*policy.yaml: must be a mapping with at least `kind:`"):
         load_config(yml)
+    yml.write_text(head + f"router: {{policies: [{{file: {tmp_path}}}]}}\nscenarios: [{{kind: operator}}]\n")
+    with pytest.raises(ConfigError, match="cannot read it \\(IsADirectoryError: .*Fix: point at a policy YAML"):
+        load_config(yml)  # a directory, not a file
