@@ -46,3 +46,37 @@ def test_verify_measures_before_conversion_on_the_same_tasks(tmp_path):
     assert [a.name for a in arms] == ["all-llm", "tuned", BEFORE_ARM]
     assert arms[1].registry == registry and arms[2].registry is None and arms[2].tau == arms[1].tau == 0.4
     assert [a.name for a in verify_config(cfg, cfg.loop, seen, tuned, registry).router.policies] == ["all-llm", "tuned"]
+
+
+def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
+    """A verify run with the three arms (written through the real S1 writer): the table has row 0 (tuned router, base
+    SLM) and row 1 (the same router serving adapters), each with its own SLM share and success."""
+    from slmshift.loop import LoopState, write_report
+    from slmshift.platform.log import LogWriter
+    from slmshift.platform.types import EpisodeResult, Interaction, record_id
+
+    run = tmp_path / "verify"
+    log = LogWriter(str(run), flush_every=10_000, flush_interval_s=3600)
+    # (arm, SLM calls of 2, success) per episode: the adapters take more calls at the same success
+    arms = {"all-llm": (0, True), BEFORE_ARM: (1, True), "tuned": (2, True)}
+    for arm, (n_slm, ok) in arms.items():
+        for i in range(10):
+            ep = f"{arm}-{i}"
+            log.add([Interaction(
+                id=record_id("v", ep, k), experiment_id="v", episode_id=ep, call_index=k, scenario="operator",
+                task_id=f"t{i}", policy=arm, role="planner", call_kind="intent", category="", expect="json",
+                prompt="[]", output="x", engine_latency_s=0.1, flops=0.0,
+                model="slm" if k < n_slm else "llm", tier="slm" if k < n_slm else "llm", backend="hf",
+                route_kind="x", route_reason="", tokens_in=1, tokens_out=1, latency_s=0.1, cost_usd=0.001,
+                simulated=k >= n_slm, valid=True, correct=True).model_dump() for k in range(2)])
+            log.add_episode(EpisodeResult(experiment_id="v", episode_id=ep, scenario="operator", task_id=f"t{i}",
+                                          policy=arm, success=ok, reward=1.0, n_calls=2))
+    log.close()
+    state = LoopState(tmp_path)
+    state.doc["config"] = load_config(SMALL).model_dump(mode="json")
+    state.update(1, "convert", status="done", registry=str(tmp_path / "registry.json"), clusters=[])
+    state.update(1, "verify", status="done", run_dir=str(run))
+    write_report(tmp_path, state)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0: before conversion | Open Operator | 40% | 50% [" in md
+    assert "| 1: after conversion | Open Operator | 40% | 100% [" in md
