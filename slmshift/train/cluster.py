@@ -86,8 +86,9 @@ def cluster_calls(x: np.ndarray, opts: ClusterOptions | None = None, *, progress
     if not ks:  # silhouette needs 2 <= k <= distinct points - 1
         labels = np.zeros(len(x), dtype=np.int64)
         cent = _normalise(x.mean(axis=0, keepdims=True)) if len(x) else np.zeros((0, DIM), np.float32)
-        return Clustering(labels, cent, 1 if len(x) else 0, {},
-                          f"k=1: {n_distinct} distinct prompt(s), too few to compare clusterings by silhouette")
+        why = "k_max is 1 (one cluster asked for)" if opts.k_max < 2 else \
+            f"{n_distinct} distinct prompt(s), too few to compare clusterings by silhouette"
+        return Clustering(labels, cent, 1 if len(x) else 0, {}, f"k=1: {why}")
     task = progress.add_task("clustering (k-means, silhouette)", total=len(ks)) if progress else None
     best: tuple[float, int, np.ndarray, np.ndarray] | None = None
     scores: dict[int, float] = {}

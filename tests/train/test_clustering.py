@@ -68,6 +68,8 @@ def test_k_is_clamped_to_the_data(planted):
     assert same.k == 1
     few = cluster_calls(x[[0, 1, 10, 11]], ClusterOptions(k_max=8))  # 4 points: k tried only up to 3
     assert max(few.scores) <= 3 and few.k == 2
+    asked = cluster_calls(x, ClusterOptions(k_max=1))  # one task on purpose (e.g. convert --call-kinds X --k-max 1)
+    assert asked.k == 1 and set(asked.labels.tolist()) == {0} and "k_max is 1" in asked.criterion
 
 
 def test_labels_are_unique_slugs():
