@@ -132,18 +132,31 @@ def convert_options(loop: LoopSection) -> Any:
                                        "learning_rate": c.lora_lr, "batch_size": c.batch_size, "seed": loop.seed}))
 
 
+# Measured on this project's 2-core CPU machine (2026-11-29, scenarios/paper-table.yaml, quiet): wall seconds per
+# shadowed packaged-SmolLM2 call during collect (longer outputs cost more) and model calls per episode.
+SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5}
+CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9}
+EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
+# One LoRA step of 8 rows: MetaGPT's 768-token rows took over 50 s a step on the single thread the worker was given
+# (see train/finetune._free_cpus); two threads should about halve that. Operator's and Cradle's rows are shorter.
+LORA_STEP_S = 30.0
+
+
 def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
-    """A rough wall-time estimate for a 2-core CPU machine, from paper-table-small's stage times (2026-11-29, a
-    busy machine): ~7 s of wall time per SLM call made (collect: 96 shadowed packaged-SmolLM2 calls in 675 s), ~55 s
-    per LoRA step of 8 rows plus a minute of set-up and evaluation per cluster; simulated calls cost ~nothing."""
+    """A rough wall-time estimate for a 2-core CPU machine from measured stage costs (above); other engines than
+    the packaged SmolLM2 on `hf` count as fast, simulated calls as free."""
     slm = next((m for m in cfg.models if m.tier == "slm"), None)
-    per_slm_call = 7.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.5
-    calls_per_episode = {"operator": 2, "metagpt": 7, "cradle": 12}
-    calls = sum(calls_per_episode.get(s.kind, 4) for s in cfg.scenarios)
-    collect = loop.collect_episodes * calls * loop.shadow_rate * per_slm_call
-    verify = loop.verify_episodes * calls * 0.5 * per_slm_call  # the tuned arm's SLM calls (all-LLM's are simulated)
-    lora = loop.max_clusters * (loop.convert.lora_steps * 55 + 60)
-    return iterations * (collect + verify + lora + loop.tune_time_budget_s) / 60
+    scale = 1.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.1
+    calls = {s.kind: CALLS_PER_EPISODE.get(s.kind, 4) for s in cfg.scenarios}
+    per_call = {k: SLM_CALL_S.get(k, 3.0) * scale for k in calls}
+    collect = sum(loop.collect_episodes * calls[k] * loop.shadow_rate * per_call[k] for k in calls)
+    val_rows = 0.15 * loop.collect_episodes * sum(calls.values())  # ~60% of calls curated, a quarter held out
+    convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, loop.max_clusters / 3)) \
+        + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60)
+    # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
+    verify = sum(loop.verify_episodes * calls[k] * 0.5 * per_call[k] for k in calls)
+    total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify
+    return total / 60
 
 
 def _run(cfg: ExperimentConfig, storage: str, state: LoopState, it: int, stage: str, console: Any,

@@ -262,6 +262,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
                 selections[c["id"]] = sel
                 entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
                              before=sel.before.summary(), before_verdicts=sel.before.verdicts)
+                if not o.progress:  # without bars (the loop's console) each finished cluster still says so
+                    console.print(f"S4 select: cluster {c['id']} {c['label']!r}: {sel.chosen.name} zero-shot "
+                                  f"{sel.before.correct_rate:.2f} held-out accuracy on {len(val)} calls "
+                                  f"({sel.before.wall_s:.0f} s)")
             else:
                 entry["status"] = f"not tuned: {len(val)} validation rows (needs {o.min_val_rows})"
             per_cluster.append(entry)
@@ -340,6 +344,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
             promoted, reason, interval = promotion(sel.before, after, o.min_promotion_calls, o.lora.seed)
+            console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
             e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
                      promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)
             registry.add(AdapterEntry(

@@ -339,6 +339,21 @@ def train_adapter(curated_path: str, cluster: int, label: str, base_source: str,
         data_ctx.enable_progress_bars = bars
 
 
+def _free_cpus(settle_s: float = 10.0) -> float:
+    """Ray's free CPUs, waiting up to `settle_s` for them to reach the cluster's total. Inside `slmshift loop` a
+    worker on a 2-core machine was given one thread (one CPU still counted as taken, most likely by the tasks that
+    had just materialised its datasets) and trained at half speed."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    free = ray.available_resources().get("CPU", 0)
+    deadline = time.monotonic() + settle_s
+    while free < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free = max(free, ray.available_resources().get("CPU", 0))
+    return max(free, 1)
+
+
 def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir: str, options: LoraOptions,
          num_workers: int, cpus_per_worker: int | None, use_gpu: bool | None, progress: bool, t_start: float
          ) -> TrainResult:
@@ -358,7 +373,7 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     if cpus_per_worker is None:
-        cpus_per_worker = max(1, int(ray.available_resources().get("CPU", 1) // num_workers))
+        cpus_per_worker = max(1, int(_free_cpus() // num_workers))
     out = Path(out_dir).resolve()
     checkpoints, adapter_dir = out / "checkpoints", out / "adapters" / label
     shutil.rmtree(checkpoints / label, ignore_errors=True)  # a fresh run, not a resumption of an old one
