@@ -152,19 +152,32 @@ class RandomPolicy(PolicySpec):
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
 
 
-class _ClusterPaths(PolicySpec):
+class _WithRegistry(PolicySpec):
+    """Options shared by policies whose SLM calls may carry their cluster's promoted LoRA adapter."""
+
+    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): SLM calls "
+                                 "use their cluster's promoted adapter.")
+
+    @field_validator("registry")
+    @classmethod
+    def _abs_registry(cls, v: str | None) -> str | None:
+        return absolute_path(v) if v else v
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
+
+
+class _ClusterPaths(_WithRegistry):
     """Options shared by policies that place a call in an S3 task cluster."""
 
     clusters: str | None = Field(default=None, description="An S3 cluster dir (RUN_DIR/convert/clusters); per-cluster "
-                                 "estimates and thresholds need it.")
+                                 "estimates and thresholds need it. Default: the registry's, if one is given.")
     tau: float = _tau()
     tau_per_cluster: dict[int, float] = Field(default_factory=dict, description="cluster id -> threshold in [0, 1], "
                                               "overriding `tau` for that cluster.")
-    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): SLM calls "
-                                 "use their cluster's promoted adapter (clusters: the registry's, unless given).")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
 
-    @field_validator("clusters", "registry")
+    @field_validator("clusters")
     @classmethod
     def _abs_clusters(cls, v: str | None) -> str | None:
         return absolute_path(v) if v else v
@@ -180,7 +193,7 @@ class _ClusterPaths(PolicySpec):
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         import json
 
-        problems = registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
+        problems = super().check(path, models)
         if not self.tau_per_cluster:
             return problems
         if not self.clusters:
@@ -251,39 +264,21 @@ class LearnedPolicy(_ClusterPaths):
 
 
 @register_policy_options
-class CascadePolicy(PolicySpec):
+class CascadePolicy(_WithRegistry):
     kind: Literal["cascade"] = Field(description="SLM first; its answer is kept when the call's own check passes and "
                                      "its confidence exp(mean token log-prob) >= tau, else the LLM answers.")
     tau: float = _tau(what="accept the SLM's answer when exp(mean token log-prob) is at least this")
-    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): the SLM "
-                                 "answers first with the call's cluster's promoted adapter.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
-
-    @field_validator("registry")
-    @classmethod
-    def _abs_registry(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
-
-    def check(self, path: str, models: list[ModelSpec]) -> Problems:
-        return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
 
 
 @register_policy_options
-class AdaptersPolicy(PolicySpec):
+class AdaptersPolicy(_WithRegistry):
     kind: Literal["adapters"] = Field(description="Each call's task cluster -> the SLM with that cluster's promoted "
                                       "LoRA adapter; other calls go to `default`.")
     registry: str = Field(description="The registry.json `slmshift convert` wrote (RUN_DIR/convert/registry.json).")
     min_similarity: float | None = Field(default=None, ge=-1, le=1, description="A call whose cosine similarity to "
                                          "its nearest cluster centroid is below this goes to `default`.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"slm"})
-
-    @field_validator("registry")
-    @classmethod
-    def _abs_registry(cls, v: str) -> str:
-        return absolute_path(v)
-
-    def check(self, path: str, models: list[ModelSpec]) -> Problems:
-        return registry_problems(path, self.registry, self.slm_model, models)
 
 
 # Keys of a policy file whose relative paths resolve against the file's own directory.
