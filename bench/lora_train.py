@@ -116,7 +116,7 @@ def main() -> None:
         for _ in range(args.rounds):  # alternate to spread machine noise over both
             local.append(in_process(curated, args.cluster, source, options, args.cpus))
             r = train_adapter(str(curated), args.cluster, "bench", source, str(work / "out"), options,
-                              cpus_per_worker=args.cpus, progress=False)
+                              cpus_per_worker=args.cpus)
             remote.append({"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "tokens": r.tokens,
                            "loss_first": r.train_loss_first, "loss_last": r.train_loss_last})
     finally:

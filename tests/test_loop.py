@@ -64,6 +64,7 @@ def test_two_iterations_write_the_table(loop_run):
     # the console shows our stages, not Ray Data's execution plans (those go to the session's log files)
     assert "Execution plan" not in r.stdout + r.stderr and "Progress bars disabled" not in r.stdout + r.stderr
     assert (loop_dir / "iter-2" / "config.json").is_file() and "rough estimate" in r.stdout
+    assert "S5 LoRA " in r.stdout and "step 2/2, loss " in r.stdout  # the worker's steps reach the loop's console
     # iteration 2 collected with the router iteration 1 tuned, paired on the other tier
     run2 = state["iterations"]["2"]["collect"]["run_dir"]
     calls = read_interactions(run2, include_shadow=True)

@@ -125,6 +125,8 @@ class LoopConvert(_Strict):
     lora_steps: int = Field(default=60, ge=1, description="LoRA optimiser steps per cluster.")
     lora_lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Examples per LoRA step.")
+    activation_checkpointing: bool = Field(default=True, description="Recompute activations in the LoRA backward "
+                                           "pass: under half the memory, no slower on CPU; turn off on a GPU.")
 
 
 class LoopSection(_Strict):

@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,25 @@ def _progress(enabled: bool, console: Any):
         return nullcontext(None)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
+
+
+@contextmanager
+def _lora_progress(bars: bool, console: Any, label: str, steps: int) -> Iterator[Callable[[int, float], None]]:
+    """LoRA steps as a bar, or (on a bar-less console: the loop's) as a line at every tenth of the steps."""
+    t0 = time.perf_counter()
+    if not bars:
+        every = max(1, steps // 10)
+
+        def say(step: int, loss: float) -> None:
+            if step % every == 0 or step == steps:
+                console.print(f"S5 LoRA {label!r}: step {step}/{steps}, loss {loss:.3f} "
+                              f"({time.perf_counter() - t0:.0f} s)")
+
+        yield say
+        return
+    with _progress(True, console) as prog:
+        task = prog.add_task(f"LoRA {label}", total=steps)
+        yield lambda step, loss: prog.update(task, completed=step, description=f"LoRA {label} (loss {loss:.3f})")
 
 
 def _read_log(run_dir: str) -> pd.DataFrame:
@@ -335,8 +356,9 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
             sel = selections[e["id"]]
             console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {sel.chosen.name} "
                           f"({e['n_train']} train / {e['n_val']} val rows, {o.lora.steps} steps)")
-            tr = train_adapter(str(curated_path), e["id"], e["label"], sel.chosen.source, str(out), o.lora,
-                               num_workers=o.num_workers, cpus_per_worker=o.cpus_per_worker, progress=o.progress)
+            with _lora_progress(o.progress, console, e["label"], o.lora.steps) as on_step:
+                tr = train_adapter(str(curated_path), e["id"], e["label"], sel.chosen.source, str(out), o.lora,
+                                   num_workers=o.num_workers, cpus_per_worker=o.cpus_per_worker, on_step=on_step)
             val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
             spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
             with _progress(o.progress, console) as prog:

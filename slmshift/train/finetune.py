@@ -14,8 +14,10 @@ import json
 import math
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,9 @@ class LoraOptions(BaseModel):
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and data order.")
     report_every: int = Field(default=10, ge=1, description="Steps between `ray.train.report` metrics.")
     checkpoint_every: int = Field(default=50, ge=1, description="Steps between checkpoints (and one at the end).")
+    activation_checkpointing: bool = Field(default=True, description="Recompute each layer's activations in the "
+                                         "backward pass instead of keeping them: far less memory for some more "
+                                         "compute (figures in BENCHMARKS.md).")
 
 
 class TrainResult(BaseModel):
@@ -229,6 +234,11 @@ def setup_peft(base_source: str, options: LoraOptions, device: str = "auto") -> 
     hf_logging.disable_progress_bar()  # a weight-loading bar per worker adds nothing to the training bar
     torch.manual_seed(options.seed)
     model, tokenizer = load_model_and_tokenizer(base_source, "float32", device)
+    if options.activation_checkpointing:
+        # Kept activations are most of the memory: SmolLM2-135M at 8 rows x 768 tokens held ~16 GB without this.
+        # Non-reentrant checkpointing needs no grad on the (frozen) inputs and replays dropout's RNG exactly.
+        model.config.use_cache = False
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(options))
     return model, tokenizer, next(model.parameters()).device
 
@@ -257,17 +267,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = repeat_batches(lambda epoch: shard.iter_batches(
         batch_size=options.batch_size, batch_format="numpy", local_shuffle_buffer_size=max(options.batch_size, 64),
         local_shuffle_seed=options.seed + epoch))
-    bar = None
-    if rank == 0 and config["progress"]:
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=options.steps, desc=f"LoRA {config['label']}")
+    steps_out = config.get("steps_out") if rank == 0 else None
     losses: list[float] = []
 
     def on_step(step: int, loss: float, stats: dict[str, float]) -> None:
         losses.append(loss)
-        if bar is not None:
-            bar.update(1)
+        if steps_out is not None:
+            try:
+                steps_out.put_nowait((step, loss))
+            except Exception:  # progress is a courtesy: a lost update must never stop training
+                pass
         last = step == options.steps
         if step % options.report_every and step % options.checkpoint_every and not last:
             return
@@ -291,8 +300,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 "train_loss_first": losses[0], "train_loss_last": sum(tail) / len(tail)}
 
     lora_loop(trained, tokenizer, batches, options, dev, on_step)
-    if bar is not None:
-        bar.close()
 
 
 def _read_split(curated_path: str, cluster: int, split: str) -> Any:
@@ -305,7 +312,8 @@ def _read_split(curated_path: str, cluster: int, split: str) -> Any:
 
 def train_adapter(curated_path: str, cluster: int, label: str, base_source: str, out_dir: str,
                   options: LoraOptions, *, num_workers: int = 1, cpus_per_worker: int | None = None,
-                  use_gpu: bool | None = None, progress: bool = True) -> TrainResult:
+                  use_gpu: bool | None = None, on_step: Callable[[int, float], None] | None = None
+                  ) -> TrainResult:
     """Train one cluster's LoRA adapter with Ray Train (Ray must be initialised by the caller).
 
     Args:
@@ -319,7 +327,9 @@ def train_adapter(curated_path: str, cluster: int, label: str, base_source: str,
         cpus_per_worker: CPUs each worker reserves (and torch threads it runs); default: the cluster's free CPUs
             split between the workers (on a 2-core machine one worker with 1 CPU runs several times slower).
         use_gpu: one GPU per worker; default: when the cluster has GPUs.
-        progress: a tqdm bar for the training steps.
+        on_step: called on this (the driver's) process with (step, training loss) after each step. The worker's
+            own output does not reach a console started with `log_to_driver=False` (the loop's, convert's), so a
+            bar in the worker would never be seen: the steps come back through a Ray queue instead.
     """
     import ray
     import ray.data
@@ -329,12 +339,12 @@ def train_adapter(curated_path: str, cluster: int, label: str, base_source: str,
     if not Path(curated_path).exists():
         raise SlmshiftError(f"{curated_path}: curated data not found. Fix: run S2 (`slmshift convert`) first.")
     t_start = time.perf_counter()
-    # The split coordinator would draw a Ray Data bar per epoch; the training bar (tqdm_ray) says more.
+    # The split coordinator would draw a Ray Data bar per epoch; the caller's step progress says more.
     data_ctx = ray.data.DataContext.get_current()
     bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     try:
         return _fit(curated_path, cluster, label, base_source, out_dir, options, num_workers, cpus_per_worker,
-                    use_gpu, progress, t_start)
+                    use_gpu, on_step, t_start)
     finally:
         data_ctx.enable_progress_bars = bars
 
@@ -354,9 +364,49 @@ def _free_cpus(settle_s: float = 10.0) -> float:
     return max(free, 1)
 
 
+@contextmanager
+def _relay_steps(on_step: Callable[[int, float], None] | None) -> Iterator[Any]:
+    """A Ray queue the rank-0 worker puts (step, loss) on, drained into `on_step` by a driver thread; None when
+    nobody listens. The queue's actor takes no CPU, so it never competes with the workers' reservation."""
+    if on_step is None:
+        yield None
+        return
+    from queue import Empty
+
+    from ray.util.queue import Queue
+
+    steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                item = steps.get(block=block, timeout=0.5) if block else steps.get_nowait()
+            except Empty:
+                return
+            except Exception:  # the queue's actor is gone (Ray shutting down): no more progress to show
+                stop.set()
+                return
+            on_step(*item)
+
+    def relay() -> None:
+        while not stop.is_set():
+            drain(block=True)
+
+    thread = threading.Thread(target=relay, name="lora-steps", daemon=True)
+    thread.start()
+    try:
+        yield steps
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        drain(block=False)  # the last steps, put just before fit() returned
+        steps.shutdown()
+
+
 def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir: str, options: LoraOptions,
-         num_workers: int, cpus_per_worker: int | None, use_gpu: bool | None, progress: bool, t_start: float
-         ) -> TrainResult:
+         num_workers: int, cpus_per_worker: int | None, use_gpu: bool | None,
+         on_step: Callable[[int, float], None] | None, t_start: float) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -377,19 +427,19 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
     out = Path(out_dir).resolve()
     checkpoints, adapter_dir = out / "checkpoints", out / "adapters" / label
     shutil.rmtree(checkpoints / label, ignore_errors=True)  # a fresh run, not a resumption of an old one
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={"options": options.model_dump(), "base_source": base_source, "label": label,
-                           "threads": cpus_per_worker, "use_gpu": use_gpu, "n_val": n_val, "progress": progress},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=label, storage_path=str(checkpoints),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
+    loop_config = {"options": options.model_dump(), "base_source": base_source, "label": label,
+                   "threads": cpus_per_worker, "use_gpu": use_gpu, "n_val": n_val}
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     try:
-        result = trainer.fit()
+        with _relay_steps(on_step) as steps:
+            trainer = TorchTrainer(
+                _train_loop_per_worker, train_loop_config={**loop_config, "steps_out": steps},
+                scaling_config=scaling,
+                run_config=RunConfig(name=label, storage_path=str(checkpoints),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                datasets={"train": train_ds, "val": val_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
+            result = trainer.fit()
     except TrainingFailedError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise SlmshiftError(f"LoRA training of {label!r} failed: {lines[-1] if lines else type(e).__name__}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +44,10 @@ def convert_dir(tmp_path_factory) -> Path:
 def trained(ray_cluster, convert_dir, tiny_model_dir):
     opts = LoraOptions(rank=8, alpha=16, learning_rate=3e-3, steps=30, batch_size=8, report_every=5,
                        checkpoint_every=10, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir, str(convert_dir),
-                         opts, progress=False)
+    seen: list[tuple[int, float]] = []
+    result = train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir,
+                           str(convert_dir), opts, on_step=lambda step, loss: seen.append((step, loss)))
+    return result, seen
 
 
 def test_encode_masks_prompt_and_keeps_target(tiny_model_dir):
@@ -60,7 +63,16 @@ def test_encode_masks_prompt_and_keeps_target(tiny_model_dir):
     assert short_ids[-(64 - sum(t != IGNORE for t in short_labels)) - 1] != IGNORE  # prompt kept its latest tokens
 
 
+def test_every_step_reaches_the_driver_in_order(trained):
+    """The worker's own output never reaches a `log_to_driver=False` console, so its steps come back to the caller."""
+    result, seen = trained
+    assert [step for step, _ in seen] == list(range(1, 31))
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in seen)
+    assert seen[0][1] == pytest.approx(result.train_loss_first)
+
+
 def test_lora_lowers_validation_loss(trained, convert_dir):
+    trained, _ = trained
     assert trained.n_train == 32 and trained.n_val == 8 and trained.steps == 30
     assert trained.val_loss_adapter < 0.5 * trained.val_loss_base
     assert trained.train_loss_last < trained.train_loss_first
@@ -71,6 +83,7 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
 
 
 def test_saved_adapter_reloads_and_changes_outputs(trained, tiny_model_dir):
+    trained, _ = trained
     import torch
     from peft import PeftModel
 
@@ -97,3 +110,21 @@ def test_empty_cluster_is_a_clear_error(ray_cluster, convert_dir, tiny_model_dir
 def test_options_reject_unknown_keys():
     with pytest.raises(ValueError, match="extra"):
         LoraOptions.model_validate({"rank": 4, "lr": 1e-3})
+
+
+def test_activation_checkpointing_changes_memory_not_the_math(tiny_model_dir):
+    """Same seed, same batches: recomputing activations in backward gives the same losses as keeping them."""
+    from slmshift.train.finetune import lora_loop, setup_peft
+
+    rows = curated_rows()
+    rows = rows[(rows.cluster == 0) & (rows.split == "train")]
+    batches = [{"messages": list(rows.messages[i:i + 4]), "target": list(rows.target[i:i + 4])} for i in (0, 4, 8)]
+    losses = {}
+    for on in (False, True):
+        opts = LoraOptions(steps=3, batch_size=4, learning_rate=3e-3, activation_checkpointing=on)
+        model, tok, dev = setup_peft(tiny_model_dir, opts, "cpu")
+        assert model.base_model.model.is_activation_checkpointing == on
+        seen: list[float] = []
+        lora_loop(model, tok, iter(batches), opts, dev, lambda step, loss, stats: seen.append(loss))
+        losses[on] = seen
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][-1] < losses[True][0]
