@@ -129,7 +129,8 @@ def convert_options(loop: LoopSection) -> Any:
         curate=d.curate.model_copy(update={"rule": c.rule, "seed": loop.seed}),
         cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),
         lora=d.lora.model_copy(update={"rank": c.lora_rank, "alpha": c.lora_alpha, "steps": c.lora_steps,
-                                       "learning_rate": c.lora_lr, "batch_size": c.batch_size, "seed": loop.seed}))
+                                       "learning_rate": c.lora_lr, "batch_size": c.batch_size, "seed": loop.seed,
+                                       "activation_checkpointing": c.activation_checkpointing}))
 
 
 # Measured on this project's 2-core CPU machine (2026-11-29, scenarios/paper-table.yaml, quiet): wall seconds per
@@ -137,9 +138,12 @@ def convert_options(loop: LoopSection) -> Any:
 SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5}
 CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9}
 EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
-# One LoRA step of 8 rows: MetaGPT's 768-token rows took over 50 s a step on the single thread the worker was given
-# (see train/finetune._free_cpus); two threads should about halve that. Operator's and Cradle's rows are shorter.
-LORA_STEP_S = 30.0
+# One LoRA step of 8 rows, scaled by the batch size: MetaGPT's 768-token rows took 21 s per 4-row step with
+# activation checkpointing on 2 threads (2026-11-30); Operator's and Cradle's rows are shorter. Each trained
+# cluster also pays Ray Train's start and checkpoints (~1 min) and target losses on its held-out rows, base and
+# adapter (there ~9 min in all for 175 rows: ~3 s a row).
+LORA_STEP_S = 40.0
+LORA_VAL_S_PER_ROW = 3.0
 
 
 def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
@@ -152,7 +156,8 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     collect = sum(loop.collect_episodes * calls[k] * loop.shadow_rate * per_call[k] for k in calls)
     val_rows = 0.15 * loop.collect_episodes * sum(calls.values())  # ~60% of calls curated, a quarter held out
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, loop.max_clusters / 3)) \
-        + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60)
+        + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
+                               + LORA_VAL_S_PER_ROW * scale * val_rows / len(calls))
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
     verify = sum(loop.verify_episodes * calls[k] * 0.5 * per_call[k] for k in calls)
     total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify
@@ -226,6 +231,8 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
                     console.print(f"iter {it} · {stage}: done earlier, skipped")
                 else:
                     t0 = time.perf_counter()
+                    if "reason" in st:  # a rerun: the last attempt's failure is history, not this attempt's reason
+                        st.setdefault("earlier_failures", []).append(st.pop("reason"))
                     state.update(it, stage, status="running", started=time.time())
                     console.rule(f"iter {it} · {stage}")
                     out = _stage(stage, it, cfg, loop, split, seen, policy, registry, idir, state, console, address)
@@ -319,6 +326,14 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
     raise AssertionError(stage)
 
 
+def _stage_note(st: dict[str, Any]) -> str:
+    """The stage's failure, or how many attempts failed before the one that finished (wall s is that one's)."""
+    earlier = st.get("earlier_failures") or []
+    if "reason" in st or not earlier:
+        return st.get("reason", "")
+    return f"{len(earlier)} earlier attempt(s) failed (last: {earlier[-1][:200]}); wall s is the final attempt's"
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
@@ -390,7 +405,7 @@ def write_report(ld: Path, state: LoopState) -> None:
         for name in STAGES:
             st = iters[it].get(name, {})
             stage_rows.append([str(it), name, st.get("status", "pending"),
-                               f"{st['wall_s']:.0f}" if "wall_s" in st else "-", st.get("reason", "")])
+                               f"{st['wall_s']:.0f}" if "wall_s" in st else "-", _stage_note(st)])
         for c in iters[it].get("convert", {}).get("clusters", []) or []:
             ci = c.get("interval") or {}
             cluster_rows.append([str(it), str(c["id"]), c["label"], f"{c['n_train']}/{c['n_val']}",

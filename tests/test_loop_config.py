@@ -74,9 +74,12 @@ def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     log.close()
     state = LoopState(tmp_path)
     state.doc["config"] = load_config(SMALL).model_dump(mode="json")
-    state.update(1, "convert", status="done", registry=str(tmp_path / "registry.json"), clusters=[])
+    state.update(1, "convert", status="done", registry=str(tmp_path / "registry.json"), clusters=[],
+                 earlier_failures=["SlmshiftError: LoRA training of 'x' failed: OOM"], wall_s=12.0)
     state.update(1, "verify", status="done", run_dir=str(run))
     write_report(tmp_path, state)
     md = (tmp_path / "report.md").read_text()
     assert "| 0: before conversion | Open Operator | 40% | 50% [" in md
     assert "| 1: after conversion | Open Operator | 40% | 100% [" in md
+    # a stage that finished on a rerun says so, and does not show the old failure as its own reason
+    assert "| 1 | convert | done | 12 | 1 earlier attempt(s) failed (last: SlmshiftError: LoRA training" in md
