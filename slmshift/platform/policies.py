@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from slmshift.platform.types import ModelSpec, Tier, absolute_path
+from slmshift.platform.types import AbsolutePath, ModelSpec, Tier
 
 Shadow = Literal["none", "slm", "llm", "both"]
 Problems = list[tuple[str, str]]
@@ -155,13 +155,8 @@ class RandomPolicy(PolicySpec):
 class _WithRegistry(PolicySpec):
     """Options shared by policies whose SLM calls may carry their cluster's promoted LoRA adapter."""
 
-    registry: str | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): SLM calls "
-                                 "use their cluster's promoted adapter.")
-
-    @field_validator("registry")
-    @classmethod
-    def _abs_registry(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
+    registry: AbsolutePath | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): "
+                                          "SLM calls use their cluster's promoted adapter.")
 
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
@@ -170,17 +165,13 @@ class _WithRegistry(PolicySpec):
 class _ClusterPaths(_WithRegistry):
     """Options shared by policies that place a call in an S3 task cluster."""
 
-    clusters: str | None = Field(default=None, description="An S3 cluster dir (RUN_DIR/convert/clusters); per-cluster "
-                                 "estimates and thresholds need it. Default: the registry's, if one is given.")
+    clusters: AbsolutePath | None = Field(default=None, description="An S3 cluster dir (RUN_DIR/convert/clusters); "
+                                          "per-cluster estimates and thresholds need it. Default: the registry's, if "
+                                          "one is given.")
     tau: float = _tau()
     tau_per_cluster: dict[int, float] = Field(default_factory=dict, description="cluster id -> threshold in [0, 1], "
                                               "overriding `tau` for that cluster.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
-
-    @field_validator("clusters")
-    @classmethod
-    def _abs_clusters(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
 
     @field_validator("tau_per_cluster")
     @classmethod
@@ -224,15 +215,10 @@ class ThresholdPolicy(_ClusterPaths):
                                        "(cluster, call kind) in logged outcomes; SLM when score >= tau.")
     estimates: list[Estimate] = Field(default_factory=list, description="Outcome counts per cell (written by "
                                       "`slmshift tune`); or give `from_run`.")
-    from_run: str | None = Field(default=None, description="A run dir whose SLM-tier outcomes (shadow records "
-                                 "included) give the estimates at start-up.")
+    from_run: AbsolutePath | None = Field(default=None, description="A run dir whose SLM-tier outcomes (shadow "
+                                          "records included) give the estimates at start-up.")
     prior_strength: float = Field(default=2.0, gt=0, description="Pseudo-trials pulling a cell towards its parent "
                                   "(call kind, then all calls): the Beta prior's strength.")
-
-    @field_validator("from_run")
-    @classmethod
-    def _abs_run(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
 
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         problems = super().check(path, models)
@@ -248,12 +234,8 @@ class ThresholdPolicy(_ClusterPaths):
 class LearnedPolicy(_ClusterPaths):
     kind: Literal["learned"] = Field(description="Score = a classifier's probability that the SLM's output is "
                                      "acceptable, from the prompt's MiniLM embedding and call kind.")
-    model: str = Field(description="The scorer file `slmshift tune` wrote (RUN_DIR/tune/learned.joblib).")
-
-    @field_validator("model")
-    @classmethod
-    def _abs_model(cls, v: str) -> str:
-        return absolute_path(v)
+    model: AbsolutePath = Field(description="The scorer file `slmshift tune` wrote "
+                                "(RUN_DIR/tune/learned.joblib).")
 
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         problems = super().check(path, models)
@@ -275,7 +257,8 @@ class CascadePolicy(_WithRegistry):
 class AdaptersPolicy(_WithRegistry):
     kind: Literal["adapters"] = Field(description="Each call's task cluster -> the SLM with that cluster's promoted "
                                       "LoRA adapter; other calls go to `default`.")
-    registry: str = Field(description="The registry.json `slmshift convert` wrote (RUN_DIR/convert/registry.json).")
+    registry: AbsolutePath = Field(description="The registry.json `slmshift convert` wrote "
+                                   "(RUN_DIR/convert/registry.json).")
     min_similarity: float | None = Field(default=None, ge=-1, le=1, description="A call whose cosine similarity to "
                                          "its nearest cluster centroid is below this goes to `default`.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"slm"})

@@ -7,9 +7,18 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+def absolute_path(path: str) -> str:
+    """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
+    read the same file; URIs (s3://, gs://) pass unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+# A path option: made absolute when given (see absolute_path); an empty value stays empty.
+AbsolutePath = Annotated[str, AfterValidator(lambda v: absolute_path(v) if v else v)]
 
 Tier = Literal["llm", "slm"]
 Expect = Literal["text", "json", "code", "action"]
@@ -362,7 +371,7 @@ class ModelSpec(_Strict):
         default_factory=dict,
         description="hf, vllm: LoRA adapters to serve, name -> adapter dir (peft save_pretrained output).",
     )
-    registry: str | None = Field(
+    registry: AbsolutePath | None = Field(
         default=None,
         description="hf, vllm: an adapter registry.json written by `slmshift convert`; its promoted adapters are "
         "served, each named by its cluster label.",
@@ -375,18 +384,9 @@ class ModelSpec(_Strict):
             raise ValueError("must be -1 (no bound) or a positive number of requests")
         return v
 
-    @field_validator("registry")
-    @classmethod
-    def _absolute_registry(cls, v: str | None) -> str | None:
-        return absolute_path(v) if v else v
-
     @field_validator("adapters")
     @classmethod
     def _absolute_adapters(cls, v: dict[str, str]) -> dict[str, str]:
         return {name: absolute_path(d) for name, d in v.items()}
 
 
-def absolute_path(path: str) -> str:
-    """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
-    read the same file; URIs (s3://, gs://) pass unchanged."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
