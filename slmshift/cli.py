@@ -241,10 +241,12 @@ def loop(
     iterations: int = typer.Option(1, "--iterations", min=1, help="Loop iterations (collect, convert, tune, verify)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="A LOOP_DIR to continue from its last finished stage."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: embedded)."),
+    scenario: list[str] = typer.Option([], "--scenario", help="Loop on this scenario only (its name; repeat for "
+                                       "more), e.g. to measure one row of the table."),
 ) -> None:
     """Run the S6 loop and write the paper's case-study table as measured (LOOP_DIR/report.html and .md)."""
     import slmshift.scenarios  # noqa: F401  fills the scenario registry
-    from slmshift.loop import load_loop_dir, run_loop
+    from slmshift.loop import load_loop_dir, only_scenarios, run_loop
     from slmshift.platform.config import load_config
     from slmshift.platform.scenario import scenario_options
 
@@ -255,6 +257,11 @@ def loop(
             raise SlmshiftError("slmshift loop: give a CONFIG (e.g. scenarios/paper-table.yaml) or --resume LOOP_DIR")
         else:
             cfg = load_config(config, scenario_options())
+        if scenario and resume:
+            raise SlmshiftError("slmshift loop: --scenario picks scenarios for a new loop; a resumed loop keeps its "
+                                "own. Fix: drop --scenario.")
+        if scenario:
+            cfg = only_scenarios(cfg, scenario)
         loop_dir = run_loop(cfg, iterations=iterations, loop_dir=resume, console=console, address=address)
     except SlmshiftError as e:
         _fail(e)

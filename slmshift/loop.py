@@ -33,9 +33,11 @@ from slmshift.platform.policies import policy_spec
 
 STAGES = ("collect", "convert", "tune", "verify")
 BEFORE_ARM = "tuned-base"  # verify's arm for "before conversion": the tuned router, the SLM without adapters
-# The paper's estimates of the share of LLM calls SLMs could take (Appendix B), by our scenario kinds.
-PAPER_ESTIMATE = {"metagpt": 0.60, "operator": 0.40, "cradle": 0.70}
-PAPER_NAME = {"metagpt": "MetaGPT", "operator": "Open Operator", "cradle": "Cradle"}
+# The paper's estimates of the share of LLM calls SLMs could take (Appendix B), per agent system, and the scenario
+# kinds that measure each system: the verify episodes of all of a system's scenarios are pooled into its row.
+PAPER_ESTIMATE = {"MetaGPT": 0.60, "Open Operator": 0.40, "Cradle": 0.70}
+PAPER_SYSTEM = {"metagpt": "MetaGPT", "operator": "Open Operator", "operator_multiturn": "Open Operator",
+                "cradle": "Cradle"}
 
 
 class LoopState:
@@ -65,17 +67,31 @@ def split_tasks(cfg: ExperimentConfig, loop: LoopSection) -> dict[str, dict[str,
     out = {}
     for spec in cfg.scenarios:
         seed = cfg.experiment.seed if spec.seed is None else spec.seed
-        pool_n = loop.collect_episodes + loop.verify_episodes
+        n_collect, n_verify_eps = loop.episodes(spec.label)
+        pool_n = n_collect + n_verify_eps
         tasks = scenario_class(spec.kind)(spec.model_copy(update={"episodes": pool_n}), seed).tasks()
         ids = list(dict.fromkeys(t.id for t in tasks))  # scenarios may cycle tasks when episodes exceed them
         rng = np.random.default_rng(loop.seed)
         rng.shuffle(ids)
-        n_verify = max(1, round(len(ids) * loop.verify_episodes / pool_n))
+        n_verify = max(1, round(len(ids) * n_verify_eps / pool_n))
         if n_verify >= len(ids):
             raise SlmshiftError(f"scenario {spec.label!r} has only {len(ids)} distinct tasks: too few to hold out "
-                                f"verify tasks. Fix: widen its task options or lower loop.verify_episodes.")
+                                f"verify tasks. Fix: widen its task options or lower loop.verify_episodes "
+                                f"(or loop.scenario_episodes.{spec.label}.verify).")
         out[spec.label] = {"verify": ids[:n_verify], "train": ids[n_verify:]}
     return out
+
+
+def only_scenarios(cfg: ExperimentConfig, labels: list[str]) -> ExperimentConfig:
+    """The experiment narrowed to the scenarios called `labels` (`slmshift loop --scenario`: one row of the table)."""
+    have = [s.label for s in cfg.scenarios]
+    if unknown := [x for x in labels if x not in have]:
+        raise SlmshiftError(f"--scenario {', '.join(unknown)}: no such scenario in the experiment. Fix: pick from "
+                            f"{', '.join(have)}.")
+    loop = cfg.loop or LoopSection()
+    eps = {k: v for k, v in loop.scenario_episodes.items() if k in labels}
+    return cfg.model_copy(update={"scenarios": [s for s in cfg.scenarios if s.label in labels],
+                                  "loop": loop.model_copy(update={"scenario_episodes": eps})})
 
 
 def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
@@ -88,7 +104,7 @@ def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
 
 def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
                    it: int) -> ExperimentConfig:
-    scenarios = [s.model_copy(update={"episodes": loop.collect_episodes,
+    scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[0],
                                       "exclude_tasks": sorted(set(s.exclude_tasks) | set(split[s.label]["verify"]))})
                  for s in cfg.scenarios]
     arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate})
@@ -100,7 +116,7 @@ def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[
                   registry: str | None, before: Any = None) -> ExperimentConfig:
     """Always-LLM against the tuned policy on held-out tasks; `before` (the same router on the base SLM, iteration 1
     only, when adapters were promoted) measures the paper table's "before conversion" row on the same tasks."""
-    scenarios = [s.model_copy(update={"episodes": loop.verify_episodes,
+    scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[1],
                                       "exclude_tasks": sorted(set(s.exclude_tasks) | seen.get(s.label, set()))})
                  for s in cfg.scenarios]
     arms = [policy_spec(kind="llm", name="all-llm"), tuned.model_copy(update={"name": "tuned", "shadow": "none"})]
@@ -135,8 +151,8 @@ def convert_options(loop: LoopSection) -> Any:
 
 # Measured on this project's 2-core CPU machine (2026-11-29, scenarios/paper-table.yaml, quiet): wall seconds per
 # shadowed packaged-SmolLM2 call during collect (longer outputs cost more) and model calls per episode.
-SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5}
-CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9}
+SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5, "operator_multiturn": 6.0}
+CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9, "operator_multiturn": 17}
 EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
 # One LoRA step of 8 rows, scaled by the batch size: MetaGPT's 768-token rows took 21 s per 4-row step with
 # activation checkpointing on 2 threads (2026-11-30); Operator's and Cradle's rows are shorter. Each trained
@@ -151,15 +167,16 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     the packaged SmolLM2 on `hf` count as fast, simulated calls as free."""
     slm = next((m for m in cfg.models if m.tier == "slm"), None)
     scale = 1.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.1
-    calls = {s.kind: CALLS_PER_EPISODE.get(s.kind, 4) for s in cfg.scenarios}
-    per_call = {k: SLM_CALL_S.get(k, 3.0) * scale for k in calls}
-    collect = sum(loop.collect_episodes * calls[k] * loop.shadow_rate * per_call[k] for k in calls)
-    val_rows = 0.15 * loop.collect_episodes * sum(calls.values())  # ~60% of calls curated, a quarter held out
+    scen = [(s.label, s.kind, *loop.episodes(s.label)) for s in cfg.scenarios]  # (label, kind, collect, verify)
+    calls = {lab: CALLS_PER_EPISODE.get(kind, 4) for lab, kind, _, _ in scen}
+    per_call = {lab: SLM_CALL_S.get(kind, 3.0) * scale for lab, kind, _, _ in scen}
+    collect = sum(nc * calls[lab] * loop.shadow_rate * per_call[lab] for lab, _, nc, _ in scen)
+    val_rows = 0.15 * sum(nc * calls[lab] for lab, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, loop.max_clusters / 3)) \
         + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
-                               + LORA_VAL_S_PER_ROW * scale * val_rows / len(calls))
+                               + LORA_VAL_S_PER_ROW * scale * val_rows / len(scen))
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
-    verify = sum(loop.verify_episodes * calls[k] * 0.5 * per_call[k] for k in calls)
+    verify = sum(nv * calls[lab] * 0.5 * per_call[lab] for lab, _, _, nv in scen)
     total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify
     return total / 60
 
@@ -349,29 +366,34 @@ def _boot(values: np.ndarray, stat: Any, n: int = 2000, seed: int = 0) -> tuple[
     return float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))
 
 
-def verify_rows(run_dir: str, budget: float, kinds: dict[str, str], arm: str = "tuned") -> list[dict[str, Any]]:
-    """Per scenario: the `arm` policy vs always-LLM on the verify episodes, with bootstrap 95% intervals over
-    episodes; empty when the run has no such arm."""
+def verify_rows(run_dir: str, budget: float, groups: dict[str, str] | None = None,
+                arm: str = "tuned") -> list[dict[str, Any]]:
+    """Per row: the `arm` policy vs always-LLM on the verify episodes, with bootstrap 95% intervals over episodes
+    (and calls); empty when the run has no such arm. `groups` maps scenario names to a row (e.g. the paper's agent
+    system) whose episodes and calls are pooled; a scenario it does not name is a row of its own."""
     from slmshift.platform.log import read_episodes, read_interactions
 
+    groups = groups or {}
     calls, eps = read_interactions(run_dir), read_episodes(run_dir)
     calls = calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)]
+    eps["row"] = eps["scenario"].map(lambda s: groups.get(s, s))
+    calls["row"] = calls["scenario"].map(lambda s: groups.get(s, s))
     rows = []
-    for scenario, g in eps.groupby("scenario"):
+    for row, g in eps.groupby("row"):
         llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == arm]
         if tuned.empty:
             continue
-        c_llm = calls[(calls["scenario"] == scenario) & (calls["policy"] == "all-llm")]
-        c_t = calls[(calls["scenario"] == scenario) & (calls["policy"] == arm)]
+        c_llm = calls[(calls["row"] == row) & (calls["policy"] == "all-llm")]
+        c_t = calls[(calls["row"] == row) & (calls["policy"] == arm)]
         slm = (c_t["tier"] == "slm").to_numpy(dtype=float)
         s_llm, s_t = llm["success"].to_numpy(dtype=float), tuned["success"].to_numpy(dtype=float)
         ratio = s_t.mean() / s_llm.mean() if len(s_llm) and s_llm.mean() > 0 else float("nan")
-        kind = kinds.get(scenario, scenario)
         per_kind = c_t.groupby("call_kind")["tier"].apply(lambda t: float((t == "slm").mean())).to_dict()
         cost_llm = c_llm.groupby("episode_id")["cost_usd"].sum().mean() if len(c_llm) else float("nan")
         cost_t = c_t.groupby("episode_id")["cost_usd"].sum().mean() if len(c_t) else float("nan")
         rows.append({
-            "scenario": scenario, "kind": kind, "episodes": int(len(tuned)), "calls": int(len(c_t)),
+            "row": row, "scenarios": sorted(set(tuned["scenario"])), "episodes": int(len(tuned)),
+            "calls": int(len(c_t)),
             "slm_share": float(slm.mean()) if len(slm) else float("nan"), "slm_share_ci": _boot(slm, np.mean),
             "success_llm": float(s_llm.mean()) if len(s_llm) else float("nan"),
             "success_tuned": float(s_t.mean()) if len(s_t) else float("nan"),
@@ -398,9 +420,11 @@ def write_report(ld: Path, state: LoopState) -> None:
 
     config = state.doc.get("config") or {}
     loop = LoopSection.model_validate(config.get("loop") or {})
-    kinds = {s.get("name") or s["kind"]: s["kind"] for s in config.get("scenarios", [])}
+    systems = {s.get("name") or s["kind"]: PAPER_SYSTEM.get(s["kind"], s.get("name") or s["kind"])
+               for s in config.get("scenarios", [])}
+    pooled = len(set(systems.values())) < len(systems)  # some system's row pools several scenarios
     iters = {int(k): v for k, v in state.doc["iterations"].items() if k != "0"}
-    table, stage_rows, cluster_rows, per_iter = [], [], [], {}
+    table, stage_rows, cluster_rows, per_iter, per_scenario = [], [], [], {}, []
     for it in sorted(iters):
         for name in STAGES:
             st = iters[it].get(name, {})
@@ -415,20 +439,17 @@ def write_report(ld: Path, state: LoopState) -> None:
                                  "yes" if c["promoted"] else "no", c.get("status", "")])
         v = iters[it].get("verify", {})
         if v.get("status") == "done":
-            per_iter[it] = verify_rows(v["run_dir"], loop.budget, kinds)
+            per_iter[it] = verify_rows(v["run_dir"], loop.budget)
             adapters = bool(iters[it].get("convert", {}).get("registry"))
-            before = verify_rows(v["run_dir"], loop.budget, kinds, BEFORE_ARM) if it == 1 and adapters else []
-            when = f"{it}: after conversion" if adapters else f"{it}: no adapter promoted (base SLM)"
-            for label, r in [("0: before conversion", r) for r in before] + [(when, r) for r in per_iter[it]]:
-                lo, hi = r["slm_share_ci"]
-                est = PAPER_ESTIMATE.get(r["kind"], float("nan"))
-                table.append([label, PAPER_NAME.get(r["kind"], r["scenario"]), _fmt(est),
-                              f"{_fmt(r['slm_share'])} [{_fmt(lo)}, {_fmt(hi)}]",
-                              f"{_fmt(r['success_tuned'])} vs {_fmt(r['success_llm'])} (ratio {r['quality_ratio']:.2f})",
-                              "yes" if r["meets_budget"] else "no", f"{r['episodes']} ep / {r['calls']} calls",
-                              f"{_fmt(r['cost_per_episode_tuned'], False)} vs {_fmt(r['cost_per_episode_llm'], False)}",
-                              f"{_fmt(r['latency_p50_tuned'], False)} vs {_fmt(r['latency_p50_llm'], False)}",
-                              "simulated" if r["simulated_llm"] else "real"])
+            arms = ([("0: before conversion", BEFORE_ARM)] if it == 1 and adapters else []) \
+                + [(f"{it}: after conversion" if adapters else f"{it}: no adapter promoted (base SLM)", "tuned")]
+            for label, arm in arms:
+                for r in verify_rows(v["run_dir"], loop.budget, systems, arm):
+                    table.append([label, r["row"], ", ".join(r["scenarios"]),
+                                  _fmt(PAPER_ESTIMATE.get(r["row"], float("nan")))] + _result_cells(r))
+                if pooled:
+                    per_scenario += [[label, r["row"]] + _result_cells(r)
+                                     for r in verify_rows(v["run_dir"], loop.budget, arm=arm)]
     md = ["# slmshift loop report", "",
           f"Loop dir: `{ld}`. Budget: the tuned router keeps verify-episode success >= {loop.budget} x always-LLM's "
           "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",
@@ -437,11 +458,14 @@ def write_report(ld: Path, state: LoopState) -> None:
           "Row 0 (before conversion) is the tuned router on the base SLM, row N the same router serving iteration N's "
           "promoted adapters, both on the same held-out verify tasks.", "",
           "## The paper's table, measured (verify episodes on held-out tasks)", ""]
-    header = ["iter", "agent system", "paper estimate", "SLM share of calls [95% CI]", "success tuned vs all-LLM",
-              f">= {loop.budget}x", "n", "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]
+    results = ["SLM share of calls [95% CI]", "success tuned vs all-LLM", f">= {loop.budget}x", "n",
+               "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]
+    header = ["iter", "agent system", "scenarios (pooled)", "paper estimate"] + results
     md += _md_table(header, table) if table else ["(no verify stage finished yet)"]
+    if per_scenario:
+        md += ["", "## Each scenario of a pooled row", ""] + _md_table(["iter", "scenario"] + results, per_scenario)
     md += ["", "## SLM share per call kind (verify, tuned arm)", ""]
-    kinds_rows = [[str(it), r["scenario"], k, _fmt(v)] for it, rows in per_iter.items() for r in rows
+    kinds_rows = [[str(it), r["row"], k, _fmt(v)] for it, rows in per_iter.items() for r in rows
                   for k, v in sorted(r["slm_share_by_call_kind"].items())]
     md += _md_table(["iter", "scenario", "call kind", "SLM share"], kinds_rows) if kinds_rows else ["-"]
     md += ["", "## Held-out accuracy per cluster before/after LoRA (paired-bootstrap interval of the difference)", ""]
@@ -453,6 +477,17 @@ def write_report(ld: Path, state: LoopState) -> None:
     (ld / "report.md").write_text("\n".join(md) + "\n")
     html = _html("\n".join(md), {p.name: base64.b64encode(p.read_bytes()).decode() for p in pngs})
     (ld / "report.html").write_text(html)
+
+
+def _result_cells(r: dict[str, Any]) -> list[str]:
+    """A verify row's measured cells of the paper table."""
+    lo, hi = r["slm_share_ci"]
+    return [f"{_fmt(r['slm_share'])} [{_fmt(lo)}, {_fmt(hi)}]",
+            f"{_fmt(r['success_tuned'])} vs {_fmt(r['success_llm'])} (ratio {r['quality_ratio']:.2f})",
+            "yes" if r["meets_budget"] else "no", f"{r['episodes']} ep / {r['calls']} calls",
+            f"{_fmt(r['cost_per_episode_tuned'], False)} vs {_fmt(r['cost_per_episode_llm'], False)}",
+            f"{_fmt(r['latency_p50_tuned'], False)} vs {_fmt(r['latency_p50_llm'], False)}",
+            "simulated" if r["simulated_llm"] else "real"]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -469,10 +504,10 @@ def _plots(ld: Path, per_iter: dict[int, list[dict]], iters: dict[int, dict]) ->
     out = []
     if per_iter:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        scen = sorted({r["scenario"] for rows in per_iter.values() for r in rows})
+        scen = sorted({r["row"] for rows in per_iter.values() for r in rows})
         for s in scen:
-            its = [it for it in sorted(per_iter) if any(r["scenario"] == s for r in per_iter[it])]
-            rows = [next(r for r in per_iter[it] if r["scenario"] == s) for it in its]
+            its = [it for it in sorted(per_iter) if any(r["row"] == s for r in per_iter[it])]
+            rows = [next(r for r in per_iter[it] if r["row"] == s) for it in its]
             axes[0].plot(its, [r["cost_per_episode_tuned"] for r in rows], marker="o", label=f"{s} tuned")
             axes[0].plot(its, [r["cost_per_episode_llm"] for r in rows], ls="--", marker="x", label=f"{s} all-LLM")
             kinds = sorted({k for r in rows for k in r["slm_share_by_call_kind"]})

@@ -50,36 +50,79 @@ def test_verify_measures_before_conversion_on_the_same_tasks(tmp_path):
 
 def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     """A verify run with the three arms (written through the real S1 writer): the table has row 0 (tuned router, base
-    SLM) and row 1 (the same router serving adapters), each with its own SLM share and success."""
+    SLM) and row 1 (the same router serving adapters), each with its own SLM share and success. The single-turn and
+    multi-turn Operator scenarios pool into one Open Operator row, and each keeps its own line below."""
     from slmshift.loop import LoopState, write_report
     from slmshift.platform.log import LogWriter
     from slmshift.platform.types import EpisodeResult, Interaction, record_id
 
     run = tmp_path / "verify"
     log = LogWriter(str(run), flush_every=10_000, flush_interval_s=3600)
-    # (arm, SLM calls of 2, success) per episode: the adapters take more calls at the same success
-    arms = {"all-llm": (0, True), BEFORE_ARM: (1, True), "tuned": (2, True)}
-    for arm, (n_slm, ok) in arms.items():
+    # (scenario, arm): SLM calls of 2 per episode; the adapters take more calls at the same success
+    n_slm = {("operator", "all-llm"): 0, ("operator", BEFORE_ARM): 1, ("operator", "tuned"): 2,
+             ("mt", "all-llm"): 0, ("mt", BEFORE_ARM): 0, ("mt", "tuned"): 2}
+    for (scenario, arm), slm in n_slm.items():
         for i in range(10):
-            ep = f"{arm}-{i}"
+            ep = f"{scenario}-{arm}-{i}"
             log.add([Interaction(
-                id=record_id("v", ep, k), experiment_id="v", episode_id=ep, call_index=k, scenario="operator",
+                id=record_id("v", ep, k), experiment_id="v", episode_id=ep, call_index=k, scenario=scenario,
                 task_id=f"t{i}", policy=arm, role="planner", call_kind="intent", category="", expect="json",
                 prompt="[]", output="x", engine_latency_s=0.1, flops=0.0,
-                model="slm" if k < n_slm else "llm", tier="slm" if k < n_slm else "llm", backend="hf",
+                model="slm" if k < slm else "llm", tier="slm" if k < slm else "llm", backend="hf",
                 route_kind="x", route_reason="", tokens_in=1, tokens_out=1, latency_s=0.1, cost_usd=0.001,
-                simulated=k >= n_slm, valid=True, correct=True).model_dump() for k in range(2)])
-            log.add_episode(EpisodeResult(experiment_id="v", episode_id=ep, scenario="operator", task_id=f"t{i}",
-                                          policy=arm, success=ok, reward=1.0, n_calls=2))
+                simulated=k >= slm, valid=True, correct=True).model_dump() for k in range(2)])
+            log.add_episode(EpisodeResult(experiment_id="v", episode_id=ep, scenario=scenario, task_id=f"t{i}",
+                                          policy=arm, success=scenario == "operator" or i < 5, reward=1.0, n_calls=2))
     log.close()
     state = LoopState(tmp_path)
-    state.doc["config"] = load_config(SMALL).model_dump(mode="json")
+    config = load_config(SMALL).model_dump(mode="json")
+    config["scenarios"].append({"kind": "operator_multiturn", "name": "mt"})
+    state.doc["config"] = config
     state.update(1, "convert", status="done", registry=str(tmp_path / "registry.json"), clusters=[],
                  earlier_failures=["SlmshiftError: LoRA training of 'x' failed: OOM"], wall_s=12.0)
     state.update(1, "verify", status="done", run_dir=str(run))
     write_report(tmp_path, state)
     md = (tmp_path / "report.md").read_text()
-    assert "| 0: before conversion | Open Operator | 40% | 50% [" in md
-    assert "| 1: after conversion | Open Operator | 40% | 100% [" in md
+    # pooled over 20 episodes (80 calls) an arm; success 15/20 in every arm, so the ratio is 1
+    assert "| 0: before conversion | Open Operator | mt, operator | 40% | 25% [" in md
+    assert "| 1: after conversion | Open Operator | mt, operator | 40% | 100% [" in md
+    assert md.count("(ratio 1.00) | yes | 20 ep / 40 calls |") == 2
+    assert "| 0: before conversion | operator | 50% [" in md and "| 0: before conversion | mt | 0% [" in md
+    assert "| 1: after conversion | mt | 100% [" in md and "50% vs 50% (ratio 1.00)" in md
     # a stage that finished on a rerun says so, and does not show the old failure as its own reason
     assert "| 1 | convert | done | 12 | 1 earlier attempt(s) failed (last: SlmshiftError: LoRA training" in md
+
+
+def test_loop_picks_one_row_and_checks_per_scenario_episodes(tmp_path):
+    """`--scenario` narrows a loop to some scenarios (unknown ones: exit 2, naming them); `scenario_episodes` gives a
+    scenario its own counts, and must name a scenario of the experiment."""
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.loop import only_scenarios, split_tasks
+    from slmshift.platform.errors import SlmshiftError
+
+    doc = yaml.safe_load(SMALL.read_text())
+    doc["scenarios"].append({"kind": "operator_multiturn", "name": "mt", "options": {"categories": ["multi_turn_base"]}})
+    doc["loop"]["scenario_episodes"] = {"mt": {"collect": 6, "verify": 3}}
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    assert cfg.loop.episodes("mt") == (6, 3) and cfg.loop.episodes("operator") == (160, 24)
+    split = split_tasks(cfg, cfg.loop)
+    assert (len(split["mt"]["train"]), len(split["mt"]["verify"])) == (6, 3)
+    assert not set(split["mt"]["train"]) & set(split["mt"]["verify"])
+    one = only_scenarios(cfg, ["mt"])
+    assert [s.label for s in one.scenarios] == ["mt"] and one.loop.episodes("mt") == (6, 3)
+    try:
+        only_scenarios(cfg, ["cradle"])
+        raise AssertionError("an unknown scenario was accepted")
+    except SlmshiftError as e:
+        assert "--scenario cradle" in str(e) and "operator, mt" in str(e)
+
+    doc["loop"]["scenario_episodes"] = {"nope": {"collect": 6}}
+    path.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([sys.executable, "-m", "slmshift.cli", "loop", str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "loop.scenario_episodes.nope" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "slmshift.cli", "loop", str(SMALL), "--scenario", "cradle"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--scenario cradle" in r.stderr and "Traceback" not in r.stderr

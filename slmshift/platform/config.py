@@ -129,6 +129,13 @@ class LoopConvert(_Strict):
                                            "pass: under half the memory, no slower on CPU; turn off on a GPU.")
 
 
+class LoopEpisodes(_Strict):
+    """One scenario's own episode counts in the loop (those not given follow the loop's)."""
+
+    collect: int | None = Field(default=None, ge=1, description="Collect episodes for this scenario.")
+    verify: int | None = Field(default=None, ge=1, description="Verify episodes per arm for this scenario.")
+
+
 class LoopSection(_Strict):
     """`slmshift loop`: collect -> convert -> tune -> verify, per iteration."""
 
@@ -143,7 +150,15 @@ class LoopSection(_Strict):
     max_clusters: int = Field(default=4, ge=1, description="Most clusters LoRA-tuned per iteration (largest first).")
     tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")
     seed: int = Field(default=0, description="Seeds the task split, clustering, LoRA and the search.")
+    scenario_episodes: dict[str, LoopEpisodes] = Field(
+        default_factory=dict, description="Per scenario name: its own collect/verify episodes, e.g. fewer for "
+        "operator_multiturn, whose episodes make ~17 calls where a single-turn one makes 2.")
     convert: LoopConvert = Field(default_factory=LoopConvert)
+
+    def episodes(self, label: str) -> tuple[int, int]:
+        """(collect, verify) episodes for the scenario called `label`."""
+        own = self.scenario_episodes.get(label) or LoopEpisodes()
+        return own.collect or self.collect_episodes, own.verify or self.verify_episodes
 
 
 class ExperimentConfig(_Strict):
@@ -220,6 +235,10 @@ def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseMo
             elif chosen is None and tier not in tiers.values():
                 problems.append((path, f"policy {p.label!r} needs a model of tier {tier!r} but `models:` has none"))
     slabels = [s.label for s in cfg.scenarios]
+    for label in (cfg.loop.scenario_episodes if cfg.loop else {}):
+        if label not in slabels:
+            problems.append((f"loop.scenario_episodes.{label}", f"no scenario is called {label!r}; scenario names: "
+                             f"{', '.join(slabels)}"))
     for i, s in enumerate(cfg.scenarios):
         if slabels.count(s.label) > 1 and slabels.index(s.label) != i:
             problems.append((f"scenarios[{i}].name", f"duplicate scenario name {s.label!r}; give each a distinct `name`"))
