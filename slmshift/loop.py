@@ -149,13 +149,13 @@ def convert_options(loop: LoopSection) -> Any:
                                        "activation_checkpointing": c.activation_checkpointing}))
 
 
-# Measured on this project's 2-core CPU machine (2026-11-29, scenarios/paper-table.yaml, quiet): wall seconds per
-# shadowed packaged-SmolLM2 call during collect (longer outputs cost more) and model calls per episode.
+# Measured on this project's 2-core CPU machine (2026-11-29/30, scenarios/paper-table.yaml, quiet): wall seconds per
+# shadowed packaged-SmolLM2 call during collect (longer outputs and prompts cost more) and model calls per episode.
 SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5, "operator_multiturn": 6.0}
 CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9, "operator_multiturn": 17}
 EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
-# One LoRA step of 8 rows, scaled by the batch size: MetaGPT's 768-token rows took 21 s per 4-row step with
-# activation checkpointing on 2 threads (2026-11-30); Operator's and Cradle's rows are shorter. Each trained
+# One LoRA step of 8 rows, scaled by the batch size: 768-token rows took 21 s (MetaGPT's tests) to 29 s (the Operator's
+# function calls, multi-turn ones truncated to 768) per 4-row step with activation checkpointing on 2 threads. Each trained
 # cluster also pays Ray Train's start and checkpoints (~1 min) and target losses on its held-out rows, base and
 # adapter (there ~9 min in all for 175 rows: ~3 s a row).
 LORA_STEP_S = 40.0

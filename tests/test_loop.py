@@ -60,7 +60,7 @@ def test_two_iterations_write_the_table(loop_run):
         assert all(state["iterations"][it][s]["status"] == "done" for s in ("collect", "convert", "tune", "verify"))
     md = (loop_dir / "report.md").read_text()
     assert "The paper's table, measured" in md and "Open Operator" in md and "40%" in md and "simulated" in md
-    assert "| MetaGPT | 60% |" in md
+    assert "| MetaGPT | metagpt | 60% |" in md and "| Open Operator | operator | 40% |" in md
     # the console shows our stages, not Ray Data's execution plans (those go to the session's log files)
     assert "Execution plan" not in r.stdout + r.stderr and "Progress bars disabled" not in r.stdout + r.stderr
     assert (loop_dir / "iter-2" / "config.json").is_file() and "rough estimate" in r.stdout

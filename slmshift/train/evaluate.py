@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.scorers import outcome
 from slmshift.platform.types import LMRequest, ModelSpec
 
 __all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match"]
@@ -72,7 +73,9 @@ class ScenarioGrader:
             self.by["logged-output match"] = self.by.get("logged-output match", 0) + 1
             return exact_match(str(row.get("target", "")), output, str(row.get("expect", "text")))
         self.by["scenario"] = self.by.get("scenario", 0) + 1
-        return CallGrade(bool(verdict.valid), bool(verdict.correct), str(verdict.reason or ""))
+        # a checker that cannot tell right from wrong (correct None, e.g. a turn's summary) grades by validity, as
+        # routing's paired outcomes do
+        return CallGrade(bool(verdict.valid), bool(outcome(verdict.correct, verdict.valid)), str(verdict.reason or ""))
 
     @property
     def method(self) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from slmshift.platform.types import Price
 from slmshift.train.candidates import Candidate, candidate_for_source, get_candidate
-from slmshift.train.evaluate import EvalResult, ScenarioGrader, evaluate, exact_match
+from slmshift.train.evaluate import CallGrade, EvalResult, ScenarioGrader, evaluate, exact_match
 from slmshift.train.select import choose, select_candidates
 
 QA = [("Capital of France?", "Paris"), ("Two plus two?", "4"), ("Colour of the sky?", "blue"),
@@ -115,3 +115,18 @@ def test_engine_errors_for_every_call_are_a_clear_failure(two_candidates):
     random_c, _ = two_candidates
     with pytest.raises(SlmshiftError, match="failed for every call"):
         evaluate(_rows(), random_c.model_spec(threads=1), "no-such-adapter", ScenarioGrader())
+
+
+def test_a_call_its_checker_cannot_judge_is_graded_by_validity():
+    """A multi-turn summary has no right answer in BFCL (correct None): held-out accuracy counts a valid answer as
+    right, like routing's paired outcomes, instead of counting every summary wrong."""
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.platform.config import ScenarioSpec
+    from slmshift.platform.scenario import scenario_class
+
+    sc = scenario_class("operator_multiturn")(ScenarioSpec(kind="operator_multiturn", episodes=1), 0)
+    grader = ScenarioGrader({"mt": sc})
+    row = {"scenario": "mt", "task_id": "multi_turn_base_0", "call_kind": "summary", "context": '{"turn": 0}'}
+    assert grader(row, "I moved the file for you.") == CallGrade(True, True, "")
+    assert not grader(row, "[mv(source='a', destination='b')]").correct
+    assert grader.by == {"scenario": 2}
