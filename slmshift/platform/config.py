@@ -197,12 +197,13 @@ class GatewayConfig(_Strict):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     log: LogSection = Field(default_factory=lambda: LogSection(scrub=True))
     scenarios: list[ScenarioSpec] = Field(default_factory=list, description="Ignored by the gateway.")
+    loop: LoopSection | None = Field(default=None, description="Ignored by the gateway.")
 
 
 GatewayConfig.model_rebuild(force=True)
 
 
-def _cross_checks(cfg: ExperimentConfig, scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
+def _cross_checks(cfg: ExperimentConfig | GatewayConfig, scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
     """Checks that span sections; each problem is (field path, message)."""
     problems: list[tuple[str, str]] = []
     names = [m.name for m in cfg.models]
