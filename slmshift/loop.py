@@ -167,16 +167,16 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     the packaged SmolLM2 on `hf` count as fast, simulated calls as free."""
     slm = next((m for m in cfg.models if m.tier == "slm"), None)
     scale = 1.0 if slm is not None and slm.backend == "hf" and str(slm.source).startswith("packaged") else 0.1
-    scen = [(s.label, s.kind, *loop.episodes(s.label)) for s in cfg.scenarios]  # (label, kind, collect, verify)
-    calls = {lab: CALLS_PER_EPISODE.get(kind, 4) for lab, kind, _, _ in scen}
-    per_call = {lab: SLM_CALL_S.get(kind, 3.0) * scale for lab, kind, _, _ in scen}
-    collect = sum(nc * calls[lab] * loop.shadow_rate * per_call[lab] for lab, _, nc, _ in scen)
-    val_rows = 0.15 * sum(nc * calls[lab] for lab, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
+    # per scenario: (calls per episode, seconds per SLM call, collect episodes, verify episodes)
+    scen = [(CALLS_PER_EPISODE.get(s.kind, 4), SLM_CALL_S.get(s.kind, 3.0) * scale, *loop.episodes(s.label))
+            for s in cfg.scenarios]
+    collect = sum(nc * calls * loop.shadow_rate * call_s for calls, call_s, nc, _ in scen)
+    val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, loop.max_clusters / 3)) \
         + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
                                + LORA_VAL_S_PER_ROW * scale * val_rows / len(scen))
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
-    verify = sum(nv * calls[lab] * 0.5 * per_call[lab] for lab, _, _, nv in scen)
+    verify = sum(nv * calls * 0.5 * call_s for calls, call_s, _, nv in scen)
     total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify
     return total / 60
 
@@ -366,25 +366,30 @@ def _boot(values: np.ndarray, stat: Any, n: int = 2000, seed: int = 0) -> tuple[
     return float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))
 
 
-def verify_rows(run_dir: str, budget: float, groups: dict[str, str] | None = None,
-                arm: str = "tuned") -> list[dict[str, Any]]:
-    """Per row: the `arm` policy vs always-LLM on the verify episodes, with bootstrap 95% intervals over episodes
-    (and calls); empty when the run has no such arm. `groups` maps scenario names to a row (e.g. the paper's agent
-    system) whose episodes and calls are pooled; a scenario it does not name is a row of its own."""
+def verify_log(run_dir: str) -> tuple[Any, Any]:
+    """A verify run's (calls, episodes): the calls the arms answered (no escalated attempts or infra errors)."""
     from slmshift.platform.log import read_episodes, read_interactions
 
+    calls = read_interactions(run_dir)
+    return calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)], read_episodes(run_dir)
+
+
+def verify_rows(log: tuple[Any, Any], budget: float, groups: dict[str, str] | None = None,
+                arm: str = "tuned") -> list[dict[str, Any]]:
+    """Per row: the `arm` policy vs always-LLM on the verify episodes of `log` (see verify_log), with bootstrap 95%
+    intervals over episodes (and calls); empty when the run has no such arm. `groups` maps scenario names to a row
+    (e.g. the paper's agent system) whose episodes and calls are pooled; a scenario it does not name is a row of its
+    own."""
+    calls, eps = log
     groups = groups or {}
-    calls, eps = read_interactions(run_dir), read_episodes(run_dir)
-    calls = calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)]
-    eps["row"] = eps["scenario"].map(lambda s: groups.get(s, s))
-    calls["row"] = calls["scenario"].map(lambda s: groups.get(s, s))
+    call_row = calls["scenario"].map(lambda s: groups.get(s, s))
     rows = []
-    for row, g in eps.groupby("row"):
+    for row, g in eps.groupby(eps["scenario"].map(lambda s: groups.get(s, s))):
         llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == arm]
         if tuned.empty:
             continue
-        c_llm = calls[(calls["row"] == row) & (calls["policy"] == "all-llm")]
-        c_t = calls[(calls["row"] == row) & (calls["policy"] == arm)]
+        c_llm = calls[(call_row == row) & (calls["policy"] == "all-llm")]
+        c_t = calls[(call_row == row) & (calls["policy"] == arm)]
         slm = (c_t["tier"] == "slm").to_numpy(dtype=float)
         s_llm, s_t = llm["success"].to_numpy(dtype=float), tuned["success"].to_numpy(dtype=float)
         ratio = s_t.mean() / s_llm.mean() if len(s_llm) and s_llm.mean() > 0 else float("nan")
@@ -439,17 +444,18 @@ def write_report(ld: Path, state: LoopState) -> None:
                                  "yes" if c["promoted"] else "no", c.get("status", "")])
         v = iters[it].get("verify", {})
         if v.get("status") == "done":
-            per_iter[it] = verify_rows(v["run_dir"], loop.budget)
+            log = verify_log(v["run_dir"])
+            per_iter[it] = verify_rows(log, loop.budget)
             adapters = bool(iters[it].get("convert", {}).get("registry"))
             arms = ([("0: before conversion", BEFORE_ARM)] if it == 1 and adapters else []) \
                 + [(f"{it}: after conversion" if adapters else f"{it}: no adapter promoted (base SLM)", "tuned")]
             for label, arm in arms:
-                for r in verify_rows(v["run_dir"], loop.budget, systems, arm):
+                for r in verify_rows(log, loop.budget, systems, arm):
                     table.append([label, r["row"], ", ".join(r["scenarios"]),
                                   _fmt(PAPER_ESTIMATE.get(r["row"], float("nan")))] + _result_cells(r))
                 if pooled:
-                    per_scenario += [[label, r["row"]] + _result_cells(r)
-                                     for r in verify_rows(v["run_dir"], loop.budget, arm=arm)]
+                    own = per_iter[it] if arm == "tuned" else verify_rows(log, loop.budget, arm=arm)
+                    per_scenario += [[label, r["row"]] + _result_cells(r) for r in own]
     md = ["# slmshift loop report", "",
           f"Loop dir: `{ld}`. Budget: the tuned router keeps verify-episode success >= {loop.budget} x always-LLM's "
           "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",

@@ -203,7 +203,8 @@ class GatewayConfig(_Strict):
 GatewayConfig.model_rebuild(force=True)
 
 
-def _cross_checks(cfg: ExperimentConfig | GatewayConfig, scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
+def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
+                  scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
     """Checks that span sections; each problem is (field path, message)."""
     problems: list[tuple[str, str]] = []
     names = [m.name for m in cfg.models]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+
 def absolute_path(path: str) -> str:
     """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
     read the same file; URIs (s3://, gs://) pass unchanged."""
