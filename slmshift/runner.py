@@ -26,7 +26,7 @@ from slmshift.platform import report as reports
 from slmshift.platform.cluster import cluster_address, cluster_cpus, start_ray
 from slmshift.platform.config import ExperimentConfig, ScenarioSpec
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.log import InteractionLog, LogClient, read_episodes, read_interactions
+from slmshift.platform.log import LogClient, read_episodes, read_interactions, start_log_actor
 from slmshift.platform.scenario import scenario_class
 from slmshift.platform.storage import check as storage_check
 from slmshift.platform.storage import is_uri, join, normalize, read_text, storage_error, write_text
@@ -264,7 +264,6 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
     episodes."""
     import ray
     from ray import serve
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -300,9 +299,7 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                 handles = deploy_models(cfg.models, cluster_cpus())
                 params = {n: h.info.remote().result(timeout_s=120)["params"] for n, h in handles.items()}
             console.print("models: " + ", ".join(f"{m.name} ({m.tier}, {m.backend})" for m in cfg.models))
-            # On the driver's node: a local run dir is on this machine's disk. Soft, so a restart can go elsewhere.
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-            log = InteractionLog.options(scheduling_strategy=here).remote(run_dir)
+            log = start_log_actor(run_dir)
             writer = LogClient(log)  # the driver's own records: outcomes of episodes lost to dead actors
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console) as progress:

@@ -47,6 +47,7 @@ def cluster():
 def test_worker_node_removed_mid_run(cluster, tmp_path):
     c, workers = cluster
     removed: list[str] = []
+    log_nodes: list[str] = []
 
     def remove_later() -> None:  # the node that serves the teacher, once episodes are running
         deadline = time.time() + 120
@@ -54,6 +55,7 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
             time.sleep(0.1)
         time.sleep(1.0)
         node_id = actors("ServeReplica:big")[0]["Address"]["NodeID"]
+        log_nodes.extend(a["Address"]["NodeID"] for a in actors("LogWriter"))
         node = next(w for w in workers if w.node_id == node_id)
         c.remove_node(node, allow_graceful=False)
         removed.append(node_id)
@@ -65,6 +67,11 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
     res = run_experiment(load_config(path, scenario_options()), keep_ray=True)
     t.join(10)
     assert removed, "no worker node was removed"
+    # The writer lives with the driver (the head here), never on a worker whose loss could take it along with a
+    # team actor holding the only other copy of finished episodes' records.
+    import ray
+
+    assert log_nodes == [ray.get_runtime_context().get_node_id()]
     df, ep = assert_logged_exactly_once(res.run_dir, 30)
     infra = df[df["infra_error"]]
     assert res.summary["arms"][0]["valid_rate"] == 1.0  # the lost node's failures are not the teacher's

@@ -290,6 +290,18 @@ class LogWriter:
 InteractionLog = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(LogWriter)
 
 
+def start_log_actor(run_dir: str, name: str | None = None) -> Any:
+    """The run's log actor, pinned to this process's node (hard affinity): a local run dir is on this machine's disk,
+    and the writer must not share a fate with a worker node. A soft affinity is not enough: with zero CPUs on the
+    head, Ray placed it on a worker about 2 times in 5, and removing that node together with a team actor that had
+    finished episodes lost their records (the client that would resend them died too). The driver's node going away
+    ends the run anyway, so a writer that cannot move loses nothing more."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return InteractionLog.options(scheduling_strategy=here, **({"name": name} if name else {})).remote(run_dir)
+
+
 class LogClient:
     """The writer's side inside a team actor (or the gateway, or the driver): buffers records and episode outcomes
     and ships them to the log actor in batches. Each batch is kept until the writer reports it written to a file,

@@ -344,7 +344,7 @@ def serve_gateway(cfg: Any, options: Any, console: Any, storage: str | None = No
 
     from slmshift.platform.cluster import cluster_cpus, start_ray
     from slmshift.platform.errors import SlmshiftError
-    from slmshift.platform.log import InteractionLog
+    from slmshift.platform.log import start_log_actor
     from slmshift.serve.deployment import deploy_models
 
     keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
@@ -363,7 +363,7 @@ def serve_gateway(cfg: Any, options: Any, console: Any, storage: str | None = No
                     logging_config={"log_level": "WARNING"})
         with console.status(f"deploying {len(cfg.models)} model(s) and the gateway"):
             handles = deploy_models(cfg.models, cluster_cpus())
-            log = InteractionLog.options(name=f"gateway-log-{exp_id}").remote(run_dir)
+            log = start_log_actor(run_dir, name=f"gateway-log-{exp_id}")
             app = build_app(cfg.models, list(cfg.router.policies), handles, log, exp_id, options, keys,
                             scrub=cfg.log.scrub)
             gw = serve.run(app, name="gateway", route_prefix="/", logging_config={"log_level": "WARNING"})
