@@ -3,7 +3,8 @@
 Per iteration: collect (episodes on training tasks, every call shadowed on the other tier at `loop.shadow_rate`)
 -> convert (S2-S5 on the collected log) -> tune (Ray Tune over router policies on the paired outcomes) -> verify
 (fresh episodes on held-out tasks: always-LLM against the tuned policy serving the new adapters). The next
-iteration collects with the tuned router and adapters. Every stage writes under LOOP_DIR/iter-N/ and marks itself
+iteration collects with the tuned router and adapters; an adapter stays in force until a later iteration promotes
+a new one for its task (`carry_adapters`). Every stage writes under LOOP_DIR/iter-N/ and marks itself
 done in LOOP_DIR/state.json, so `--resume LOOP_DIR` continues from the last finished stage (an interrupted run stage
 resumes its own run). The loop ends with LOOP_DIR/report.md and report.html: the paper's case-study table
 (arXiv 2506.02153, Appendix B) re-done as a measurement.
@@ -132,6 +133,53 @@ def tuned_policy(policy_file: str, registry: str | None) -> Any:
     if registry and data.get("kind") in ("threshold", "learned", "cascade"):
         data["registry"] = registry
     return policy_spec(data)
+
+
+CARRY_MIN_SIMILARITY = 0.9  # cosine between an old and a new cluster's centroids for them to be the same task
+
+
+def carry_adapters(previous: str | None, convert_dir: Path, out: Path) -> tuple[str | None, list[str]]:
+    """The registry in force after an iteration's convert: its own promoted adapters, plus the earlier registry's
+    promoted adapters for the tasks it promoted none for. Returns (registry path or None, carried labels).
+
+    Without this, an iteration whose retrained adapter lacks the evidence to be promoted would serve the base SLM
+    again, while its tune learned thresholds from collect's shadows, which the earlier adapter answered. Each
+    iteration re-clusters, so an old adapter is mapped to the new cluster whose centroid is nearest to its own (same
+    call kind, cosine >= CARRY_MIN_SIMILARITY); an old task with no such cluster is not carried."""
+    from slmshift.platform.artifacts import AdapterRegistryFile, ClusterIndex
+    from slmshift.train.registry import AdapterRegistry
+
+    own = convert_dir / "registry.json"
+    own_doc = AdapterRegistryFile.read(own) if own.is_file() else None
+    own_path = str(own) if own_doc and any(e.promoted for e in own_doc.entries) else None
+    if not previous or not (convert_dir / "clusters").is_dir():
+        return own_path or previous, []
+    prev_doc = AdapterRegistryFile.read(previous)
+    prev_root = Path(previous).resolve().parent
+    old_index = ClusterIndex.load(prev_root / prev_doc.clusters_dir)
+    new_index = ClusterIndex.load(convert_dir / "clusters")
+    taken = {e.cluster for e in own_doc.entries if e.promoted} if own_doc else set()
+    reg = AdapterRegistry.create(out, convert_dir.resolve() / "clusters")
+    src = next((x for x in reversed(prev_root.parts) if x.startswith("iter-")), "an earlier iteration")
+    for e in own_doc.entries if own_doc else []:
+        reg.add(e.model_copy(update={"adapter_dir": str((own.parent / e.adapter_dir).resolve())}))
+    carried = []
+    for e in (x for x in prev_doc.entries if x.promoted):
+        sims = new_index.centroids @ old_index.centroids[e.cluster]
+        kinds = [c.get("call_kind") for c in new_index.clusters]
+        best = max((j for j in range(len(sims)) if kinds[j] == e.call_kind), key=lambda j: sims[j], default=None)
+        if best is None or best in taken or sims[best] < CARRY_MIN_SIMILARITY:
+            continue
+        if any(x.label == e.label and x.cluster != best for x in reg.entries):
+            continue  # the new clustering gave the name to another task: serving both under one name is ambiguous
+        reg.add(e.model_copy(update={"cluster": best, "adapter_dir": str((prev_root / e.adapter_dir).resolve()),
+                                     "reason": e.reason if e.reason.startswith("carried") else
+                                     f"carried from {src}: {e.reason}"}))
+        taken.add(best)
+        carried.append(e.label)
+    if not carried:
+        return own_path, []
+    return str(reg.save()), carried
 
 
 def convert_options(loop: LoopSection) -> Any:
@@ -318,7 +366,11 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
 
         rep = convert(state.stage(it, "collect")["run_dir"], str(idir / "convert"), convert_options(loop),
                       console=console)
-        return {"registry": rep.registry if rep.promoted else None, "convert_dir": rep.out_dir,
+        # A convert dir's registry is relative to it; the one in force (with carried adapters) is iter-N/registry.json.
+        in_force, carried = carry_adapters(registry, Path(rep.local_dir or rep.out_dir), idir / "registry.json")
+        if carried:
+            console.print(f"S5 carried: {', '.join(carried)} (promoted earlier; no new adapter for the task)")
+        return {"registry": in_force, "carried": carried, "convert_dir": rep.out_dir,
                 "clusters": [{k: c.get(k) for k in ("id", "label", "call_kind", "n_train", "n_val", "promoted",
                                                     "status", "interval")}
                              | {"before": (c.get("before") or {}).get("correct_rate"),
@@ -446,9 +498,11 @@ def write_report(ld: Path, state: LoopState) -> None:
         if v.get("status") == "done":
             log = verify_log(v["run_dir"])
             per_iter[it] = verify_rows(log, loop.budget)
-            adapters = bool(iters[it].get("convert", {}).get("registry"))
+            conv = iters[it].get("convert", {})
+            adapters, carried = bool(conv.get("registry")), conv.get("carried") or []
+            after = f"{it}: after conversion" + (f" (carried: {', '.join(carried)})" if carried else "")
             arms = ([("0: before conversion", BEFORE_ARM)] if it == 1 and adapters else []) \
-                + [(f"{it}: after conversion" if adapters else f"{it}: no adapter promoted (base SLM)", "tuned")]
+                + [(after if adapters else f"{it}: no adapter promoted (base SLM)", "tuned")]
             for label, arm in arms:
                 for r in verify_rows(log, loop.budget, systems, arm):
                     table.append([label, r["row"], ", ".join(r["scenarios"]),
@@ -461,8 +515,9 @@ def write_report(ld: Path, state: LoopState) -> None:
           "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",
           "Always-LLM quality marked *simulated* is a declared teacher profile, not a real LLM: tables built on it "
           "measure the routing machinery, not a frontier model.",
-          "Row 0 (before conversion) is the tuned router on the base SLM, row N the same router serving iteration N's "
-          "promoted adapters, both on the same held-out verify tasks.", "",
+          "Row 0 (before conversion) is the tuned router on the base SLM, row N iteration N's router serving the "
+          "adapters in force after it: its own promotions, plus earlier ones for tasks it promoted none for "
+          "(*carried*), on the same held-out verify tasks.", "",
           "## The paper's table, measured (verify episodes on held-out tasks)", ""]
     results = ["SLM share of calls [95% CI]", "success tuned vs all-LLM", f">= {loop.budget}x", "n",
                "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]

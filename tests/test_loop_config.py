@@ -126,3 +126,59 @@ def test_loop_picks_one_row_and_checks_per_scenario_episodes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slmshift.cli", "loop", str(SMALL), "--scenario", "cradle"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--scenario cradle" in r.stderr and "Traceback" not in r.stderr
+
+
+def _convert_dir(root, tasks, promoted=()):
+    """A convert dir as S3/S5 leave it: clusters (one centroid per (label, call kind, direction)) and a registry
+    whose `promoted` labels have an adapter dir."""
+    import numpy as np
+
+    from slmshift.platform.artifacts import DIM, ClusterIndex
+    from slmshift.train.registry import AdapterRegistry
+
+    cents = np.zeros((len(tasks), DIM), dtype=np.float32)
+    for i, (_, _, axis) in enumerate(tasks):
+        cents[i, axis] = 1.0
+    ClusterIndex(cents, [{"id": i, "label": lab, "call_kind": kind} for i, (lab, kind, _) in enumerate(tasks)]
+                 ).save(root / "clusters")
+    reg = AdapterRegistry.create(root / "registry.json", root / "clusters")
+    for i, (lab, kind, _) in enumerate(tasks):
+        (root / "adapters" / lab).mkdir(parents=True)
+        reg.add({"cluster": i, "label": lab, "call_kind": kind, "base_model": "packaged:smollm2-135m",
+                 "adapter_dir": str(root / "adapters" / lab), "promoted": lab in promoted, "reason": f"{lab} r"})
+    reg.save()
+    return root
+
+
+def test_an_iteration_keeps_earlier_adapters_it_promoted_none_for(tmp_path):
+    """Iteration 2 re-clusters (ids in another order) and promotes no new planner adapter: the in-force registry
+    serves iteration 1's on iteration 2's cluster of the same task, and the router's checks accept it. A task the new
+    clustering does not have, or a new promotion for the task, is not overridden by an old adapter."""
+    from slmshift.loop import carry_adapters
+    from slmshift.platform.artifacts import AdapterRegistryFile
+    from slmshift.platform.policies import registry_problems
+
+    it1 = _convert_dir(tmp_path / "iter-1" / "convert", [("planner-intent", "intent", 0), ("op-call", "function_call", 1),
+                                                          ("gone", "intent", 5)], promoted={"planner-intent", "gone"})
+    it2 = _convert_dir(tmp_path / "iter-2" / "convert", [("op-call", "function_call", 1), ("planner-intent", "intent", 0)])
+    path, carried = carry_adapters(str(it1 / "registry.json"), it2, tmp_path / "iter-2" / "registry.json")
+    assert carried == ["planner-intent"] and path == str(tmp_path / "iter-2" / "registry.json")
+    doc = AdapterRegistryFile.read(path)
+    [e] = [e for e in doc.entries if e.promoted]
+    assert e.cluster == 1 and e.reason == "carried from iter-1: planner-intent r"  # iteration 2's id of the task
+    assert doc.promoted_dirs(path) == {"planner-intent": str((it1 / "adapters" / "planner-intent").resolve())}
+    cfg = load_config(SMALL)
+    models = [m.model_copy(update={"registry": path}) if m.tier == "slm" else m for m in cfg.models]
+    assert registry_problems("router.policies[1]", path, None, models) == []
+    # carried once more by a third iteration: still iteration 1's adapter, still named so
+    it3 = _convert_dir(tmp_path / "iter-3" / "convert", [("planner-intent", "intent", 0)])
+    path3, carried3 = carry_adapters(path, it3, tmp_path / "iter-3" / "registry.json")
+    assert carried3 == ["planner-intent"]
+    assert AdapterRegistryFile.read(path3).entries[0].reason == "carried from iter-1: planner-intent r"
+    # a new promotion for the task wins; with nothing to carry the convert dir's own registry is in force
+    it4 = _convert_dir(tmp_path / "iter-4" / "convert", [("planner-intent", "intent", 0)], promoted={"planner-intent"})
+    assert carry_adapters(path3, it4, tmp_path / "iter-4" / "registry.json") == (str(it4 / "registry.json"), [])
+    # no cluster of the same call kind near the old one: nothing carried, and no registry promoted anything
+    it5 = _convert_dir(tmp_path / "iter-5" / "convert", [("planner-intent", "function_call", 0), ("x", "intent", 9)])
+    assert carry_adapters(path3, it5, tmp_path / "iter-5" / "registry.json") == (None, [])
+    assert carry_adapters(None, it4, tmp_path / "r.json") == (str(it4 / "registry.json"), [])
