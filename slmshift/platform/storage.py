@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import uuid
 from pathlib import Path
