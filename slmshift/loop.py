@@ -146,33 +146,31 @@ def carry_adapters(previous: str | None, convert_dir: Path, out: Path) -> tuple[
     again, while its tune learned thresholds from collect's shadows, which the earlier adapter answered. Each
     iteration re-clusters, so an old adapter is mapped to the new cluster whose centroid is nearest to its own (same
     call kind, cosine >= CARRY_MIN_SIMILARITY); an old task with no such cluster is not carried."""
-    from slmshift.platform.artifacts import AdapterRegistryFile, ClusterIndex
+    from slmshift.platform.artifacts import ClusterIndex
     from slmshift.train.registry import AdapterRegistry
 
-    own = convert_dir / "registry.json"
-    own_doc = AdapterRegistryFile.read(own) if own.is_file() else None
-    own_path = str(own) if own_doc and any(e.promoted for e in own_doc.entries) else None
+    own = AdapterRegistry.load(convert_dir / "registry.json") if (convert_dir / "registry.json").is_file() else None
+    own_path = str(own.path) if own and own.promoted() else None
     if not previous or not (convert_dir / "clusters").is_dir():
         return own_path or previous, []
-    prev_doc = AdapterRegistryFile.read(previous)
-    prev_root = Path(previous).resolve().parent
-    old_index = ClusterIndex.load(prev_root / prev_doc.clusters_dir)
+    prev = AdapterRegistry.load(previous)
+    old_index = ClusterIndex.load(prev.clusters_dir)
     new_index = ClusterIndex.load(convert_dir / "clusters")
-    taken = {e.cluster for e in own_doc.entries if e.promoted} if own_doc else set()
+    kinds = [c.get("call_kind") for c in new_index.clusters]
+    taken = {e.cluster for e in own.promoted()} if own else set()
     reg = AdapterRegistry.create(out, convert_dir.resolve() / "clusters")
-    src = next((x for x in reversed(prev_root.parts) if x.startswith("iter-")), "an earlier iteration")
-    for e in own_doc.entries if own_doc else []:
-        reg.add(e.model_copy(update={"adapter_dir": str((own.parent / e.adapter_dir).resolve())}))
+    src = next((x for x in reversed(prev.root.parts) if x.startswith("iter-")), "an earlier iteration")
+    for e in own.entries if own else []:
+        reg.add(e.model_copy(update={"adapter_dir": str(own.adapter_path(e))}))
     carried = []
-    for e in (x for x in prev_doc.entries if x.promoted):
+    for e in prev.promoted():
         sims = new_index.centroids @ old_index.centroids[e.cluster]
-        kinds = [c.get("call_kind") for c in new_index.clusters]
         best = max((j for j in range(len(sims)) if kinds[j] == e.call_kind), key=lambda j: sims[j], default=None)
         if best is None or best in taken or sims[best] < CARRY_MIN_SIMILARITY:
             continue
         if any(x.label == e.label and x.cluster != best for x in reg.entries):
             continue  # the new clustering gave the name to another task: serving both under one name is ambiguous
-        reg.add(e.model_copy(update={"cluster": best, "adapter_dir": str((prev_root / e.adapter_dir).resolve()),
+        reg.add(e.model_copy(update={"cluster": best, "adapter_dir": str(prev.adapter_path(e)),
                                      "reason": e.reason if e.reason.startswith("carried") else
                                      f"carried from {src}: {e.reason}"}))
         taken.add(best)

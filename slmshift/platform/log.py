@@ -299,7 +299,7 @@ def start_log_actor(run_dir: str, name: str | None = None) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return InteractionLog.options(scheduling_strategy=here, **({"name": name} if name else {})).remote(run_dir)
+    return InteractionLog.options(scheduling_strategy=here, name=name).remote(run_dir)
 
 
 class LogClient:
