@@ -136,8 +136,8 @@ def bench_tune(budget: float, tmp: Path) -> dict:
     from test_tune import synthetic_pairs  # the tests' generator: three call kinds, informative log-probs
     from rich.console import Console
 
-    from slmshift.train.pairs import paired_from_file
-    from slmshift.train.tune import TuneOptions, tune_routing
+    from slmshift.train.routing.pairs import paired_from_file
+    from slmshift.train.routing.tune import TuneOptions, tune_routing
 
     p = tmp / "pairs.csv"
     synthetic_pairs(430).to_csv(p, index=False)  # 1290 rows

@@ -200,7 +200,9 @@ def tune(
                                         "call_kind, cluster, task_id, slm_logprob, slm_valid)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output dir (default: RUN_DIR/tune; required with --pairs)."),
     budget: float = typer.Option(0.95, "--budget", help="Quality budget relative to always-LLM's."),
-    holdout: float = typer.Option(0.5, "--holdout", help="Share of tasks held out for reporting."),
+    holdout: float = typer.Option(0.4, "--holdout", help="Share of tasks held out for reporting."),
+    choose: float = typer.Option(0.3, "--choose", help="Share of tasks the operating point is chosen on (the rest "
+                                 "fit the scorers); disjoint from the held-out tasks."),
     time_budget: float = typer.Option(300.0, "--time-budget", help="Seconds the Tune search may take."),
     trials: int = typer.Option(200, "--trials", min=1, help="Most Tune trials."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated kinds to search (default: "
@@ -218,11 +220,11 @@ def tune(
     """Search router thresholds with Ray Tune on paired outcomes; report curves, APGR/CPT/AIQ and a policy file."""
     from pydantic import ValidationError
 
-    from slmshift.train.tune import TuneOptions, cli_tune
+    from slmshift.train.routing.tune import TuneOptions, cli_tune
 
     try:
-        opts = TuneOptions(budget=budget, holdout=holdout, time_budget_s=time_budget, trials=trials, seed=seed,
-                           num_cpus=num_cpus, progress=not no_progress,
+        opts = TuneOptions(budget=budget, holdout=holdout, choose=choose, time_budget_s=time_budget, trials=trials,
+                           seed=seed, num_cpus=num_cpus, progress=not no_progress,
                            **({"kinds": [k.strip() for k in policies.split(",") if k.strip()]} if policies else {}))
     except ValidationError as e:
         probs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())

@@ -374,8 +374,8 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
                              | {"before": (c.get("before") or {}).get("correct_rate"),
                                 "after": (c.get("after") or {}).get("correct_rate")} for c in rep.clusters]}
     if stage == "tune":
-        from slmshift.train.pairs import paired_from_run
-        from slmshift.train.tune import TuneOptions, tune_routing
+        from slmshift.train.routing.pairs import paired_from_run
+        from slmshift.train.routing.tune import TuneOptions, tune_routing
 
         run_dir = state.stage(it, "collect")["run_dir"]
         conv = state.stage(it, "convert").get("convert_dir")

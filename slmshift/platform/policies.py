@@ -32,8 +32,8 @@ class PolicySpec(BaseModel):
     shadow: Shadow = Field(default="none", description="Paired outcomes: also send each call to the other tier and "
                            "grade it, never feeding it back. slm: calls not served by the SLM also go to it; llm: calls "
                            "not served by the LLM also go to it; both: always the other tier.")
-    shadow_rate: float = Field(default=1.0, ge=0, le=1, description="Share of calls shadowed (a deterministic sample "
-                               "by record id).")
+    shadow_rate: float = Field(default=1.0, ge=0, le=1, description="Share of episodes whose calls are all shadowed "
+                               "(a deterministic sample by episode id: an episode is paired whole or not at all).")
 
     tiers_used: ClassVar[frozenset[str]] = frozenset()  # tiers every arm of this kind may route to, besides `default`
 

@@ -58,7 +58,7 @@ def _call_stats(g: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _infra_lost(e: pd.DataFrame) -> pd.Series:
+def infra_lost(e: pd.DataFrame) -> pd.Series:
     """Episodes recorded as failed because their team actor died under every attempt (not the models' failure)."""
     return e["error"].fillna("").astype(str).str.startswith("infra:")
 
@@ -78,7 +78,7 @@ def summarize(interactions: pd.DataFrame, episodes: pd.DataFrame,
         calls = df[(df["scenario"] == scenario) & (df["policy"] == policy)]
         sh = shadow[(shadow["scenario"] == scenario) & (shadow["policy"] == policy)]
         stats = _call_stats(calls)
-        lost = _infra_lost(e)
+        lost = infra_lost(e)
         ran = e[~lost]  # success and cost per episode over episodes the infrastructure let finish
         arms.append({"scenario": scenario, "policy": policy, "episodes": int(len(e)),
                      "success_rate": float(ran["success"].mean()) if len(ran) else float("nan"),
@@ -101,14 +101,14 @@ def summarize(interactions: pd.DataFrame, episodes: pd.DataFrame,
     fam_eps = fam_eps.assign(family=fam_eps["task_id"].str.split("#").str[0])
     for (scenario, policy, family), e in fam_eps.groupby(["scenario", "policy", "family"], sort=True):
         calls = df[(df["scenario"] == scenario) & (df["policy"] == policy) & df["episode_id"].isin(e["episode_id"])]
-        ran = e[~_infra_lost(e)]
+        ran = e[~infra_lost(e)]
         tasks.append({"scenario": scenario, "policy": policy, "task": family, "episodes": int(len(e)),
                       "success_rate": float(ran["success"].mean()) if len(ran) else float("nan"),
                       "mean_reward": float(ran["reward"].mean()) if len(ran) else float("nan"),
                       "mean_steps": float(ran["steps"].fillna(0).mean()) if len(ran) else float("nan"),
                       "calls": int(len(calls)), "cost_usd": float(calls["cost_usd"].sum()),
                       "slm_share": _slm_share(calls)})
-    totals = _call_stats(df) | {"episodes": int(len(episodes)), "infra_lost_episodes": int(_infra_lost(episodes).sum()),
+    totals = _call_stats(df) | {"episodes": int(len(episodes)), "infra_lost_episodes": int(infra_lost(episodes).sum()),
                                 "shadow_calls": int(len(shadow)), "shadow_cost_usd": float(shadow["cost_usd"].sum())}
     return {"totals": totals, "models": models, "arms": arms, "call_kinds": kinds, "tasks": tasks}
 

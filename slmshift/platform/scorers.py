@@ -60,14 +60,18 @@ class ThresholdTable:
         return float(m)
 
     @staticmethod
-    def fit(call_kinds: Iterable[str], clusters: Iterable[int | None], slm_ok: Iterable[bool]) -> list[Estimate]:
-        """Outcome counts per (cluster, call kind) cell; clusters may be None (then per call kind only)."""
+    def fit(call_kinds: Iterable[str], clusters: Iterable[int | None], slm_ok: Iterable[bool],
+            weights: Iterable[float] | None = None) -> list[Estimate]:
+        """Outcome counts per (cluster, call kind) cell; clusters may be None (then per call kind only). `weights`:
+        each pair's 1 / P(sampled), so that a cell's rate is not pulled towards the calls sampled more often."""
         counts: dict[tuple[int | None, str], list[float]] = {}
-        for kind, cluster, ok in zip(call_kinds, clusters, slm_ok):
+        call_kinds = list(call_kinds)
+        ws = [1.0] * len(call_kinds) if weights is None else list(weights)
+        for kind, cluster, ok, w in zip(call_kinds, clusters, slm_ok, ws):
             cluster = None if cluster is None or pd.isna(cluster) else int(cluster)
             c = counts.setdefault((cluster, str(kind)), [0.0, 0.0])
-            c[0] += float(bool(ok))
-            c[1] += 1.0
+            c[0] += float(w) * float(bool(ok))
+            c[1] += float(w)
         return [Estimate(cluster=c, call_kind=k, successes=s, trials=t)
                 for (c, k), (s, t) in sorted(counts.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1]))]
 
@@ -89,7 +93,7 @@ class LearnedScorer:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, call_kinds: list[str], y: np.ndarray, *, seed: int = 0,
-            C: float = 1.0) -> LearnedScorer:
+            C: float = 1.0, weights: np.ndarray | None = None) -> LearnedScorer:
         from sklearn.linear_model import LogisticRegression
 
         y = np.asarray(y).astype(int)
@@ -98,7 +102,7 @@ class LearnedScorer:
             me.clf = float(y.mean()) if len(y) else 0.5
             return me
         clf = LogisticRegression(C=C, max_iter=1000, random_state=seed)
-        clf.fit(me.features(embeddings, call_kinds), y)
+        clf.fit(me.features(embeddings, call_kinds), y, sample_weight=weights)
         me.clf = clf
         return me
 

@@ -168,7 +168,10 @@ class CallPipeline:
             return None
         if self.policy.models[other] is None:
             return None
-        if self.spec.shadow_rate < 1 and unit_draw("shadow", request.record_id) >= self.spec.shadow_rate:
+        # Sampled by episode, not call: every call of a sampled episode is paired, so `slmshift tune` can compose
+        # an episode's outcome under a routing from its calls (a partly paired episode cannot be composed).
+        if self.spec.shadow_rate < 1 and \
+                unit_draw("shadow", request.experiment_id, request.episode_id) >= self.spec.shadow_rate:
             return None
         return other
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from slmshift.train import routing_metrics as rm
+from slmshift.train.routing import metrics as rm
 
 # Five calls. SLM right on 0, 1, 3 (weak quality 3/5); LLM right on all but 1 (strong quality 4/5).
 SCORES = np.array([0.9, 0.8, 0.6, 0.4, 0.2])

@@ -9,7 +9,7 @@ import pytest
 from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.log import LogWriter
 from slmshift.platform.types import EpisodeResult, Interaction
-from slmshift.train.pairs import paired_from_file, paired_from_run
+from slmshift.train.routing.pairs import paired_from_file, paired_from_run
 
 
 def rec(id_, tier, *, correct, valid=True, episode="ep1", task="t1", cost=0.0, **kw):
@@ -51,8 +51,34 @@ def test_shadow_pairs_and_cascade_escalations_from_a_run(tmp_path):
     assert df.slm_cost.tolist() == [0.1, 0.1, 0.1] and df.llm_cost.tolist() == [2.0, 2.0, 2.0]
     assert df.slm_valid.tolist() == [True, False, True] and df.slm_logprob.tolist() == [-0.2, -1.5, -0.1]
     assert df.episode_success.tolist() == [True] * 3 and set(df.task) == {"t1"}
-    assert t.has_cost and not t.has_cluster and t.has_logprob and t.has_episodes
+    assert t.has_cost and not t.has_cluster and t.has_logprob
+    # c4 was never paired and c5's shadow never reached a model: the episode cannot be composed
+    assert not t.has_episodes and not df.full_episode.any()
+    # c2's SLM attempt was judged only by validity (no grader verdict): kept to fit scorers, not graded
+    assert df.graded.tolist() == [True, False, True]
     assert any("infrastructure error" in n for n in t.notes)
+
+
+def test_pairs_carry_their_sampling_weight_and_whole_episodes(tmp_path):
+    """Shadows sampled by episode at shadow_rate 0.25 (from the run's config.yaml) weigh 4, an escalation (paired
+    whatever the sample) 1; an episode all of whose calls are paired is marked whole, one with an unpaired call not."""
+    import yaml
+
+    run = tmp_path / "run"
+    records = [rec("c1", "llm", correct=True, episode="ep1"),
+               rec("c1:shadow", "slm", correct=False, shadow=True, shadow_of="c1", episode="ep1"),
+               rec("c2:cascade", "slm", correct=False, escalated=True, episode="ep1", mean_logprob=-1.0),
+               rec("c2", "llm", correct=True, escalated_from="c2:cascade", episode="ep1"),
+               rec("c3:cascade", "slm", correct=False, escalated=True, episode="ep2", task="t2", mean_logprob=-1.0),
+               rec("c3", "llm", correct=True, escalated_from="c3:cascade", episode="ep2", task="t2"),
+               rec("c4", "slm", correct=True, episode="ep2", task="t2")]  # accepted, not in the shadow sample
+    write_run(run, records, episodes=(("ep1", "t1", True), ("ep2", "t2", False)))
+    (run / "config.yaml").write_text(yaml.safe_dump({"router": {"policies": [
+        {"kind": "cascade", "name": "paired", "shadow": "llm", "shadow_rate": 0.25}]}}))
+    df = paired_from_run(str(run)).df.set_index("row").sort_index()
+    assert df.weight.to_dict() == {"c1": 4.0, "c2": 1.0, "c3": 1.0}
+    assert df.full_episode.to_dict() == {"c1": True, "c2": True, "c3": False}
+    assert df.call_index.to_dict() == {"c1": 1, "c2": 2, "c3": 3} and set(df.group) == {"t1", "t2"}
 
 
 def test_a_run_without_paired_outcomes_says_how_to_produce_them(tmp_path):

@@ -11,15 +11,27 @@ Two sources:
   (mean token log-prob of the SLM's answer, for a cascade) and `slm_valid` (did the SLM's answer pass the call's
   check). Without cost columns, cost is the share of LLM calls (SLM 0, LLM 1 per call).
 
-The table's columns: row, task, episode, call_kind, prompt, cluster (nullable int), slm_ok, llm_ok, slm_cost,
-llm_cost, slm_logprob, slm_valid (nullable bool), obs_tier (the tier whose answer the episode used; None from a
-file) and episode_success (the episode's observed outcome, where known).
+The table's columns: row, task, group (the unit that splits and bootstraps resample: the task, or its family
+for `family#instance` ids such as MiniWoB's, so new seeds of a trained task type are never "unseen"), scenario,
+episode, call_index (the call's order in its episode), call_kind, prompt, cluster (nullable int), slm_ok, llm_ok,
+slm_cost, llm_cost, slm_logprob, slm_valid (nullable bool), obs_tier (the tier whose answer the episode used; None
+from a file), episode_success (the episode's observed outcome, where known), weight (1 / the probability that
+this pair was sampled), full_episode (every call of the row's episode is paired, so its outcome can be composed
+under a routing) and graded (the scenario graded both answers; a call judged only by its validity, such as a
+multi-turn summary, is kept to fit scorers but counts in no quality figure and in a share of its own, never in the
+headline SLM share).
+
+Sampling. Shadows are sampled by episode (`shadow_rate`): all calls of a sampled episode, or none. A cascade's
+escalations are paired whatever the sample, its accepted answers only in sampled episodes, so an unweighted table
+over-represents hard calls; each pair carries weight 1 / P(paired) (Horvitz-Thompson) and every call-level
+estimate weights by it. Episode-level estimates use only fully paired episodes, which are a uniform sample.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,8 +39,9 @@ import pandas as pd
 from slmshift.platform.errors import SlmshiftError, one_line_error
 from slmshift.platform.scorers import outcome
 
-COLUMNS = ["row", "task", "episode", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok", "slm_cost", "llm_cost",
-           "slm_logprob", "slm_valid", "obs_tier", "episode_success"]
+COLUMNS = ["row", "task", "group", "scenario", "episode", "call_index", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok",
+           "slm_cost", "llm_cost", "slm_logprob", "slm_valid", "obs_tier", "episode_success", "weight", "full_episode",
+           "graded"]
 REQUIRED = ("slm_correct", "llm_correct")
 OPTIONAL = ("prompt", "slm_cost", "llm_cost", "call_kind", "cluster", "task_id", "episode_id", "episode_success",
             "slm_logprob", "slm_valid")
@@ -67,7 +80,13 @@ class PairedTable:
 
     @property
     def has_episodes(self) -> bool:
-        return bool(self.df["episode"].notna().all() and self.df["episode_success"].notna().all())
+        """Whether episode-level quality can be composed: some fully paired episodes with a known outcome."""
+        return bool(self.episode_rows().any())
+
+    def episode_rows(self) -> np.ndarray:
+        """Rows of fully paired episodes with a known outcome (the only ones an episode can be composed from)."""
+        df = self.df
+        return (df["episode"].notna() & df["episode_success"].notna() & df["full_episode"].astype(bool)).to_numpy()
 
     def embeddings(self) -> np.ndarray:
         """MiniLM embeddings of each row's prompt, exactly as the router embeds a call (`prompt_text`)."""
@@ -112,37 +131,47 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     infra = df["infra_error"].astype(bool)
     if infra.any():
         notes.append(f"{int(infra.sum())} record(s) with an infrastructure error left out")
+    rates = _shadow_rates(run_dir)
     by_id = df[~infra].set_index("id", drop=False)
-    pairs: list[tuple[pd.Series, pd.Series, str]] = []  # (slm record, llm record, tier the episode used)
+    # main record id -> (slm record, llm record, tier the episode used, P(this pair is in the log))
+    pairs: dict[str, tuple[pd.Series, pd.Series, str, float]] = {}
     shadows = by_id[by_id["shadow"].astype(bool)]
     for _, s in shadows.iterrows():
         m = by_id.loc[s["shadow_of"]] if s["shadow_of"] in by_id.index else None
         if m is None or m["tier"] == s["tier"]:
             continue
-        pairs.append((s, m, "llm") if s["tier"] == "slm" else (m, s, "slm"))
+        p = rates.get(str(m["policy"]), 1.0)
+        pairs[str(m["id"])] = (s, m, "llm", p) if s["tier"] == "slm" else (m, s, "slm", p)
     esc = by_id[by_id["escalated_from"].notna() & ~by_id["shadow"].astype(bool)]
     for _, llm in esc.iterrows():
         a = llm["escalated_from"]
-        if a in by_id.index:
-            pairs.append((by_id.loc[a], llm, "llm"))
+        if a in by_id.index:  # an escalation is paired whether or not its episode was sampled
+            pairs[str(llm["id"])] = (by_id.loc[a], llm, "llm", 1.0)
     if not pairs:
         n = int((~df["shadow"].astype(bool)).sum())
         raise SlmshiftError(f"{run_dir}: {n} call(s) logged but no paired outcomes (no shadow records, no cascade "
                             f"escalations): tune needs each call's outcome on both tiers. {HOW_TO_PAIR}")
+    # An episode is fully paired when each of its answered calls has a pair; an infra error leaves it incomplete.
+    primary = df[~df["shadow"].astype(bool) & ~df["escalated"].astype(bool)]
+    ep_key = primary["experiment_id"].astype(str) + "/" + primary["episode_id"].astype(str)
+    complete = (primary["id"].astype(str).isin(pairs) & ~primary["infra_error"].astype(bool)).groupby(ep_key).all()
     rows, unknown = [], 0
-    for slm, llm, obs in pairs:
+    for slm, llm, obs, p in pairs.values():
         s_ok, l_ok = outcome(slm["correct"], slm["valid"]), outcome(llm["correct"], llm["valid"])
         if s_ok is None or l_ok is None:
             unknown += 1
             continue
         main = llm if obs == "llm" else slm
+        episode = f"{main['experiment_id']}/{main['episode_id']}"
         rows.append({
-            "row": str(main["id"]), "task": str(main["task_id"]) or None,
-            "episode": f"{main['experiment_id']}/{main['episode_id']}", "call_kind": str(main["call_kind"]),
+            "row": str(main["id"]), "task": str(main["task_id"]) or None, "scenario": str(main["scenario"]),
+            "episode": episode, "call_index": int(main["call_index"]), "call_kind": str(main["call_kind"]),
             "prompt": str(main["prompt"]), "cluster": None, "slm_ok": bool(s_ok), "llm_ok": bool(l_ok),
             "slm_cost": float(slm["cost_usd"]), "llm_cost": float(llm["cost_usd"]),
             "slm_logprob": _empty_to_none(slm["mean_logprob"]), "slm_valid": _empty_to_none(slm["valid"]),
-            "obs_tier": obs, "episode_success": _empty_to_none(main["episode_success"])})
+            "obs_tier": obs, "episode_success": _empty_to_none(main["episode_success"]),
+            "weight": 1.0 / p if p > 0 else 1.0, "full_episode": bool(complete.get(episode, False)),
+            "graded": not (_empty_to_none(slm["correct"]) is None or _empty_to_none(llm["correct"]) is None)})
     if unknown:
         notes.append(f"{unknown} pair(s) left out: an outcome neither the check nor the grader could tell")
     if not rows:
@@ -156,6 +185,25 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     if clusters_dir:
         _assign_clusters(table)
     return table
+
+
+def _shadow_rates(run_dir: str) -> dict[str, float]:
+    """Policy label -> its shadow_rate, from the run's config.yaml (1.0 where it says none)."""
+    import yaml
+
+    from slmshift.platform.storage import join, read_text
+
+    try:
+        doc = yaml.safe_load(read_text(join(str(run_dir), "config.yaml"))) or {}
+    except Exception:  # pairs from a run dir without its config: every pair counts once
+        return {}
+    pols = ((doc.get("router") or {}).get("policies")) or []
+    return {str(p.get("name") or p.get("kind")): float(p.get("shadow_rate", 1.0)) for p in pols if isinstance(p, dict)}
+
+
+def family(task: Any) -> Any:
+    """The unit tasks are split and resampled by: a `family#instance` id's family (MiniWoB's task type), else the id."""
+    return task.split("#", 1)[0] if isinstance(task, str) and "#" in task else task
 
 
 def _default_clusters(run_dir: str) -> str | None:
@@ -172,6 +220,7 @@ def _assign_clusters(table: PairedTable) -> None:
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
+    df["group"] = df["task"].map(family)
     df["cluster"] = pd.array(df["cluster"], dtype="Int64")
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
     df["slm_logprob"] = pd.to_numeric(df["slm_logprob"], errors="coerce").astype(float)
@@ -297,6 +346,10 @@ def paired_from_file(path: str) -> PairedTable:
         notes.append("no cost columns: cost is the share of LLM calls")
     if ep_ok is not None and episode is not None:
         df["obs_tier"] = "llm"  # a file's episode outcome is read as its always-LLM outcome
+    # A file's pairs are taken as a complete sample: each pair counts once and its episodes are fully paired.
+    df["group"] = df["task"].map(family)
+    df["scenario"], df["weight"], df["full_episode"], df["graded"] = None, 1.0, True, True
+    df["call_index"] = np.arange(n)  # a file's rows are in call order within each episode
     df["cluster"] = pd.array(df["cluster"], dtype="Int64")
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
     return PairedTable(df[COLUMNS], source=str(path), has_cost=has_cost, notes=notes)
