@@ -114,8 +114,8 @@ def convert(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out share per cluster (0.25)."),
     k_max: Optional[int] = typer.Option(None, "--k-max", min=1, help="Largest number of clusters tried (8)."),
     min_train_rows: Optional[int] = typer.Option(None, "--min-train-rows", min=1, help="Rows a cluster needs (4)."),
-    min_promotion_calls: Optional[int] = typer.Option(None, "--min-promotion-calls", min=1, help="Held-out calls an "
-                                                      "adapter needs before it can be promoted (30)."),
+    min_promotion_tasks: Optional[int] = typer.Option(None, "--min-promotion-tasks", min=1, help="Distinct held-out "
+                                                      "tasks an adapter needs before it can be promoted (10)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the split, k-means and LoRA."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
@@ -140,7 +140,7 @@ def convert(
         defaults = ConvertOptions()
         opts = ConvertOptions.model_validate({
             **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus,
-                   min_promotion_calls=min_promotion_calls),
+                   min_promotion_tasks=min_promotion_tasks),
             "progress": not no_progress, "verbose": verbose,
             "lora": {**defaults.lora.model_dump(), **lora, "activation_checkpointing": not keep_activations},
             "curate": {**defaults.curate.model_dump(), **cur},

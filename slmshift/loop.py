@@ -186,7 +186,7 @@ def convert_options(loop: LoopSection) -> Any:
 
     c, d = loop.convert, ConvertOptions()
     return ConvertOptions(
-        candidates=c.candidates, min_train_rows=c.min_train_rows, min_promotion_calls=c.min_promotion_calls,
+        candidates=c.candidates, min_train_rows=c.min_train_rows, min_promotion_tasks=c.min_promotion_tasks,
         max_clusters=loop.max_clusters, progress=False,
         curate=d.curate.model_copy(update={"rule": c.rule, "seed": loop.seed}),
         cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),

@@ -32,7 +32,7 @@ scenarios:
   verify_episodes: 4
   max_clusters: 1
   tune_time_budget_s: 20
-  convert: {{candidates: [{tiny}], min_train_rows: 2, min_promotion_calls: 1, lora_steps: 2, k_max: 2, batch_size: 2}}
+  convert: {{candidates: [{tiny}], min_train_rows: 2, min_promotion_tasks: 1, lora_steps: 2, k_max: 2, batch_size: 2}}
 """
 
 

@@ -180,7 +180,7 @@ loop:
   verify_episodes: 4
   max_clusters: 1
   tune_time_budget_s: 10
-  convert: {{candidates: [{tiny_model_dir}], min_train_rows: 2, min_promotion_calls: 1, lora_steps: 2, k_max: 2,
+  convert: {{candidates: [{tiny_model_dir}], min_train_rows: 2, min_promotion_tasks: 1, lora_steps: 2, k_max: 2,
              batch_size: 2}}
 """)
     r = cli("loop", str(tmp_path / "loop.yaml"), cwd=tmp_path, timeout=1200)

@@ -119,7 +119,8 @@ class LoopConvert(_Strict):
     candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1,
                                   description="S4 SLM candidates (registered names, packaged:..., or model dirs).")
     min_train_rows: int = Field(default=16, ge=1, description="Curated train rows a cluster needs to be tuned.")
-    min_promotion_calls: int = Field(default=30, ge=1, description="Held-out calls an adapter needs to be promoted.")
+    min_promotion_tasks: int = Field(default=10, ge=1, description="Distinct held-out tasks an adapter needs to be "
+                                     "promoted (the promotion bootstrap resamples tasks; see slmshift convert).")
     lora_rank: int = Field(default=8, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(default=16.0, gt=0, description="LoRA alpha.")
     lora_steps: int = Field(default=60, ge=1, description="LoRA optimiser steps per cluster.")
@@ -333,9 +334,20 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
+# Keys that were renamed, by (section model, old key): an old YAML gets the fix instead of "unknown key".
+_RENAMED = {
+    ("LoopConvert", "min_promotion_calls"): (
+        "renamed to min_promotion_tasks: promotion now counts distinct held-out tasks, not calls (a task's calls are "
+        "correlated, so the bootstrap resamples tasks). Fix: replace `min_promotion_calls: N` with "
+        "`min_promotion_tasks: M`, M distinct tasks (default 10)"),
+}
+
+
 def _message(err: dict, root: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
         owner = _model_at(root, err["loc"][:-1])
+        if owner is not None and (owner.__name__, err["loc"][-1]) in _RENAMED:
+            return _RENAMED[owner.__name__, err["loc"][-1]]
         allowed = ", ".join(owner.model_fields) if owner else "see the configuration reference in README.md"
         return f"unknown key; allowed keys here: {allowed}"
     msg = err["msg"]

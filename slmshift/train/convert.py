@@ -7,8 +7,9 @@ the ones that win. Writes the conversion layout under `RUN_DIR/convert/` (see do
 output may be storage URIs (`platform/storage.py`): the output is then built in a local mirror and uploaded after
 each step.
 
-Promotion rule: an adapter is promoted when its held-out accuracy beats the base model's; when accuracies
-tie, when its held-out loss is lower and its valid-output rate is no worse.
+Promotion rule (PROMOTION_RULE): an adapter is promoted when the 95% bootstrap interval of its held-out accuracy
+gain over the base lies above zero. The bootstrap resamples held-out tasks, not calls: the calls of one episode's
+task are correlated, and resampling them one by one made the interval too narrow.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from slmshift.train.finetune import LoraOptions
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_snippet"]
 
 PROMOTION_RULE = ("promoted only on evidence: the 95% paired-bootstrap interval of adapter - base accuracy on the "
-                  "same held-out calls (at least min_promotion_calls of them) lies above zero")
+                  "same held-out calls lies above zero, the bootstrap resampling held-out tasks (all of a task's calls "
+                  "together; a call without a task id is its own task), on at least min_promotion_tasks tasks")
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -61,8 +63,13 @@ class ConvertOptions(BaseModel):
     min_val_rows: int = Field(default=1, ge=1, description="...and this many validation rows to be judged.")
     max_clusters: int | None = Field(default=None, ge=1, description="Train at most this many clusters, the largest "
                                       "first (the rest are reported as not tuned); None: every eligible cluster.")
-    min_promotion_calls: int = Field(default=30, ge=1, description="Held-out calls an adapter needs before its "
-                                     "accuracy gain can promote it (the paired-bootstrap interval must exclude zero).")
+    # Why 10: below ~10 clusters a percentile cluster bootstrap under-covers (its resamples take few distinct values,
+    # and one task moves accuracy by over 10 points), while the shipped profiles still qualify: the small profile's
+    # planner-intent cluster holds out ~37 tasks (one intent call an episode: 37 held-out calls in BENCHMARKS.md),
+    # paper-table's largest clusters 40+ (a multi-turn-only cluster, ~10 tasks of ~17 calls, is at the edge).
+    min_promotion_tasks: int = Field(default=10, ge=1, description="Distinct held-out tasks an adapter needs before "
+                                     "its accuracy gain can promote it (the task-bootstrap interval must exclude zero; "
+                                     "below ~10 tasks a cluster bootstrap's interval is too unreliable to act on).")
     eval_batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int = Field(default=128, ge=1, description="Generation budget cap per held-out call.")
     threads: int | None = Field(default=None, ge=1, description="torch threads for evaluation (default: all cores).")
@@ -98,31 +105,61 @@ class ConvertReport:
         return [c for c in self.clusters if c.get("promoted")]
 
 
-def paired_interval(before: list[bool], after: list[bool], *, resamples: int = 4000, seed: int = 0
-                    ) -> tuple[float, float, float]:
-    """(mean, low, high) of after - before accuracy: a 95% percentile bootstrap over calls, resampling pairs."""
+def paired_interval(before: list[bool], after: list[bool], groups: list[Any] | None = None, *,
+                    resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of after - before accuracy over calls: a 95% percentile cluster bootstrap.
+
+    Each resample draws as many groups as there are, with replacement, and takes the mean difference over all their
+    paired calls. `groups` (one key per call, e.g. its task id) keeps correlated calls together, so the interval
+    reflects how many independent tasks were seen; None makes each call its own group (the plain pair bootstrap).
+    """
     import numpy as np
 
     d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     if len(d) == 0:
         return 0.0, 0.0, 0.0
+    codes = np.arange(len(d))
+    if groups is not None:  # groups numbered in order of first appearance: distinct groups draw as calls did
+        _, first, inverse = np.unique(np.asarray([str(g) for g in groups]), return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=int)
+        rank[np.argsort(first)] = np.arange(len(first))
+        codes = rank[inverse.reshape(-1)]
+    # per-group sums and sizes: a resample's mean is sum(sums) / sum(sizes) over its drawn groups (no per-call gather)
+    sums, sizes = np.bincount(codes, weights=d), np.bincount(codes).astype(float)
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    idx = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def promotion(before: Any, after: Any, min_calls: int = 30, seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
-    """Apply PROMOTION_RULE to two evaluations of the same held-out calls; returns (promoted, reason, interval)."""
+def _task_groups(verdicts: list[dict[str, Any]]) -> tuple[list[str], int, int]:
+    """(group per call, distinct task ids, calls without one): a call with no task id is its own group."""
+    groups = [f"task:{t}" if (t := str(v.get("task_id") or "")) else f"call:{i}" for i, v in enumerate(verdicts)]
+    untasked = sum(g.startswith("call:") for g in groups)
+    return groups, len(set(groups)) - untasked, untasked
+
+
+def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
+    """Apply PROMOTION_RULE to two evaluations of the same held-out calls; returns (promoted, reason, interval).
+
+    The interval dict: diff, low, high, n (tasks resampled, a call without a task id counting as one) and calls.
+    """
     b = [bool(v.get("correct")) for v in before.verdicts]
     a = [bool(v.get("correct")) for v in after.verdicts]
     if len(a) != len(b):
         return False, f"base and adapter were judged on different calls ({len(b)} vs {len(a)})", {}
-    mean, low, high = paired_interval(b, a, seed=seed)
-    ci = {"diff": mean, "low": low, "high": high, "n": len(a)}
+    groups, n_tasks, untasked = _task_groups(before.verdicts)
+    if groups != _task_groups(after.verdicts)[0]:
+        return False, "base and adapter were judged on different calls (their task ids differ)", {}
+    mean, low, high = paired_interval(b, a, groups, seed=seed)
+    n = n_tasks + untasked
+    ci = {"diff": mean, "low": low, "high": high, "n": n, "calls": len(a)}
     acc = f"held-out accuracy {before.correct_rate:.2f} -> {after.correct_rate:.2f}, diff {mean:+.2f} " \
-          f"[{low:+.2f}, {high:+.2f}] on {len(a)} calls"
-    if len(a) < min_calls:
-        return False, f"{acc}: fewer than {min_calls} held-out calls, not enough evidence to promote", ci
+          f"[{low:+.2f}, {high:+.2f}] on {n} tasks / {len(a)} calls (bootstrap over tasks)"
+    if untasked:
+        acc += f"; {untasked} call(s) without a task id each resampled as its own task"
+    if n < min_tasks:
+        return False, f"{acc}: fewer than {min_tasks} held-out tasks, not enough evidence to promote", ci
     if low > 0:
         return True, f"{acc}: interval above zero", ci
     return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than the base", ci
@@ -365,7 +402,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                 after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
-            promoted, reason, interval = promotion(sel.before, after, o.min_promotion_calls, o.lora.seed)
+            promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
             console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
             e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
                      promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)
@@ -398,6 +435,14 @@ def _loss(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _interval(ci: dict | None) -> str:
+    """The accuracy gain's interval with its sample size as tasks and calls (n counts tasks: see PROMOTION_RULE)."""
+    if not ci:
+        return "-"
+    n = f"{ci['n']} tasks / {ci['calls']} calls" if "calls" in ci else f"{ci['n']} calls"  # older reports: calls
+    return f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}], n={n}"
+
+
 def cluster_rows(report: ConvertReport) -> list[list[str]]:
     """One row per cluster for the Markdown and terminal tables."""
     out = []
@@ -406,6 +451,7 @@ def cluster_rows(report: ConvertReport) -> list[list[str]]:
         out.append([str(c["id"]), c["label"], str(c["size"]), c["role"], c["call_kind"],
                     f"{c['n_train']}/{c['n_val']}", c.get("chosen") or "-",
                     _pct(c.get("before"), "correct_rate"), _pct(c.get("after"), "correct_rate"),
+                    _interval(c.get("interval")),
                     _pct(c.get("before"), "valid_rate"), _pct(c.get("after"), "valid_rate"),
                     f"{_loss(tr.get('val_loss_base'))} -> {_loss(tr.get('val_loss_adapter'))}" if tr else "-",
                     "yes" if c.get("promoted") else "no", c.get("adapter_dir") or "-", c.get("status", "")])
@@ -413,7 +459,8 @@ def cluster_rows(report: ConvertReport) -> list[list[str]]:
 
 
 CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM", "acc before", "acc after",
-                  "valid before", "valid after", "val loss", "promoted", "adapter", "why"]
+                  "acc diff [95% CI, task bootstrap]", "valid before", "valid after", "val loss", "promoted", "adapter",
+                  "why"]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

@@ -180,8 +180,9 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
                 g = scenario_grader(rec, resp.text)
             tokens_in += resp.tokens_in
             tokens_out += resp.tokens_out
-            verdicts.append({"record_id": rec.get("record_id"), "output": resp.text, "valid": g.valid,
-                             "correct": g.correct, "reason": g.reason})
+            # task_id: promotion's bootstrap resamples tasks, keeping a task's correlated calls together
+            verdicts.append({"record_id": rec.get("record_id"), "task_id": str(rec.get("task_id") or ""),
+                             "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason})
         if task is not None:
             progress.advance(task, len(batch))
     if errors == len(reqs):  # nothing was generated: a setup problem, not a model that answered badly

@@ -65,6 +65,14 @@ def test_unknown_key_lists_allowed_keys_and_line(tmp_path):
     assert "models[1].pricee (line 4): unknown key; allowed keys here: name, tier, backend" in msg
 
 
+def test_a_renamed_key_says_what_it_became(tmp_path):
+    """An old loop YAML with min_promotion_calls gets the new key and why, not a bare 'unknown key'."""
+    msg = problems(tmp_path, GOOD + "loop:\n  convert: {min_train_rows: 8, min_promotion_calls: 30}\n")
+    assert "loop.convert.min_promotion_calls (line 10): renamed to min_promotion_tasks" in msg
+    assert "Fix: replace `min_promotion_calls: N` with `min_promotion_tasks: M`" in msg and "unknown key" not in msg
+    assert load(tmp_path, GOOD + "loop:\n  convert: {min_promotion_tasks: 12}\n").loop.convert.min_promotion_tasks == 12
+
+
 def test_unknown_backend_lists_allowed(tmp_path):
     msg = problems(tmp_path, GOOD.replace("backend: hf", "backend: llamacpp"))
     assert "models[0].backend (line 3): Input should be 'hf', 'vllm', 'simulated' or 'openai' (got 'llamacpp')" in msg

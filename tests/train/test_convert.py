@@ -50,10 +50,14 @@ def test_report_has_every_cluster_measured_before_and_after(converted):
     for c in rep["clusters"]:
         assert c["chosen"] and c["n_val"] >= 1 and c["n_train"] >= 2
         assert c["before"]["n"] == c["after"]["n"] == c["n_val"]
+        # promotion resampled tasks: n counts the held-out tasks, calls the calls
+        assert c["interval"]["calls"] == c["n_val"] and 1 <= c["interval"]["n"] <= c["n_val"]
+        assert c["interval"]["n"] == len({v["task_id"] for v in c["after_verdicts"]})
         assert c["train"]["steps"] == 6 and c["train"]["val_loss_adapter"] is not None
         assert Path(c["adapter_dir"], "adapter_config.json").is_file()
     md = (out / "report.md").read_text()
     assert "acc before" in md and "registry:" in md and "kind: adapters" in md
+    assert " tasks / " in md and "resampling held-out tasks" in md
     assert "planner-intent" in output and "registry.json" in output  # the CLI prints the table and the snippet
 
 
@@ -82,21 +86,88 @@ def test_router_index_places_a_new_call_in_its_cluster(converted):
     assert idx.label(cid) == "planner-intent" and sim > 0.8
 
 
-def test_promotion_needs_an_interval_above_zero_on_enough_calls():
-    def ev(correct: list[int]) -> EvalResult:
-        return EvalResult("m", None, len(correct), valid_rate=1.0, correct_rate=sum(correct) / len(correct),
-                          verdicts=[{"correct": bool(c)} for c in correct])
+def _ev(correct: list[int], tasks: list[str] | None = None) -> EvalResult:
+    tasks = tasks if tasks is not None else [f"t{i}" for i in range(len(correct))]
+    return EvalResult("m", None, len(correct), valid_rate=1.0, correct_rate=sum(correct) / len(correct),
+                      verdicts=[{"correct": bool(c), "task_id": t} for c, t in zip(correct, tasks)])
 
-    base = [0] * 20 + [1] * 20
-    ok, why, ci = promotion(ev(base), ev([1] * 16 + [0] * 4 + [1] * 20))  # +16 of 40 calls fixed
-    assert ok and ci["low"] > 0 and ci["n"] == 40 and "interval above zero" in why
-    ok, why, ci = promotion(ev(base), ev([1] * 3 + [0] * 17 + [1] * 18 + [0] * 2))  # +3 -2: noise
+
+def test_promotion_needs_an_interval_above_zero_on_enough_tasks():
+    base = [0] * 20 + [1] * 20  # one call per task: the task bootstrap is the old call bootstrap
+    ok, why, ci = promotion(_ev(base), _ev([1] * 16 + [0] * 4 + [1] * 20))  # +16 of 40 tasks fixed
+    assert ok and ci["low"] > 0 and ci["n"] == ci["calls"] == 40 and "interval above zero" in why
+    assert "on 40 tasks / 40 calls" in why
+    ok, why, ci = promotion(_ev(base), _ev([1] * 3 + [0] * 17 + [1] * 18 + [0] * 2))  # +3 -2: noise
     assert not ok and ci["low"] <= 0 <= ci["high"] and "includes zero" in why
-    ok, why, _ = promotion(ev([0] * 10), ev([1] * 10))  # a clear win, but only 10 calls
-    assert not ok and "fewer than 30 held-out calls" in why
-    assert promotion(ev([0] * 10), ev([1] * 10), min_calls=5)[0]
-    ok, why, _ = promotion(ev(base), ev([0] * 40))
+    ok, why, _ = promotion(_ev([0] * 9), _ev([1] * 9))  # a clear win, but only 9 tasks
+    assert not ok and "fewer than 10 held-out tasks" in why
+    assert promotion(_ev([0] * 9), _ev([1] * 9), min_tasks=5)[0]
+    ok, why, _ = promotion(_ev(base), _ev([0] * 40))
     assert not ok and "worse than the base" in why
+
+
+def _correlated(per_task: list[int], calls: int) -> tuple[list[int], list[int], list[str]]:
+    """Held-out calls where each task's `calls` calls are identical: base always wrong, the adapter's verdict on
+    task i is per_task[i] (1 right, -1: base right and adapter wrong, 0 both wrong)."""
+    before = [int(v < 0) for v in per_task for _ in range(calls)]
+    after = [int(v > 0) for v in per_task for _ in range(calls)]
+    return before, after, [f"t{i}" for i, _ in enumerate(per_task) for _ in range(calls)]
+
+
+def test_task_bootstrap_is_sqrt_calls_per_task_wider_than_the_call_bootstrap():
+    """Known truth: with 6 perfectly correlated calls per task, the data hold as much information as one call per
+    task, so the interval must be ~sqrt(6) wider than one that treats the 60 calls as independent."""
+    from slmshift.train.convert import paired_interval
+
+    per_task = [1, 0, -1, 1, 1, 0, 0, 1, -1, 0] * 4  # 40 tasks: enough that the interval's ends are not too lumpy
+    before, after, tasks = _correlated(per_task, 6)
+    m_call, lo_call, hi_call = paired_interval(before, after)  # each call its own group: the old rule
+    m_task, lo_task, hi_task = paired_interval(before, after, tasks)
+    assert m_call == m_task == pytest.approx(0.2)
+    ratio = (hi_task - lo_task) / (hi_call - lo_call)
+    assert 6 ** 0.5 * 0.85 < ratio < 6 ** 0.5 * 1.15, ratio
+    # one call per task: grouping changes nothing (same draws, same interval)
+    b1, a1, t1 = _correlated(per_task, 1)
+    assert paired_interval(b1, a1, t1) == paired_interval(b1, a1)
+
+
+def test_correlated_calls_no_longer_promote_on_call_counts():
+    """10 tasks x 6 identical calls: resampled as 60 calls the gain looks certain, resampled as 10 tasks it is not;
+    and 60 calls of 5 tasks are 5 tasks of evidence, fewer than min_promotion_tasks."""
+    from slmshift.train.convert import paired_interval
+
+    before, after, tasks = _correlated([1, 1, 1, 1, -1, 0, 0, 0, 0, 0], 6)  # +4 -1 of 10 tasks
+    assert paired_interval(before, after)[1] > 0  # the call bootstrap would have promoted it
+    ok, why, ci = promotion(_ev(before, tasks), _ev(after, tasks))
+    assert not ok and ci["low"] <= 0 < ci["high"] and "includes zero" in why
+    assert ci["n"] == 10 and ci["calls"] == 60 and "on 10 tasks / 60 calls" in why
+    before, after, tasks = _correlated([1] * 5, 12)
+    ok, why, ci = promotion(_ev(before, tasks), _ev(after, tasks))  # all fixed, 60 calls, but 5 tasks
+    assert not ok and "fewer than 10 held-out tasks" in why and ci["n"] == 5 and ci["calls"] == 60
+    assert ConvertOptions().min_promotion_tasks == 10
+    assert promotion(_ev(before, tasks), _ev(after, tasks), min_tasks=5)[0]
+
+
+def test_calls_without_a_task_id_are_their_own_tasks_and_the_reason_says_so():
+    before, after, tasks = _correlated([1, 1, 0], 4)
+    tasks = tasks[:8] + [""] * 4  # the last task's 4 calls carry no task id
+    ok, why, ci = promotion(_ev(before, tasks), _ev(after, tasks), min_tasks=1)
+    assert ci["n"] == 2 + 4 and ci["calls"] == 12 and "4 call(s) without a task id" in why
+    ok, why, _ = promotion(_ev(before, tasks), _ev(after, ["x"] * 12), min_tasks=1)
+    assert not ok and "different calls" in why
+
+
+def test_report_shows_the_interval_with_tasks_and_calls():
+    from slmshift.train.convert import CLUSTER_HEADER, ConvertReport, cluster_rows, to_markdown
+
+    c = {"id": 0, "label": "planner-intent", "size": 60, "role": "planner", "call_kind": "intent", "n_train": 40,
+         "n_val": 37, "chosen": "m", "before": {"correct_rate": 0.41}, "after": {"correct_rate": 0.59},
+         "promoted": True, "status": "ok", "interval": {"diff": 0.19, "low": 0.08, "high": 0.32, "n": 24, "calls": 37}}
+    rep = ConvertReport(run_dir="r", out_dir="o", counts={}, scrub_counts={}, clusters=[c], grading="scenario",
+                        clustering={"k": 1, "criterion": "c", "silhouette": {}}, timings={}, registry=None)
+    row = dict(zip(CLUSTER_HEADER, cluster_rows(rep)[0]))
+    assert row["acc diff [95% CI, task bootstrap]"] == "+0.19 [+0.08, +0.32], n=24 tasks / 37 calls"
+    assert "resampling held-out tasks" in to_markdown(rep)
 
 
 @pytest.mark.parametrize("setup,needle", [
