@@ -97,6 +97,11 @@ class Scenario(abc.ABC):
         """
         return None
 
+    def token_budget(self, call_kind: str) -> int | None:
+        """The `max_tokens` this scenario serves calls of `call_kind` with (from its options), so offline
+        evaluation (`slmshift convert`) generates with the budget serving used; None where it does not say."""
+        return None
+
 
 _SCENARIOS: dict[str, type[Scenario]] = {}
 

@@ -83,6 +83,9 @@ class OperatorScenario(Scenario):
         detail = "correct" if success else (call.error or grade_calls(task, call.text).reason or "wrong call")
         return Outcome(success=success, reward=1.0 if success else 0.0, detail=detail[:200])
 
+    def token_budget(self, call_kind: str) -> int | None:
+        return {"intent": self.options.intent_max_tokens, "function_call": self.options.call_max_tokens}.get(call_kind)
+
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: dict | None = None) -> Grade | None:
         """BFCL's checker for a logged call: the intent against the needed functions, the call by the category's
         own check (AST match, or call / no call). Needs no context: a single-turn task is graded from its id."""

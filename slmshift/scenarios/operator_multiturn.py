@@ -158,6 +158,11 @@ class OperatorMultiTurnScenario(Scenario):
         return Outcome(success=success, reward=1.0 if success else 0.0, steps=n_actions,
                        detail=f"{detail[:180]} [{n_model_calls} model calls, {wall:.2f}s]")
 
+    def token_budget(self, call_kind: str) -> int | None:
+        o = self.options
+        return {"intent": o.intent_max_tokens, "function_call": o.call_max_tokens,
+                "summary": o.summary_max_tokens}.get(call_kind)
+
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: dict | None = None) -> Grade | None:
         """Per-call labels offline. `context` (as logged with the call): {"turn": int} and, for a function
         call, {"executed": [calls already run this turn]}. Without a usable context: None."""

@@ -71,7 +71,9 @@ class ConvertOptions(BaseModel):
                                      "its accuracy gain can promote it (the task-bootstrap interval must exclude zero; "
                                      "below ~10 tasks a cluster bootstrap's interval is too unreliable to act on).")
     eval_batch_size: int = Field(default=16, ge=1)
-    max_new_tokens: int = Field(default=128, ge=1, description="Generation budget cap per held-out call.")
+    max_new_tokens: int | None = Field(default=None, ge=1, description=(
+        "Optional cap on a held-out call's generation budget, for a quicker but less faithful check; None: each call "
+        "gets the budget it was served with (evaluate.served_max_tokens)."))
     threads: int | None = Field(default=None, ge=1, description="torch threads for evaluation (default: all cores).")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per adapter.")
     cpus_per_worker: int | None = Field(default=None, ge=1, description="Default: Ray's free CPUs / workers.")
@@ -280,6 +282,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             "stronger teacher, or loosen the rule (e.g. --rule valid).")
     console.print(f"S2 curate: kept {len(rows)} of {cur.counts['logged']} calls; scrubbed "
                   f"{sum(cur.scrub_counts.values())} secrets/PII")
+    from slmshift.train.evaluate import grader_for_run, served_max_tokens
+
+    grader = grader_for_run(run_dir)  # the run's scenarios: they grade held-out calls and know each kind's budget
+    rows["max_tokens"] = served_max_tokens(rows, grader.scenarios)  # what each call is generated with in S4/S5
 
     # S3 --------------------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -298,11 +304,9 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
 
     # S4 --------------------------------------------------------------------------------------------
-    from slmshift.train.evaluate import grader_for_run
     from slmshift.train.select import RULE, select_candidates
 
     t = time.perf_counter()
-    grader = grader_for_run(run_dir)
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
     selections = {}

@@ -23,7 +23,7 @@ from slmshift.train.scrub import Scrubber
 __all__ = ["CurateOptions", "CurateResult", "curate", "split_by_group", "CURATED_COLUMNS"]
 
 CURATED_COLUMNS = ["record_id", "episode_id", "task_id", "scenario", "role", "call_kind", "category", "expect",
-                   "messages", "target", "context"]
+                   "messages", "target", "context", "max_tokens"]
 Rule = Literal["episode_or_call", "episode", "call", "episode_and_call", "valid"]
 
 
@@ -134,6 +134,11 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
         kept[col] = kept[col].fillna("").astype(str)
     if "context" not in kept.columns:  # logs written before calls carried their grading context
         kept["context"] = None
+    # The budget the call was served with, where the log records it: held-out calls are generated with it. S1 records
+    # do not carry it yet; convert then fills it from the run's scenarios (evaluate.served_max_tokens).
+    if "max_tokens" not in kept.columns:
+        kept["max_tokens"] = None
+    kept["max_tokens"] = kept["max_tokens"].astype("Int64")
     # Exact duplicates: same prompt and same output (e.g. one task replayed under several policy arms).
     key = [hashlib.sha1(f"{m}\x00{t}".encode()).hexdigest() for m, t in zip(kept["messages"], kept["target"])]
     exact = pd.Series(key, index=kept.index).duplicated(keep="first")

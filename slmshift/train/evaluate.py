@@ -21,7 +21,13 @@ from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.scorers import outcome
 from slmshift.platform.types import LMRequest, ModelSpec
 
-__all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match"]
+__all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match",
+           "served_max_tokens", "DEFAULT_MAX_TOKENS"]
+
+# What a call that names no budget is served with (LMRequest's default, e.g. `session.call` without max_tokens): the
+# budget of a held-out call whose own is recorded neither in the log nor by its scenario's options (a gateway run's
+# calls, whose budgets their clients chose, until the S1 record carries max_tokens).
+DEFAULT_MAX_TOKENS: int = LMRequest.model_fields["max_tokens"].default
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,22 @@ class EvalResult:
         return d
 
 
+def served_max_tokens(rows: pd.DataFrame, scenarios: dict[str, Any] | None = None) -> list[int]:
+    """Each call's generation budget as it was served, never from its logged answer (unknown when serving): the row's
+    own `max_tokens` where the log recorded it, else its scenario's budget for its call kind (`Scenario.token_budget`,
+    the run's config rebuilt by `grader_for_run`), else DEFAULT_MAX_TOKENS."""
+    scenarios = scenarios or {}
+    out = []
+    for r in rows.to_dict("records"):
+        if pd.notna(r.get("max_tokens")):
+            out.append(int(r["max_tokens"]))
+            continue
+        sc = scenarios.get(str(r.get("scenario", "")))
+        budget = sc.token_budget(str(r.get("call_kind", ""))) if sc is not None else None
+        out.append(int(budget) if budget else DEFAULT_MAX_TOKENS)
+    return out
+
+
 def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) -> list[LMRequest]:
     reqs = []
     for i, (r, mt) in enumerate(zip(rows.to_dict("records"), max_tokens)):
@@ -144,12 +166,13 @@ def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) ->
 
 def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
              scenario_grader: Callable[[dict[str, Any], str], CallGrade], *, engine: Any = None,
-             batch_size: int = 16, max_new_tokens: int = 128, progress: Any = None,
+             batch_size: int = 16, max_new_tokens: int | None = None, progress: Any = None,
              desc: str | None = None) -> EvalResult:
     """Generate every row's output greedily with `HFEngine(spec)` (or `engine`), grade each, return rates.
 
-    The token budget per call is min(max_new_tokens, 2 x the logged output's length + 16): enough for any
-    right answer, and it keeps a model that rambles from costing minutes on CPU.
+    Each call gets the budget it was served with (`served_max_tokens`; the grader's scenarios supply per-kind
+    budgets), capped at `max_new_tokens` when given. Not the logged answer's length: serving has no reference answer,
+    so a budget derived from it would grade outputs that serving would not produce.
     """
     from slmshift.serve.engines.base import get_engine_class
 
@@ -158,9 +181,9 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
         return EvalResult(spec.name, adapter, 0, 0.0, 0.0)
     if engine is None:
         engine = get_engine_class(spec.backend)(spec)
-    tok = getattr(engine, "tokenizer", None)
-    budgets = [min(max_new_tokens, 2 * (len(tok(t, add_special_tokens=False)["input_ids"]) if tok else len(t)) + 16)
-               for t in rows["target"]]
+    budgets = served_max_tokens(rows, getattr(scenario_grader, "scenarios", None))
+    if max_new_tokens is not None:
+        budgets = [min(b, max_new_tokens) for b in budgets]
     reqs = _requests(rows, adapter, budgets)
     records = rows.to_dict("records")
     what = desc or (f"evaluating {spec.name}" + (f" + {adapter}" if adapter else ""))

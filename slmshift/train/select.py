@@ -59,7 +59,7 @@ class Selection:
 
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
                       grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
-                      threads: int | None = None, batch_size: int = 16, max_new_tokens: int = 128,
+                      threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
                       progress: Any = None) -> Selection:
     """Evaluate each candidate on one cluster's validation rows and choose one. `engines` caches loaded
     engines by candidate name across clusters (a model loads once per convert)."""

@@ -38,6 +38,9 @@ def test_curated_parquet_follows_the_contract(converted, synthetic_log):
     assert set(df[df.split == "train"].episode_id).isdisjoint(df[df.split == "val"].episode_id)
     # the two call kinds of the operator scenario are the two recurring tasks
     assert df.groupby("cluster")["call_kind"].nunique().max() == 1 and df["cluster"].nunique() == 2
+    # each call's served budget, from the run's operator options (the log does not record it): held-out calls are
+    # generated with it, not with a length derived from the logged answer
+    assert {k: set(v) for k, v in df.groupby("call_kind")["max_tokens"]} == {"intent": {48}, "function_call": {128}}
 
 
 def test_report_has_every_cluster_measured_before_and_after(converted):

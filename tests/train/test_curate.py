@@ -48,6 +48,15 @@ def test_one_call_kind_can_be_converted_alone(log_df):
     assert len(only) == (every["call_kind"] == "function_call").sum() < len(every)
 
 
+def test_a_logged_budget_is_carried_for_held_out_generation(log_df):
+    """The S1 record has no max_tokens yet: curated rows leave it empty (convert fills it from the run's scenarios);
+    a log that records it hands each call's own budget on."""
+    assert curate(log_df).rows["max_tokens"].isna().all()
+    rows = curate(log_df.assign(max_tokens=range(len(log_df)))).rows
+    src = log_df.assign(max_tokens=range(len(log_df))).set_index("id").loc[rows["record_id"], "max_tokens"]
+    assert rows["max_tokens"].tolist() == src.tolist()
+
+
 def test_planted_secrets_are_removed(synthetic_log, log_df, planted_secrets):
     res = curate(log_df)
     text = "\n".join(res.rows["messages"]) + "\n".join(res.rows["target"])

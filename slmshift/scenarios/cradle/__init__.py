@@ -155,6 +155,11 @@ class CradleScenario(Scenario):
             return []  # the options check reports it
         return o.check_models(models, policies)
 
+    def token_budget(self, call_kind: str) -> int | None:
+        o = self.options
+        return {"action_planning": o.action_max_tokens, "info_gathering": o.info_max_tokens,
+                "self_reflection": o.reflection_max_tokens, "task_inference": o.inference_max_tokens}.get(call_kind)
+
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None):
         """Action validity in the strict grammar and, where `context` carries the page and the solver knows the
         task, agreement with the solver's next action (see `grading.py` for each module and the context)."""

@@ -84,6 +84,9 @@ class MetaGPTScenario(Scenario):
         detail = "passed" if success else (last.reason if last else "no parsable code was ever written")
         return Outcome(success=success, reward=1.0 if success else 0.0, steps=len(company.runs), detail=detail[:200])
 
+    def token_budget(self, call_kind: str) -> int | None:
+        return (DEFAULT_MAX_TOKENS | self.options.max_tokens).get(call_kind)
+
     def grade_call(self, task_id: str, call_kind: str, output: str, *, context: Any = None) -> Check | None:
         """Grade one call offline (see `grading.py` for each call kind): JSON schemas for prd/design/tasks/summary,
         HumanEval's tests in the sandbox for code/debug (blocking, up to `sandbox.wall_s`), QA's tests against the
