@@ -1,6 +1,7 @@
 """`slmshift loop`: the paper's S6 loop as one command, measured.
 
-Per iteration: collect (episodes on training tasks, every call shadowed on the other tier at `loop.shadow_rate`)
+Per iteration: collect (episodes on training tasks no earlier collect ran; a `loop.shadow_rate` sample of whole
+episodes shadowed on the other tier)
 -> convert (S2-S5 on the collected log) -> tune (Ray Tune over router policies on the paired outcomes) -> verify
 (fresh episodes on held-out tasks: always-LLM against the tuned policy serving the new adapters). The next
 iteration collects with the tuned router and adapters; an adapter stays in force until a later iteration promotes
@@ -30,16 +31,8 @@ import numpy as np
 
 from slmshift.platform.config import ExperimentConfig, LoopSection, read_policy_file
 from slmshift.platform.errors import SlmshiftError
+from slmshift.loop_report import BEFORE_ARM, STAGES, write_report
 from slmshift.platform.policies import policy_spec
-
-STAGES = ("collect", "convert", "tune", "verify")
-BEFORE_ARM = "tuned-base"  # verify's arm for "before conversion": the tuned router, the SLM without adapters
-# The paper's estimates of the share of LLM calls SLMs could take (Appendix B), per agent system, and the scenario
-# kinds that measure each system: the verify episodes of all of a system's scenarios are pooled into its row.
-PAPER_ESTIMATE = {"MetaGPT": 0.60, "Open Operator": 0.40, "Cradle": 0.70}
-PAPER_SYSTEM = {"metagpt": "MetaGPT", "operator": "Open Operator", "operator_multiturn": "Open Operator",
-                "cradle": "Cradle"}
-
 
 class LoopState:
     """LOOP_DIR/state.json: per iteration and stage, its status, outputs and wall time; rewritten atomically, then
@@ -61,17 +54,21 @@ class LoopState:
         self.sync()
 
 
-def split_tasks(cfg: ExperimentConfig, loop: LoopSection) -> dict[str, dict[str, list[str]]]:
-    """Per scenario, disjoint seeded sets of training and verify task ids from one pool."""
+def split_tasks(cfg: ExperimentConfig, loop: LoopSection, iterations: int = 1) -> dict[str, dict[str, Any]]:
+    """Per scenario, disjoint seeded sets of verify and training task ids from one pool, and the pool's coverage of
+    `iterations` collects on fresh tasks each. For `family#instance` ids (MiniWoB's task types) about half of the
+    verify tasks are whole families no collect sees, the rest new instances of trained families, so the table can
+    show new-family and in-distribution rows apart."""
     from slmshift.platform.scenario import scenario_class
+    from slmshift.train.routing.pairs import family
 
     out = {}
     for spec in cfg.scenarios:
         seed = cfg.experiment.seed if spec.seed is None else spec.seed
         n_collect, n_verify_eps = loop.episodes(spec.label)
-        pool_n = n_collect + n_verify_eps
+        pool_n = iterations * n_collect + n_verify_eps
         tasks = scenario_class(spec.kind)(spec.model_copy(update={"episodes": pool_n}), seed).tasks()
-        ids = list(dict.fromkeys(t.id for t in tasks))  # scenarios may cycle tasks when episodes exceed them
+        ids = list(dict.fromkeys(str(t.id) for t in tasks))  # scenarios may cycle tasks when episodes exceed them
         rng = np.random.default_rng(loop.seed)
         rng.shuffle(ids)
         n_verify = max(1, round(len(ids) * n_verify_eps / pool_n))
@@ -79,7 +76,33 @@ def split_tasks(cfg: ExperimentConfig, loop: LoopSection) -> dict[str, dict[str,
             raise SlmshiftError(f"scenario {spec.label!r} has only {len(ids)} distinct tasks: too few to hold out "
                                 f"verify tasks. Fix: widen its task options or lower loop.verify_episodes "
                                 f"(or loop.scenario_episodes.{spec.label}.verify).")
-        out[spec.label] = {"verify": ids[:n_verify], "train": ids[n_verify:]}
+        if any("#" in t for t in ids):
+            fams = list(dict.fromkeys(family(t) for t in ids))
+            new, held = set(), []
+            for f in fams[:-1]:  # whole families first (never every family), until half the verify tasks
+                if len(held) >= n_verify // 2:
+                    break
+                new.add(f)
+                held += [t for t in ids if family(t) == f]
+            held += [t for t in ids if family(t) not in new][: max(0, n_verify - len(held))]
+            verify = held
+        else:
+            verify = ids[:n_verify]
+        train = [t for t in ids if t not in set(verify)]
+        out[spec.label] = {"verify": verify, "train": train}
+    return out
+
+
+def pool_warnings(split: dict[str, dict[str, Any]], loop: LoopSection, iterations: int) -> list[str]:
+    """What the pool cannot give: fresh collect tasks in every iteration."""
+    out = []
+    for label, s in split.items():
+        need = iterations * loop.episodes(label)[0]
+        if len(s["train"]) < need:
+            out.append(f"scenario {label!r}: {len(s['train'])} training tasks for {iterations} x "
+                       f"{loop.episodes(label)[0]} collect episodes on fresh tasks: a later collect gets fewer "
+                       "episodes (it never re-runs a task an adapter in force was trained on). Fix: widen the "
+                       "scenario's tasks or lower loop.collect_episodes.")
     return out
 
 
@@ -104,9 +127,12 @@ def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
 
 
 def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
-                   it: int) -> ExperimentConfig:
-    scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[0],
-                                      "exclude_tasks": sorted(set(s.exclude_tasks) | set(split[s.label]["verify"]))})
+                   it: int, seen: dict[str, set[str]] | None = None) -> ExperimentConfig:
+    """Collect on training tasks no earlier collect ran (`seen`): an adapter in force was trained on those, so its
+    answers there are memorised, not a measurement."""
+    seen = seen or {}
+    scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[0], "exclude_tasks": sorted(
+                     set(s.exclude_tasks) | set(split[s.label]["verify"]) | seen.get(s.label, set()))})
                  for s in cfg.scenarios]
     arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate})
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
@@ -264,9 +290,11 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
     state = LoopState(ld, (lambda: upload(ld, loop_dir)) if is_uri(loop_dir) else None)
     if "config" not in state.doc:
         state.doc["config"] = cfg.model_dump(mode="json")
-        state.doc["split"] = split_tasks(cfg, loop)
+        state.doc["split"] = split_tasks(cfg, loop, iterations)
         state.update(0, "setup", status="done")
     split = state.doc["split"]
+    for w in pool_warnings(split, loop, iterations):
+        console.print(f"[yellow]note:[/] {w}", soft_wrap=True, highlight=False)
     console.print(f"[bold]slmshift loop[/] {iterations} iteration(s) -> {loop_dir}  (rough estimate on 2 CPU cores: "
                   f"{estimate_minutes(cfg, loop, iterations):.0f} min)", soft_wrap=True)
     policy, registry = policy_spec(kind="llm"), None
@@ -357,7 +385,7 @@ def _seen_tasks(run_dir: str, seen: dict[str, set[str]]) -> dict[str, set[str]]:
 def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split: dict, seen: dict, policy: Any,
            registry: str | None, idir: Path, state: LoopState, console: Any, address: str | None) -> dict[str, Any]:
     if stage == "collect":
-        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it), str(idir), state, it,
+        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it, seen), str(idir), state, it,
                                 stage, console, address)}
     if stage == "convert":
         from slmshift.train.convert import convert
@@ -393,237 +421,8 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
     raise AssertionError(stage)
 
 
-def _stage_note(st: dict[str, Any]) -> str:
-    """The stage's failure, or how many attempts failed before the one that finished (wall s is that one's)."""
-    earlier = st.get("earlier_failures") or []
-    if "reason" in st or not earlier:
-        return st.get("reason", "")
-    return f"{len(earlier)} earlier attempt(s) failed (last: {earlier[-1][:200]}); wall s is the final attempt's"
-
-
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-# --- the report -------------------------------------------------------------------------------------------------
-
-
-def _boot(values: np.ndarray, stat: Any, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    s = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(n)]
-    return float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))
-
-
-def verify_log(run_dir: str) -> tuple[Any, Any]:
-    """A verify run's (calls, episodes): the calls the arms answered (no escalated attempts or infra errors)."""
-    from slmshift.platform.log import read_episodes, read_interactions
-
-    calls = read_interactions(run_dir)
-    return calls[~calls["escalated"].astype(bool) & ~calls["infra_error"].astype(bool)], read_episodes(run_dir)
-
-
-def verify_rows(log: tuple[Any, Any], budget: float, groups: dict[str, str] | None = None,
-                arm: str = "tuned") -> list[dict[str, Any]]:
-    """Per row: the `arm` policy vs always-LLM on the verify episodes of `log` (see verify_log), with bootstrap 95%
-    intervals over episodes (and calls); empty when the run has no such arm. `groups` maps scenario names to a row
-    (e.g. the paper's agent system) whose episodes and calls are pooled; a scenario it does not name is a row of its
-    own."""
-    calls, eps = log
-    groups = groups or {}
-    call_row = calls["scenario"].map(lambda s: groups.get(s, s))
-    rows = []
-    for row, g in eps.groupby(eps["scenario"].map(lambda s: groups.get(s, s))):
-        llm, tuned = g[g["policy"] == "all-llm"], g[g["policy"] == arm]
-        if tuned.empty:
-            continue
-        c_llm = calls[(call_row == row) & (calls["policy"] == "all-llm")]
-        c_t = calls[(call_row == row) & (calls["policy"] == arm)]
-        slm = (c_t["tier"] == "slm").to_numpy(dtype=float)
-        s_llm, s_t = llm["success"].to_numpy(dtype=float), tuned["success"].to_numpy(dtype=float)
-        ratio = s_t.mean() / s_llm.mean() if len(s_llm) and s_llm.mean() > 0 else float("nan")
-        per_kind = c_t.groupby("call_kind")["tier"].apply(lambda t: float((t == "slm").mean())).to_dict()
-        cost_llm = c_llm.groupby("episode_id")["cost_usd"].sum().mean() if len(c_llm) else float("nan")
-        cost_t = c_t.groupby("episode_id")["cost_usd"].sum().mean() if len(c_t) else float("nan")
-        rows.append({
-            "row": row, "scenarios": sorted(set(tuned["scenario"])), "episodes": int(len(tuned)),
-            "calls": int(len(c_t)),
-            "slm_share": float(slm.mean()) if len(slm) else float("nan"), "slm_share_ci": _boot(slm, np.mean),
-            "success_llm": float(s_llm.mean()) if len(s_llm) else float("nan"),
-            "success_tuned": float(s_t.mean()) if len(s_t) else float("nan"),
-            "success_tuned_ci": _boot(s_t, np.mean), "quality_ratio": float(ratio),
-            "meets_budget": bool(ratio >= budget) if ratio == ratio else False,
-            "cost_per_episode_llm": float(cost_llm), "cost_per_episode_tuned": float(cost_t),
-            "latency_p50_llm": float(c_llm["latency_s"].median()) if len(c_llm) else float("nan"),
-            "latency_p50_tuned": float(c_t["latency_s"].median()) if len(c_t) else float("nan"),
-            "slm_share_by_call_kind": per_kind,
-            "simulated_llm": bool(c_llm["simulated"].astype(bool).all()) if len(c_llm) else False,
-        })
-    return rows
-
-
-def _fmt(v: float, pct: bool = True) -> str:
-    if v != v:
-        return "-"
-    return f"{v:.0%}" if pct else f"{v:.4g}"
-
-
-def write_report(ld: Path, state: LoopState) -> None:
-    """LOOP_DIR/report.md and report.html (PNG plots embedded), from whatever stages finished."""
-    import base64
-
-    config = state.doc.get("config") or {}
-    loop = LoopSection.model_validate(config.get("loop") or {})
-    systems = {s.get("name") or s["kind"]: PAPER_SYSTEM.get(s["kind"], s.get("name") or s["kind"])
-               for s in config.get("scenarios", [])}
-    pooled = len(set(systems.values())) < len(systems)  # some system's row pools several scenarios
-    iters = {int(k): v for k, v in state.doc["iterations"].items() if k != "0"}
-    table, stage_rows, cluster_rows, per_iter, per_scenario = [], [], [], {}, []
-    for it in sorted(iters):
-        for name in STAGES:
-            st = iters[it].get(name, {})
-            stage_rows.append([str(it), name, st.get("status", "pending"),
-                               f"{st['wall_s']:.0f}" if "wall_s" in st else "-", _stage_note(st)])
-        for c in iters[it].get("convert", {}).get("clusters", []) or []:
-            ci = c.get("interval") or {}
-            cluster_rows.append([str(it), str(c["id"]), c["label"], f"{c['n_train']}/{c['n_val']}",
-                                 _fmt(c["before"] if c["before"] is not None else float("nan")),
-                                 _fmt(c["after"] if c["after"] is not None else float("nan")),
-                                 f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}] (n={ci['n']})" if ci else "-",
-                                 "yes" if c["promoted"] else "no", c.get("status", "")])
-        v = iters[it].get("verify", {})
-        if v.get("status") == "done":
-            log = verify_log(v["run_dir"])
-            per_iter[it] = verify_rows(log, loop.budget)
-            conv = iters[it].get("convert", {})
-            adapters, carried = bool(conv.get("registry")), conv.get("carried") or []
-            after = f"{it}: after conversion" + (f" (carried: {', '.join(carried)})" if carried else "")
-            arms = ([("0: before conversion", BEFORE_ARM)] if it == 1 and adapters else []) \
-                + [(after if adapters else f"{it}: no adapter promoted (base SLM)", "tuned")]
-            for label, arm in arms:
-                for r in verify_rows(log, loop.budget, systems, arm):
-                    table.append([label, r["row"], ", ".join(r["scenarios"]),
-                                  _fmt(PAPER_ESTIMATE.get(r["row"], float("nan")))] + _result_cells(r))
-                if pooled:
-                    own = per_iter[it] if arm == "tuned" else verify_rows(log, loop.budget, arm=arm)
-                    per_scenario += [[label, r["row"]] + _result_cells(r) for r in own]
-    md = ["# slmshift loop report", "",
-          f"Loop dir: `{ld}`. Budget: the tuned router keeps verify-episode success >= {loop.budget} x always-LLM's "
-          "(relative). Intervals are 95% bootstrap intervals over verify episodes (success) and calls (SLM share).",
-          "Always-LLM quality marked *simulated* is a declared teacher profile, not a real LLM: tables built on it "
-          "measure the routing machinery, not a frontier model.",
-          "Row 0 (before conversion) is the tuned router on the base SLM, row N iteration N's router serving the "
-          "adapters in force after it: its own promotions, plus earlier ones for tasks it promoted none for "
-          "(*carried*), on the same held-out verify tasks.", "",
-          "## The paper's table, measured (verify episodes on held-out tasks)", ""]
-    results = ["SLM share of calls [95% CI]", "success tuned vs all-LLM", f">= {loop.budget}x", "n",
-               "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]
-    header = ["iter", "agent system", "scenarios (pooled)", "paper estimate"] + results
-    md += _md_table(header, table) if table else ["(no verify stage finished yet)"]
-    if per_scenario:
-        md += ["", "## Each scenario of a pooled row", ""] + _md_table(["iter", "scenario"] + results, per_scenario)
-    md += ["", "## SLM share per call kind (verify, tuned arm)", ""]
-    kinds_rows = [[str(it), r["row"], k, _fmt(v)] for it, rows in per_iter.items() for r in rows
-                  for k, v in sorted(r["slm_share_by_call_kind"].items())]
-    md += _md_table(["iter", "scenario", "call kind", "SLM share"], kinds_rows) if kinds_rows else ["-"]
-    md += ["", "## Held-out accuracy per cluster before/after LoRA (paired-bootstrap interval of the difference)", ""]
-    md += _md_table(["iter", "cluster", "label", "train/val", "before", "after", "diff [95% CI]", "promoted", "why"],
-                    cluster_rows) if cluster_rows else ["-"]
-    md += ["", "## Stages", ""] + _md_table(["iter", "stage", "status", "wall s", "reason"], stage_rows)
-    pngs = _plots(ld, per_iter, iters)
-    md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
-    (ld / "report.md").write_text("\n".join(md) + "\n")
-    html = _html("\n".join(md), {p.name: base64.b64encode(p.read_bytes()).decode() for p in pngs})
-    (ld / "report.html").write_text(html)
-
-
-def _result_cells(r: dict[str, Any]) -> list[str]:
-    """A verify row's measured cells of the paper table."""
-    lo, hi = r["slm_share_ci"]
-    return [f"{_fmt(r['slm_share'])} [{_fmt(lo)}, {_fmt(hi)}]",
-            f"{_fmt(r['success_tuned'])} vs {_fmt(r['success_llm'])} (ratio {r['quality_ratio']:.2f})",
-            "yes" if r["meets_budget"] else "no", f"{r['episodes']} ep / {r['calls']} calls",
-            f"{_fmt(r['cost_per_episode_tuned'], False)} vs {_fmt(r['cost_per_episode_llm'], False)}",
-            f"{_fmt(r['latency_p50_tuned'], False)} vs {_fmt(r['latency_p50_llm'], False)}",
-            "simulated" if r["simulated_llm"] else "real"]
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return out + ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
-
-
-def _plots(ld: Path, per_iter: dict[int, list[dict]], iters: dict[int, dict]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    if per_iter:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        scen = sorted({r["row"] for rows in per_iter.values() for r in rows})
-        for s in scen:
-            its = [it for it in sorted(per_iter) if any(r["row"] == s for r in per_iter[it])]
-            rows = [next(r for r in per_iter[it] if r["row"] == s) for it in its]
-            axes[0].plot(its, [r["cost_per_episode_tuned"] for r in rows], marker="o", label=f"{s} tuned")
-            axes[0].plot(its, [r["cost_per_episode_llm"] for r in rows], ls="--", marker="x", label=f"{s} all-LLM")
-            kinds = sorted({k for r in rows for k in r["slm_share_by_call_kind"]})
-            for k in kinds:
-                axes[1].plot(its, [r["slm_share_by_call_kind"].get(k, np.nan) for r in rows], marker="o",
-                             label=f"{s}: {k}")
-        axes[0].set(title="cost per episode (verify)", xlabel="iteration", ylabel="USD")
-        axes[1].set(title="SLM share per call kind (verify, tuned)", xlabel="iteration", ylim=(0, 1))
-        for ax in axes:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        out.append(ld / "loop_trends.png")
-        fig.savefig(out[-1], dpi=90)
-        plt.close(fig)
-    for it in sorted(iters):  # each iteration's Pareto front, as tune drew it
-        for png in sorted((ld / f"iter-{it}" / "tune").glob("*pareto*.png")):
-            dest = ld / f"iter{it}_{png.name}"
-            dest.write_bytes(png.read_bytes())
-            out.append(dest)
-    return out
-
-
-def _html(md: str, images: dict[str, str]) -> str:
-    """A self-contained page (tables and base64 PNGs), readable offline; no scripts."""
-    import html as h
-
-    body, rows = [], []
-
-    def flush_table() -> None:
-        if rows:
-            head, *rest = rows
-            body.append("<table><thead><tr>" + "".join(f"<th>{h.escape(c)}</th>" for c in head) + "</tr></thead>"
-                        "<tbody>" + "".join("<tr>" + "".join(f"<td>{h.escape(c)}</td>" for c in r) + "</tr>"
-                                            for r in rest) + "</tbody></table>")
-            rows.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if not all(set(c) <= {"-"} for c in cells):
-                rows.append(cells)
-            continue
-        flush_table()
-        if line.startswith("![") and "](" in line:
-            name = line[line.index("](") + 2:-1]
-            body.append(f'<p><img alt="{h.escape(name)}" src="data:image/png;base64,{images.get(name, "")}"></p>')
-        elif line.startswith("## "):
-            body.append(f"<h2>{h.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{h.escape(line[2:])}</h1>")
-        elif line.strip():
-            body.append(f"<p>{h.escape(line)}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>slmshift loop report</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
 def load_loop_dir(loop_dir: str) -> ExperimentConfig:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from slmshift.loop import BEFORE_ARM, tuned_policy, verify_config
@@ -86,9 +87,11 @@ def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     # pooled over 20 episodes (80 calls) an arm; success 15/20 in every arm, so the ratio is 1
     assert "| 0: before conversion | Open Operator | mt, operator | 40% | 25% [" in md
     assert "| 1: after conversion | Open Operator | mt, operator | 40% | 100% [" in md
-    assert md.count("(ratio 1.00) | yes | 20 ep / 40 calls |") == 2
+    assert md.count("| 75% vs 75% | 1.00 [1.00, 1.00] | yes | - | 20 ep / 20 tasks / 40 graded calls |") == 2
     assert "| 0: before conversion | operator | 50% [" in md and "| 0: before conversion | mt | 0% [" in md
-    assert "| 1: after conversion | mt | 100% [" in md and "50% vs 50% (ratio 1.00)" in md
+    assert "| 1: after conversion | mt | 100% [" in md and "50% vs 50% | 1.00 [1.00, 1.00] | yes" in md
+    # the simulated teacher's declared profile is printed above the table it shapes
+    assert "`teacher` (llm): accuracy default 0.9, function_call 0.85, intent 0.95" in md and "upstream_penalty" in md
     # a stage that finished on a rerun says so, and does not show the old failure as its own reason
     assert "| 1 | convert | done | 12 | 1 earlier attempt(s) failed (last: SlmshiftError: LoRA training" in md
 
@@ -182,3 +185,84 @@ def test_an_iteration_keeps_earlier_adapters_it_promoted_none_for(tmp_path):
     it5 = _convert_dir(tmp_path / "iter-5" / "convert", [("planner-intent", "function_call", 0), ("x", "intent", 9)])
     assert carry_adapters(path3, it5, tmp_path / "iter-5" / "registry.json") == (None, [])
     assert carry_adapters(None, it4, tmp_path / "r.json") == (str(it4 / "registry.json"), [])
+
+
+def _verify_log(run, arms):
+    """A verify run through the real S1 writer: arms = {arm: (per-task success list, call indices the SLM answers,
+    is the summary graded?)}; call 0 is an intent (graded), call 1 a summary."""
+    from slmshift.platform.log import LogWriter
+    from slmshift.platform.types import EpisodeResult, Interaction, record_id
+
+    log = LogWriter(str(run), flush_every=10_000, flush_interval_s=3600)
+    for arm, (success, slm, graded) in arms.items():
+        for i, ok in enumerate(success):
+            ep = f"{arm}-{i}"
+            log.add([Interaction(
+                id=record_id("v", ep, k), experiment_id="v", episode_id=ep, call_index=k, scenario="operator",
+                task_id=f"t{i}", policy=arm, role="planner", call_kind="intent" if k == 0 else "summary", category="",
+                expect="json", prompt="[]", output="x", engine_latency_s=0.1, flops=0.0,
+                model="slm" if k in slm else "llm", tier="slm" if k in slm else "llm", backend="hf", route_kind="x",
+                route_reason="", tokens_in=1, tokens_out=1, latency_s=0.1, cost_usd=0.001, simulated=k not in slm,
+                valid=True, correct=(True if k == 0 or graded else None)).model_dump() for k in range(2)])
+            log.add_episode(EpisodeResult(experiment_id="v", episode_id=ep, scenario="operator", task_id=f"t{i}",
+                                          policy=arm, success=ok, reward=float(ok), n_calls=2))
+    log.close()
+
+
+def test_report_budget_is_non_inferiority_and_ungraded_calls_stand_apart(tmp_path):
+    """18/20 a side on different tasks: the ratio is 1.00 but its paired interval reaches below 0.95, so the budget
+    is 'not shown' (with the tasks the effect would need), not 'yes'. The summary call (no grader verdict) the
+    tuned arm sends to the SLM is its own column, never in the headline share. Tune's prediction stands beside the
+    measurement, and a measurement outside it is named."""
+    from slmshift.loop import LoopState, write_report
+
+    llm = [i not in (0, 1) for i in range(20)]
+    tuned = [i not in (2, 3) for i in range(20)]
+    _verify_log(tmp_path / "verify", {"all-llm": (llm, set(), False), "tuned": (tuned, {1}, False)})
+    state = LoopState(tmp_path)
+    state.doc["config"] = load_config(SMALL).model_dump(mode="json")
+    state.update(1, "tune", status="done", chosen={"held_out": {
+        "slm_share": 0.2, "slm_share_ci": [0.1, 0.3], "quality_episode": 0.9, "quality_episode_ci": [0.8, 0.97]}})
+    state.update(1, "verify", status="done", run_dir=str(tmp_path / "verify"))
+    write_report(tmp_path, state)
+    md = (tmp_path / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 1: no adapter promoted"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "0% [0, 0]" and cells[5] == "100% of 20"  # graded share; the summaries apart
+    assert cells[6] == "90% vs 90%" and cells[7].startswith("1.00 [")
+    assert cells[8].startswith("not shown (the observed effect needs ~") and "have 20" in cells[8]
+    assert cells[9] == "20% [10, 30] / 90% [80, 97]"
+    assert "SLM share: measured 0.000" in md and "lies outside the prediction 0.200" in md
+
+
+def test_cradle_verify_holds_out_whole_families_and_new_seeds_and_collect_runs_fresh_tasks(tmp_path):
+    """MiniWoB ids are `family#seed`: about half the verify tasks are families no collect sees, the rest new seeds
+    of trained families. Iteration 2's collect excludes every task iteration 1 collected; a pool too small for
+    fresh tasks in every iteration is said up front."""
+    import slmshift.scenarios  # noqa: F401  fills the scenario registry
+    from slmshift.loop import collect_config, pool_warnings, split_tasks
+    from slmshift.platform.policies import policy_spec
+    from slmshift.scenarios.cradle.browser import browser_missing
+    from slmshift.train.routing.pairs import family
+
+    if missing := browser_missing():
+        pytest.skip(missing)
+    doc = yaml.safe_load(SMALL.read_text())
+    doc["scenarios"] = [{"kind": "cradle", "options": {"tasks": ["click-button", "click-checkboxes", "click-link",
+                                                                 "enter-text", "focus-text", "click-dialog"]}}]
+    doc["loop"].update(collect_episodes=20, verify_episodes=12)
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    split = split_tasks(cfg, cfg.loop, iterations=2)["cradle"]
+    train_fams = {family(t) for t in split["train"]}
+    verify_fams = {family(t) for t in split["verify"]}
+    assert verify_fams - train_fams and verify_fams & train_fams  # new families and new seeds of trained ones
+    assert not set(split["train"]) & set(split["verify"])
+    seen = {"cradle": set(split["train"][:20])}
+    c2 = collect_config(cfg, cfg.loop, {"cradle": split}, policy_spec(kind="llm"), None, 2, seen)
+    assert seen["cradle"] <= set(c2.scenarios[0].exclude_tasks) and set(split["verify"]) <= set(
+        c2.scenarios[0].exclude_tasks)
+    assert not pool_warnings({"cradle": split}, cfg.loop, 2)
+    warn = pool_warnings({"cradle": split}, cfg.loop, 10)
+    assert warn and "10 x 20 collect episodes on fresh tasks" in warn[0]

@@ -32,8 +32,10 @@ class ExperimentSection(_Strict):
 class LogSection(_Strict):
     """The S1 log's own settings."""
 
-    scrub: bool = Field(default=False, description="Scrub secrets and PII from prompts, outputs and errors before "
-                        "each record is written (S2 scrubs its training set either way). The gateway defaults to on.")
+    scrub: bool = Field(default=False, description="Scrub secrets and PII from every text field of each record "
+                        "(prompt, output, error, context, route reason; an episode's detail and error) before it is "
+                        "written; identifiers are left as they are, but the gateway scrubs those its clients send (S2 "
+                        "scrubs its training set either way). The gateway defaults to on.")
 
 
 class RaySection(_Strict):
@@ -141,13 +143,14 @@ class LoopSection(_Strict):
     """`slmshift loop`: collect -> convert -> tune -> verify, per iteration."""
 
     collect_episodes: int = Field(default=64, ge=1, description="Episodes per scenario collected on training tasks "
-                                  "in each iteration (every call shadowed on the other tier at shadow_rate).")
+                                  "no earlier iteration collected on (a shadow_rate sample of whole episodes shadowed on the other tier).")
     verify_episodes: int = Field(default=16, ge=1, description="Episodes per scenario and arm on held-out verify "
                                  "tasks (always-LLM and the tuned router).")
     budget: float = Field(default=0.95, gt=0, lt=1, description="Relative quality budget: the tuned router must keep "
                           "verify success >= budget x always-LLM's (0.95 = at most 5% quality loss).")
-    shadow_rate: float = Field(default=1.0, gt=0, le=1, description="Share of collected calls also sent to the other "
-                               "tier (paired outcomes); lower it to shorten collection with a real SLM.")
+    shadow_rate: float = Field(default=1.0, gt=0, le=1, description="Share of collected episodes whose every call is "
+                               "also sent to the other tier (paired outcomes); lower it to shorten collection with a "
+                               "real SLM.")
     max_clusters: int = Field(default=4, ge=1, description="Most clusters LoRA-tuned per iteration (largest first).")
     tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")
     seed: int = Field(default=0, description="Seeds the task split, clustering, LoRA and the search.")

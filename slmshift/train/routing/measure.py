@@ -33,6 +33,17 @@ def read_verify(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return calls[~calls["infra_error"].astype(bool)], eps[~infra_lost(eps)]
 
 
+def _task(df: pd.DataFrame) -> pd.Series:
+    """A task's key: scenarios of one pooled row may share task ids (a BFCL id in two categories is two tasks)."""
+    return df["scenario"].astype(str) + "\x1f" + df["task_id"].astype(str)
+
+
+def _unit(task_key: str) -> str:
+    """The unit intervals resample: the task, or its family for `family#instance` ids."""
+    scenario, task = task_key.split("\x1f", 1)
+    return f"{scenario}\x1f{family(task)}"
+
+
 def _task_boot(units: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     uniq, inv = np.unique(units.astype(str), return_inverse=True)
     rng = np.random.default_rng(seed)
@@ -48,13 +59,13 @@ def arm_vs_llm(calls: pd.DataFrame, eps: pd.DataFrame, arm: str, budget: float, 
     a, b = eps[eps["policy"] == arm], eps[eps["policy"] == baseline]
     if a.empty:
         return None
-    tasks = sorted(set(a["task_id"].astype(str)) & set(b["task_id"].astype(str)))
-    units = np.array([family(t) for t in tasks], dtype=object)
+    tasks = sorted(set(_task(a)) & set(_task(b)))
+    units = np.array([_unit(t) for t in tasks], dtype=object)
     counts, inv = _task_boot(units, n_boot, seed) if len(tasks) else (np.zeros((n_boot, 0)), np.zeros(0, int))
     w = counts[:, inv] if len(tasks) else np.zeros((n_boot, 0))
 
     def per_task(e: pd.DataFrame) -> np.ndarray:
-        s = e.groupby(e["task_id"].astype(str))["success"].mean()
+        s = e.groupby(_task(e).to_numpy())["success"].mean()
         return s.reindex(tasks).to_numpy(float)
 
     s_arm, s_llm = per_task(a), per_task(b)
@@ -94,7 +105,7 @@ def _share(graded: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, tuple[f
     if graded.empty:
         return float("nan"), (float("nan"), float("nan"))
     slm = (graded["tier"] == "slm").to_numpy(float)
-    counts, inv = _task_boot(graded["task_id"].map(family).to_numpy(), n_boot, seed)
+    counts, inv = _task_boot(_task(graded).map(_unit).to_numpy(), n_boot, seed)
     w = counts[:, inv]
     return float(slm.mean()), metrics.interval((w @ slm) / np.maximum(w.sum(axis=1), 1e-12))
 
