@@ -26,7 +26,7 @@ from slmshift.platform import report as reports
 from slmshift.platform.cluster import cluster_address, cluster_cpus, start_ray
 from slmshift.platform.config import ExperimentConfig, ScenarioSpec
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.log import LogClient, read_episodes, read_interactions, start_log_actor
+from slmshift.platform.log import LogClient, ScrubbingLog, read_episodes, read_interactions, start_log_actor
 from slmshift.platform.scenario import scenario_class
 from slmshift.platform.storage import check as storage_check
 from slmshift.platform.storage import is_uri, join, normalize, read_text, storage_error, write_text
@@ -155,7 +155,7 @@ RECOVERY_S = 120.0  # how long a dead team actor may take to come back before it
 
 
 def _run_arm(teams: list[Any], todo: list[tuple[str, Any, int]], spec: ScenarioSpec, policy_label: str, exp_id: str,
-             log: Any, writer: LogClient, stop: _Stop, on_done: Any) -> tuple[list[EpisodeResult], int]:
+             log: Any, writer: Any, stop: _Stop, on_done: Any) -> tuple[list[EpisodeResult], int]:
     """Run (episode id, task, first attempt) items on the teams, at most `concurrency` at a time on each, so that a
     stop launches nothing more. Returns (results, episodes left without an outcome).
 
@@ -300,7 +300,8 @@ def run_experiment(cfg: ExperimentConfig, *, address: str | None = None, storage
                 params = {n: h.info.remote().result(timeout_s=120)["params"] for n, h in handles.items()}
             console.print("models: " + ", ".join(f"{m.name} ({m.tier}, {m.backend})" for m in cfg.models))
             log = start_log_actor(run_dir)
-            writer = LogClient(log)  # the driver's own records: outcomes of episodes lost to dead actors
+            # The driver's own records: outcomes of episodes lost to dead actors (their error is free text too).
+            writer = ScrubbingLog(LogClient(log)) if cfg.log.scrub else LogClient(log)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console) as progress:
                 for spec in cfg.scenarios:

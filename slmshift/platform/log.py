@@ -413,7 +413,8 @@ class LogClient:
 
 
 class ScrubbingLog:
-    """A LogClient whose records have secrets and PII removed (`log.scrub`) before they leave the process."""
+    """A LogClient whose records and episode outcomes have secrets and PII removed (`log.scrub`) before they leave
+    the process: every text field but the identifiers (`scrub_record`)."""
 
     def __init__(self, inner: Any):
         from slmshift.platform.scrub import Scrubber
@@ -424,7 +425,7 @@ class ScrubbingLog:
         self.inner.add(self.scrubber.record(record))
 
     def add_episode(self, result: dict) -> None:
-        self.inner.add_episode(result)
+        self.inner.add_episode(self.scrubber.record(result))  # its detail and error quote model output
 
     def flush(self) -> None:
         self.inner.flush()

@@ -32,7 +32,7 @@ import re
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-__all__ = ["PLACEHOLDERS", "Scrubber", "luhn_ok", "scrub_json", "scrub_record", "scrub_text"]
+__all__ = ["IDENTIFIER_FIELDS", "PLACEHOLDERS", "Scrubber", "luhn_ok", "scrub_json", "scrub_record", "scrub_text"]
 
 PLACEHOLDERS = {
     "private_key": "[PRIVATE_KEY]",
@@ -469,17 +469,28 @@ def scrub_json(value: Any, counts: Counter | None = None) -> Any:
     return value
 
 
-RECORD_FIELDS = ("prompt", "output", "error")
+# Fields of the S1 records (`Interaction`, `EpisodeResult`) that slmshift itself builds from the config, the
+# scenario's task list or a hash: join keys and closed vocabularies, never free text. They are not scrubbed: a false
+# positive would change a key (an arm named 'threshold-0.6' gives episode ids ending '0.6/00001', which reads as a
+# phone number), splitting episodes from their outcomes and breaking --resume. The gateway scrubs the ones its
+# clients supply (workload, session, task, role, call kind) where they come in.
+IDENTIFIER_FIELDS = frozenset({
+    "id", "experiment_id", "episode_id", "scenario", "task_id", "policy", "role", "call_kind", "category", "expect",
+    "model", "tier", "backend", "adapter", "route_kind", "shadow_of", "escalated_from"})
 
 
-def scrub_record(record: dict, counts: Counter | None = None, fields: Iterable[str] = RECORD_FIELDS) -> dict:
-    """A copy of an S1 record (an `Interaction` as a dict) with secrets and PII removed from its free-text
-    fields. `prompt` is the chat messages as JSON: every string in it is scrubbed and it stays valid JSON."""
+def scrub_record(record: dict, counts: Counter | None = None, fields: Iterable[str] | None = None) -> dict:
+    """A copy of an S1 record (an `Interaction` or `EpisodeResult` as a dict) with secrets and PII removed from its
+    text: every string field but the identifiers (`IDENTIFIER_FIELDS`), or just `fields` when given. Scrubbing
+    every other field, rather than a list of known ones, keeps a text field added later from reaching the log
+    unscrubbed (`context` once did). A JSON field (`prompt`, `context`, a tool call `output`) is scrubbed inside
+    and stays valid JSON."""
     counts = counts if counts is not None else Counter()
+    chosen = None if fields is None else set(fields)
     out = dict(record)
-    for f in fields:
-        if isinstance(out.get(f), str) and out[f]:
-            out[f] = scrub_json(out[f], counts)  # a JSON field is scrubbed inside and stays JSON
+    for f, v in record.items():
+        if (f in chosen if chosen is not None else f not in IDENTIFIER_FIELDS) and isinstance(v, str) and v:
+            out[f] = scrub_json(v, counts)
     return out
 
 

@@ -229,6 +229,8 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
+    from slmshift.platform.scrub import scrub_text
+
     app = FastAPI(title="slmshift gateway", docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
@@ -303,16 +305,20 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
                 raise APIError(404, f"model {req.model!r} not found; available: {', '.join(self.pipelines)}",
                                code="model_not_found", param="model")
             meta = req.metadata or {}
-            workload = request.headers.get("x-workload-id") or req.user or meta.get("workload") or "gateway"
-            session_id = request.headers.get("x-session-id") or meta.get("session_id") or uuid.uuid4().hex
+            # The client names these (OpenAI's `user` is often an end user's e-mail): with scrubbing on they are
+            # scrubbed where they come in, before they become the record's keys (the log leaves keys as they are).
+            ident = (lambda v: scrub_text(str(v))) if scrub else str
+            workload = ident(request.headers.get("x-workload-id") or req.user or meta.get("workload") or "gateway")
+            session_id = ident(request.headers.get("x-session-id") or meta.get("session_id") or uuid.uuid4().hex)
             episode = f"{session_id}@{self.replica}" if self.replica else session_id
             index = self.counters.get(episode, 0)
             self.counters[episode] = index + 1
             call_kind = meta.get("call_kind") or ("tool_call" if req.tools else "json" if req.response_format
                                                   else "chat")
             request_ = LMRequest(
-                experiment_id=experiment_id, episode_id=episode, call_index=index, scenario=str(workload),
-                role=str(meta.get("role", "agent")), call_kind=str(call_kind), task_id=str(meta.get("task_id", "")),
+                experiment_id=experiment_id, episode_id=episode, call_index=index, scenario=workload,
+                role=ident(meta.get("role", "agent")), call_kind=ident(call_kind),
+                task_id=ident(meta.get("task_id", "")),
                 policy=pipeline.spec.label, messages=to_messages(req), expect="json" if req.response_format else "text",
                 max_tokens=req.max_completion_tokens or req.max_tokens or 512, temperature=req.temperature or 0.0,
                 seed=req.seed or 0)

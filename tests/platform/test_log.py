@@ -335,3 +335,75 @@ def test_client_nudges_an_idle_writer_to_flush(tmp_path, ray_session):
 
     asyncio.run(go())
     ray.kill(log)
+
+
+# Planted secrets and PII, each of a kind the scrubber catches (tests/platform/test_scrub_corpus.py).
+AWS_ID, AWS_SECRET = "AKIAQ4X7N2M5R8T3W6YZ", "kq3Zp9Vb7XwL2mN4rT8yH1cF6jD0sA5gE9uB2nQx"
+GH_TOKEN = "ghp_R7tY2uI9oP4aS6dF1gH3jK8lZ5xC0vB7nM2q"
+EMAIL = "alice.jones@corp-mail.example"
+SECRETS = (AWS_ID, AWS_SECRET, GH_TOKEN, EMAIL, "alice.jones")
+
+
+def test_scrubbing_log_scrubs_every_text_field_of_what_it_writes(tmp_path, ray_session):
+    """`log.scrub`: a cascade call through the real pipeline whose context, SLM error (and so the route reason),
+    output and check reason all carry secrets, and an episode outcome whose detail and error do, written by the
+    log actor: no string in any Parquet file holds a secret, the JSON fields still parse, the identifiers are as
+    they were."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from slmshift.platform.log import LogClient, ScrubbingLog
+    from slmshift.platform.policies import policy_spec
+    from slmshift.platform.types import ModelSpec
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle
+
+    class Unreachable(ScriptedEngine):  # an SLM whose error quotes the request
+        async def generate(self, requests):
+            raise ValueError(f"cannot deliver to {EMAIL}")
+
+    llm = ModelSpec(name="big", tier="llm", backend="simulated")
+    slm = ModelSpec(name="small", tier="slm", backend="simulated")
+    run = str(tmp_path / "run")
+    log = InteractionLog.remote(run)
+
+    async def go():
+        client = LogClient(log)
+        sink = ScrubbingLog(client)
+        handles = {"big": LocalHandle(ScriptedEngine(llm, answer=lambda r: f'{{"token": "{GH_TOKEN}"}}')),
+                   "small": LocalHandle(Unreachable(slm))}
+        pipeline = CallPipeline(policy=policy_spec(kind="cascade", name="casc", tau=0.5), models=[llm, slm],
+                                handles=handles, params={}, log=sink)
+        request = make_request("ep-s", 0).model_copy(update={"policy": "casc"})
+        context = {"page": f"aws_access_key_id={AWS_ID} aws_secret_access_key={AWS_SECRET}", "to": EMAIL}
+        check = lambda text: SimpleNamespace(valid=False, correct=None, reason=f"wrong token in {text}")  # noqa: E731
+        result = await pipeline.call(request, check, context)
+        assert result.escalated
+        sink.add_episode(make_episode("ep-s", False, 0.0).model_copy(update={
+            "detail": f"mailed {EMAIL}", "error": f"RuntimeError: bad key {GH_TOKEN}"}).model_dump())
+        await sink.drain()
+
+    asyncio.run(go())
+    ray.get(log.close.remote())
+    files = parquet_files(tmp_path / "run")
+    assert files
+    cells = [v for f in files for col in pq.read_table(f).columns if pa.types.is_string(col.type)
+             for v in col.to_pylist() if v]
+    leaks = [(s, v) for v in cells for s in SECRETS if s in v]
+    assert not leaks, leaks
+
+    df = read_interactions(run)
+    assert len(df) == 2 and set(df.tier) == {"llm", "slm"}
+    slm_row, llm_row = df[df.tier == "slm"].iloc[0], df[df.tier == "llm"].iloc[0]
+    assert json.loads(llm_row.context) == json.loads(slm_row.context) == {
+        "page": "aws_access_key_id=[SECRET] aws_secret_access_key=[SECRET]", "to": "[EMAIL]"}
+    assert "cannot deliver to [EMAIL]" in slm_row.error and "[EMAIL]" in slm_row.route_reason
+    assert "[EMAIL]" in llm_row.route_reason and "[SECRET]" in llm_row.error
+    assert json.loads(llm_row.output) == {"token": "[SECRET]"}
+    # identifiers are keys: left as they were, so the record still joins its episode
+    assert (llm_row.episode_id, llm_row.task_id, llm_row.scenario, llm_row.policy) == ("ep-s", "t-ep-s", "travel",
+                                                                                        "casc")
+    ep = read_episodes(run).iloc[0]
+    assert (ep.episode_id, ep.detail, ep.error) == ("ep-s", "mailed [EMAIL]", "RuntimeError: bad key [SECRET]")

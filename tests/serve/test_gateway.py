@@ -146,3 +146,27 @@ def test_calls_are_in_the_s1_log_with_workload_and_session(gateway):
     assert "sk-proj-abcdefghij" not in row.prompt  # scrubbed before it was written
     mine = df[df.episode_id == "s1"]
     assert list(mine.scenario) == ["my-agent"] and list(mine.call_index) == [0]
+
+
+def test_ids_the_client_sends_are_scrubbed_before_they_are_logged(gateway):
+    """`log.scrub` (on for the gateway): the workload (`user`), session and metadata ids a client sends are free text
+    from outside; they are scrubbed where they come in, so no string the log holds has the secret."""
+    client, port, tmp, proc = gateway
+    email, token = "bob.smith@corp-mail.example", "ghp_R7tY2uI9oP4aS6dF1gH3jK8lZ5xC0vB7nM2q"
+    client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   user=email, extra_headers={"X-Session-Id": f"session of {email}"},
+                                   extra_body={"metadata": {"task_id": f"task {token}", "role": email,
+                                                            "call_kind": f"mail {email}"}})
+    runs = list((tmp / "runs").iterdir())
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        df = read_interactions(str(runs[0]))
+        if (df.scenario == "[EMAIL]").any():
+            break
+        time.sleep(1)
+    assert (df.scenario == "[EMAIL]").any(), sorted(set(df.scenario))  # the workload is the `user` field, scrubbed
+    row = df[df.scenario == "[EMAIL]"].iloc[0]
+    assert (row.episode_id, row.task_id, row.role, row.call_kind) == ("session of [EMAIL]", "task [SECRET]",
+                                                                      "[EMAIL]", "mail [EMAIL]")
+    cells = [v for col in df.columns for v in df[col] if isinstance(v, str)]
+    assert not [v for v in cells if email in v or token in v]
