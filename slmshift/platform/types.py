@@ -343,6 +343,9 @@ class SimulatedProfile(_Strict):
         return self.accuracy.get(call_kind, self.accuracy.get("default", 0.9))
 
 
+DEFAULT_RETRY_AFTER_S = 1.0  # ModelSpec.retry_after_s
+
+
 class ModelSpec(_Strict):
     """One model the experiment deploys as its own Ray Serve application."""
 
@@ -362,6 +365,11 @@ class ModelSpec(_Strict):
         default=None, ge=-1, description="Requests each caller (team actor, gateway) may queue for this model "
         "beyond those its replicas are running; more are rejected at once with ray.serve.exceptions."
         "BackPressureError (HTTP 503) instead of waiting. Default: 4 x max_ongoing_requests x replicas; -1: no bound.")
+    retry_after_s: float = Field(
+        default=DEFAULT_RETRY_AFTER_S, ge=0, description="How long a caller waits before sending again a call this "
+        "model rejected for load: Serve states it with each BackPressureError, the call pipeline waits that long "
+        "(plus up to 50% jitter) before each of its retries, and the gateway answers 429 with it as Retry-After "
+        "(rounded up to whole seconds).")
     resources: Resources = Field(default_factory=Resources)
     batching: Batching = Field(default_factory=Batching)
     hf: HFOptions = Field(default_factory=HFOptions)

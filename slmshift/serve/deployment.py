@@ -80,6 +80,8 @@ def app_for(spec: ModelSpec):
         # waiting behind an unbounded queue. Serve counts the queue per caller (handle), not per deployment.
         max_queued_requests=(4 * spec.max_ongoing_requests * spec.replicas if spec.max_queued_requests is None
                              else spec.max_queued_requests),
+        # Each rejection says how long to wait (BackPressureError.retry_after_s); the call pipeline honours it.
+        backpressure_config={"retry_after_s": spec.retry_after_s},
         ray_actor_options=actor,
     ).bind(spec.model_dump())
 

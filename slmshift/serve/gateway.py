@@ -15,6 +15,7 @@ default: one per request) is its episode; `metadata.call_kind` / `metadata.role`
 import ast
 import asyncio
 import json
+import math
 import os
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Any
 from fastapi import Request  # real (not string) annotations: the handlers are pickled to the Serve replica
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmshift.platform.types import LMRequest, ModelSpec
+from slmshift.platform.types import DEFAULT_RETRY_AFTER_S, LMRequest, ModelSpec
 
 API_KEYS_ENV = "SLMSHIFT_GATEWAY_API_KEYS"
 POLICY_PREFIX = "router:"
@@ -204,14 +205,18 @@ def sse_chunks(done: dict[str, Any]) -> list[str]:
     return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
 
 
-def error_for(result: Any) -> APIError | None:
-    """Map a failed call to an HTTP error: load shed -> 429, a dead replica -> 503, a too-long prompt -> 400."""
+def error_for(result: Any, models: dict[str, ModelSpec] | None = None) -> APIError | None:
+    """Map a failed call to an HTTP error: load shed -> 429, a dead replica -> 503, a too-long prompt -> 400. A 429's
+    Retry-After is the shedding model's `retry_after_s` (rounded up), the wait its Serve deployment states and the
+    call pipeline honours."""
     err = result.error or ""
     if result.response.error is None:
         return None  # the model answered; malformed output is still an answer (and a failed call in the log)
     if "BackPressureError" in err:
+        spec = (models or {}).get(result.response.model)
+        wait = spec.retry_after_s if spec is not None else DEFAULT_RETRY_AFTER_S
         return APIError(429, f"the model is overloaded; retry later ({err[:200]})", "rate_limit_error",
-                        "overloaded", retry_after=1)
+                        "overloaded", retry_after=math.ceil(wait))
     if err.startswith("infra:"):
         return APIError(503, f"the model is unavailable ({err[:200]})", "server_error", "unavailable", retry_after=2)
     if "max_input_tokens" in err or "too long" in err:
@@ -235,7 +240,7 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @serve.deployment(num_replicas=options.replicas, max_ongoing_requests=options.max_ongoing_requests,
@@ -323,7 +328,7 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
                 max_tokens=req.max_completion_tokens or req.max_tokens or 512, temperature=req.temperature or 0.0,
                 seed=req.seed or 0)
             result = await pipeline.call(request_, output_check(req))
-            failure = error_for(result)
+            failure = error_for(result, self.models)
             if failure is not None:
                 raise failure
             done = completion(req, result, int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +32,20 @@ from slmshift.serve.router.fixed import unit_draw
 INFRA_ERRORS = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
                 "BackPressureError", "DeploymentUnavailableError", "RequestCancelledError", "ObjectLostError")
 INFRA_RETRIES = 2
+RETRY_JITTER = 0.5  # a shed call waits retry_after_s x U(1, 1 + this)
+
+
+def retry_delay(error: BaseException, attempt: int, retry_after_s: float) -> float:
+    """Seconds to wait before retry `attempt` (0 for the first) of a call that failed with an infrastructure error.
+    Load shedding (BackPressureError) states how long to wait (Serve's `retry_after_s`, the model's own; a wrapped
+    error that lost it falls back to `retry_after_s`): never sooner, and up to RETRY_JITTER more, so the calls one
+    burst got shed together do not all come back in the same instant and get shed again. Other infrastructure errors
+    (a replica Serve is replacing) back off 0.5 s, 1 s, ..."""
+    chain = (error, getattr(error, "cause", None))  # a RayTaskError carries the original as `cause`
+    if any(type(x).__name__ == "BackPressureError" for x in chain) or "BackPressureError" in str(error)[:300]:
+        stated = next((x.retry_after_s for x in chain if getattr(x, "retry_after_s", None) is not None), None)
+        return (retry_after_s if stated is None else stated) * (1 + RETRY_JITTER * random.random())
+    return 0.5 * 2**attempt
 
 
 @dataclass
@@ -71,7 +86,7 @@ class CallPipeline:
                 first = str(e).splitlines()[0][:300] if str(e) else ""
                 infra = name in INFRA_ERRORS or any(n in first for n in INFRA_ERRORS)
                 if infra and attempt < INFRA_RETRIES:
-                    await asyncio.sleep(0.5 * 2**attempt)
+                    await asyncio.sleep(retry_delay(e, attempt, spec.retry_after_s))
                     continue
                 resp = LMResponse(text="", model=spec.name, tier=spec.tier, backend=spec.backend,
                                   error=f"{'infra: ' if infra else ''}{name}: {first}")

@@ -86,3 +86,57 @@ def test_overload_is_rejected_fast_with_backpressure(ray_cluster):
     assert asyncio.run(asyncio.wait_for(handle.remote(ask(99)), 30)).text == "ok"
     with pytest.raises(ValueError, match="-1 .no bound. or a positive"):
         ModelSpec(name="z", tier="llm", backend="simulated", max_queued_requests=0)
+
+
+def test_pipeline_waits_the_retry_after_a_shedding_deployment_states(ray_cluster):
+    """A deployment that sheds load says how long to wait (the model's `retry_after_s`, on every BackPressureError);
+    the call pipeline waits at least that long before sending a shed call again, and every call gets through once
+    the burst has drained."""
+    import time
+
+    from ray.serve.exceptions import BackPressureError
+
+    from slmshift.platform.policies import policy_spec
+    from slmshift.platform.types import Hidden
+    from slmshift.serve.pipeline import CallPipeline, MemoryLog
+
+    spec = ModelSpec(name="shedder", tier="llm", backend="simulated", max_ongoing_requests=1, max_queued_requests=1,
+                     retry_after_s=2.0, resources={"num_cpus": 0},
+                     batching={"max_batch_size": 1, "handle_batch_ms": 0},
+                     profile={"accuracy": {"default": 1.0}, "latency_base_s": 1.0})
+    handle = deploy_models([spec], available_cpus=2)["shedder"]
+
+    class Recorded:  # the real handle; notes when each attempt was sent, how it ended and the wait it was told
+        def __init__(self, handle):
+            self.handle, self.attempts = handle, []
+
+        def remote(self, request):
+            return self._send(request)
+
+        async def _send(self, request):
+            t0 = time.monotonic()
+            try:
+                out = await self.handle.remote(request)
+            except BackPressureError as e:
+                self.attempts.append((request.episode_id, t0, time.monotonic(), e.retry_after_s))
+                raise
+            self.attempts.append((request.episode_id, t0, time.monotonic(), None))
+            return out
+
+    recorded = Recorded(handle)
+    log = MemoryLog()
+    pipeline = CallPipeline(policy=policy_spec(kind="llm", name="arm"), models=[spec], handles={"shedder": recorded},
+                            params={}, log=log)
+
+    async def burst():
+        return await asyncio.gather(*(pipeline.call(req(i).model_copy(update={"hidden": Hidden(answer="ok")}))
+                                      for i in range(4)))
+
+    out = asyncio.run(burst())
+    shed = [a for a in recorded.attempts if a[3] is not None]
+    assert shed, "the burst was not shed: the test proves nothing"
+    assert {a[3] for a in shed} == {2.0}  # what the deployment states is the model's retry_after_s
+    for episode, _, rejected_at, _ in shed:
+        later = [t0 for e, t0, _, _ in recorded.attempts if e == episode and t0 > rejected_at]
+        assert later and min(later) - rejected_at >= 2.0, (episode, rejected_at, later)
+    assert [r.text for r in out] == ["ok"] * 4 and not any(r["infra_error"] for r in log.records)

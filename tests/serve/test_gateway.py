@@ -170,3 +170,20 @@ def test_ids_the_client_sends_are_scrubbed_before_they_are_logged(gateway):
                                                                       "[EMAIL]", "mail [EMAIL]")
     cells = [v for col in df.columns for v in df[col] if isinstance(v, str)]
     assert not [v for v in cells if email in v or token in v]
+
+
+def test_a_shed_call_is_a_429_whose_retry_after_is_the_models():
+    """The gateway's Retry-After for a call the pipeline gave up on under load is the wait the model's deployment
+    states (`retry_after_s`, rounded up to whole seconds), not a number of its own."""
+    from slmshift.platform.types import LMResponse, ModelSpec, RouteDecision
+    from slmshift.serve.gateway import error_for
+    from slmshift.serve.pipeline import CallResult
+
+    err = ("infra: BackPressureError: Request dropped due to backpressure (num_queued_requests=1, "
+           "max_queued_requests=1).")
+    result = CallResult("", LMResponse(text="", model="m", tier="llm", backend="simulated", error=err),
+                        RouteDecision(policy="p", kind="llm", model="m", tier="llm"), False, None, err)
+    for wait, header in ((2.5, 3), (4.0, 4), (0.0, 0)):
+        spec = ModelSpec(name="m", tier="llm", backend="simulated", retry_after_s=wait)
+        e = error_for(result, {"m": spec})
+        assert (e.status, e.code, e.retry_after) == (429, "overloaded", header)
