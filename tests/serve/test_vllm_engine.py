@@ -2,14 +2,17 @@
 server (fast, no vLLM needed), and the real engine from its own env (slow; skipped where vLLM is absent)."""
 
 import asyncio
+import errno
 import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -38,12 +41,21 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 ap = argparse.ArgumentParser()
+ap.add_argument("--host")
 ap.add_argument("--port", type=int)
 ap.add_argument("--served-model-name")
 ap.add_argument("--lora-modules", nargs="*", default=[])
 args, _ = ap.parse_known_args()
 with open(os.environ["FAKE_VLLM_LOG"], "w") as f:
     json.dump({"argv": sys.argv[1:], "pid": os.getpid()}, f)
+time.sleep(float(os.environ.get("FAKE_VLLM_BIND_DELAY", "0")))  # vLLM's imports come before its bind
+# Bound as vLLM's create_server_socket binds it (SO_REUSEADDR and SO_REUSEPORT), before the engine starts; a taken
+# port ends the process with "OSError: [Errno 98] Address already in use", as it does vLLM.
+import socket
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+sock.bind((args.host, args.port))
 models = {args.served_model_name} | {json.loads(m)["name"] for m in args.lora_modules}
 
 async def chat(request):
@@ -71,7 +83,7 @@ async def metrics(request):
 
 app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health),
                         Route("/metrics", metrics)])
-uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 '''
 
 
@@ -85,9 +97,10 @@ def fake_vllm(tmp_path):
     (pkg / "api_server.py").write_text(FAKE_SERVER)
     log = tmp_path / "server.json"
 
-    def options(mode: str = "ok", **kw) -> dict:
+    def options(mode: str = "ok", bind_delay: float = 0.0, **kw) -> dict:
         return {"python": sys.executable, "startup_timeout_s": 30,
-                "env": {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_VLLM": mode, "FAKE_VLLM_LOG": str(log)}, **kw}
+                "env": {"PYTHONPATH": str(tmp_path / "fake"), "FAKE_VLLM": mode, "FAKE_VLLM_LOG": str(log),
+                        "FAKE_VLLM_BIND_DELAY": str(bind_delay)}, **kw}
 
     options.log = log
     return options
@@ -300,6 +313,57 @@ def test_server_dying_mid_run_is_named_in_the_error(fake_vllm, model_dir):
         engine.close()
     assert os.path.exists(engine.log_path)  # named in the error: kept
     os.unlink(engine.log_path)
+
+
+@pytest.mark.parametrize("reuse_address", [False, True], ids=["plain-bind", "so-reuseaddr"])
+def test_a_port_taken_while_the_server_starts(fake_vllm, model_dir, reuse_address):
+    """The server binds its port seconds after the engine chose it (vLLM's imports come first). Another process
+    binding that port meanwhile, as any free-port helper or server does, must not get it; one that binds it anyway
+    (SO_REUSEADDR, as Python's http.server does) and listens first costs a start on a new port, not the replica."""
+    spec = ModelSpec(name="m", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm(bind_delay=1.5))
+    started: dict = {}
+
+    def start():
+        try:
+            started["engine"] = VLLMEngine(spec)
+        except Exception as e:
+            started["error"] = e
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    deadline = time.time() + 30
+    while True:  # the server writes its argv (the port) before it binds
+        try:
+            argv = json.loads(fake_vllm.log.read_text())["argv"]
+            break
+        except (OSError, ValueError):
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+    port = int(argv[argv.index("--port") + 1])
+    other = socket.socket()
+    if reuse_address:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        try:
+            other.bind(("127.0.0.1", port))
+            other.listen()
+            taken = True
+        except OSError as e:
+            assert e.errno == errno.EADDRINUSE
+            taken = False
+        assert taken == reuse_address  # only a process that asks to share the address gets it
+        thread.join(60)
+        assert "error" not in started, started.get("error")
+        engine = started["engine"]
+        try:
+            assert (engine.port != port) if taken else (engine.port == port)
+            out = asyncio.run(engine.generate([req()]))[0]
+            assert out.error is None and out.text.startswith("m t=0.0"), out  # our server answered
+        finally:
+            engine.close()
+    finally:
+        other.close()
+        thread.join(60)
 
 
 def test_failed_start_names_the_root_cause(fake_vllm, model_dir):

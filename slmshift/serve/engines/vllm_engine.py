@@ -74,12 +74,23 @@ os._exit(code if code >= 0 else 128 - code)  # not sys.exit: shutdown would abor
 """
 
 
-def free_port() -> int:
-    """A port free now. The server binds it a few seconds later: another process could take it in between,
-    and then start-up fails with the server's 'address already in use' in the error."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BIND_ATTEMPTS = 3  # server starts, each on a new port, while it exits with 'address already in use'
+_ADDRESS_IN_USE = re.compile(r"(?i)address already in use")
+
+
+def reserve_port(host: str = "127.0.0.1") -> socket.socket:
+    """A socket holding a port the kernel chose, for the server to bind while it is held. vLLM binds its port
+    seconds after start (its imports come first): a port found free and let go would be free for anyone in between.
+    Held bound (never listening), with SO_REUSEADDR and SO_REUSEPORT, the port is handed to no other bind(0) or
+    outgoing connection, and a plain bind of it fails, while the server's own bind succeeds: vLLM binds with both
+    options (uvicorn with SO_REUSEADDR). A socket that does not listen gets no connections; close it once the
+    server listens."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
 
 
 def safetensors_params(model_dir: str) -> int | None:
@@ -146,7 +157,11 @@ class VLLMEngine(ChatCompletionsEngine):
             raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
         self.proc: subprocess.Popen | None = None
         self.log_path = ""
-        self.port = free_port()
+        self.port = 0
+        # close() on interpreter exit; the watchdog covers a replica killed outright. A weakref, so the engine can
+        # still be garbage collected (and its __del__ stop the server).
+        ref = weakref.ref(self)
+        atexit.register(lambda: (e := ref()) is not None and e.close())
         self._start()
         self._connect(f"http://127.0.0.1:{self.port}/v1", "slmshift", opts.request_timeout_s, max_retries=0)
 
@@ -188,30 +203,46 @@ class VLLMEngine(ChatCompletionsEngine):
         return f"{self.spec.name}:{adapter}"
 
     def _start(self) -> None:
+        """Start the server on a port held for it (`reserve_port`) and wait for its /health. A process that had
+        chosen the same port before it was reserved can still bind it first, if it asks for SO_REUSEADDR: the
+        server then exits with 'address already in use', and starts again on a new port."""
         opts = self.spec.vllm
         python = opts.interpreter()
+        deadline = time.monotonic() + opts.startup_timeout_s
+        for attempt in range(BIND_ATTEMPTS):
+            reservation = reserve_port()
+            self.port = reservation.getsockname()[1]
+            try:
+                self._launch(python)
+                if self._wait_healthy(python, deadline, may_retry=attempt + 1 < BIND_ATTEMPTS):
+                    return
+            finally:
+                reservation.close()  # the server listens on the port now (or has exited)
+
+    def _launch(self, python: str) -> None:
         fd, self.log_path = tempfile.mkstemp(prefix=f"slmshift-vllm-{self.spec.name}-", suffix=".log")
-        env = {**opts.server_env(), "SLMSHIFT_STOP_GRACE_S": str(STOP_GRACE_S)}
+        env = {**self.spec.vllm.server_env(), "SLMSHIFT_STOP_GRACE_S": str(STOP_GRACE_S)}
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen([python, "-c", _WATCHDOG, python, *self.server_args()],
                                          stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
-        # close() on interpreter exit; the watchdog covers a replica killed outright. A weakref, so the engine can
-        # still be garbage collected (and its __del__ stop the server).
-        ref = weakref.ref(self)
-        atexit.register(lambda: (e := ref()) is not None and e.close())
-        self._wait_healthy(python, time.monotonic() + opts.startup_timeout_s)
 
-    def _wait_healthy(self, python: str, deadline: float) -> None:
+    def _wait_healthy(self, python: str, deadline: float, may_retry: bool) -> bool:
+        """True once the server answers /health; False when it exited because its port was taken and `may_retry`
+        (its log removed: the next attempt has its own). Raises ModelLoadError otherwise."""
         url = f"http://127.0.0.1:{self.port}/health"
         while True:
             code = self.proc.poll()
             if code is not None:
+                if may_retry and _ADDRESS_IN_USE.search(self._log_text()):
+                    self.close()
+                    Path(self.log_path).unlink(missing_ok=True)
+                    return False
                 self._fail(f"the vLLM server ({python} -m {SERVER_MODULE}) exited with code {code} while starting")
             try:
                 with urllib.request.urlopen(url, timeout=5) as r:
                     if r.status == 200:
-                        return
+                        return True
             except OSError:
                 pass
             if time.monotonic() > deadline:
