@@ -143,7 +143,8 @@ class LoopSection(_Strict):
     """`slmshift loop`: collect -> convert -> tune -> verify, per iteration."""
 
     collect_episodes: int = Field(default=64, ge=1, description="Episodes per scenario collected on training tasks "
-                                  "no earlier iteration collected on (a shadow_rate sample of whole episodes shadowed on the other tier).")
+                                  "no earlier iteration collected on (a shadow_rate sample of whole episodes shadowed "
+                                  "on the other tier).")
     verify_episodes: int = Field(default=16, ge=1, description="Episodes per scenario and arm on held-out verify "
                                  "tasks (always-LLM and the tuned router).")
     budget: float = Field(default=0.95, gt=0, lt=1, description="Relative quality budget: the tuned router must keep "

@@ -150,10 +150,15 @@ def test_shadow_calls_are_graded_logged_apart_and_never_change_the_episode(agent
     assert len(records(log, run_dir, "shadow-1", include_shadow=False)) == 2  # excluded from the log by default
 
 
-def test_shadow_rate_samples_deterministically(agent):
+def test_shadow_rate_samples_whole_episodes(agent):
+    """shadow_rate draws episodes, not calls: a sampled episode has every call shadowed, any other none, so tune
+    can compose an episode's outcome from its pairs."""
     _, log, run_dir, handles = agent
     a = Agent.remote(handles, log, policy_spec(kind="llm", shadow="slm", shadow_rate=0.3), (TEACHER, STUDENT))
-    ray.get(a.episode.remote("rate-1", ["{ok}"] * 40))
-    df = records(log, run_dir, "rate-1")
-    n = int(df.shadow.astype(bool).sum())
-    assert 4 <= n <= 22, n  # ~12 of 40
+    sampled = 0
+    for i in range(30):
+        ray.get(a.episode.remote(f"rate-{i:02d}", ["{ok}"] * 3))
+        n = int(records(log, run_dir, f"rate-{i:02d}").shadow.astype(bool).sum())
+        assert n in (0, 3), n
+        sampled += n == 3
+    assert 3 <= sampled <= 17, sampled  # ~9 of 30
