@@ -326,6 +326,10 @@ def cli_tune(run_dir: str | None, pairs: str | None, out: str | None, opts: Tune
     if verify_run and run_dir is None:
         raise SlmshiftError("slmshift tune --verify re-runs a run's episodes: give RUN_DIR, not --pairs.")
     out = out or str(Path(run_dir) / "tune")
+    if verify_run:
+        from slmshift.train.routing.verify import unseen_tasks
+
+        unseen_tasks(run_dir)  # fails before anything else when no task is left to verify on
     with console.status("reading paired outcomes"):
         table = paired_from_run(run_dir) if run_dir is not None else paired_from_file(pairs)
     if llm_share is not None:
@@ -340,10 +344,6 @@ def cli_tune(run_dir: str | None, pairs: str | None, out: str | None, opts: Tune
                       f"{r['llm_share_held_out']:.3f}", str(r["distinct_scores"]))
         console.print(t)
         return
-    if verify_run:
-        from slmshift.train.routing.verify import unseen_tasks
-
-        unseen_tasks(run_dir)  # fails before the search when no task is left to verify on
     tune_routing(table, out, opts, console)
     if verify_run:
         from slmshift.train.routing.verify import verify

@@ -285,3 +285,27 @@ def MODELS_SPECS():
     from slmshift.platform.types import ModelSpec
 
     return [ModelSpec.model_validate(m) for m in MODELS["models"]]
+
+
+def test_verify_with_no_unseen_task_left_exits_2_and_says_why(tmp_path):
+    """A run that used every task of its pool: `tune --verify` stops before the search with the pool's size and the
+    number the run used, instead of printing n/a and exiting 0."""
+    from slmshift.platform.log import LogWriter
+    from slmshift.platform.types import Interaction, record_id
+
+    run = tmp_path / "run"
+    doc = {"experiment": {"name": "tiny-pool"}, **MODELS, "router": {"policies": [{"kind": "llm", "shadow": "slm"}]},
+           "scenarios": [{"kind": "metagpt", "episodes": 2, "options": {"problems": ["HumanEval/0", "HumanEval/1"]}}]}
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(doc))
+    w = LogWriter(str(run))
+    w.add([Interaction(id=record_id("x", f"e{i}", 0), experiment_id="x", episode_id=f"e{i}", call_index=0,
+                       scenario="metagpt", task_id=f"HumanEval/{i}", policy="llm", role="r", call_kind="code",
+                       category="", expect="", prompt="[]", output="", model="teacher", tier="llm", backend="simulated",
+                       route_kind="llm", route_reason="", tokens_in=1, tokens_out=1, latency_s=0.1,
+                       engine_latency_s=0.1, cost_usd=0.0, flops=0.0, valid=True, correct=True).model_dump()
+           for i in range(2)])
+    w.flush()
+    res = runner.invoke(app, ["tune", str(run), "--verify"])
+    assert res.exit_code == 2, res.output
+    assert "has 2 task(s) in its pool" in res.output and "the tuned run used 2" in res.output
