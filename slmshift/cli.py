@@ -245,10 +245,13 @@ def loop(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: embedded)."),
     scenario: list[str] = typer.Option([], "--scenario", help="Loop on this scenario only (its name; repeat for "
                                        "more), e.g. to measure one row of the table."),
+    teacher: str = typer.Option("declared", "--teacher", help="declared: the simulated teacher's profile as the YAML "
+                                "declares it (calibrated to a published figure); perfect: accuracy 1.0 on every call "
+                                "kind, the conservative bound (no random failures for an SLM to replace)."),
 ) -> None:
     """Run the S6 loop and write the paper's case-study table as measured (LOOP_DIR/report.html and .md)."""
     import slmshift.scenarios  # noqa: F401  fills the scenario registry
-    from slmshift.loop import load_loop_dir, only_scenarios, run_loop
+    from slmshift.loop import load_loop_dir, only_scenarios, perfect_teacher, run_loop
     from slmshift.platform.config import load_config
     from slmshift.platform.scenario import scenario_options
 
@@ -264,6 +267,13 @@ def loop(
                                 "own. Fix: drop --scenario.")
         if scenario:
             cfg = only_scenarios(cfg, scenario)
+        if teacher not in ("declared", "perfect"):
+            raise SlmshiftError(f"--teacher {teacher}: not a teacher setting. Fix: --teacher declared or perfect.")
+        if teacher == "perfect":
+            if resume:
+                raise SlmshiftError("slmshift loop: --teacher picks the teacher of a new loop; a resumed loop keeps "
+                                    "its own. Fix: drop --teacher.")
+            cfg = perfect_teacher(cfg)
         loop_dir = run_loop(cfg, iterations=iterations, loop_dir=resume, console=console, address=address)
     except SlmshiftError as e:
         _fail(e)

@@ -118,6 +118,19 @@ def only_scenarios(cfg: ExperimentConfig, labels: list[str]) -> ExperimentConfig
                                   "loop": loop.model_copy(update={"scenario_episodes": eps})})
 
 
+def perfect_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Every simulated LLM-tier model right on every call (`--teacher perfect`): the conservative bound of the table,
+    with no random teacher failures for an SLM to replace. The report prints the profile it ran with."""
+    models = [m.model_copy(update={"profile": m.profile.model_copy(update={"accuracy": {"default": 1.0}})})
+              if m.backend == "simulated" and m.tier == "llm" else m for m in cfg.models]
+    if models == list(cfg.models):
+        raise SlmshiftError("--teacher perfect: the experiment has no simulated LLM-tier model to make perfect. Fix: "
+                            "drop --teacher (a real teacher is measured as it is).")
+    return cfg.model_copy(update={"models": models,
+                                  "experiment": cfg.experiment.model_copy(
+                                      update={"name": f"{cfg.experiment.name}-perfect-teacher"})})
+
+
 def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
     """The experiment's models, the SLM serving the promoted adapters of `registry` (if any)."""
     if not registry:
@@ -128,8 +141,9 @@ def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
 
 def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
                    it: int, seen: dict[str, set[str]] | None = None) -> ExperimentConfig:
-    """Collect on training tasks no earlier collect ran (`seen`): an adapter in force was trained on those, so its
-    answers there are memorised, not a measurement."""
+    """Collect on training tasks no earlier stage ran (`seen`: earlier collects and verifies). An adapter in force was
+    trained on earlier collects' tasks, so its answers there are memorised, not a measurement; and a task an
+    earlier verify measured must stay unseen for the next verify."""
     seen = seen or {}
     scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[0], "exclude_tasks": sorted(
                      set(s.exclude_tasks) | set(split[s.label]["verify"]) | seen.get(s.label, set()))})
@@ -298,7 +312,8 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
     console.print(f"[bold]slmshift loop[/] {iterations} iteration(s) -> {loop_dir}  (rough estimate on 2 CPU cores: "
                   f"{estimate_minutes(cfg, loop, iterations):.0f} min)", soft_wrap=True)
     policy, registry = policy_spec(kind="llm"), None
-    seen: dict[str, set[str]] = {k: set() for k in split}
+    seen: dict[str, set[str]] = {k: set() for k in split}  # tasks collected so far (verify never runs them)
+    verified: dict[str, set[str]] = {k: set() for k in split}  # tasks verified so far (collect never runs them)
     import ray
 
     from slmshift.platform.cluster import start_ray
@@ -326,11 +341,14 @@ def run_loop(cfg: ExperimentConfig, *, iterations: int, loop_dir: str | None = N
                         st.setdefault("earlier_failures", []).append(st.pop("reason"))
                     state.update(it, stage, status="running", started=time.time())
                     console.rule(f"iter {it} · {stage}")
-                    out = _stage(stage, it, cfg, loop, split, seen, policy, registry, idir, state, console, address)
+                    out = _stage(stage, it, cfg, loop, split, seen, policy, registry, idir, state, console, address,
+                                 verified)
                     state.update(it, stage, status="done", wall_s=round(time.perf_counter() - t0, 1), **out)
                 st = state.stage(it, stage)
                 if stage == "collect":
                     seen = _seen_tasks(st["run_dir"], seen)
+                elif stage == "verify" and st.get("run_dir"):
+                    verified = _seen_tasks(st["run_dir"], verified)
                 elif stage == "convert":
                     registry = st.get("registry")
                 elif stage == "tune":
@@ -383,9 +401,11 @@ def _seen_tasks(run_dir: str, seen: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split: dict, seen: dict, policy: Any,
-           registry: str | None, idir: Path, state: LoopState, console: Any, address: str | None) -> dict[str, Any]:
+           registry: str | None, idir: Path, state: LoopState, console: Any, address: str | None,
+           verified: dict | None = None) -> dict[str, Any]:
     if stage == "collect":
-        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it, seen), str(idir), state, it,
+        done = {k: seen.get(k, set()) | (verified or {}).get(k, set()) for k in set(seen) | set(verified or {})}
+        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it, done), str(idir), state, it,
                                 stage, console, address)}
     if stage == "convert":
         from slmshift.train.convert import convert

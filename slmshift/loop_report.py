@@ -87,6 +87,8 @@ def result_cells(r: dict[str, Any], pred: dict | None) -> list[str]:
             f"{fmt(r['success_arm'], pct=True)} vs {fmt(r['success_llm'], pct=True)}",
             fmt(ratio.get("value"), ratio.get("ci"), 2), verdict_text(ratio),
             predicted if pred else "-",
+            (f"{fmt(pred.get('cost'), pred.get('cost_ci'), 6)} / " if pred else "- / ")
+            + fmt(r["cost_per_call"], r["cost_per_call_ci"], 6),
             f"{r['episodes']} ep / {r['units']} tasks / {r['calls_graded']} graded calls",
             f"{fmt(r['cost_per_episode_arm'], None, 4)} vs {fmt(r['cost_per_episode_llm'], None, 4)}",
             f"{fmt(r['latency_p50_arm'], None, 2)} vs {fmt(r['latency_p50_llm'], None, 2)}",
@@ -94,7 +96,8 @@ def result_cells(r: dict[str, Any], pred: dict | None) -> list[str]:
 
 
 RESULTS = ["SLM share of graded calls [95% CI]", "ungraded calls: SLM share", "success tuned vs all-LLM",
-           "ratio [95% CI]", "meets budget", "tune predicted: share / success [95% CI]", "n",
+           "ratio [95% CI]", "meets budget", "tune predicted: share / success [95% CI]",
+           "cost per graded call: predicted / measured (USD)", "n",
            "cost/episode tuned vs LLM (USD)", "latency p50 tuned vs LLM (s)", "LLM"]
 
 

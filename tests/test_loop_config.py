@@ -87,11 +87,12 @@ def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     # pooled over 20 episodes (80 calls) an arm; success 15/20 in every arm, so the ratio is 1
     assert "| 0: before conversion | Open Operator | mt, operator | 40% | 25% [" in md
     assert "| 1: after conversion | Open Operator | mt, operator | 40% | 100% [" in md
-    assert md.count("| 75% vs 75% | 1.00 [1.00, 1.00] | yes | - | 20 ep / 20 tasks / 40 graded calls |") == 2
+    assert md.count("| 75% vs 75% | 1.00 [1.00, 1.00] | yes | - | - / 0.001000 [0.001000, 0.001000] | 20 ep / 20 "
+                    "tasks / 40 graded calls |") == 2
     assert "| 0: before conversion | operator | 50% [" in md and "| 0: before conversion | mt | 0% [" in md
     assert "| 1: after conversion | mt | 100% [" in md and "50% vs 50% | 1.00 [1.00, 1.00] | yes" in md
     # the simulated teacher's declared profile is printed above the table it shapes
-    assert "`teacher` (llm): accuracy default 0.9, function_call 0.85, intent 0.95" in md and "upstream_penalty" in md
+    assert "`teacher` (llm): accuracy default 0.9, function_call 0.97, intent 0.98" in md and "upstream_penalty" in md
     # a stage that finished on a rerun says so, and does not show the old failure as its own reason
     assert "| 1 | convert | done | 12 | 1 earlier attempt(s) failed (last: SlmshiftError: LoRA training" in md
 
@@ -231,7 +232,7 @@ def test_report_budget_is_non_inferiority_and_ungraded_calls_stand_apart(tmp_pat
     assert cells[4] == "0% [0, 0]" and cells[5] == "100% of 20"  # graded share; the summaries apart
     assert cells[6] == "90% vs 90%" and cells[7].startswith("1.00 [")
     assert cells[8].startswith("not shown (the observed effect needs ~") and "have 20" in cells[8]
-    assert cells[9] == "20% [10, 30] / 90% [80, 97]"
+    assert cells[9] == "20% [10, 30] / 90% [80, 97]" and cells[10] == "n/a / 0.002000 [0.002000, 0.002000]"
     assert "SLM share: measured 0.000" in md and "lies outside the prediction 0.200" in md
 
 
@@ -266,3 +267,17 @@ def test_cradle_verify_holds_out_whole_families_and_new_seeds_and_collect_runs_f
     assert not pool_warnings({"cradle": split}, cfg.loop, 2)
     warn = pool_warnings({"cradle": split}, cfg.loop, 10)
     assert warn and "10 x 20 collect episodes on fresh tasks" in warn[0]
+
+
+def test_perfect_teacher_is_the_conservative_bound():
+    """`--teacher perfect` makes every simulated LLM-tier model right on every call and names the loop for it; an
+    unknown setting is exit 2 naming the option."""
+    from slmshift.loop import perfect_teacher
+
+    cfg = perfect_teacher(load_config(SMALL))
+    teacher = next(m for m in cfg.models if m.tier == "llm")
+    assert teacher.profile.accuracy == {"default": 1.0} and cfg.experiment.name.endswith("-perfect-teacher")
+    assert next(m for m in cfg.models if m.tier == "slm").backend == "hf"  # the SLM is untouched
+    r = subprocess.run([sys.executable, "-m", "slmshift.cli", "loop", str(SMALL), "--teacher", "oracle"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--teacher oracle" in r.stderr and "Traceback" not in r.stderr

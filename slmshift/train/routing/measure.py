@@ -5,7 +5,8 @@
   as the run report does); the ratio to always-LLM is a paired task bootstrap and the budget a non-inferiority
   verdict (`estimate.noninferiority`);
 - SLM share: over the answers the scenario graded (`correct` known): the headline. Answers judged only by validity
-  (e.g. a multi-turn summary) are their own column; a cascade's rejected attempts are not answers;
+  (e.g. a multi-turn summary) are their own column; a cascade's rejected attempts are not answers, and a retry of
+  an invalid answer is not a step of its own (a weaker model retries more, which would change the denominator);
 - cost per episode: every call the arm paid for, a cascade's rejected attempts included.
 """
 
@@ -75,7 +76,8 @@ def arm_vs_llm(calls: pd.DataFrame, eps: pd.DataFrame, arm: str, budget: float, 
     verdict = noninferiority(point, samples, budget, len(set(units)))
     c_arm = calls[calls["policy"] == arm]
     answers = c_arm[~c_arm["escalated"].astype(bool)]
-    graded = answers[answers["correct"].notna()]
+    retry = _retries(answers)
+    graded = answers[answers["correct"].notna() & ~retry]
     ungraded = answers[answers["correct"].isna()]
     share, share_ci = _share(graded, n_boot, seed)
     c_llm = calls[calls["policy"] == baseline]
@@ -88,8 +90,8 @@ def arm_vs_llm(calls: pd.DataFrame, eps: pd.DataFrame, arm: str, budget: float, 
         "calls_graded": int(len(graded)), "slm_share": share, "slm_share_ci": share_ci,
         "calls_ungraded": int(len(ungraded)),
         "slm_share_ungraded": float((ungraded["tier"] == "slm").mean()) if len(ungraded) else float("nan"),
-        "escalated_attempts": int(c_arm["escalated"].astype(bool).sum()),
-        "cost_per_call": float(c_arm["cost_usd"].sum() / len(graded)) if len(graded) else float("nan"),
+        "escalated_attempts": int(c_arm["escalated"].astype(bool).sum()), "retries": int(retry.sum()),
+        **_cost_per_call(c_arm, graded, n_boot, seed),
         "cost_per_episode_arm": float(c_arm["cost_usd"].sum() / n_ep(a)),
         "cost_per_episode_llm": float(c_llm["cost_usd"].sum() / n_ep(b)) if len(b) else float("nan"),
         "latency_p50_arm": float(answers["latency_s"].median()) if len(answers) else float("nan"),
@@ -98,6 +100,33 @@ def arm_vs_llm(calls: pd.DataFrame, eps: pd.DataFrame, arm: str, budget: float, 
             lambda t: float((t == "slm").mean())).to_dict(),
         "simulated_llm": bool(c_llm["simulated"].astype(bool).all()) if len(c_llm) else False,
     }
+
+
+def _cost_per_call(paid: pd.DataFrame, graded: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
+    """Everything the arm paid (rejected attempts and retries included) per graded answer, as tune predicts it, with
+    a task-bootstrap interval of the ratio."""
+    if graded.empty:
+        return {"cost_per_call": float("nan"), "cost_per_call_ci": (float("nan"), float("nan"))}
+    keys = sorted(set(_task(paid)))
+    cost = paid.groupby(_task(paid).to_numpy())["cost_usd"].sum().reindex(keys).fillna(0).to_numpy(float)
+    n = graded.groupby(_task(graded).to_numpy()).size().reindex(keys).fillna(0).to_numpy(float)
+    counts, inv = _task_boot(np.array([_unit(k) for k in keys], dtype=object), n_boot, seed)
+    w = counts[:, inv]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        samples = (w @ cost) / (w @ n)
+    return {"cost_per_call": float(cost.sum() / n.sum()), "cost_per_call_ci": metrics.interval(samples)}
+
+
+def _retries(answers: pd.DataFrame) -> pd.Series:
+    """Calls that retry the one before (same episode, role and call kind, after an invalid answer). A weaker model
+    makes more of them, so counting them would give each arm's share a different denominator; the share counts each
+    step once, at its first answer."""
+    if answers.empty:
+        return pd.Series(False, index=answers.index)
+    a = answers.sort_values(["episode_id", "call_index"])
+    prev = a.shift(1)
+    same = (a["episode_id"] == prev["episode_id"]) & (a["role"] == prev["role"]) & (a["call_kind"] == prev["call_kind"])
+    return (same & (prev["valid"] == False)).reindex(answers.index).fillna(False).astype(bool)  # noqa: E712
 
 
 def _share(graded: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, tuple[float, float]]:

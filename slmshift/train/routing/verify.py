@@ -87,7 +87,7 @@ def verify(run_dir: str, out_dir: str, *, episodes: int | None = None, console: 
              fmt((meas.get("ratio") or {}).get("value"), (meas.get("ratio") or {}).get("ci"))],
             ["meets the budget", pred["quality_ratio_to_llm"].get("verdict", "n/a"),
              (meas.get("ratio") or {}).get("verdict", "n/a")],
-            ["cost per graded call", fmt(pred.get("cost"), pred.get("cost_ci"), 6), fmt(meas.get("cost_per_call"), None, 6)]]
+            ["cost per graded call", fmt(pred.get("cost"), pred.get("cost_ci"), 6), fmt(meas.get("cost_per_call"), meas.get("cost_per_call_ci"), 6)]]
     misses = against_prediction(pred, meas)
     from rich.table import Table
 
