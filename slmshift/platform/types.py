@@ -128,6 +128,8 @@ class Interaction(BaseModel):
     route_reason: str
     tokens_in: int
     tokens_out: int
+    max_tokens: int | None = Field(default=None, description="The output budget the call was served with (held-out "
+                                   "evaluation in S4/S5 generates with it); None in logs written before it was kept.")
     latency_s: float = Field(description="Wall time seen by the agent, router and Serve included.")
     engine_latency_s: float
     cost_usd: float

@@ -134,8 +134,9 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
         kept[col] = kept[col].fillna("").astype(str)
     if "context" not in kept.columns:  # logs written before calls carried their grading context
         kept["context"] = None
-    # The budget the call was served with, where the log records it: held-out calls are generated with it. S1 records
-    # do not carry it yet; convert then fills it from the run's scenarios (evaluate.served_max_tokens).
+    # The budget the call was served with, where the log records it: held-out calls are generated with it. Logs
+    # written before records carried it leave it empty; convert then fills it from the run's scenarios
+    # (evaluate.served_max_tokens).
     if "max_tokens" not in kept.columns:
         kept["max_tokens"] = None
     kept["max_tokens"] = kept["max_tokens"].astype("Int64")

@@ -25,8 +25,8 @@ __all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evalu
            "served_max_tokens", "DEFAULT_MAX_TOKENS"]
 
 # What a call that names no budget is served with (LMRequest's default, e.g. `session.call` without max_tokens): the
-# budget of a held-out call whose own is recorded neither in the log nor by its scenario's options (a gateway run's
-# calls, whose budgets their clients chose, until the S1 record carries max_tokens).
+# budget of a held-out call whose own is recorded neither in the log nor by its scenario's options (a gateway call
+# logged before S1 records carried max_tokens).
 DEFAULT_MAX_TOKENS: int = LMRequest.model_fields["max_tokens"].default
 
 

@@ -76,6 +76,7 @@ def test_calls_are_checked_and_logged(agent):
     assert (row.model, row.tier, row.policy, row.route_kind, row.role) == ("teacher", "llm", "arm", "llm", "planner")
     assert row.cost_usd == pytest.approx((row.tokens_in * 1.0 + row.tokens_out * 2.0) / 1e6)
     assert row.flops == pytest.approx(2e9 * (row.tokens_in + row.tokens_out)) and row.latency_s > 0
+    assert row.max_tokens == 128  # the budget it was served with (Session's default): S4/S5 generate with it
 
 
 def test_metrics_reach_rays_prometheus_endpoint(agent):
