@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html as h
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,9 +30,13 @@ def fmt(v: Any, ci: Sequence[Any] | None = None, digits: int = 3, pct: bool = Fa
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A Markdown table as lines; a `|` inside a cell becomes `/` so the table stays one."""
+    """A Markdown table as lines; a `|` inside a cell is escaped and a line break becomes a space, so the table
+    stays one."""
+    def cell(c: Any) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return out + ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return out + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
 
 
 @contextmanager
@@ -67,7 +72,7 @@ def html_page(md: str, images: dict[str, Path], title: str) -> str:
 
     for line in md.splitlines():
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
             if not all(set(c) <= {"-"} for c in cells):
                 rows.append(cells)
             continue

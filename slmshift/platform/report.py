@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from slmshift.platform.render import md_table
+
 
 def _pct(s: pd.Series, q: float) -> float:
     return float(s.quantile(q)) if len(s) else float("nan")
@@ -152,9 +154,7 @@ def to_markdown(summary: dict[str, Any], title: str) -> str:
     for name, (key, cols) in TABLES.items():
         if not summary.get(key):
             continue
-        out += [f"## {name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(_fmt(row[c]) for c in cols) + " |" for row in summary[key]]
-        out.append("")
+        out += [f"## {name}", ""] + md_table(cols, [[_fmt(row[c]) for c in cols] for row in summary[key]]) + [""]
     return "\n".join(out)
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.errors import SlmshiftError
+from slmshift.platform.render import md_table
 from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_calls, embed_texts, label_clusters, prompt_text
 from slmshift.train.curate import CurateOptions, curate, split_by_group
 from slmshift.train.finetune import LoraOptions
@@ -468,10 +469,7 @@ CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(md_table(header, rows))
 
 
 def to_markdown(report: ConvertReport) -> str:
