@@ -94,15 +94,15 @@ def split_tasks(cfg: ExperimentConfig, loop: LoopSection, iterations: int = 1) -
 
 
 def pool_warnings(split: dict[str, dict[str, Any]], loop: LoopSection, iterations: int) -> list[str]:
-    """What the pool cannot give: fresh collect tasks in every iteration."""
+    """What the pool cannot give: fresh collect tasks in every iteration after the first."""
     out = []
     for label, s in split.items():
-        need = iterations * loop.episodes(label)[0]
-        if len(s["train"]) < need:
-            out.append(f"scenario {label!r}: {len(s['train'])} training tasks for {iterations} x "
-                       f"{loop.episodes(label)[0]} collect episodes on fresh tasks: a later collect gets fewer "
-                       "episodes (it never re-runs a task an adapter in force was trained on). Fix: widen the "
-                       "scenario's tasks or lower loop.collect_episodes.")
+        n = loop.episodes(label)[0]
+        if iterations > 1 and len(s["train"]) < iterations * n:
+            out.append(f"scenario {label!r}: {len(s['train'])} training tasks for {iterations} x {n} collect "
+                       "episodes on fresh tasks: an iteration that runs out re-runs tasks earlier collects ran, which "
+                       "an adapter in force may have been trained on (its pairs are then in-sample for that adapter). "
+                       "Fix: widen the scenario's tasks or lower loop.collect_episodes.")
     return out
 
 
@@ -140,14 +140,20 @@ def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
 
 
 def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
-                   it: int, seen: dict[str, set[str]] | None = None) -> ExperimentConfig:
-    """Collect on training tasks no earlier stage ran (`seen`: earlier collects and verifies). An adapter in force was
-    trained on earlier collects' tasks, so its answers there are memorised, not a measurement; and a task an
-    earlier verify measured must stay unseen for the next verify."""
-    seen = seen or {}
-    scenarios = [s.model_copy(update={"episodes": loop.episodes(s.label)[0], "exclude_tasks": sorted(
-                     set(s.exclude_tasks) | set(split[s.label]["verify"]) | seen.get(s.label, set()))})
-                 for s in cfg.scenarios]
+                   it: int, collected: dict[str, set[str]] | None = None,
+                   verified: dict[str, set[str]] | None = None) -> ExperimentConfig:
+    """Collect on training tasks no earlier collect ran, where the pool still has enough: an adapter in force was
+    trained on earlier collects' tasks, so its answers there are memorised, not a measurement. Never on a task an
+    earlier verify measured: it must stay unseen for the next verify. A scenario whose fresh tasks ran out re-runs
+    collected ones (`pool_warnings` says so up front)."""
+    collected, verified = collected or {}, verified or {}
+    scenarios = []
+    for s in cfg.scenarios:
+        n, done = loop.episodes(s.label)[0], collected.get(s.label, set())
+        fresh = [t for t in split[s.label]["train"] if t not in done]
+        skip = set(s.exclude_tasks) | set(split[s.label]["verify"]) | verified.get(s.label, set())
+        scenarios.append(s.model_copy(update={"episodes": n,
+                                              "exclude_tasks": sorted(skip | (done if len(fresh) >= n else set()))}))
     arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate})
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
                                   "router": cfg.router.model_copy(update={"policies": [arm]})})
@@ -404,9 +410,8 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
            registry: str | None, idir: Path, state: LoopState, console: Any, address: str | None,
            verified: dict | None = None) -> dict[str, Any]:
     if stage == "collect":
-        done = {k: seen.get(k, set()) | (verified or {}).get(k, set()) for k in set(seen) | set(verified or {})}
-        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it, done), str(idir), state, it,
-                                stage, console, address)}
+        return {"run_dir": _run(collect_config(cfg, loop, split, policy, registry, it, seen, verified), str(idir),
+                                state, it, stage, console, address)}
     if stage == "convert":
         from slmshift.train.convert import convert
 

@@ -260,13 +260,18 @@ def test_cradle_verify_holds_out_whole_families_and_new_seeds_and_collect_runs_f
     verify_fams = {family(t) for t in split["verify"]}
     assert verify_fams - train_fams and verify_fams & train_fams  # new families and new seeds of trained ones
     assert not set(split["train"]) & set(split["verify"])
-    seen = {"cradle": set(split["train"][:20])}
-    c2 = collect_config(cfg, cfg.loop, {"cradle": split}, policy_spec(kind="llm"), None, 2, seen)
-    assert seen["cradle"] <= set(c2.scenarios[0].exclude_tasks) and set(split["verify"]) <= set(
-        c2.scenarios[0].exclude_tasks)
+    seen, measured = {"cradle": set(split["train"][:20])}, {"cradle": {"click-button#999"}}
+    c2 = collect_config(cfg, cfg.loop, {"cradle": split}, policy_spec(kind="llm"), None, 2, seen, measured)
+    skip = set(c2.scenarios[0].exclude_tasks)
+    assert seen["cradle"] <= skip and set(split["verify"]) | measured["cradle"] <= skip
     assert not pool_warnings({"cradle": split}, cfg.loop, 2)
     warn = pool_warnings({"cradle": split}, cfg.loop, 10)
     assert warn and "10 x 20 collect episodes on fresh tasks" in warn[0]
+    # once fresh tasks run out, a collect re-runs collected ones (never a verify task) rather than collecting nothing
+    spent = {"cradle": set(split["train"])}
+    c9 = collect_config(cfg, cfg.loop, {"cradle": split}, policy_spec(kind="llm"), None, 9, spent, measured)
+    skip = set(c9.scenarios[0].exclude_tasks)
+    assert not skip & spent["cradle"] and set(split["verify"]) | measured["cradle"] <= skip
 
 
 def test_perfect_teacher_is_the_conservative_bound():
