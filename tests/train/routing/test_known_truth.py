@@ -109,7 +109,7 @@ def test_the_ray_tune_search_chooses_the_known_policy(ray_cluster, tmp_path):
 
     df = TWO_KINDS.collect(1200, 0.5, 7)
     res = tune_routing(PairedTable(df, "world", has_cost=True), str(tmp_path),
-                       TuneOptions(seed=7, trials=8, time_budget_s=120, kinds=["threshold", "random"], progress=False),
+                       TuneOptions(seed=7, trials=12, time_budget_s=120, kinds=["threshold", "random"], progress=False),
                        Console(quiet=True))
     spec = yaml.safe_load((tmp_path / "policy.yaml").read_text())
     assert spec["kind"] == "threshold"
