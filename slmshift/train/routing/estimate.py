@@ -82,12 +82,8 @@ class Estimator:
 
     def __init__(self, df: pd.DataFrame, n_boot: int, seed: int):
         self.replay = r = Replay(df)
-        uniq, inv = np.unique(r.groups, return_inverse=True)
+        counts, uniq, inv = metrics.group_counts(r.groups, n_boot, seed)
         self.n_units = len(uniq)
-        rng = np.random.default_rng(seed)
-        counts = np.zeros((n_boot, len(uniq)))
-        draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-        np.add.at(counts, (np.repeat(np.arange(n_boot), len(uniq)), draws.ravel()), 1.0)
         self.w_rows = counts[:, inv] * r.w
         self.w_eps = counts[:, np.searchsorted(uniq, r.ep_groups)] if r.episodes else None
         self.n_boot = n_boot

@@ -46,11 +46,7 @@ def _unit(task_key: str) -> str:
 
 
 def _task_boot(units: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    uniq, inv = np.unique(units.astype(str), return_inverse=True)
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((n_boot, len(uniq)))
-    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-    np.add.at(counts, (np.repeat(np.arange(n_boot), len(uniq)), draws.ravel()), 1.0)
+    counts, _, inv = metrics.group_counts(units.astype(str), n_boot, seed)
     return counts, inv
 
 

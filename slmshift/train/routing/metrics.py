@@ -211,15 +211,21 @@ def pareto_mask(quality: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return out
 
 
-def bootstrap_groups(groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """Cluster-bootstrap weights: (n_boot, n_rows) resample counts, resampling whole groups (tasks or episodes)
-    with replacement, so the calls of one task move together."""
-    g = np.asarray(groups)
-    uniq, inv = np.unique(g, return_inverse=True)
+def group_counts(groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster-bootstrap draws: (counts (n_boot, n_groups), the groups, each row's group index). Each resample draws
+    the groups (tasks, task families) with replacement; counts[b, g] is how often group g was drawn."""
+    uniq, inv = np.unique(np.asarray(groups), return_inverse=True)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
     counts = np.zeros((n_boot, len(uniq)))
     np.add.at(counts, (np.repeat(np.arange(n_boot), len(uniq)), draws.ravel()), 1.0)
+    return counts, uniq, inv
+
+
+def bootstrap_groups(groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Cluster-bootstrap weights: (n_boot, n_rows) resample counts, resampling whole groups (tasks or episodes)
+    with replacement, so the calls of one task move together."""
+    counts, _, inv = group_counts(groups, n_boot, seed)
     return counts[:, inv]
 
 
