@@ -89,7 +89,7 @@ class OperatorMultiTurnScenario(Scenario):
                 messages=planner_messages(task, turn, digest), json_schema=INTENT_SCHEMA,
                 max_tokens=o.intent_max_tokens, temperature=o.temperature,
                 hidden=Hidden(answer=intent_reference(task, turn), distractors=intent_distractors(task, turn, seed)),
-                check=lambda text, t=turn: grade_turn_intent(task, t, text), context={"turn": turn})
+                check=lambda text, t=turn: self._grade_intent(task, t, text), context={"turn": turn})
             n_model_calls += 1
             selected = _selected(intent.text) if intent.valid else None
             # with 'selected', a wrong plan narrows the Operator's docs: it handicaps a simulated teacher too
@@ -158,6 +158,14 @@ class OperatorMultiTurnScenario(Scenario):
         return Outcome(success=success, reward=1.0 if success else 0.0, steps=n_actions,
                        detail=f"{detail[:180]} [{n_model_calls} model calls, {wall:.2f}s]")
 
+    def _grade_intent(self, task: MultiTurnTask, turn: int, text: str) -> Grade:
+        """With every doc in the Operator's prompt ('all') the plan never reaches the outcome: its validity is
+        checked but it has no correct/incorrect verdict, like a summary (an ungraded call, not SLM share)."""
+        grade = grade_turn_intent(task, turn, text)
+        if self.options.operator_functions == "all":
+            return Grade(grade.valid, None, grade.reason if not grade.valid else "")  # type: ignore[arg-type]
+        return grade
+
     def token_budget(self, call_kind: str) -> int | None:
         o = self.options
         return {"intent": o.intent_max_tokens, "function_call": o.call_max_tokens,
@@ -175,7 +183,7 @@ class OperatorMultiTurnScenario(Scenario):
         if not isinstance(turn, int) or not 0 <= turn < len(task.turns):
             return None
         if call_kind == "intent":
-            return grade_turn_intent(task, turn, output)
+            return self._grade_intent(task, turn, output)
         if call_kind == "function_call":
             executed = context.get("executed", [])
             if not isinstance(executed, list) or not all(isinstance(e, str) for e in executed):

@@ -235,6 +235,13 @@ def test_grade_intent_right_wrong_malformed() -> None:
     assert grade_intent(task, f'```json\n{{"functions": ["{a}", "{b}"]}}\n```').correct
     wrong = grade_intent(task, json.dumps({"functions": [a]}))
     assert wrong.valid and not wrong.correct and b in wrong.reason
+    # a needed function missing is fatal; an unneeded one added is not (the Operator can still make the call)
+    assert not grade_intent(task, json.dumps({"functions": []})).correct
+    task = _task("multiple_0")
+    (need,) = expected_function_names(task)
+    other = next(f["name"] for f in task.functions if f["name"] != need)
+    assert grade_intent(task, json.dumps({"functions": [other, need]})).correct
+    assert not grade_intent(task, json.dumps({"functions": [other]})).correct
     for bad in ("", "hello", "{", '["x"]', '{"functions": "x"}', '{"functions": [1]}', '{"fns": []}',
                 json.dumps({"functions": [a, "not_a_function"]}), None):
         g = grade_intent(task, bad)  # type: ignore[arg-type]
@@ -249,6 +256,13 @@ def test_intent_reference_and_distractors_for_every_task(all_tasks: list[BFCLTas
         for d in ds:
             g = grade_intent(t, d)
             assert g.valid and not g.correct, (t.id, d)
+
+
+def test_irrelevance_intent_is_right_only_when_empty(all_tasks: list[BFCLTask]) -> None:
+    task = next(t for t in all_tasks if t.checker == "irrelevance")
+    assert grade_intent(task, json.dumps({"functions": []})).correct
+    wrong = grade_intent(task, json.dumps({"functions": [task.functions[0]["name"]]}))
+    assert wrong.valid and not wrong.correct and "none is needed" in wrong.reason
 
 
 def test_intent_schema() -> None:

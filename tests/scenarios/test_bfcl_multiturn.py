@@ -350,6 +350,21 @@ def test_grade_call_offline() -> None:
     assert sc.grade_call("nope", "intent", "{}", context={"turn": 0}) is None
 
 
+def test_intent_grading_matches_what_reaches_the_outcome() -> None:
+    t = mt_task_by_id("multi_turn_base_0")
+    needed = json.loads(intent_reference(t, 0))["functions"]
+    extra = next(f["name"] for f in t.functions_at(0) if f["name"] not in needed)
+    superset = json.dumps({"functions": needed + [extra]})
+    # 'selected' docs: an added function still leaves the Operator every doc it needs; a dropped one does not
+    assert _scenario().grade_call(t.id, "intent", superset, context={"turn": 0}).correct
+    assert not _scenario().grade_call(t.id, "intent", json.dumps({"functions": needed[1:]}), context={"turn": 0}).correct
+    # 'all' docs: the plan never reaches the outcome, so it is checked for validity only (ungraded, like a summary)
+    every = _scenario(operator_functions="all")
+    g = every.grade_call(t.id, "intent", '{"functions": []}', context={"turn": 0})
+    assert g.valid and g.correct is None
+    assert not every.grade_call(t.id, "intent", "not json", context={"turn": 0}).valid
+
+
 def test_options_and_yaml() -> None:
     with pytest.raises(ValueError) as err:
         OperatorMultiTurnOptions(categories=["multi_turn_base", "live_simple"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from slmshift.scenarios.bfcl.api import bfcl_api
 from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names, function_names
 
-__all__ = ["Grade", "decode_calls", "call_presence", "grade_calls", "grade_intent", "INTENT_SCHEMA", "intent_schema",
+__all__ = ["Grade", "decode_calls", "call_presence", "grade_calls", "grade_intent", "intent_verdict", "INTENT_SCHEMA", "intent_schema",
            "parse_intent"]
 
 INTENT_SCHEMA: dict = {
@@ -208,10 +208,22 @@ def parse_intent(text: str) -> list[str]:
     return obj["functions"]
 
 
+def intent_verdict(names: list[str], expected: list[str]) -> Grade:
+    """A valid selection is correct when it cannot by itself fail the episode: it covers every needed function (the
+    Operator sees only the picked ones, so a missing one is fatal) and picks nothing when nothing is needed. An extra
+    function is not wrong: the Operator can still make the right call, so counting it wrong would break the episode
+    replay's rule that a wrong graded call fails the episode (docs/routing.md)."""
+    need = set(expected)
+    missing = sorted(need - set(names))
+    if need and not missing or not need and not names:
+        return Grade(valid=True, correct=True, reason="")
+    return Grade(valid=True, correct=False,
+                 reason=f"missing {missing}" if missing else f"picked {sorted(set(names))[:5]} where none is needed")
+
+
 def grade_intent(task: BFCLTask, text: str) -> Grade:
-    """Valid: parses to {"functions": [names]} with only known names (extra keys are ignored); correct: the set
-    of names equals the ground truth's (none for an irrelevance task, at least one for a relevance task).
-    Never raises."""
+    """Valid: parses to {"functions": [names]} with only known names (extra keys are ignored); correct: see
+    `intent_verdict` (a relevance task needs any one function). Never raises."""
     try:
         names = parse_intent(text)
     except ValueError as exc:
@@ -221,8 +233,4 @@ def grade_intent(task: BFCLTask, text: str) -> Grade:
         return Grade(valid=False, correct=False, reason=f"unknown functions: {unknown[:5]}")
     if task.checker == "relevance":
         return Grade(True, True, "") if names else Grade(True, False, "no function chosen for a relevant request")
-    expected = set(expected_function_names(task))
-    if set(names) == expected:
-        return Grade(valid=True, correct=True, reason="")
-    missing, extra = sorted(expected - set(names)), sorted(set(names) - expected)
-    return Grade(valid=True, correct=False, reason=f"missing {missing}, extra {extra}")
+    return intent_verdict(names, expected_function_names(task))

@@ -195,8 +195,8 @@ def intent_reference(task: BFCLTask) -> str:
 
 
 def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
-    """Wrong selections of valid shape: one needed function dropped, an unneeded one added or
-    swapped in, or nothing selected."""
+    """Wrong selections of valid shape: one needed function dropped or swapped for an unneeded one, or nothing
+    selected. (An unneeded one added is not wrong: see `intent_verdict`.)"""
     rng = random.Random(f"slmshift-bfcl-intent:{seed}:{task.id}")
     if task.checker == "irrelevance":
         return [json.dumps({"functions": [n]}) for n in rng.sample(function_names(task), min(3, len(task.functions)))]
@@ -210,7 +210,6 @@ def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
         out.append(expected[:drop] + expected[drop + 1 :])
     if others:
         extra = rng.choice(others)
-        out.append(expected + [extra])
         i = rng.randrange(len(expected))
         out.append(expected[:i] + [extra] + expected[i + 1 :])
     rng.shuffle(out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmshift.scenarios.bfcl.api import bfcl_api
-from slmshift.scenarios.bfcl.grader import Grade, parse_intent
+from slmshift.scenarios.bfcl.grader import Grade, intent_verdict, parse_intent
 from slmshift.scenarios.bfcl.multiturn.data import MultiTurnTask
 from slmshift.scenarios.bfcl.multiturn.executor import Backends, ParsedCall, ParsedStep, parse_step
 
@@ -196,17 +196,15 @@ def _match(task: MultiTurnTask, step: ParsedStep, left: list[ParsedCall]) -> Gra
 
 
 def grade_turn_intent(task: MultiTurnTask, turn: int, text: str) -> Grade:
-    """A Planner answer: valid JSON naming only functions offered by this turn; correct: the same set of names
-    as the turn's ground-truth calls (none for a turn that cannot be done yet)."""
+    """A Planner answer: valid JSON naming only functions offered by this turn; correct: it covers the turn's
+    ground-truth calls, and names none for a turn that cannot be done yet (`intent_verdict`)."""
     try:
         names = parse_intent(text)
     except ValueError as exc:
         return Grade(False, False, str(exc))
-    expected = set(turn_functions(task, turn))
+    expected = turn_functions(task, turn)
     # the ground truth may use a function before its docs are given (multi_turn_miss_func_49): allow its names
-    unknown = sorted(set(names) - {f["name"] for f in task.functions_at(turn)} - expected)
+    unknown = sorted(set(names) - {f["name"] for f in task.functions_at(turn)} - set(expected))
     if unknown:
         return Grade(False, False, f"unknown functions: {unknown[:5]}")
-    if set(names) == expected:
-        return Grade(True, True, "")
-    return Grade(True, False, f"missing {sorted(expected - set(names))}, extra {sorted(set(names) - expected)}")
+    return intent_verdict(names, expected)

@@ -96,8 +96,10 @@ def intent_distractors(task: MultiTurnTask, turn: int, seed: int = 0) -> list[st
     expected = turn_functions(task, turn)
     others = [f["name"] for f in task.functions_at(turn) if f["name"] not in expected]
     options: list[list[str]] = []
-    if others:
-        options.append(expected + [rng.choice(others)])
+    if others and expected:  # a needed function swapped for an unneeded one (an added one is not wrong)
+        options.append(expected[:-1] + [rng.choice(others)])
+    if not expected and others:  # acting on a turn that cannot be done yet
+        options.append([rng.choice(others)])
     if len(expected) > 1:
         options.append(expected[1:])
     if expected:
