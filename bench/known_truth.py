@@ -28,7 +28,7 @@ from slmshift.train.routing import metrics
 from slmshift.train.routing.estimate import split
 from slmshift.train.routing.pairs import PairedTable
 from slmshift.train.routing.scorers import fit_scorer
-from slmshift.train.routing.tune import Planner, TuneOptions, quality_level
+from slmshift.train.routing.tune import Planner, TuneOptions
 from slmshift.train.routing.worlds import World
 
 TWO = World({"A": (0.97, 0.97), "B": (0.5, 0.95)}, {"A": (1, 4), "B": (1, 2)}, upstream_penalty=0.5)
@@ -53,7 +53,7 @@ def after(world: World, n: int, rate: float, seed: int) -> tuple[set[str], dict]
     t = PairedTable(df, "world", has_cost=True)
     opts = TuneOptions(seed=seed, n_boot=500)
     parts = split(t, opts.holdout, opts.choose, seed)
-    p = Planner(t, parts, opts, quality_level(t, parts, opts.min_episodes))
+    p = Planner(t, parts, opts)
     ch = p.choose_on(pd.DataFrame(p.grid_points("threshold", {}, 40)))
     route = set() if ch["kind"] == "llm" else route_of(pd.Series(p.fitted("threshold", {}).scores), df["call_kind"],
                                                         ch["tau"])

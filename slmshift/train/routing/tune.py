@@ -64,23 +64,22 @@ def _deployable(kind: str, table: PairedTable) -> bool:
     return kind != "threshold_cluster" or table.clusters_dir is not None
 
 
-def quality_level(table: PairedTable, parts: Split, min_episodes: int) -> str:
-    """Episode level when every part has fully paired episodes and the held-out part at least `min_episodes`."""
-    reps = [Replay(table.df.iloc[idx]) for idx in (parts.choose, parts.held)]
-    ok = all(r.episodes for r in reps) and reps[1].n_episodes >= min_episodes
-    return "episode" if ok else "call"
+def quality_level(choose: Replay, held: Replay, min_episodes: int) -> str:
+    """Episode level when both parts have fully paired episodes and the held-out part at least `min_episodes`."""
+    return "episode" if choose.episodes and held.episodes and held.n_episodes >= min_episodes else "call"
 
 
 class Planner:
     """The estimator without the search: given candidate points (kind, settings, tau), fit on the fit part, choose on
-    the choose part, report on the held-out part. `tune_routing` feeds it Tune's points; the known-truth tests feed
-    it a grid directly."""
+    the choose part, report on the held-out part, at the level (`episode` or `call`) the parts allow. `tune_routing`
+    feeds it Tune's points; the known-truth tests feed it a grid directly."""
 
-    def __init__(self, table: PairedTable, parts: Split, opts: TuneOptions, level: str):
-        self.table, self.parts, self.opts, self.level = table, parts, opts, level
-        self.primary = f"quality_{level}"
+    def __init__(self, table: PairedTable, parts: Split, opts: TuneOptions):
+        self.table, self.parts, self.opts = table, parts, opts
         self.held = Estimator(table.df.iloc[parts.held], opts.n_boot, opts.seed)
         self.choose_replay = Replay(table.df.iloc[parts.choose])
+        self.level = quality_level(self.choose_replay, self.held.replay, opts.min_episodes)
+        self.primary = f"quality_{self.level}"
         self._fitted: dict[tuple[str, str], Fitted] = {}
         llm = np.zeros((self.held.replay.n, 1), bool)
         self.baselines = {"always_llm": self.held.point(llm), "always_slm": self.held.point(~llm)}
@@ -163,8 +162,8 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
         if not _deployable(k, table):
             notes.append(f"{LABELS[k]}: evaluated, but not written as policy.yaml (per-cluster tau needs a cluster "
                          "index; `slmshift convert` writes one)")
-    level = quality_level(table, parts, opts.min_episodes)
-    plan = Planner(table, parts, opts, level)
+    plan = Planner(table, parts, opts)
+    level = plan.level
     n_full = plan.held.replay.n_episodes
     if level == "call" and table.df["episode"].notna().any():
         notes.append(f"call-level quality: the held-out part has {n_full} fully paired episode(s) (need "

@@ -9,7 +9,7 @@ import pytest
 from slmshift.train.routing.estimate import split
 from slmshift.train.routing.pairs import PairedTable
 from slmshift.train.routing.replay import Replay
-from slmshift.train.routing.tune import Planner, TuneOptions, quality_level
+from slmshift.train.routing.tune import Planner, TuneOptions
 from slmshift.train.routing.worlds import World
 
 TWO_KINDS = World({"A": (0.97, 0.97), "B": (0.5, 0.95)}, {"A": (1, 4), "B": (1, 2)}, upstream_penalty=0.5)
@@ -31,8 +31,8 @@ def plan(world: World, episodes: int, rate: float, seed: int, collect_slm: set[s
     table = PairedTable(df, "world", has_cost=True)
     opts = TuneOptions(seed=seed, n_boot=500)
     parts = split(table, opts.holdout, opts.choose, seed)
-    level = quality_level(table, parts, opts.min_episodes)
-    p = Planner(table, parts, opts, level)
+    p = Planner(table, parts, opts)
+    level = p.level
     chosen = p.choose_on(pd.DataFrame(p.grid_points("threshold", {}, 40)))
     if chosen["kind"] == "llm":
         return level, chosen, set()
@@ -95,7 +95,7 @@ def test_calls_sampled_one_by_one_fall_back_to_call_level():
     table = PairedTable(df, "world", has_cost=True)
     assert not df["full_episode"].all()
     parts = split(table, 0.4, 0.3, 0)
-    assert quality_level(table, parts, 10) == "call"
+    assert Planner(table, parts, TuneOptions(min_episodes=10, n_boot=50)).level == "call"
 
 
 def test_the_ray_tune_search_chooses_the_known_policy(ray_cluster, tmp_path):
