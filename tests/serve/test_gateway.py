@@ -45,7 +45,7 @@ def gateway(tmp_path_factory, tiny_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "slmshift.cli", "gateway", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    deadline, out = time.time() + 240, ""
+    deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"gateway exited: {proc.stdout.read()}")
@@ -170,6 +170,30 @@ def test_ids_the_client_sends_are_scrubbed_before_they_are_logged(gateway):
                                                                       "[EMAIL]", "mail [EMAIL]")
     cells = [v for col in df.columns for v in df[col] if isinstance(v, str)]
     assert not [v for v in cells if email in v or token in v]
+
+
+def test_responses_and_completions_are_logged_like_chat(gateway):
+    """The Responses and legacy completions APIs share chat's path: routing by `model`, the workload and session ids,
+    scrubbing, the S1 record (call kinds `chat` and `completion`)."""
+    client, port, tmp, proc = gateway
+    email = "ann.lee@corp-mail.example"
+    r = client.responses.create(model="router:mixed", input=f"mail {email} please", instructions="Be brief.",
+                                max_output_tokens=4, user="resp-agent", metadata={"session_id": "r1"})
+    assert r.object == "response" and r.output[0].type == "message" and r.usage.output_tokens > 0
+    c = client.completions.create(model="teacher", prompt="q", extra_headers={"X-Workload-Id": "resp-agent",
+                                                                              "X-Session-Id": "r1"})
+    assert c.choices[0].text.startswith("[simulated teacher")
+    runs = list((tmp / "runs").iterdir())
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        df = read_interactions(str(runs[0]))
+        if len(df[df.scenario == "resp-agent"]) == 2:
+            break
+        time.sleep(1)
+    mine = df[df.scenario == "resp-agent"].sort_values("call_index")
+    assert list(mine.episode_id) == ["r1", "r1"] and list(mine.call_kind) == ["chat", "completion"]
+    assert list(mine.tier) == ["slm", "llm"] and email not in mine.iloc[0].prompt
+    assert json.loads(mine.iloc[0].prompt)[0] == {"role": "system", "content": "Be brief."}
 
 
 def test_a_shed_call_is_a_429_whose_retry_after_is_the_models():
