@@ -49,3 +49,14 @@ models:
 def tiny_teacher_models(tiny_model_dir):
     """The `models:` YAML section shared by the end-to-end tests."""
     return MODELS_YAML.format(tiny=tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def breaks_constraint():
+    """`breaks_constraint(constraint, text)`: why `text` does not satisfy an OutputConstraint, or None when it does
+    (llguidance, as the hf engine enforces it, over the tiny byte-level tokenizer)."""
+    from slmshift.serve.engines.constraints import Grammars
+    from slmshift.serve.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    return Grammars(tok, len(tok), {tok.eos_token_id}).check

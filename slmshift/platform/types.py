@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def absolute_path(path: str) -> str:
@@ -42,8 +42,79 @@ class Hidden(BaseModel):
                               "teacher handed wrong upstream output does worse (SimulatedProfile.upstream_penalty).")
 
 
+def canonical_json(value: Any) -> str:
+    """The one JSON serialisation of model answers: scenario references (the simulated teacher's), LoRA targets and
+    output constraints (engines enforce it: no whitespace, UTF-8 kept, keys in the given order)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class OutputConstraint(BaseModel):
+    """The format a call's output must hold (the paper's A5: agent calls keep a strict format).
+
+    At most one of `json_schema`, `regex`, `grammar` (Lark, in llguidance's dialect: the hf engine's library, see
+    docs/engines.md) or `tools`; `format` names the answer's shape for checks and logs (the S1 record's `expect`).
+    Engines enforce it when the request's `constrained` is set (the router arm's `constrain` option decides).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Expect = Field(default="text", description="The answer's shape: text, json, code or action.")
+    json_schema: dict[str, Any] | None = Field(default=None, description="A JSON schema the output must match, "
+                                               "written compactly (',' and ':' with no spaces).")
+    regex: str | None = Field(default=None, description="A regular expression the whole output must match.")
+    grammar: str | None = Field(default=None, description="A Lark grammar (llguidance's dialect) the output must "
+                                "match; `%json {...}` embeds a JSON schema.")
+    tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function tools the call may use.")
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="With `tools`: 'auto' (free answer or call; not enforced), 'none', 'required' "
+        "(some tool call) or {'type': 'function', 'function': {'name': ...}} (that tool).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> OutputConstraint:
+        given = [k for k in ("json_schema", "regex", "grammar", "tools") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"an output constraint takes one of json_schema, regex, grammar, tools (got {given})")
+        if self.tool_choice is not None and self.tools is None:
+            raise ValueError("tool_choice needs tools")
+        return self
+
+    @property
+    def kind(self) -> str | None:
+        """'json_schema' | 'regex' | 'grammar' | 'tools', or None for a format with nothing to enforce."""
+        return next((k for k in ("json_schema", "regex", "grammar", "tools") if getattr(self, k) is not None), None)
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The tool a named tool_choice forces, else None."""
+        choice = self.tool_choice
+        return choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+
+    @property
+    def enforceable(self) -> bool:
+        """Is there anything for an engine to enforce? (tools with 'auto'/'none'/no choice leave the model free.)"""
+        if self.kind == "tools":
+            return self.tool_choice == "required" or self.forced_tool is not None
+        return self.kind is not None
+
+    def to_json(self) -> str:
+        """Canonical JSON (None-valued fields left out): the S1 record's `constraint`."""
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+    def key(self) -> str:
+        """A content hash: equal constraints share one compiled grammar."""
+        body = json.dumps(self.model_dump(exclude={"format"}), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+TEXT = OutputConstraint()
+
+
 class LMRequest(BaseModel):
-    """One model call made by an agent role."""
+    """One model call made by an agent role.
+
+    `expect=` and `json_schema=` are still accepted as constructor arguments (and read as properties): they fold into
+    `constraint` (format and json_schema), so callers written before the constraint type keep working.
+    """
 
     experiment_id: str
     episode_id: str
@@ -58,14 +129,46 @@ class LMRequest(BaseModel):
     task_id: str = ""
     policy: str = Field(default="", description="Name of the router policy arm this episode runs under.")
     messages: list[dict[str, str]] = Field(description="Chat messages: [{'role': ..., 'content': ...}].")
-    expect: Expect = "text"
-    json_schema: dict[str, Any] | None = None
+    constraint: OutputConstraint = Field(default=TEXT, description="The output's format, enforced by the engine "
+                                         "when `constrained`.")
+    constrained: bool = Field(default=True, description="Should the engine enforce `constraint`? The call pipeline "
+                              "clears it for tiers the arm's `constrain` option leaves free.")
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     seed: int = 0
     adapter: str | None = None
     attempt: int = Field(default=0, ge=0, description="Which attempt of the episode makes this call.")
     hidden: Hidden | None = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_legacy(cls, data: Any) -> Any:
+        """`expect=` / `json_schema=` (the fields before `constraint`) fold into it."""
+        if not isinstance(data, dict) or not ({"expect", "json_schema"} & data.keys()):
+            return data
+        data = dict(data)
+        legacy = {"format": data.pop("expect", None), "json_schema": data.pop("json_schema", None)}
+        legacy = {k: v for k, v in legacy.items() if v is not None}
+        base = data.get("constraint")
+        base = base.model_dump(exclude_defaults=True) if isinstance(base, OutputConstraint) else dict(base or {})
+        clash = [k for k in legacy if k in base and base[k] != legacy[k]]
+        if clash:
+            raise ValueError(f"{clash} given both as arguments and inside constraint")
+        data["constraint"] = {**base, **legacy}
+        return data
+
+    @property
+    def expect(self) -> str:
+        return self.constraint.format
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        return self.constraint.json_schema
+
+    @property
+    def enforced(self) -> OutputConstraint | None:
+        """The constraint an engine must enforce for this request, or None."""
+        return self.constraint if self.constrained and self.constraint.enforceable else None
 
     @property
     def record_id(self) -> str:
@@ -85,6 +188,7 @@ class LMResponse(BaseModel):
     latency_s: float = Field(default=0.0, description="Engine-side time for this request (batch share included).")
     mean_logprob: float | None = Field(default=None, description="Mean log-probability of the generated tokens.")
     simulated: bool = False
+    constrained: bool = Field(default=False, description="The engine enforced the request's output constraint.")
     error: str | None = Field(default=None, description="Set when the engine failed; text is then empty.")
 
 
@@ -118,6 +222,9 @@ class Interaction(BaseModel):
     call_kind: str
     category: str
     expect: str
+    constraint: str | None = Field(default=None, description="The call's output constraint as JSON (OutputConstraint;"
+                                   " None for free text), so training rows and S4/S5 evaluation reuse it.")
+    constrained: bool = Field(default=False, description="Did the engine enforce that constraint when serving it?")
     prompt: str = Field(description="The chat messages as JSON; never the hidden reference.")
     output: str
     model: str

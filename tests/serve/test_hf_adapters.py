@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import HFOptions, LMRequest, ModelSpec
+from slmshift.platform.types import HFOptions, LMRequest, ModelSpec, OutputConstraint
 from slmshift.serve.engines.hf import HFEngine
 from slmshift.train.registry import AdapterEntry, AdapterRegistry
 
@@ -82,6 +83,21 @@ def test_mixed_batch_matches_each_adapter_alone(tiny_model_dir, adapters, alone,
         assert len({round(r.latency_s, 6) for r in out}) == 1  # one generate call served all four variants
     else:  # decode steps ran rows of different adapters together
         assert engine.stats()["mean_decode_rows"] > 2
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_constrained_rows_share_a_batch_with_other_adapters(tiny_model_dir, adapters, alone, scheduler):
+    """A constrained row under one adapter beside free rows under others: the free rows are unchanged and the
+    constrained one holds its format."""
+    engine = HFEngine(spec(tiny_model_dir, adapters, scheduler=scheduler))
+    action = r'(click\([0-9]{1,2}\)|press\("Enter"\))'
+    batch = [req(PROMPTS[0], "alpha"), req(PROMPTS[1], "beta", constraint=OutputConstraint(regex=action)),
+             req(PROMPTS[2], None), req(PROMPTS[3], "gamma", json_schema={"type": "object", "properties": {
+                 "ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False})]
+    out = asyncio.run(engine.generate(batch))
+    assert [out[0].text, out[2].text] == [alone[("alpha", PROMPTS[0])], alone[(None, PROMPTS[2])]]
+    assert re.fullmatch(action, out[1].text) and out[3].text in ('{"ok":true}', '{"ok":false}')
+    assert [r.constrained for r in out] == [False, True, False, True]
 
 
 def test_prefix_cache_is_per_adapter(tiny_model_dir, adapters, alone):

@@ -14,6 +14,10 @@ LoRA adapters (`ModelSpec.adapters`, or the promoted ones of `ModelSpec.registry
 mixed-batch inference: requests for different adapters and for the base model share one `generate` through
 `adapter_names=[...]`. At most `hf.max_resident_adapters` are loaded; a batch that needs more is split into
 groups, and loading another evicts the least recently used one.
+
+Output constraints (`LMRequest.enforced`: a JSON schema, regex, Lark grammar or forced tool call) are enforced per
+row by both schedulers with llguidance (constraints.py): compiled once per content, masked into each constrained
+row's logits before its token is chosen. Log-probs stay raw (before the mask).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from slmshift.platform.errors import ModelLoadError, one_line_error
 from slmshift.platform.artifacts import AdapterRegistryFile, chat_prompt
 from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
+from slmshift.serve.engines.constraints import ConstraintError, Grammars, RowMatcher, mask_rows
 from slmshift.serve.engines.scheduler import Row, Scheduler
 from slmshift.serve.sources import load_model_and_tokenizer
 
@@ -38,14 +43,19 @@ class _RowSampler:
 
     Returns scores with every token but the chosen one at -inf, so generate's own argmax keeps it.
     The log-prob is taken from the raw logits (temperature 1): the model's own confidence, comparable
-    across greedy and sampled calls.
+    across greedy and sampled calls. A row with a matcher chooses among the tokens its grammar allows, until it
+    has emitted EOS or its max_tokens (generate keeps calling for finished rows; they are padded anyway).
     """
 
-    def __init__(self, temperatures: list[float], seeds: list[int]):
+    def __init__(self, temperatures: list[float], seeds: list[int], matchers: list[RowMatcher | None] | None = None,
+                 max_tokens: list[int] | None = None, eos_ids: set[int] | None = None):
         self.temperatures = temperatures
         self.seeds = seeds
         self.generators: list[Any] | None = None
         self.logprobs: list[Any] = []  # one (batch,) tensor per step
+        self.matchers = list(matchers or [None] * len(temperatures))
+        self.max_tokens, self.eos_ids = max_tokens, eos_ids or set()
+        self.errors: list[str | None] = [None] * len(temperatures)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -55,12 +65,20 @@ class _RowSampler:
                 torch.Generator(device=scores.device).manual_seed(s) if t > 0 else None
                 for t, s in zip(self.temperatures, self.seeds)
             ]
-        chosen = scores.argmax(dim=-1)
+        allowed = mask_rows(scores, self.matchers)
+        chosen = allowed.argmax(dim=-1)
         for i, (t, gen) in enumerate(zip(self.temperatures, self.generators)):
             if gen is not None:
-                probs = torch.softmax(scores[i] / t, dim=-1)
+                probs = torch.softmax(allowed[i] / t, dim=-1)
                 chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
         self.logprobs.append(torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0])
+        step = len(self.logprobs)
+        for i, m in enumerate(self.matchers):
+            if m is not None:
+                tok = int(chosen[i])
+                self.errors[i] = m.advance(tok)
+                if self.errors[i] or tok in self.eos_ids or step >= self.max_tokens[i]:
+                    self.matchers[i] = None  # the row is done: stop masking it
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, chosen[:, None], 0.0)
         return forced
@@ -127,6 +145,7 @@ class HFEngine(Engine):
         # on a GPU eager decoding is bound by per-step launch overhead: a static cache lets generate() compile it
         self.static_cache = spec.hf.static_cache if spec.hf.static_cache is not None else self.device.type == "cuda"
         self._scheduler: Scheduler | None = None
+        self._grammars: Grammars | None = None  # made at the first constrained request (the vocabulary scan)
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.loads = 0  # adapter loads so far (evictions make it exceed the number of adapters)
         # Load the first few now, so a broken adapter dir fails the deployment, not the first request.
@@ -207,6 +226,18 @@ class HFEngine(Engine):
         except Exception as exc:  # a bad prompt fails only its own request
             return self._response(req, text="", error=f"prompt preparation failed: {one_line_error(exc)}")
 
+    async def _matcher(self, req: LMRequest) -> RowMatcher | LMResponse | None:
+        """The row's grammar matcher when the request must be constrained, None when not, or the error response
+        for a constraint that does not compile."""
+        if req.enforced is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+        try:  # a cache hit is microseconds; a compile (or the first, tokenizer-scanning use) is not
+            return await asyncio.to_thread(self._grammars.matcher, req.enforced)
+        except ConstraintError as exc:
+            return self._response(req, text="", error=str(exc))
+
     def _response(self, req: LMRequest, **kw: Any) -> LMResponse:
         return LMResponse(model=self.spec.name, tier=self.spec.tier, backend=self.backend, adapter=req.adapter, **kw)
 
@@ -241,6 +272,9 @@ class HFEngine(Engine):
         ids = self._prepare(request)
         if isinstance(ids, LMResponse):
             return ids
+        matcher = await self._matcher(request)
+        if isinstance(matcher, LMResponse):
+            return matcher
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
 
@@ -251,7 +285,7 @@ class HFEngine(Engine):
                 pass
 
         row = Row(ids=ids, max_tokens=request.max_tokens, temperature=request.temperature, seed=request.seed,
-                  adapter=request.adapter, done=done)
+                  adapter=request.adapter, done=done, matcher=matcher)
         fut.add_done_callback(lambda f: setattr(row, "cancelled", f.cancelled()))
         self._get_scheduler().submit(row)
         result = await fut
@@ -263,8 +297,8 @@ class HFEngine(Engine):
         return self._response(request, latency_s=latency, **result)
 
     def stats(self) -> dict[str, Any]:
-        """Scheduler counters (steps, mean rows per decode step, prefix-cache hits); empty for the static path."""
-        return self._scheduler.stats() if self._scheduler else {}
+        """Scheduler counters (steps, mean rows per decode step, prefix-cache hits) and grammar-cache counters."""
+        return (self._scheduler.stats() if self._scheduler else {}) | (self._grammars.stats() if self._grammars else {})
 
     def check_health(self) -> None:
         if self._scheduler is not None and not self._scheduler.alive():
@@ -282,20 +316,27 @@ class HFEngine(Engine):
             return list(await asyncio.gather(*(self.submit(r) for r in requests)))
         out: list[LMResponse | None] = [None] * len(requests)
         batch: list[tuple[int, LMRequest, list[int]]] = []
+        matchers: dict[int, RowMatcher | None] = {}
         for i, req in enumerate(requests):
             ids = self._prepare(req)
-            if isinstance(ids, LMResponse):
-                out[i] = ids
+            matcher = await self._matcher(req) if not isinstance(ids, LMResponse) else None
+            if isinstance(ids, LMResponse) or isinstance(matcher, LMResponse):
+                out[i] = ids if isinstance(ids, LMResponse) else matcher
             else:
                 batch.append((i, req, ids))
+                matchers[id(req)] = matcher
         for group in self._groups(batch):
             t0 = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._run_batch, [(r, ids) for _, r, ids in group])
+                results = await asyncio.to_thread(self._run_batch, [(r, ids) for _, r, ids in group],
+                                                  [matchers[id(r)] for _, r, _ in group])
                 latency = time.perf_counter() - t0
                 for (i, req, _), res in zip(group, results):
                     res.pop("token_ids")
-                    out[i] = self._response(req, latency_s=latency, **res)
+                    if res.get("error"):
+                        out[i] = self._response(req, text="", error=res["error"], latency_s=latency)
+                    else:
+                        out[i] = self._response(req, latency_s=latency, **res)
             except Exception as exc:
                 err = f"generation failed: {one_line_error(exc)}"
                 for i, req, _ in group:
@@ -321,7 +362,8 @@ class HFEngine(Engine):
             groups.append(current)
         return groups
 
-    def _run_batch(self, items: list[tuple[LMRequest, list[int]]]) -> list[dict[str, Any]]:
+    def _run_batch(self, items: list[tuple[LMRequest, list[int]]],
+                   matchers: list[RowMatcher | None] | None = None) -> list[dict[str, Any]]:
         """Blocking: left-pad, generate, cut each row at its own max_tokens / EOS, decode."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -333,7 +375,9 @@ class HFEngine(Engine):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         max_tokens = [req.max_tokens for req, _ in items]
-        sampler = _RowSampler([req.temperature for req, _ in items], [req.seed for req, _ in items])
+        matchers = matchers or [None] * len(items)
+        sampler = _RowSampler([req.temperature for req, _ in items], [req.seed for req, _ in items], matchers,
+                              max_tokens, self.eos_ids)
         # A clean config: the model's own sampling defaults (top_k, repetition penalty, ...) would
         # otherwise reshape the logits before our sampler sees them.
         config = GenerationConfig(
@@ -378,6 +422,8 @@ class HFEngine(Engine):
                     "tokens_out": len(toks),
                     "mean_logprob": mean_lp,
                     "token_ids": toks,
+                    "constrained": matchers[row] is not None,
+                    **({"error": f"constrained decoding failed: {sampler.errors[row]}"} if sampler.errors[row] else {}),
                 }
             )
         return results

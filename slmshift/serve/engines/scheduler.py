@@ -15,6 +15,10 @@ the adapter, whose LoRA changes K/V), bounded in bytes, least recently used evic
 
 Token choice is per row and batch-independent, exactly as in the static engine: greedy rows take the argmax,
 sampled rows draw from their own `torch.Generator` seeded by the request; the log-prob is taken at temperature 1.
+A row with an output constraint (`Row.matcher`, see constraints.py) chooses among the tokens its grammar allows:
+the mask applies to its logits after every forward pass that picks a token (the prefill's last chunk and each
+decode step), and rows with and without constraints share the batch. The logged log-prob stays the raw one (the
+model's own confidence in the token, before the mask), so a forced token shows up as low confidence.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from slmshift.platform.errors import one_line_error
+from slmshift.serve.engines.constraints import mask_rows
 
 
 class PrefixCache:
@@ -211,6 +216,7 @@ class Row:
     seed: int
     adapter: str | None
     done: Callable[[dict[str, Any] | str], None]
+    matcher: Any = None  # constraints.RowMatcher of a constrained row
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     # state
@@ -421,21 +427,25 @@ class Scheduler:
         """Pick each row's next token (as the static engine's _RowSampler does), record it, and finish rows
         that hit EOS or their max_tokens. Returns one 'finished' flag per row."""
         scores = logits.float()
-        chosen = scores.argmax(dim=-1)
+        allowed = mask_rows(scores, [r.matcher for r in rows])
+        chosen = allowed.argmax(dim=-1)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                probs = torch.softmax(scores[i] / row.temperature, dim=-1)
+                probs = torch.softmax(allowed[i] / row.temperature, dim=-1)
                 chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         flags = []
         for row, tok, lp in zip(rows, chosen.tolist(), logprobs):
             row.tokens.append(tok)
             row.logprobs.append(lp)
-            finished = tok in self.eos_ids or len(row.tokens) >= row.max_tokens
-            if finished:
+            error = row.matcher.advance(tok) if row.matcher is not None else None
+            finished = error is not None or tok in self.eos_ids or len(row.tokens) >= row.max_tokens
+            if error is not None:
+                row.done(f"constrained decoding failed: {error}")
+            elif finished:
                 row.done({"text": self.decode(row.tokens), "tokens_in": len(row.ids), "tokens_out": len(row.tokens),
                           "mean_logprob": sum(row.logprobs) / len(row.logprobs), "token_ids": list(row.tokens),
-                          "cached_tokens": row.cached})
+                          "cached_tokens": row.cached, "constrained": row.matcher is not None})
             flags.append(finished)
         return flags
 

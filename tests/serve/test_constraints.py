@@ -1,0 +1,127 @@
+"""Constrained decoding in the hf engine (constraints.py), on a tiny random Llama under both schedulers: outputs hold
+their constraint, constrained and free rows share a batch, grammars are cached by content, and greedy constrained
+output equals unconstrained output whenever that already satisfies the constraint (a property test).
+
+The property holds for outputs whose tokens are the tokenizer's canonical tokenization of their text: where a grammar
+forces bytes (a literal), llguidance allows only their canonical tokens (found here: a random model that spelled
+'number' as one token got n-u-m-b-e-r under a literal regex). Trained models emit canonical tokens almost always."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from slmshift.platform.types import HFOptions, LMRequest, ModelSpec, OutputConstraint
+from slmshift.serve.engines.constraints import tool_call_schema
+from slmshift.serve.engines.hf import HFEngine
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "n": {"type": "integer"}},
+          "required": ["city", "n"], "additionalProperties": False}
+ACTION = r'(click\([0-9]{1,2}\)|press\("(Enter|Tab)"\))'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 5}}, "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}]
+
+
+def req(content: str, max_tokens: int = 48, **kw) -> LMRequest:
+    return LMRequest(experiment_id="t", episode_id="e", call_index=0, scenario="s", role="r", call_kind="k",
+                     messages=[{"role": "user", "content": content}], max_tokens=max_tokens, **kw)
+
+
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def engine(tiny_model_dir, request):
+    return HFEngine(ModelSpec(name="tiny", tier="slm", backend="hf", source=tiny_model_dir,
+                              hf=HFOptions(scheduler=request.param)))
+
+
+def run(engine, requests):
+    out = asyncio.run(engine.generate(requests))
+    assert all(r.error is None for r in out), [r.error for r in out]
+    return out
+
+
+def test_each_kind_of_constraint_holds_beside_free_rows(engine):
+    free = [req("hi"), req("What is the weather?")]
+    alone = [r.text for r in run(engine, free)]
+    mixed = run(engine, [free[0], req("a", json_schema=SCHEMA, expect="json"),
+                         req("b", constraint=OutputConstraint(format="action", regex=ACTION)), free[1],
+                         req("c", constraint=OutputConstraint(grammar='start: "[" NAME "(x=" /[0-9]+/ ")]"\n'
+                                                                      'NAME: "f" | "g"'))])
+    assert [mixed[0].text, mixed[3].text] == alone and not mixed[0].constrained  # free rows are untouched
+    doc = json.loads(mixed[1].text)
+    assert set(doc) == {"city", "n"} and isinstance(doc["n"], int) and len(doc["city"]) <= 6
+    assert re.fullmatch(ACTION, mixed[2].text) and re.fullmatch(r"\[[fg]\(x=[0-9]+\)\]", mixed[4].text)
+    assert all(r.constrained for r in (mixed[1], mixed[2], mixed[4]))
+    if engine.continuous:
+        assert engine.stats()["mean_decode_rows"] > 1  # constrained and free rows decoded together
+
+
+def test_tool_choice_required_named_and_auto(engine):
+    required, named, auto = run(engine, [
+        req("w", max_tokens=80, constraint=OutputConstraint(tools=TOOLS, tool_choice="required")),
+        req("t", max_tokens=80, constraint=OutputConstraint(
+            tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})),
+        req("w", constraint=OutputConstraint(tools=TOOLS, tool_choice="auto"))])
+    calls = json.loads(required.text)["tool_calls"]
+    assert calls and {c["name"] for c in calls} <= {"get_weather", "get_time"}
+    assert [c["name"] for c in json.loads(named.text)["tool_calls"]] == ["get_time"] * len(
+        json.loads(named.text)["tool_calls"])
+    assert not auto.constrained  # 'auto' leaves the model free
+
+
+def test_unconstrained_request_ignores_its_constraint_and_bad_grammar_fails_only_its_row(engine):
+    off, bad, ok = asyncio.run(engine.generate([
+        req("hi", json_schema=SCHEMA, constrained=False),
+        req("x", constraint=OutputConstraint(grammar="start: (")), req("y", json_schema=SCHEMA)]))
+    assert not off.constrained and off.error is None
+    assert bad.error and "invalid output constraint" in bad.error and ok.error is None and ok.constrained
+
+
+def test_grammars_are_compiled_once_per_content(engine):
+    before = engine.stats()
+    run(engine, [req("a", constraint=OutputConstraint(regex="(yes|no)")) for _ in range(3)])
+    after = engine.stats()
+    assert after["grammar_compiles"] - before.get("grammar_compiles", 0) <= 1
+    assert after["grammar_cache_hits"] - before.get("grammar_cache_hits", 0) >= 2
+
+
+def test_tool_call_schema_names_an_unknown_tool_clearly():
+    with pytest.raises(ValueError, match="not among the declared tools"):
+        tool_call_schema(TOOLS, "nope")
+
+
+# --- property: the mask never changes an output that already satisfies the constraint ------------------------------
+
+def _constraints_satisfied_by(text: str) -> list[OutputConstraint]:
+    chars = "".join(sorted(set(text)))
+    cls = "[" + "".join("\\" + c if c in "\\]^-[" else c for c in chars) + "]*" if chars else "a*"
+    return [OutputConstraint(regex=re.escape(text)), OutputConstraint(regex=cls),
+            OutputConstraint(grammar=f"start: /{cls.replace('/', chr(92) + '/')}/ | \"\"")]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(prompt=st.text(alphabet="abcdefghij klmnop?!{}:,0123", min_size=1, max_size=24),
+       max_tokens=st.integers(1, 10), which=st.integers(0, 2))
+def test_greedy_constrained_equals_unconstrained_when_that_satisfies_the_constraint(engine, prompt, max_tokens,
+                                                                                   which):
+    free = run(engine, [req(prompt, max_tokens=max_tokens)])[0]
+    ids = engine._run_batch([(q, engine._prompt_ids(q)) for q in [req(prompt, max_tokens=max_tokens)]])[0]["token_ids"]
+    special = set(engine.tokenizer.all_special_ids)
+    assume(not any(t in special for t in ids if t not in engine.eos_ids) and "\ufffd" not in free.text)
+    if which == 0:  # a literal forces every byte: llguidance then allows only canonical tokens (see the module doc)
+        assume(engine.tokenizer(free.text, add_special_tokens=False)["input_ids"] == [
+            t for t in ids if t not in engine.eos_ids])
+    c = _constraints_satisfied_by(free.text)[which]
+    constrained = run(engine, [req(prompt, max_tokens=max_tokens, constraint=c)])[0]
+    assert constrained.constrained
+    assert (constrained.text, constrained.tokens_out) == (free.text, free.tokens_out)
+    q = req(prompt, max_tokens=max_tokens, constraint=c)
+    assert engine._run_batch([(q, engine._prompt_ids(q))], [asyncio.run(engine._matcher(q))])[0]["token_ids"] == ids
+    # raw log-probs, the same tokens: equal up to float noise (a rerun's prompt comes from the prefix cache)
+    assert constrained.mean_logprob == pytest.approx(free.mean_logprob, abs=1e-4)
