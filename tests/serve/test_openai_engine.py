@@ -1,6 +1,7 @@
 """The openai engine against an OpenAI-compatible server on loopback: text, usage, log-probs, retries."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import LMRequest, ModelSpec
+from slmshift.platform.types import LMRequest, ModelSpec, OutputConstraint
 from slmshift.serve.engines.openai_engine import OpenAIEngine
 
 SEEN: list[dict] = []
@@ -26,10 +27,15 @@ async def chat(request):
     if body.get("logprobs") and body["model"] == "no-logprobs":
         return JSONResponse({"error": {"message": "logprobs are not supported"}}, status_code=400)
     text = "echo: " + body["messages"][-1]["content"]
+    message = {"role": "assistant", "content": text}
+    if body.get("tool_choice") == "required":
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone":"UTC"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": "not json"}}]}
     content = [{"token": t, "logprob": -0.5, "bytes": None, "top_logprobs": []} for t in text.split()]
     return JSONResponse({
         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "finish_reason": "stop", "message": message,
                      "logprobs": {"content": content} if body.get("logprobs") else None}],
         "usage": {"prompt_tokens": 7, "completion_tokens": len(content), "total_tokens": 7 + len(content)}})
 
@@ -54,9 +60,28 @@ def engine(base_url, monkeypatch, model="m"):
                                   openai={"base_url": base_url, "api_key_env": "TEST_KEY", "max_retries": 2}))
 
 
-def req(content: str) -> LMRequest:
+def req(content: str, **kw) -> LMRequest:
     return LMRequest(experiment_id="e", episode_id="ep", call_index=0, scenario="s", role="r", call_kind="k",
-                     messages=[{"role": "user", "content": content}], max_tokens=20, temperature=0.3, seed=5)
+                     messages=[{"role": "user", "content": content}], max_tokens=20, temperature=0.3, seed=5, **kw)
+
+
+def test_response_format_tools_and_tool_choice_pass_through(base_url, monkeypatch):
+    tools = [{"name": "get_time", "parameters": {"type": "object"}}]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    out = asyncio.run(engine(base_url, monkeypatch).generate([
+        req("fmt", json_schema=schema), req("free", json_schema=schema, constrained=False),
+        req("tools", constraint=OutputConstraint(tools=tools, tool_choice="required")),
+        req("auto", constraint=OutputConstraint(tools=tools, tool_choice="auto")),
+        req("rx", constraint=OutputConstraint(regex="a+"))]))
+    body = {b["messages"][0]["content"]: b for b in SEEN}
+    assert body["fmt"]["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "output", "schema": schema, "strict": True}} and out[0].constrained
+    assert "response_format" not in body["free"] and not out[1].constrained
+    assert body["tools"]["tools"] == [{"type": "function", "function": tools[0]}]
+    assert json.loads(out[2].text) == {"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}},
+                                                      {"name": "get_time", "arguments": "not json"}]}
+    assert body["auto"]["tool_choice"] == "auto" and not out[3].constrained
+    assert "cannot enforce a regex constraint" in out[4].error and "rx" not in body
 
 
 def test_text_usage_logprobs_and_params(base_url, monkeypatch):

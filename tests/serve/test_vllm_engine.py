@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from slmshift.platform.config import load_config
 from slmshift.platform.errors import ConfigError, ModelLoadError
-from slmshift.platform.types import LMRequest, ModelSpec, VLLMOptions
+from slmshift.platform.types import LMRequest, ModelSpec, OutputConstraint, VLLMOptions
 from slmshift.serve.engines import get_engine_class
 from slmshift.serve.engines.vllm_engine import VLLMEngine, log_tail, root_cause
 
@@ -65,10 +65,17 @@ async def chat(request):
     if body["model"] not in models:
         return JSONResponse({"error": {"message": f"model {body['model']} not found"}}, status_code=404)
     text = f"{body['model']} t={body['temperature']} seed={body['seed']} max={body['max_tokens']}"
+    message = {"role": "assistant", "content": text}
+    if "structured_outputs" in body:  # echoed, so the test sees what reached vLLM
+        message["content"] = text = json.dumps(body["structured_outputs"])
+    if body.get("tools"):  # vLLM answers a required/named tool_choice with tool_calls (no parser needed)
+        name = body["tool_choice"]["function"]["name"] if isinstance(body["tool_choice"], dict) else "first"
+        message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": name, "arguments": json.dumps({"n": len(body["tools"])})}}]}
     content = [{"token": t, "logprob": -0.25, "bytes": None, "top_logprobs": []} for t in text.split()]
     return JSONResponse({
         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "finish_reason": "stop", "message": message,
                      "logprobs": {"content": content} if body.get("logprobs") else None}],
         "usage": {"prompt_tokens": 11, "completion_tokens": len(content), "total_tokens": 11 + len(content)}})
 
@@ -265,6 +272,29 @@ def test_mapping_adapters_logprobs_and_server_args(tmp_path, fake_vllm, model_di
         assert out[1].text.startswith("slm:b ") and out[1].adapter == "b" and out[1].error is None
         assert "adapter 'zzz' requested, but it is not loaded on model 'slm' (adapters: a, b)" in out[2].error
         assert engine.stats() == {"prefix_query_tokens": 40.0, "prefix_hit_tokens": 30.0, "prefix_token_hit_rate": 0.75}
+        assert json.loads(argv[argv.index("--structured-outputs-config") + 1]) == {
+            "backend": "guidance", "disable_any_whitespace": True}
+    finally:
+        engine.close()
+
+
+def test_constraints_go_as_structured_outputs_and_tool_choice(fake_vllm, model_dir):
+    engine = VLLMEngine(ModelSpec(name="slm", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm()))
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+             {"name": "get_weather", "parameters": {"type": "object"}}]  # a bare function spec is wrapped
+    try:
+        schema, regex, lark = {"type": "object"}, r"click\([0-9]+\)", 'start: "a" | "b"'
+        out = asyncio.run(engine.generate([
+            req(json_schema=schema), req(constraint=OutputConstraint(regex=regex)),
+            req(constraint=OutputConstraint(grammar=lark)), req(json_schema=schema, constrained=False),
+            req(constraint=OutputConstraint(tools=tools, tool_choice={"type": "function", "function": {
+                "name": "get_weather"}})),
+            req(constraint=OutputConstraint(tools=tools, tool_choice="auto"))]))
+        assert [json.loads(r.text) for r in out[:3]] == [{"json": schema}, {"regex": regex}, {"grammar": lark}]
+        assert [r.constrained for r in out] == [True, True, True, False, True, False]
+        assert not out[3].text.startswith("{")  # not constrained: nothing sent
+        assert json.loads(out[4].text) == {"tool_calls": [{"name": "get_weather", "arguments": {"n": 2}}]}
+        assert "tool_calls" not in out[5].text  # 'auto': no tools sent, the model answers in text
     finally:
         engine.close()
 

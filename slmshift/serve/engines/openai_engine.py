@@ -2,17 +2,24 @@
 
 `ChatCompletionsEngine` holds the one LMRequest -> chat completion -> LMResponse mapping; `OpenAIEngine` points
 it at a configured endpoint, `VLLMEngine` (vllm_engine.py) at the vLLM server its replica starts.
+
+Output constraints go through as the endpoint's own fields (`_structured`): here, OpenAI's `response_format`
+(a strict JSON schema) and `tools` / `tool_choice`; a regex or grammar is refused with an error naming the fix, as
+a hosted OpenAI API cannot enforce it. Tool calls the endpoint returns come back as the platform's tool-call text
+(`{"tool_calls":[{"name":...,"arguments":{...}}]}`), the form the hf engine writes and the gateway parses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
+from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, OutputConstraint
 from slmshift.serve.engines.base import Engine
 
 
@@ -27,6 +34,20 @@ class ChatCompletionsEngine(Engine):
                                          max_retries=max_retries)
         self.logprobs = True  # switched off for endpoints that reject it
 
+    def _structured(self, c: OutputConstraint, enforce: bool) -> dict[str, Any] | str:
+        """Request fields for the constraint `c` (enforced when `enforce`), or why this endpoint cannot enforce it.
+        Tools are sent whenever declared (the model may call them); an unenforced choice goes as 'auto'."""
+        if c.kind == "tools" and c.tool_choice != "none":
+            return {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice if enforce else "auto"}
+        if not enforce:
+            return {}
+        if c.kind == "json_schema":
+            return {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "output", "schema": c.json_schema, "strict": True}}}
+        return (f"backend {self.backend!r} cannot enforce a {c.kind} constraint (an OpenAI API takes a JSON schema or "
+                "tools); serve this call on an hf or vllm model, or set the router arm's `constrain` so this tier "
+                "is not constrained")
+
     def _error(self, message: str, t0: float, adapter: str | None = None) -> LMResponse:
         return LMResponse(text="", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
                           adapter=adapter, latency_s=time.perf_counter() - t0, error=message)
@@ -38,6 +59,10 @@ class ChatCompletionsEngine(Engine):
         t0 = time.perf_counter()
         base = dict(model=model, messages=req.messages, max_tokens=req.max_tokens,
                     temperature=req.temperature, seed=req.seed)
+        extra = self._structured(req.constraint, req.enforced is not None)
+        if isinstance(extra, str):
+            return self._error(extra, t0, adapter)
+        base |= extra
         try:
             try:
                 r = await self.client.chat.completions.create(**base, logprobs=self.logprobs)
@@ -51,11 +76,29 @@ class ChatCompletionsEngine(Engine):
         choice = r.choices[0]
         lps = [t.logprob for t in (choice.logprobs.content or [])] if choice.logprobs else []
         lps = [x for x in lps if x is not None and math.isfinite(x)]
+        calls = choice.message.tool_calls or []
+        text = choice.message.content or ""
+        if calls:  # the platform's tool-call text; arguments that are not JSON stay as the string the model wrote
+            text = json.dumps({"tool_calls": [{"name": c.function.name, "arguments": _json_or_str(c.function.arguments)}
+                                              for c in calls]}, separators=(",", ":"))
         return LMResponse(
-            text=choice.message.content or "", model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+            text=text, constrained=req.enforced is not None, model=self.spec.name, tier=self.spec.tier,
+            backend=self.backend,
             adapter=adapter, tokens_in=r.usage.prompt_tokens if r.usage else 0,
             tokens_out=r.usage.completion_tokens if r.usage else 0,
             latency_s=time.perf_counter() - t0, mean_logprob=sum(lps) / len(lps) if lps else None)
+
+
+def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools in the API's shape ({"type": "function", "function": {...}}), bare function specs wrapped."""
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _json_or_str(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
 
 
 class OpenAIEngine(ChatCompletionsEngine):

@@ -9,6 +9,12 @@ The server gets the spec's LoRA adapters (`adapters`, and the promoted ones of `
 named `<model>:<adapter>`, the address Ray Serve LLM uses too; a request with `adapter` set is sent to that name.
 Prefix caching is on by default, and every response carries the mean log-prob the cascade policy reads.
 
+Output constraints go as vLLM 0.32's structured outputs (`structured_outputs` in the request body: `json`, `regex`,
+`grammar`), served by its `guidance` backend (llguidance, the hf engine's library, so a Lark grammar means the same
+on both engines) with compact JSON. `tool_choice` required or named goes as vLLM's own `tools` / `tool_choice`
+(enforced by the same backend, no tool-call parser needed); `auto` would need a tool-call parser and none fits
+SmolLM2, so the engine sends no tools then and the model answers in text, which the caller parses.
+
 The server runs under a watchdog (`_WATCHDOG`) in a process group of its own, with a pipe from the replica as its
 stdin: when the replica goes (closed, crashed, or SIGKILLed by Ray), the pipe reaches EOF and the watchdog takes the
 whole group down, vLLM's engine-core and worker processes included; if the watchdog is killed too, the server gets
@@ -35,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import VLLM_FIX, LMRequest, LMResponse, ModelSpec
-from slmshift.serve.engines.openai_engine import ChatCompletionsEngine
+from slmshift.platform.types import VLLM_FIX, LMRequest, LMResponse, ModelSpec, OutputConstraint
+from slmshift.serve.engines.openai_engine import ChatCompletionsEngine, openai_tools
 
 # In old and new releases alike; 0.32 warns it is deprecated for `vllm serve` (a console script, harder to find in
 # an arbitrary env than `python -m`).
@@ -176,6 +182,7 @@ class VLLMEngine(ChatCompletionsEngine):
                 # the model's generation_config would otherwise set top_p/top_k/penalties the request did not ask
                 # for (the hf engine ignores them too): a request's output depends on its own parameters only
                 "--generation-config", "vllm", "--disable-uvicorn-access-log",
+                "--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
                 "--enable-prefix-caching" if opts.enable_prefix_caching else "--no-enable-prefix-caching"]
         if opts.max_model_len:
             args += ["--max-model-len", str(opts.max_model_len)]
@@ -291,6 +298,14 @@ class VLLMEngine(ChatCompletionsEngine):
         self.close()
 
     # --- requests -------------------------------------------------------------------------------
+
+    def _structured(self, c: OutputConstraint, enforce: bool) -> dict[str, Any] | str:
+        if not enforce:
+            return {}  # 'auto' tools included: without a fitting tool-call parser the server would refuse them
+        if c.kind == "tools":
+            return {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice}
+        field = {"json_schema": "json", "regex": "regex", "grammar": "grammar"}[c.kind]
+        return {"extra_body": {"structured_outputs": {field: getattr(c, c.kind)}}}
 
     async def submit(self, request: LMRequest) -> LMResponse:
         t0 = time.perf_counter()
