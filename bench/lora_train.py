@@ -92,7 +92,8 @@ def main() -> None:
 
     import ray
 
-    from slmshift.train.finetune import LoraOptions, train_adapter
+    from slmshift.train.finetune import LoraOptions
+    from slmshift.train.lora_run import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="slmshift-bench-lora-"))
     if args.model == "tiny":

@@ -18,8 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,11 +195,11 @@ def _progress(enabled: bool, console: Any):
                     console=console, transient=False)
 
 
-@contextmanager
-def _lora_progress(bars: bool, console: Any, label: str, steps: int) -> Iterator[Callable[[int, float], None]]:
-    """LoRA steps as a bar, or (on a bar-less console: the loop's) as a line at every tenth of the steps."""
+def _lora_steps(prog: Any, console: Any, label: str, steps: int) -> Callable[[int, float], None]:
+    """One cluster's LoRA steps as a bar of the shared `prog`, or (on a bar-less console: the loop's) as a line at
+    every tenth of the steps. Several clusters train at once, so they share one live display."""
     t0 = time.perf_counter()
-    if not bars:
+    if prog is None:
         every = max(1, steps // 10)
 
         def say(step: int, loss: float) -> None:
@@ -208,11 +207,9 @@ def _lora_progress(bars: bool, console: Any, label: str, steps: int) -> Iterator
                 console.print(f"S5 LoRA {label!r}: step {step}/{steps}, loss {loss:.3f} "
                               f"({time.perf_counter() - t0:.0f} s)")
 
-        yield say
-        return
-    with _progress(True, console) as prog:
-        task = prog.add_task(f"LoRA {label}", total=steps)
-        yield lambda step, loss: prog.update(task, completed=step, description=f"LoRA {label} (loss {loss:.3f})")
+        return say
+    task = prog.add_task(f"LoRA {label}", total=steps)
+    return lambda step, loss: prog.update(task, completed=step, description=f"LoRA {label} (loss {loss:.3f})")
 
 
 def _read_log(run_dir: str) -> pd.DataFrame:
@@ -370,7 +367,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     from slmshift.platform.config import RaySection
     from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
     from slmshift.train.evaluate import evaluate
-    from slmshift.train.finetune import train_adapter
+    from slmshift.train.lora_run import AdapterJob, train_adapters
     from slmshift.train.registry import AdapterRegistry
 
     import ray
@@ -393,34 +390,44 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we did that
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
+    by_label = {e["label"]: e for e in todo}
+    jobs = [AdapterJob(e["id"], e["label"], selections[e["id"]].chosen.source) for e in todo]
+    for e in todo:
+        console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {selections[e['id']].chosen.name} "
+                      f"({e['n_train']} train / {e['n_val']} val rows, {o.lora.steps} steps)")
     try:
-        for e in todo:
-            sel = selections[e["id"]]
-            console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {sel.chosen.name} "
-                          f"({e['n_train']} train / {e['n_val']} val rows, {o.lora.steps} steps)")
-            with _lora_progress(o.progress, console, e["label"], o.lora.steps) as on_step:
-                tr = train_adapter(str(curated_path), e["id"], e["label"], sel.chosen.source, str(out), o.lora,
-                                   num_workers=o.num_workers, cpus_per_worker=o.cpus_per_worker, on_step=on_step)
-            val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
-            spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
-            with _progress(o.progress, console) as prog:
+        with _progress(o.progress, console) as prog:
+            # every cluster's run starts at once; Ray places them (in turn on one small machine)
+            runs = train_adapters(str(curated_path), jobs, str(out), o.lora, num_workers=o.num_workers,
+                                  cpus_per_worker=o.cpus_per_worker,
+                                  on_step=lambda label: _lora_steps(prog, console, label, o.lora.steps))
+            for job, tr in runs:
+                e, sel = by_label[job.label], selections[job.cluster]
+                if isinstance(tr, SlmshiftError):  # one cluster's failure never costs the others their adapters
+                    console.print(f"S5 result: {job.label!r} not tuned: {tr}")
+                    e.update(status=f"not tuned: {tr}")
+                    continue
+                if tr.resumed_from_step:
+                    console.print(f"S5 LoRA {job.label!r}: resumed from its step-{tr.resumed_from_step} checkpoint")
+                val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
+                spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
                 after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
-            promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
-            console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
-            e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
-                     promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)
-            registry.add(AdapterEntry(
-                cluster=e["id"], label=e["label"], role=e["role"], call_kind=e["call_kind"],
-                base_model=sel.chosen.source, adapter_dir=tr.adapter_dir, promoted=promoted, reason=reason,
-                metrics=AdapterMetrics(val_accuracy_before=sel.before.correct_rate,
-                                       val_accuracy_after=after.correct_rate, val_loss_before=tr.val_loss_base,
-                                       val_loss_after=tr.val_loss_adapter, n_train=tr.n_train, n_val=tr.n_val,
-                                       val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate,
-                                       accuracy_diff_interval=interval)))
-            registry.save()  # after each cluster: an interrupted convert keeps what finished
-            sync()
+                promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
+                console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
+                e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
+                         promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)
+                registry.add(AdapterEntry(
+                    cluster=e["id"], label=e["label"], role=e["role"], call_kind=e["call_kind"],
+                    base_model=sel.chosen.source, adapter_dir=tr.adapter_dir, promoted=promoted, reason=reason,
+                    metrics=AdapterMetrics(val_accuracy_before=sel.before.correct_rate,
+                                           val_accuracy_after=after.correct_rate, val_loss_before=tr.val_loss_base,
+                                           val_loss_after=tr.val_loss_adapter, n_train=tr.n_train, n_val=tr.n_val,
+                                           val_valid_before=sel.before.valid_rate, val_valid_after=after.valid_rate,
+                                           accuracy_diff_interval=interval)))
+                registry.save()  # after each cluster: an interrupted convert keeps what finished
+                sync()
     finally:
         if started:
             ray.shutdown()

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.train.finetune import IGNORE, LoraOptions, encode_example, train_adapter
+from slmshift.train.finetune import IGNORE, STATE_FILE, LoopState, LoraOptions, encode_example
+from slmshift.train.lora_run import train_adapter
 
 INTENT = '{"functions": ["book_flight"]}'
 OTHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -40,13 +41,15 @@ def convert_dir(tmp_path_factory) -> Path:
     return d
 
 
+TRAINED_OPTS = LoraOptions(rank=8, alpha=16, learning_rate=3e-3, steps=30, batch_size=8, report_every=5,
+                           checkpoint_every=10, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, convert_dir, tiny_model_dir):
-    opts = LoraOptions(rank=8, alpha=16, learning_rate=3e-3, steps=30, batch_size=8, report_every=5,
-                       checkpoint_every=10, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     seen: list[tuple[int, float]] = []
     result = train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir,
-                           str(convert_dir), opts, on_step=lambda step, loss: seen.append((step, loss)))
+                           str(convert_dir), TRAINED_OPTS, on_step=lambda step, loss: seen.append((step, loss)))
     return result, seen
 
 
@@ -78,8 +81,10 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     assert trained.train_loss_last < trained.train_loss_first
     assert trained.tokens > 0 and trained.tokens_per_s > 0
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
-    ckpts = [c for c in (convert_dir / "checkpoints" / "planner-intent").glob("checkpoint_*") if c.is_dir()]
-    assert 1 <= len(ckpts) <= 2 and all((c / "adapter_config.json").is_file() for c in ckpts)
+    ckpts = [c for c in (convert_dir / "checkpoints").glob("planner-intent-*/checkpoint_*") if c.is_dir()]
+    assert len(ckpts) == 2 and all((c / "adapter_config.json").is_file() and (c / STATE_FILE).is_file()
+                                   for c in ckpts)
+    assert not (Path(trained.adapter_dir) / STATE_FILE).exists()  # the adapter dir holds the adapter only
 
 
 def test_saved_adapter_reloads_and_changes_outputs(trained, tiny_model_dir):
@@ -99,6 +104,23 @@ def test_saved_adapter_reloads_and_changes_outputs(trained, tiny_model_dir):
         after = tuned.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
     assert before.tolist() != after.tolist()
     assert tok.decode(after, skip_special_tokens=True).startswith('{"functions')  # it learned the task's format
+
+
+def test_a_finished_run_is_resumed_not_redone_and_other_options_start_afresh(trained, ray_cluster, convert_dir,
+                                                                            tiny_model_dir):
+    """convert run again on the same rows and options (a resumed loop) picks the finished run up from its last
+    checkpoint; changed options are another run, and the old run's checkpoints go."""
+    first, _ = trained
+    again = train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir,
+                          str(convert_dir), TRAINED_OPTS)
+    assert again.resumed_from_step == again.steps == 30 and again.checkpoint_dir.startswith(
+        str(Path(first.checkpoint_dir).parent))
+    assert again.val_loss_adapter == pytest.approx(first.val_loss_adapter, rel=1e-5)
+    other = train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir,
+                          str(convert_dir), TRAINED_OPTS.model_copy(update={"steps": 2}))
+    assert other.resumed_from_step == 0 and other.steps == 2
+    assert [d.name for d in (convert_dir / "checkpoints").glob("planner-intent-*")] == [
+        Path(other.checkpoint_dir).parent.name]
 
 
 def test_empty_cluster_is_a_clear_error(ray_cluster, convert_dir, tiny_model_dir):
@@ -128,3 +150,39 @@ def test_activation_checkpointing_changes_memory_not_the_math(tiny_model_dir):
         lora_loop(model, tok, iter(batches), opts, dev, lambda step, loss, stats: seen.append(loss))
         losses[on] = seen
     assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][-1] < losses[True][0]
+
+
+def test_a_resumed_loop_continues_as_if_never_stopped(tiny_model_dir, tmp_path):
+    """Stopped after a checkpoint and restored into a fresh model, the loop trains the remaining steps on the same
+    batches with the same optimiser moments and schedule: the same losses as one uninterrupted run."""
+    from slmshift.train.finetune import lora_loop, setup_peft
+
+    rows = curated_rows()
+    rows = rows[(rows.cluster == 0) & (rows.split == "train")]
+    batches = [{"messages": list(rows.messages[i:i + 4]), "target": list(rows.target[i:i + 4])} for i in range(0, 24, 4)]
+    opts = LoraOptions(steps=6, batch_size=4, learning_rate=3e-3, dropout=0.0, checkpoint_every=3)
+
+    def run(state=None, model=None, stop_after=None):
+        model, tok, dev = model or setup_peft(tiny_model_dir, opts, "cpu")
+        seen: list[float] = []
+
+        def checkpoint(step, opt, sched):
+            if step == stop_after:
+                model.save_pretrained(tmp_path)
+                LoopState(step=step, losses=list(seen)).save(str(tmp_path), opt, sched)
+                raise KeyboardInterrupt  # the worker dies right after its checkpoint
+
+        try:
+            lora_loop(model, tok, iter(batches), opts, dev, lambda step, loss, stats: seen.append(loss), state=state,
+                      checkpoint=checkpoint)
+        except KeyboardInterrupt:
+            pass
+        return seen
+
+    straight = run()
+    head = run(stop_after=3)
+    fresh = setup_peft(tiny_model_dir, opts, "cpu")
+    state = LoopState.restore(fresh[0], str(tmp_path))
+    assert state.step == 3 and state.losses == head
+    tail = run(state=state, model=fresh)
+    assert head + tail == pytest.approx(straight, rel=1e-5)
