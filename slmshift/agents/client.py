@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slmshift.platform.types import Hidden, LMRequest
+from slmshift.platform.types import Hidden, LMRequest, OutputConstraint
 from slmshift.serve.pipeline import CallPipeline, CallResult
 
 __all__ = ["Session", "CallResult"]
@@ -23,11 +23,14 @@ class Session:
     async def call(self, *, role: str, call_kind: str, messages: list[dict[str, str]], expect: str = "text",
                    category: str = "template", json_schema: dict | None = None, max_tokens: int = 128,
                    temperature: float = 0.0, hidden: Hidden | None = None, check: Any = None,
-                   context: Any = None) -> CallResult:
+                   context: Any = None, constraint: OutputConstraint | None = None) -> CallResult:
         req = LMRequest(
             experiment_id=self.experiment_id, episode_id=self.episode_id, call_index=self.calls,
             scenario=self.scenario, role=role, call_kind=call_kind, category=category, task_id=self.task_id,
-            policy=self.pipeline.spec.label, messages=messages, expect=expect, json_schema=json_schema,
+            policy=self.pipeline.spec.label,
+            # a constraint carries its own format; expect/json_schema are the older way to say the same
+            **({"constraint": constraint} if constraint is not None else {"expect": expect, "json_schema": json_schema}),
+            messages=messages,
             max_tokens=max_tokens, temperature=temperature, seed=self.seed, hidden=hidden, attempt=self.attempt)
         self.calls += 1
         return await self.pipeline.call(req, check, context)

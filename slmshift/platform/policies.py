@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from slmshift.platform.types import AbsolutePath, ModelSpec, Tier
 
 Shadow = Literal["none", "slm", "llm", "both"]
+Constrain = Literal["slm", "all", "none"]
 Problems = list[tuple[str, str]]
 
 
@@ -34,6 +35,10 @@ class PolicySpec(BaseModel):
                            "not served by the LLM also go to it; both: always the other tier.")
     shadow_rate: float = Field(default=1.0, ge=0, le=1, description="Share of episodes whose calls are all shadowed "
                                "(a deterministic sample by episode id: an episode is paired whole or not at all).")
+    constrain: Constrain = Field(default="slm", description="Which tiers' engines enforce a call's output constraint "
+                                 "(JSON schema, regex, grammar, forced tool call): slm (the small model is held to the "
+                                 "format; the LLM answers free, as a hosted API may not constrain), all, or none. "
+                                 "Shadow and cascade calls follow the tier they go to.")
 
     tiers_used: ClassVar[frozenset[str]] = frozenset()  # tiers every arm of this kind may route to, besides `default`
 
@@ -43,6 +48,10 @@ class PolicySpec(BaseModel):
 
     def tiers(self) -> set[str]:
         return set(self.tiers_used) | {self.default}
+
+    def constrains(self, tier: str) -> bool:
+        """Does this arm have `tier`'s engine enforce output constraints?"""
+        return self.constrain == "all" or self.constrain == tier
 
     def check(self, path: str, models: list[ModelSpec]) -> Problems:
         """Checks that need other sections (models) or files; (field path, message) each."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from slmshift.platform.config import ScenarioSpec
-from slmshift.platform.types import Hidden
+from slmshift.platform.types import Hidden, OutputConstraint
 
 
 class Verdict(Protocol):
@@ -47,7 +47,7 @@ class EpisodeSession(Protocol):
     async def call(self, *, role: str, call_kind: str, messages: list[dict[str, str]], expect: str = "text",
                    category: str = "template", json_schema: dict | None = None, max_tokens: int = 128,
                    temperature: float = 0.0, hidden: Hidden | None = None, check: Any = None,
-                   context: Any = None) -> CallResult: ...
+                   context: Any = None, constraint: OutputConstraint | None = None) -> CallResult: ...
 
 
 class Outcome(BaseModel):

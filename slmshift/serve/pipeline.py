@@ -76,6 +76,9 @@ class CallPipeline:
     async def _invoke(self, model: str, request: LMRequest) -> tuple[LMResponse, float, bool]:
         """(response, wall latency, infra error?) for one call to one deployment."""
         spec = self.specs[model]
+        constrained = self.spec.constrains(spec.tier)  # the arm's `constrain` option, per tier served
+        if request.constrained != constrained:
+            request = request.model_copy(update={"constrained": constrained})
         t0 = time.perf_counter()
         for attempt in range(INFRA_RETRIES + 1):
             try:
@@ -117,6 +120,7 @@ class CallPipeline:
             episode_id=request.episode_id, call_index=request.call_index, scenario=request.scenario,
             task_id=request.task_id, policy=request.policy, role=request.role, call_kind=request.call_kind,
             category=request.category, expect=request.expect, prompt=json.dumps(request.messages), output=resp.text,
+            constraint=request.constraint.to_json() if request.constraint.kind else None, constrained=resp.constrained,
             model=resp.model, tier=resp.tier, backend=resp.backend, adapter=resp.adapter, route_kind=decision.kind,
             route_reason=decision.reason, tokens_in=resp.tokens_in, tokens_out=resp.tokens_out,
             max_tokens=request.max_tokens, latency_s=latency,

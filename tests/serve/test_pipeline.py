@@ -163,3 +163,38 @@ def test_shadow_rate_samples_whole_episodes(agent):
         assert n in (0, 3), n
         sampled += n == 3
     assert 3 <= sampled <= 17, sampled  # ~9 of 30
+
+
+@pytest.mark.parametrize("constrain, slm_on, llm_on", [("slm", True, False), ("all", True, True),
+                                                        ("none", False, False)])
+def test_constrain_option_sets_each_tiers_request_and_the_record_says_so(constrain, slm_on, llm_on):
+    """An arm's `constrain` decides per tier whether the engine enforces the call's constraint (here: an SLM call
+    shadowed on the LLM); each S1 record keeps the constraint and whether it was enforced."""
+    import asyncio
+
+    from slmshift.agents.client import Session
+    from slmshift.platform.types import LMResponse, OutputConstraint
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle, MemoryLog
+
+    class Enforcing(ScriptedEngine):  # reports what an enforcing engine would
+        async def generate(self, requests):
+            self.requests += requests
+            return [LMResponse(text='{"a":1}', model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                               constrained=r.enforced is not None) for r in requests]
+
+    engines = {m.name: Enforcing(m) for m in (TEACHER, STUDENT)}
+    log = MemoryLog()
+    pipeline = CallPipeline(policy=policy_spec(kind="slm", name="arm", shadow="llm", constrain=constrain),
+                            models=[TEACHER, STUDENT], handles={n: LocalHandle(e) for n, e in engines.items()},
+                            params={}, log=log)
+    session = Session(pipeline, experiment_id="exp", scenario="scn", episode_id="ep", task_id="t")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    asyncio.run(session.call(role="r", call_kind="k", messages=[{"role": "user", "content": "x"}], expect="json",
+                             json_schema=schema))
+    assert [r.constrained for r in engines["student"].requests] == [slm_on]
+    assert [r.constrained for r in engines["teacher"].requests] == [llm_on]
+    by_tier = {r["tier"]: r for r in log.records}
+    assert (by_tier["slm"]["constrained"], by_tier["llm"]["constrained"]) == (slm_on, llm_on)
+    assert OutputConstraint.model_validate_json(by_tier["slm"]["constraint"]) == OutputConstraint(
+        format="json", json_schema=schema)
