@@ -117,6 +117,9 @@ def convert(
     min_promotion_tasks: Optional[int] = typer.Option(None, "--min-promotion-tasks", min=1, help="Distinct held-out "
                                                       "tasks an adapter needs before it can be promoted (10)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the split, k-means and LoRA."),
+    incumbent: Optional[str] = typer.Option(None, "--incumbent", help="The adapter registry in force (an earlier "
+                                            "convert's registry.json): a new adapter must also beat its adapter for "
+                                            "the same task, paired by task on the same held-out calls."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show Ray Train / Ray Data workers' own output."),
@@ -140,7 +143,7 @@ def convert(
         defaults = ConvertOptions()
         opts = ConvertOptions.model_validate({
             **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus,
-                   min_promotion_tasks=min_promotion_tasks),
+                   min_promotion_tasks=min_promotion_tasks, incumbent=incumbent),
             "progress": not no_progress, "verbose": verbose,
             "lora": {**defaults.lora.model_dump(), **lora, "activation_checkpointing": not keep_activations},
             "curate": {**defaults.curate.model_dump(), **cur},

@@ -181,9 +181,6 @@ def tuned_policy(policy_file: str, registry: str | None) -> Any:
     return policy_spec(data)
 
 
-CARRY_MIN_SIMILARITY = 0.9  # cosine between an old and a new cluster's centroids for them to be the same task
-
-
 def carry_adapters(previous: str | None, convert_dir: Path, out: Path) -> tuple[str | None, list[str]]:
     """The registry in force after an iteration's convert: its own promoted adapters, plus the earlier registry's
     promoted adapters for the tasks it promoted none for. Returns (registry path or None, carried labels).
@@ -191,35 +188,29 @@ def carry_adapters(previous: str | None, convert_dir: Path, out: Path) -> tuple[
     Without this, an iteration whose retrained adapter lacks the evidence to be promoted would serve the base SLM
     again, while its tune learned thresholds from collect's shadows, which the earlier adapter answered. Each
     iteration re-clusters, so an old adapter is mapped to the new cluster whose centroid is nearest to its own (same
-    call kind, cosine >= CARRY_MIN_SIMILARITY); an old task with no such cluster is not carried."""
-    from slmshift.platform.artifacts import ClusterIndex
-    from slmshift.train.registry import AdapterRegistry
+    call kind, cosine >= SAME_TASK_MIN_SIMILARITY: `registry.same_task_adapters`); an old task with no such cluster
+    is not carried."""
+    from slmshift.train.registry import AdapterRegistry, same_task_adapters
 
     own = AdapterRegistry.load(convert_dir / "registry.json") if (convert_dir / "registry.json").is_file() else None
     own_path = str(own.path) if own and own.promoted() else None
     if not previous or not (convert_dir / "clusters").is_dir():
         return own_path or previous, []
     prev = AdapterRegistry.load(previous)
-    old_index = ClusterIndex.load(prev.clusters_dir)
-    new_index = ClusterIndex.load(convert_dir / "clusters")
-    kinds = [c.get("call_kind") for c in new_index.clusters]
     taken = {e.cluster for e in own.promoted()} if own else set()
     reg = AdapterRegistry.create(out, convert_dir.resolve() / "clusters")
     src = next((x for x in reversed(prev.root.parts) if x.startswith("iter-")), "an earlier iteration")
     for e in own.entries if own else []:
         reg.add(e.model_copy(update={"adapter_dir": str(own.adapter_path(e))}))
     carried = []
-    for e in prev.promoted():
-        sims = new_index.centroids @ old_index.centroids[e.cluster]
-        best = max((j for j in range(len(sims)) if kinds[j] == e.call_kind), key=lambda j: sims[j], default=None)
-        if best is None or best in taken or sims[best] < CARRY_MIN_SIMILARITY:
+    for best, e in sorted(same_task_adapters(prev, convert_dir / "clusters").items()):
+        if best in taken:
             continue
         if any(x.label == e.label and x.cluster != best for x in reg.entries):
             continue  # the new clustering gave the name to another task: serving both under one name is ambiguous
         reg.add(e.model_copy(update={"cluster": best, "adapter_dir": str(prev.adapter_path(e)),
                                      "reason": e.reason if e.reason.startswith("carried") else
                                      f"carried from {src}: {e.reason}"}))
-        taken.add(best)
         carried.append(e.label)
     if not carried:
         return own_path, []
@@ -415,8 +406,9 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
     if stage == "convert":
         from slmshift.train.convert import convert
 
-        rep = convert(state.stage(it, "collect")["run_dir"], str(idir / "convert"), convert_options(loop),
-                      console=console)
+        # a new adapter must beat the one in force for its task, not just the base
+        rep = convert(state.stage(it, "collect")["run_dir"], str(idir / "convert"),
+                      convert_options(loop).model_copy(update={"incumbent": registry}), console=console)
         # A convert dir's registry is relative to it; the one in force (with carried adapters) is iter-N/registry.json.
         in_force, carried = carry_adapters(registry, Path(rep.local_dir or rep.out_dir), idir / "registry.json")
         if carried:

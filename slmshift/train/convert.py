@@ -70,6 +70,10 @@ class ConvertOptions(BaseModel):
     min_promotion_tasks: int = Field(default=10, ge=1, description="Distinct held-out tasks an adapter needs before "
                                      "its accuracy gain can promote it (the task-bootstrap interval must exclude zero; "
                                      "below ~10 tasks a cluster bootstrap's interval is too unreliable to act on).")
+    incumbent: str | None = Field(default=None, description=(
+        "The adapter registry in force (an earlier iteration's): where one of its promoted adapters serves a task "
+        "this convert trains, the new adapter is promoted only if it also beats that one, paired by task on the "
+        "same held-out calls (the rule that promotes over the base)."))
     eval_batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1, description=(
         "Optional cap on a held-out call's generation budget, for a quicker but less faithful check; None: each call "
@@ -167,6 +171,20 @@ def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tu
     return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than the base", ci
 
 
+def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: Any, min_tasks: int = 10,
+              seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
+    """The new adapter against the adapter in force for its task (`incumbent`'s evaluation, same held-out calls):
+    promoted only if it beats the base (`promoted`, `reason`) and the adapter in force, by the same paired
+    task-bootstrap rule. Returns (promoted, reason, the incumbent's figures for the report)."""
+    beats, why, interval = promotion(incumbent, after, min_tasks, seed)
+    figures = {"label": label, "correct_rate": incumbent.correct_rate, "interval": interval, "beats": beats}
+    if not promoted:
+        return False, f"{reason}; against the adapter in force {label!r}: {why}", figures
+    if not beats:
+        return False, f"{reason}; but not over the adapter in force {label!r}, which stays: {why}", figures
+    return True, f"{reason}; and over the adapter in force {label!r}: {why}", figures
+
+
 def serve_snippet(registry_path: str, base_source: str, name: str = "slm-tuned") -> str:
     """The YAML that serves the promoted adapters in the next `slmshift run`: merge into an experiment YAML
     that keeps its LLM, which serves the calls of clusters without a promoted adapter."""
@@ -254,6 +272,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     from slmshift.platform.storage import check, is_uri, join, mirror_dir, normalize, upload
 
     run_dir = check(str(run_dir), "RUN_DIR", write=False)
+    if o.incumbent:  # fail before S2-S4's minutes, not after them
+        from slmshift.train.registry import AdapterRegistry
+
+        AdapterRegistry.load(o.incumbent)
     out_uri = normalize(out_dir, "--out") if out_dir else join(run_dir, "convert")
     out = Path(out_uri)
     if is_uri(out_uri):
@@ -368,7 +390,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
     from slmshift.train.evaluate import evaluate
     from slmshift.train.lora_run import AdapterJob, train_adapters
-    from slmshift.train.registry import AdapterRegistry
+    from slmshift.train.registry import AdapterRegistry, same_task_adapters
 
     import ray
 
@@ -390,6 +412,8 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we did that
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
+    in_force = AdapterRegistry.load(o.incumbent) if o.incumbent else None
+    incumbents = same_task_adapters(in_force, out / "clusters") if in_force else {}
     by_label = {e["label"]: e for e in todo}
     jobs = [AdapterJob(e["id"], e["label"], selections[e["id"]].chosen.source) for e in todo]
     for e in todo:
@@ -415,6 +439,14 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
                 promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
+                if (inc := incumbents.get(e["id"])) is not None:
+                    inc_spec = _resolve_candidates([inc.base_model])[0].model_spec(
+                        threads=threads, adapters={inc.label: str(in_force.adapter_path(inc))})
+                    held = evaluate(val, inc_spec, inc.label, grader, batch_size=o.eval_batch_size,
+                                    max_new_tokens=o.max_new_tokens, progress=prog,
+                                    desc=f"held-out adapter in force {inc.label}")
+                    promoted, reason, e["incumbent"] = challenge(promoted, reason, inc.label, held, after,
+                                                                 o.min_promotion_tasks, o.lora.seed)
                 console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
                 e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
                          promoted=promoted, status=reason, train=tr.model_dump(), interval=interval)

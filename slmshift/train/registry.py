@@ -15,7 +15,9 @@ from pathlib import Path
 from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics, AdapterRegistryFile
 
-__all__ = ["AdapterEntry", "AdapterMetrics", "AdapterRegistry"]
+__all__ = ["AdapterEntry", "AdapterMetrics", "AdapterRegistry", "SAME_TASK_MIN_SIMILARITY", "same_task_adapters"]
+
+SAME_TASK_MIN_SIMILARITY = 0.9  # cosine between an old and a new cluster's centroids for them to be the same task
 
 
 class AdapterRegistry:
@@ -96,3 +98,22 @@ class AdapterRegistry:
         if not p.is_absolute():
             return p.as_posix()  # already relative to the registry
         return Path(os.path.relpath(p.resolve(), self.root)).as_posix()
+
+
+def same_task_adapters(prev: AdapterRegistry, clusters_dir: str | Path) -> dict[int, AdapterEntry]:
+    """`prev`'s promoted adapters by the cluster of a new clustering (`clusters_dir`) that holds the same task.
+
+    Each iteration re-clusters, so an old adapter's task is the new cluster whose centroid is nearest its own, of the
+    same call kind, with cosine >= SAME_TASK_MIN_SIMILARITY; where two old adapters fall on one new cluster, the
+    nearer one wins. An old task with no such cluster is left out."""
+    from slmshift.platform.artifacts import ClusterIndex
+
+    old_index, new_index = ClusterIndex.load(prev.clusters_dir), ClusterIndex.load(clusters_dir)
+    kinds = [c.get("call_kind") for c in new_index.clusters]
+    best: dict[int, tuple[float, AdapterEntry]] = {}
+    for e in prev.promoted():
+        sims = new_index.centroids @ old_index.centroids[e.cluster]
+        j = max((j for j in range(len(sims)) if kinds[j] == e.call_kind), key=lambda j: sims[j], default=None)
+        if j is not None and sims[j] >= SAME_TASK_MIN_SIMILARITY and float(sims[j]) > best.get(j, (-2.0, None))[0]:
+            best[j] = (float(sims[j]), e)
+    return {j: e for j, (_, e) in best.items()}

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slmshift.cli import app
-from slmshift.train.convert import ConvertOptions, promotion
+from slmshift.train.convert import ConvertOptions, challenge, promotion
 from slmshift.train.evaluate import EvalResult
 
 
@@ -107,6 +107,46 @@ def test_promotion_needs_an_interval_above_zero_on_enough_tasks():
     assert promotion(_ev([0] * 9), _ev([1] * 9), min_tasks=5)[0]
     ok, why, _ = promotion(_ev(base), _ev([0] * 40))
     assert not ok and "worse than the base" in why
+
+
+def test_a_new_adapter_must_also_beat_the_one_in_force():
+    base, incumbent = _ev([0] * 40), _ev([1] * 20 + [0] * 20)
+    better, same = _ev([1] * 36 + [0] * 4), _ev([1] * 21 + [0] * 19)
+    ok, why, _ = promotion(base, better)
+    won, why_won, fig = challenge(ok, why, "planner-intent", incumbent, better)
+    assert won and fig["beats"] and fig["correct_rate"] == 0.5 and "over the adapter in force" in why_won
+    ok, why, _ = promotion(base, same)
+    assert ok  # better than the base ...
+    kept, why_kept, fig = challenge(ok, why, "planner-intent", incumbent, same)
+    assert not kept and not fig["beats"] and "not over the adapter in force 'planner-intent', which stays" in why_kept
+    assert fig["interval"]["n"] == 40  # ... but paired with the incumbent by task, the +1 is noise
+    lost, why_lost, _ = challenge(False, "interval includes zero", "planner-intent", incumbent, base)
+    assert not lost and why_lost.startswith("interval includes zero; against the adapter in force")
+
+
+def test_convert_with_an_incumbent_measures_it_on_the_same_held_out_calls(converted, synthetic_log, tmp_path,
+                                                                          tiny_model_dir):
+    """`--incumbent` with the first convert's adapters marked in force: each task's new adapter is judged against
+    the old one on the same held-out calls, and a missing registry fails before any work."""
+    out, _ = converted
+    doc = json.loads((out / "registry.json").read_text())
+    for e in doc["entries"]:
+        e["promoted"] = True
+    (out / "in-force.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--out", str(tmp_path / "again"), "--base",
+                                   tiny_model_dir, "--steps", "2", "--batch-size", "4",
+                                   "--min-train-rows", "2", "--no-progress", "--incumbent", str(out / "in-force.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert rep["options"]["incumbent"] == str(out / "in-force.json")
+    for c in rep["clusters"]:
+        inc = c["incumbent"]
+        assert inc["label"] == c["label"] and inc["interval"]["calls"] == c["n_val"]
+        assert "adapter in force" in c["status"] and (c["promoted"] is False or inc["beats"])
+    res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--out", str(tmp_path / "x"),
+                                   "--incumbent", str(tmp_path / "nope.json")])
+    assert res.exit_code != 0 and "nope.json: file not found" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x" / "curated.parquet").exists()
 
 
 def _correlated(per_task: list[int], calls: int) -> tuple[list[int], list[int], list[str]]:
