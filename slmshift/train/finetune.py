@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slmshift.platform.errors import SlmshiftError
 
 IGNORE = -100  # label value torch's cross-entropy skips
+BUCKET_POOL = 16  # batches' worth of rows sorted by length together (`bucket_by_length`)
 STATE_FILE = "trainer_state.pt"  # beside the adapter in a checkpoint: optimiser, schedule, step, losses
 
 
@@ -39,6 +40,8 @@ class LoraOptions(BaseModel):
     max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; prompts are left-truncated.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and data order.")
     report_every: int = Field(default=10, ge=1, description="Steps between `ray.train.report` metrics.")
+    bucket_by_length: bool = Field(default=True, description="Batch rows of similar length together (within pools "
+                                   "of 16 batches) so little compute goes to padding.")
     checkpoint_every: int = Field(default=10, ge=1, description="Steps between checkpoints (and one at the end); a "
                                   "run that dies resumes from the latest one.")
     activation_checkpointing: bool = Field(default=True, description="Recompute each layer's activations in the "
@@ -154,7 +157,9 @@ class LoopState:
 
     step: int = 0
     losses: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # non-padding tokens (prompt and target)
+    target_tokens: int = 0  # the completion tokens the loss is on: what the run learns from
+    positions: int = 0  # padded batch positions: tokens / positions is the share of compute not wasted on padding
     train_s: float = 0.0
     optimizer: dict[str, Any] | None = None  # state_dicts, filled by `lora_loop` at every step
     scheduler: dict[str, Any] | None = None
@@ -162,8 +167,15 @@ class LoopState:
     def save(self, directory: str, opt: Any, sched: Any) -> None:
         import torch
 
-        torch.save({"step": self.step, "losses": self.losses, "tokens": self.tokens, "train_s": self.train_s,
+        torch.save({"step": self.step, "losses": self.losses, "tokens": self.tokens,
+                    "target_tokens": self.target_tokens, "positions": self.positions, "train_s": self.train_s,
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, Path(directory) / STATE_FILE)
+
+    def stats(self) -> dict[str, float]:
+        s = max(self.train_s, 1e-9)
+        return {"tokens": self.tokens, "target_tokens": self.target_tokens, "train_s": self.train_s,
+                "tokens_per_s": self.tokens / s, "target_tokens_per_s": self.target_tokens / s,
+                "pad_share": 1 - self.tokens / max(self.positions, 1)}
 
     @classmethod
     def restore(cls, model: Any, directory: str) -> LoopState:
@@ -217,20 +229,20 @@ def lora_loop(model: Any, tokenizer: Any, batches: Iterator[dict[str, Any]], opt
         state.step = step
         state.train_s += time.perf_counter() - t0
         state.tokens += int(batch["attention_mask"].sum())
+        state.target_tokens += n
+        state.positions += batch["attention_mask"].numel()
         state.losses.append(float(loss.detach()))
         if not math.isfinite(state.losses[-1]):
             raise SlmshiftError(f"LoRA training diverged at step {step} (loss {state.losses[-1]}). "
                                 "Fix: lower lora.learning_rate.")
-        stats = {"tokens": state.tokens, "train_s": state.train_s,
-                 "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "lr": sched.get_last_lr()[0]}
+        stats = {**state.stats(), "lr": sched.get_last_lr()[0]}
         if on_step is not None:
             on_step(step, state.losses[-1], stats)
         if checkpoint is not None and (step % options.checkpoint_every == 0 or step == options.steps):
             checkpoint(step, opt, sched)
     losses = state.losses
     tail = losses[-max(1, len(losses) // 10):]
-    return {"train_loss_first": losses[0], "train_loss_last": sum(tail) / len(tail), "tokens": state.tokens,
-            "train_s": state.train_s, "tokens_per_s": state.tokens / max(state.train_s, 1e-9)}
+    return {"train_loss_first": losses[0], "train_loss_last": sum(tail) / len(tail), **state.stats()}
 
 
 def repeat_batches(epoch_iter: Callable[[int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
@@ -244,6 +256,28 @@ def repeat_batches(epoch_iter: Callable[[int], Iterable[dict[str, Any]]]) -> Ite
         if empty:
             raise SlmshiftError("the training dataset is empty")
         epoch += 1
+
+
+def bucket_by_length(pools: Iterable[dict[str, Any]], tokenizer: Any, options: LoraOptions, seed: int = 0
+                     ) -> Iterator[dict[str, Any]]:
+    """Training batches of rows of similar length, so little of a batch is padding: each pool (a larger batch of
+    rows, `BUCKET_POOL` batches' worth) is sorted by encoded length, cut into batches of `options.batch_size`, and the
+    batches are yielded in a seeded random order (the loss does not see a short-to-long curriculum)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for pool in pools:
+        messages, targets = list(pool["messages"]), list(pool["target"])
+        lengths = []
+        for m, t in zip(messages, targets):
+            try:
+                lengths.append(len(encode_example(tokenizer, m, str(t), options.max_length)[0]))
+            except (ValueError, TypeError, KeyError):  # unparsable: collate skips it; its place does not matter
+                lengths.append(0)
+        order = np.argsort(lengths, kind="stable")
+        chunks = [order[i:i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+        for k in rng.permutation(len(chunks)):
+            yield {"messages": [messages[i] for i in chunks[k]], "target": [targets[i] for i in chunks[k]]}
 
 
 def setup_peft(base_source: str, options: LoraOptions, device: str = "auto") -> tuple[Any, Any, Any]:

@@ -34,7 +34,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.train.finetune import LoopState, LoraOptions, eval_loss, lora_loop, repeat_batches, setup_peft
+from slmshift.train.finetune import (
+    BUCKET_POOL, LoopState, LoraOptions, bucket_by_length, eval_loss, lora_loop, repeat_batches, setup_peft,
+)
 
 MAX_FAILURES = 3  # worker-group restarts from the latest checkpoint (an OOM-killed worker, a lost node)
 
@@ -53,6 +55,9 @@ class TrainResult(BaseModel):
     val_loss_adapter: float | None
     tokens: int = Field(description="Non-padding tokens the training steps processed.")
     tokens_per_s: float = Field(description="Training-loop throughput (model loading excluded).")
+    target_tokens: int = Field(default=0, description="Completion tokens the loss was on: what the run learns from.")
+    target_tokens_per_s: float = Field(default=0.0, description="Completion tokens per second of training loop.")
+    pad_share: float = Field(default=0.0, description="Share of batch positions that were padding.")
     wall_s: float = Field(description="Whole call: Ray Data read, Ray Train start-up, training, evaluation, save.")
     resumed_from_step: int = Field(default=0, description="The checkpoint's step the last attempt started from "
                                    "(0: it ran from the start).")
@@ -94,9 +99,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         trained = ray.train.torch.prepare_model(model, move_to_device=False)
     val_rows = [r for r in ray.train.get_dataset_shard("val").iter_rows()] if config["n_val"] else []
     shard = ray.train.get_dataset_shard("train")
-    batches = repeat_batches(lambda epoch: shard.iter_batches(
-        batch_size=options.batch_size, batch_format="numpy", local_shuffle_buffer_size=max(options.batch_size, 64),
-        local_shuffle_seed=options.seed + epoch))
+    pool = options.batch_size * (BUCKET_POOL if options.bucket_by_length else 1)
+
+    def epoch_batches(epoch: int) -> Iterator[dict[str, Any]]:
+        rows = shard.iter_batches(batch_size=pool, batch_format="numpy", local_shuffle_seed=options.seed + epoch,
+                                  local_shuffle_buffer_size=max(pool, 64))
+        return bucket_by_length(rows, tokenizer, options, options.seed + epoch) if options.bucket_by_length else rows
+
+    batches = repeat_batches(epoch_batches)
     steps_out = config.get("steps_out") if rank == 0 else None
     node = ray.get_runtime_context().get_node_id()
 
@@ -113,8 +123,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics(step, loss, stats))
 
     def checkpoint(step: int, opt: Any, sched: Any) -> None:
-        m = metrics(step, state.losses[-1], {"tokens": state.tokens, "train_s": state.train_s,
-                                              "tokens_per_s": state.tokens / max(state.train_s, 1e-9)})
+        m = metrics(step, state.losses[-1], state.stats())
         if step == options.steps:
             tail = state.losses[-max(1, len(state.losses) // 10):]  # as lora_loop's own summary
             m.update(val_loss_base=eval_loss(model, tokenizer, val_rows, options, dev, base=True),
@@ -299,6 +308,8 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
                        train_loss_first=m["train_loss_first"], train_loss_last=m["train_loss_last"],
                        val_loss_base=m.get("val_loss_base"), val_loss_adapter=m.get("val_loss_adapter"),
                        tokens=int(m["tokens"]), tokens_per_s=float(m["tokens_per_s"]),
+                       target_tokens=int(m["target_tokens"]), target_tokens_per_s=float(m["target_tokens_per_s"]),
+                       pad_share=float(m["pad_share"]),
                        wall_s=time.perf_counter() - t_start, resumed_from_step=int(m.get("resumed_from_step", 0)),
                        node_id=str(m.get("node_id", "")))
 

@@ -80,6 +80,9 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     assert trained.val_loss_adapter < 0.5 * trained.val_loss_base
     assert trained.train_loss_last < trained.train_loss_first
     assert trained.tokens > 0 and trained.tokens_per_s > 0
+    # throughput is also counted in what the loss learns from: completion tokens only, not the prompts
+    assert 0 < trained.target_tokens < trained.tokens and 0 < trained.target_tokens_per_s < trained.tokens_per_s
+    assert 0 <= trained.pad_share < 1
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
     ckpts = [c for c in (convert_dir / "checkpoints").glob("planner-intent-*/checkpoint_*") if c.is_dir()]
     assert len(ckpts) == 2 and all((c / "adapter_config.json").is_file() and (c / STATE_FILE).is_file()
@@ -186,3 +189,26 @@ def test_a_resumed_loop_continues_as_if_never_stopped(tiny_model_dir, tmp_path):
     assert state.step == 3 and state.losses == head
     tail = run(state=state, model=fresh)
     assert head + tail == pytest.approx(straight, rel=1e-5)
+
+
+def test_length_buckets_cover_every_row_once_with_less_padding(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from slmshift.train.finetune import bucket_by_length, collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opts = LoraOptions(batch_size=4, max_length=512)
+    rows = [(json.dumps([{"role": "user", "content": "x " * (5 + (i * 37) % 200)}]), f"answer {i}") for i in range(32)]
+    pool = {"messages": [m for m, _ in rows], "target": [t for _, t in rows]}
+
+    def pad_share(batches):
+        cells = [collate(tok, b["messages"], b["target"], 512)["attention_mask"] for b in batches]
+        return 1 - sum(int(c.sum()) for c in cells) / sum(c.numel() for c in cells)
+
+    bucketed = list(bucket_by_length([pool], tok, opts, seed=1))
+    plain = [{k: v[i:i + 4] for k, v in pool.items()} for i in range(0, 32, 4)]
+    assert sorted(t for b in bucketed for t in b["target"]) == sorted(pool["target"])  # each row once
+    assert all(len(b["target"]) == 4 for b in bucketed)
+    assert pad_share(bucketed) < 0.5 * pad_share(plain)
+    assert [b["target"] for b in bucket_by_length([pool], tok, opts, seed=1)] == [b["target"] for b in bucketed]
+    assert [b["target"] for b in bucket_by_length([pool], tok, opts, seed=2)] != [b["target"] for b in bucketed]
