@@ -17,9 +17,10 @@ from slmshift.platform.scenario import (
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.bfcl import (
-    CATEGORIES, INTENT_SCHEMA, BFCLTask, Grade, call_messages, distractor_calls, grade_calls, grade_intent,
+    CATEGORIES, BFCLTask, Grade, call_messages, distractor_calls, grade_calls, grade_intent,
     intent_distractors, intent_messages, intent_reference, load_tasks, reference_call,
 )
+from slmshift.scenarios.bfcl.constraints import call_constraint, intent_constraint
 from slmshift.scenarios.bfcl.data import MULTI_TURN_CATEGORIES, task_by_id
 from slmshift.scenarios.bfcl.grader import parse_intent
 
@@ -55,8 +56,8 @@ class OperatorScenario(Scenario):
     async def run_episode(self, task: BFCLTask, session: EpisodeSession) -> Outcome:
         o = self.options
         intent = await session.call(
-            role="planner", call_kind="intent", category="template", messages=intent_messages(task), expect="json",
-            json_schema=INTENT_SCHEMA, max_tokens=o.intent_max_tokens, temperature=o.temperature,
+            role="planner", call_kind="intent", category="template", messages=intent_messages(task),
+            constraint=intent_constraint(task), max_tokens=o.intent_max_tokens, temperature=o.temperature,
             hidden=Hidden(answer=intent_reference(task), distractors=intent_distractors(task, self.seed)),
             check=lambda text: grade_intent(task, text))
         selected = _selected(intent.text) if intent.valid else None
@@ -65,13 +66,14 @@ class OperatorScenario(Scenario):
             return Outcome(success=grade.correct, reward=float(grade.correct),
                            detail=("correct" if grade.correct else "planner chose no function")[:200])
         messages = call_messages(task, selected)
+        constraint = call_constraint(task, selected)  # the calls of the functions the Operator is shown
         # The Operator sees only the functions the Planner picked: a wrong pick handicaps a teacher too.
         hidden = Hidden(answer=reference_call(task), distractors=distractor_calls(task, self.seed),
                         upstream_ok=went_right(intent))
         for attempt in range(o.retries + 1):
             call = await session.call(
                 role="operator", call_kind="function_call", category="template" if attempt == 0 else "debugging",
-                messages=messages, expect="code", max_tokens=o.call_max_tokens, temperature=o.temperature,
+                messages=messages, constraint=constraint, max_tokens=o.call_max_tokens, temperature=o.temperature,
                 hidden=hidden, check=lambda text: grade_calls(task, text))
             if call.valid:
                 break

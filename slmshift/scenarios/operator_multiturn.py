@@ -19,8 +19,9 @@ from pydantic import Field, field_validator
 from slmshift.platform.scenario import (
     EpisodeSession, Outcome, Scenario, ScenarioOptions, register_scenario, require_known, went_right,
 )
-from slmshift.platform.types import Hidden
-from slmshift.scenarios.bfcl.grader import INTENT_SCHEMA, Grade, parse_intent
+from slmshift.platform.types import Hidden, OutputConstraint
+from slmshift.scenarios.bfcl.constraints import names_schema, step_constraint
+from slmshift.scenarios.bfcl.grader import Grade, parse_intent
 from slmshift.scenarios.bfcl.multiturn.data import (
     MAX_STEPS, MT_CATEGORIES, MultiTurnTask, load_multi_turn_tasks, mt_task_by_id,
 )
@@ -85,8 +86,9 @@ class OperatorMultiTurnScenario(Scenario):
             history += opening
             request = "\n".join(m["content"] for m in opening if m.get("role") == "user")
             intent = await session.call(
-                role="planner", call_kind="intent", category="template", expect="json",
-                messages=planner_messages(task, turn, digest), json_schema=INTENT_SCHEMA,
+                role="planner", call_kind="intent", category="template",
+                messages=planner_messages(task, turn, digest), constraint=OutputConstraint(
+                    format="json", json_schema=names_schema([f["name"] for f in task.functions_at(turn)])),
                 max_tokens=o.intent_max_tokens, temperature=o.temperature,
                 hidden=Hidden(answer=intent_reference(task, turn), distractors=intent_distractors(task, turn, seed)),
                 check=lambda text, t=turn: self._grade_intent(task, t, text), context={"turn": turn})
@@ -107,7 +109,8 @@ class OperatorMultiTurnScenario(Scenario):
                 while True:
                     done = list(executed)
                     call = await session.call(
-                        role="operator", call_kind="function_call", expect="code",
+                        role="operator", call_kind="function_call", constraint=step_constraint(
+                            task.functions_at(turn) if o.operator_functions == "all" else docs),
                         category="debugging" if had_error else "template",
                         messages=operator_messages(task, history, docs),
                         max_tokens=o.call_max_tokens, temperature=o.temperature,

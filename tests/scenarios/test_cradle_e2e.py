@@ -23,7 +23,7 @@ experiment: {{name: cradle-e2e, seed: 1, storage: {storage}}}
 {models}router:
   policies:
     - {{kind: llm, name: all-llm}}
-    - {{kind: slm, name: all-slm}}
+    - {{kind: slm, name: all-slm, constrain: none}}  # the random model's failure path (constrained: test_constraints)
     - {{kind: call_kind, name: split, map: {{info_gathering: slm, self_reflection: slm, task_inference: slm,
                                              action_planning: llm}}}}
 scenarios:
@@ -139,7 +139,7 @@ REAL_ONLY = """\
 experiment: {{name: cradle-real, seed: 2, storage: {storage}}}
 {models}router:
   policies:
-    - {{kind: slm, name: real}}
+    - {{kind: slm, name: real, constrain: none}}
 scenarios:
   - kind: cradle
     episodes: 3
@@ -163,7 +163,7 @@ def real_run(run, ray_cluster, tiny_teacher_models, tmp_path_factory):
     cfg = load(path, scenario_options())
     assert CradleScenario.check_models(cfg.scenarios[0], cfg.models, cfg.router.policies) == []
     # the same tasks under an arm that can call the simulated teacher are refused, naming the arm
-    teacher_arm = path.read_text().replace("{kind: slm, name: real}", "{kind: llm, name: teacher-arm}")
+    teacher_arm = path.read_text().replace("{kind: slm, name: real, constrain: none}", "{kind: llm, name: teacher-arm}")
     (storage / "teacher.yaml").write_text(teacher_arm)
     with pytest.raises(ConfigError) as e:  # the config check refuses it before anything starts
         load(storage / "teacher.yaml", scenario_options())
@@ -179,5 +179,6 @@ def test_a_real_model_plays_tasks_the_solver_does_not_know(real_run):
     df = read_interactions(real_run.run_dir)
     assert set(df.model) == {"tiny"} and set(df.backend) == {"hf"}  # no call ever reached the teacher
     acts = df[df.call_kind == "action_planning"]
-    assert len(acts) == 6 and acts["error"].notna().all()  # two turns each; a random model writes no valid action
+    # two turns each; a random model left unconstrained writes no valid action
+    assert len(acts) == 6 and acts["error"].notna().all() and not acts["constrained"].any()
     assert set(df.call_kind) == {"info_gathering", "action_planning"}

@@ -12,7 +12,7 @@ from slmshift.platform.config import ScenarioSpec, load_config
 from slmshift.platform.errors import ConfigError, SlmshiftError
 from slmshift.platform.scenario import scenario_class, scenario_options
 from slmshift.scenarios.cradle import CradleScenario, prompts
-from slmshift.scenarios.cradle.actions import Action, ParseError, parse_action
+from slmshift.scenarios.cradle.actions import Action, ParseError, action_constraint, parse_action
 from slmshift.scenarios.cradle.browser import browser_paths
 from slmshift.scenarios.cradle.observe import clickable_refs, render
 from slmshift.scenarios.cradle.teacher import TASKS, distractor_actions, solve
@@ -116,6 +116,17 @@ def test_solver_and_checkers_agree():
     assert prompts.check_inference(plan.subtask, 8, None).correct is True
     checked = {**CHECKBOXES, "elements": [dict(e, value=True) if e["ref"] == 8 else e for e in CHECKBOXES["elements"]]}
     assert solve("click-checkboxes", checked, [plan.action]).action == Action("click", (9,))
+
+
+def test_action_constraint_holds_the_grammar_and_the_pages_refs(breaks_constraint):
+    refs = clickable_refs(CHECKBOXES)
+    c = action_constraint(refs)
+    plan = solve("click-checkboxes", CHECKBOXES, [])
+    for ok in [str(plan.action), 'type(6, "Jerald \\"J\\" é")', 'press("Ctrl+A")', f'type(9, "{"x" * 64}")']:
+        assert breaks_constraint(c, ok) is None, ok
+        assert parse_action(ok, refs)  # what the constraint allows, the scenario's parser accepts
+    for bad in ["click(3)", "Action: click(8)", 'press("F5")', f'type(9, "{"x" * 65}")', "click(8) click(9)"]:
+        assert breaks_constraint(c, bad) is not None, bad
 
 
 def test_declared_tasks_cover_the_issue():

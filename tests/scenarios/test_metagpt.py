@@ -20,7 +20,9 @@ from slmshift.platform.sandbox import run_python
 from slmshift.platform.scenario import scenario_class, scenario_options
 from slmshift.scenarios.metagpt import MetaGPTScenario, check_program, load_problems, teacher
 from slmshift.scenarios.metagpt.data import answer_key_paths, grade_code, trusted_tests
-from slmshift.scenarios.metagpt.schemas import PRD, Design, RunSummary, TaskList, check_json, check_tests, extract_code
+from slmshift.scenarios.metagpt.schemas import (
+    PRD, Design, RunSummary, TaskList, check_json, check_tests, constraint_for, extract_code,
+)
 from slmshift.scenarios.metagpt.sop import ROLES, Message, MessagePool, SOPError, build_sop, role_order, run_sop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,6 +226,18 @@ def test_teacher_references_are_right_and_distractors_wrong():
     assert len(muts) >= 15 and all(extract_code(m, p.entry_point).valid for p, m in muts)
     failing = sum(not grade_code(p, m).ok for p, m in muts)
     assert failing >= 0.8 * len(muts)
+
+
+def test_teacher_references_satisfy_every_calls_constraint(breaks_constraint):
+    """All 164 problems: each call kind's reference holds the constraint the engine enforces for that kind."""
+    refs = {"prd": teacher.prd_ref, "design": teacher.design_ref, "tasks": teacher.tasks_ref,
+            "code": teacher.code_ref, "debug": teacher.code_ref, "tests": teacher.tests_ref}
+    failures = []
+    for p in load_problems(n=164, seed=0):
+        answers = [(kind, ref(p).answer) for kind, ref in refs.items()]
+        answers += [("summary", teacher.summary_ref(ok, 'failed: "x"\n' * 30).answer) for ok in (True, False)]
+        failures += [(p.id, kind, why) for kind, text in answers if (why := breaks_constraint(constraint_for(kind), text))]
+    assert failures == []
 
 
 def test_tasks_are_seeded_and_follow_the_options():

@@ -20,7 +20,7 @@ INTENT_SYSTEM_PROMPT = (
     "Decide which of the listed functions are needed to fulfil the request. A request may need "
     "one function, several different functions, or the same function more than once (list each "
     "name once). Use only names from the list, spelled exactly as given.\n\n"
-    'Answer ONLY with JSON of the form {"functions": ["function_name", ...]} and nothing else: '
+    'Answer ONLY with JSON of the form {"functions":["function_name",...]} and nothing else: '
     "no explanation, no code fences, no function arguments."
 )
 _DESCRIPTION_CHARS = 160
@@ -30,7 +30,7 @@ INTENT_EXAMPLE = [
     {"role": "user", "content": "Request:\nWhat is the weather in Paris in celsius?\n\nAvailable functions:\n"
                                 "- get_weather: Current weather for a city.\n- get_time: Current time in a time zone."
                                 "\n\nWhich functions are needed?"},
-    {"role": "assistant", "content": '{"functions": ["get_weather"]}'},
+    {"role": "assistant", "content": '{"functions":["get_weather"]}'},  # compact: the canonical form (canonical_json)
 ]
 
 

@@ -5,11 +5,11 @@ call's `Hidden` reference); they never enter a prompt. Tests use them to sanity-
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from typing import Any
 
+from slmshift.platform.types import canonical_json
 from slmshift.scenarios.bfcl.data import BFCLTask, expected_function_names, function_names
 from slmshift.scenarios.bfcl.grader import grade_calls
 
@@ -53,10 +53,12 @@ def _reference_calls(task: BFCLTask) -> list[tuple[str, dict[str, Any]]]:
         for name, params in call.items():
             doc = _function_doc(task, name)["parameters"]
             props, required = doc.get("properties", {}), doc.get("required", [])
+            # in the function's declared order: the canonical form the call grammar enforces (constraints.py)
+            order = list(props) + [p for p in params if p not in props]
             args = {
-                p: _ref_value(props.get(p, {}), vs)
-                for p, vs in params.items()
-                if "" not in vs or p in required
+                p: _ref_value(props.get(p, {}), params[p])
+                for p in order
+                if p in params and ("" not in params[p] or p in required)
             }
             calls.append((name, args))
     return calls
@@ -190,8 +192,8 @@ def distractor_calls(task: BFCLTask, seed: int = 0) -> list[str]:
 def intent_reference(task: BFCLTask) -> str:
     """The correct intent JSON (no function for an irrelevance task)."""
     if task.checker == "relevance":
-        return json.dumps({"functions": [_best_function(task)["name"]]})
-    return json.dumps({"functions": expected_function_names(task)})
+        return canonical_json({"functions": [_best_function(task)["name"]]})
+    return canonical_json({"functions": expected_function_names(task)})
 
 
 def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
@@ -199,9 +201,9 @@ def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
     selected. (An unneeded one added is not wrong: see `intent_verdict`.)"""
     rng = random.Random(f"slmshift-bfcl-intent:{seed}:{task.id}")
     if task.checker == "irrelevance":
-        return [json.dumps({"functions": [n]}) for n in rng.sample(function_names(task), min(3, len(task.functions)))]
+        return [canonical_json({"functions": [n]}) for n in rng.sample(function_names(task), min(3, len(task.functions)))]
     if task.checker == "relevance":
-        return [json.dumps({"functions": []})]
+        return [canonical_json({"functions": []})]
     expected = expected_function_names(task)
     others = [n for n in function_names(task) if n not in expected]
     out: list[list[str]] = []
@@ -214,4 +216,4 @@ def intent_distractors(task: BFCLTask, seed: int = 0) -> list[str]:
         out.append(expected[:i] + [extra] + expected[i + 1 :])
     rng.shuffle(out)
     out.append([])  # "nothing to call" is always wrong here, so keep it as the last resort
-    return [json.dumps({"functions": names}) for names in out][:3]
+    return [canonical_json({"functions": names}) for names in out][:3]

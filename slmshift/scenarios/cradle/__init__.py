@@ -32,7 +32,7 @@ from slmshift.platform.scenario import (
 )
 from slmshift.platform.types import Hidden
 from slmshift.scenarios.cradle import prompts
-from slmshift.scenarios.cradle.actions import Action, parse_action
+from slmshift.scenarios.cradle.actions import Action, action_constraint, parse_action
 from slmshift.scenarios.cradle.browser import browser_paths  # stdlib only at import; selenium loads in the actor
 from slmshift.scenarios.cradle.catalog import UNSUPPORTED, all_tasks, supported_tasks, unsupported_reason
 from slmshift.scenarios.cradle.grading import grade_output, page_context, target_of
@@ -237,7 +237,7 @@ class CradleScenario(Scenario):
             ctx = page_context(obs, taken)
             notes, notes_ok = await self._notes(task, session, obs, page, refs, plan, last, taken, ctx)
             call = await session.call(
-                role="actor", call_kind="action_planning", category="template", expect="action",
+                role="actor", call_kind="action_planning", category="template", constraint=action_constraint(refs),
                 messages=prompts.action_messages(page, notes, [str(a) for a in taken], examples),
                 max_tokens=o.action_max_tokens, temperature=o.temperature,
                 hidden=self._action_hidden(obs, plan, notes_ok),

@@ -7,6 +7,9 @@
 
 One call per action. Prose around the call (``Action: click(4)``, code fences) is tolerated; anything else is a
 `ParseError` whose message says what is wrong, and the scenario records it as an invalid call.
+
+`action_constraint(refs)` is the same grammar as an output constraint, in its canonical form (`str(Action)`: one
+call, the page's refs only, text as a JSON string of at most 64 characters, a known key), which engines enforce.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from slmshift.platform.types import OutputConstraint
 
 TEXT_MAX_LEN = 64  # miniwob's TYPING_MAX_LENGTH
 # Key names the grammar accepts -> miniwob's PRESS_KEY names (a subset of its DEFAULT_ALLOWED_KEYS).
@@ -26,6 +32,19 @@ _ARITY = {"click": (("ref", int),), "type": (("ref", int), ("text", str)), "pres
 # A verb inside another expression (a string, an attribute, an argument) is not an action: exec('click(4)').
 _START = re.compile(r"(?<![\w.'\"(\[,=])(click|type|press)\s*\(")
 GRAMMAR = 'click(ref) | type(ref, "text") | press("Enter")'
+
+
+_JSON_CHAR = r'([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+
+
+def action_constraint(refs: Iterable[int]) -> OutputConstraint:
+    """The action grammar as a regex over the page's `refs`: what `str(Action)` writes and `parse_action` accepts."""
+    keys = "|".join(re.escape(k) for k in KEYS)
+    alts = [rf'press\("({keys})"\)']
+    ref = "|".join(str(r) for r in sorted(set(refs)))
+    if ref:
+        alts = [rf"click\(({ref})\)", rf'type\(({ref}), "{_JSON_CHAR}{{0,{TEXT_MAX_LEN}}}"\)', *alts]
+    return OutputConstraint(format="action", regex="|".join(alts))
 
 
 class ParseError(ValueError):

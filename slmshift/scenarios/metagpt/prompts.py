@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from slmshift.platform.types import canonical_json
 from slmshift.scenarios.metagpt.data import Problem
 
 _SYSTEM = {
@@ -27,7 +26,7 @@ def _msgs(role: str, user: str) -> list[dict[str, str]]:
 
 
 def _json_tail(kind: str) -> str:
-    return f"\nReply with only a JSON object of this form:\n{json.dumps(_JSON_FORMAT[kind])}"
+    return f"\nReply with only a JSON object of this form:\n{canonical_json(_JSON_FORMAT[kind])}"
 
 
 def prd_messages(p: Problem) -> list[dict[str, str]]:

@@ -17,13 +17,11 @@ from slmshift.platform.types import Hidden
 from slmshift.scenarios.metagpt import prompts, teacher
 from slmshift.scenarios.metagpt.data import Problem, answer_key_paths, grade_code_async
 from slmshift.scenarios.metagpt.grading import check_design, check_summary, grade_output
-from slmshift.scenarios.metagpt.schemas import SCHEMAS, Check, check_tests, extract_code
+from slmshift.scenarios.metagpt.schemas import Check, check_tests, constraint_for, extract_code
 from slmshift.scenarios.metagpt.sop import Message, MessagePool
 
 CATEGORY = {"prd": "template", "design": "reasoning", "tasks": "template", "code": "reasoning",
             "debug": "debugging", "tests": "reasoning", "summary": "template"}
-EXPECT = {"prd": "json", "design": "json", "tasks": "json", "summary": "json", "code": "code", "debug": "code",
-          "tests": "code"}
 
 
 @dataclass
@@ -56,8 +54,7 @@ class Company:
         for _ in range(self.format_retries + 1):
             # the checker runs inside the call pipeline (which records its verdict and returns it with the result)
             res = await self.session.call(
-                role=role, call_kind=kind, category=CATEGORY[kind], messages=messages, expect=EXPECT[kind],
-                json_schema=SCHEMAS[kind].model_json_schema() if kind in SCHEMAS else None,
+                role=role, call_kind=kind, category=CATEGORY[kind], messages=messages, constraint=constraint_for(kind),
                 max_tokens=self.max_tokens[kind], temperature=self.temperature, hidden=hidden, check=check,
                 context=context)
             text = res.text

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import ast
 import doctest
-import json
 import re
 
-from slmshift.platform.types import Hidden
+from slmshift.platform.types import Hidden, canonical_json
 from slmshift.scenarios.metagpt.data import Problem
 
 __all__ = ["prd_ref", "design_ref", "tasks_ref", "code_ref", "tests_ref", "summary_ref", "mutants", "docstring"]
@@ -73,8 +72,8 @@ def prd_ref(p: Problem) -> Hidden:
     s = _sentences(p)
     ok = {"goals": [f"Provide `{p.entry_point}`: {s[0]}"],
           "user_stories": [f"As a developer, I want to call {p.entry_point} so that: {s[0]}"], "requirements": s}
-    answer = json.dumps(ok)
-    return Hidden(answer=answer, distractors=[_broken(answer), json.dumps({"goals": ok["goals"]})])
+    answer = canonical_json(ok)
+    return Hidden(answer=answer, distractors=[_broken(answer), canonical_json({"goals": ok["goals"]})])
 
 
 def design_ref(p: Problem) -> Hidden:
@@ -82,15 +81,15 @@ def design_ref(p: Problem) -> Hidden:
     ok = {"approach": " ".join(s[:2]), "signature": signature(p),
           "edge_cases": [f"{src} -> {want}" for src, want in _examples(p)[:3]] or ["empty input"]}
     wrong = dict(ok, signature=signature(p).replace(p.entry_point, p.entry_point + "_impl", 1))
-    answer = json.dumps(ok)
-    return Hidden(answer=answer, distractors=[_broken(answer), json.dumps(wrong)])
+    answer = canonical_json(ok)
+    return Hidden(answer=answer, distractors=[_broken(answer), canonical_json(wrong)])
 
 
 def tasks_ref(p: Problem) -> Hidden:
     ok = {"tasks": [f"Write {signature(p)} in one module", "Implement: " + _sentences(p)[0],
                     "Handle the edge cases from the design", "Check the docstring examples"]}
-    answer = json.dumps(ok)
-    return Hidden(answer=answer, distractors=[_broken(answer), json.dumps({"tasks": []})])
+    answer = canonical_json(ok)
+    return Hidden(answer=answer, distractors=[_broken(answer), canonical_json({"tasks": []})])
 
 
 class _Mutate(ast.NodeTransformer):
@@ -184,5 +183,5 @@ def summary_ref(passed: bool, reason: str) -> Hidden:
         {"status": "FAIL", "send_to": "Engineer", "reason": reason[:200]}
     flipped = {"status": "FAIL", "send_to": "Engineer", "reason": "the tests look wrong"} if passed else \
         {"status": "PASS", "send_to": "NoOne", "reason": "looks fine"}
-    answer = json.dumps(ok)
-    return Hidden(answer=answer, distractors=[json.dumps(flipped), _broken(answer)])
+    answer = canonical_json(ok)
+    return Hidden(answer=answer, distractors=[canonical_json(flipped), _broken(answer)])

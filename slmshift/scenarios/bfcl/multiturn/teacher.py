@@ -9,9 +9,9 @@ Only a `simulated` engine reads them; they never enter a prompt.
 
 from __future__ import annotations
 
-import json
 import random
 
+from slmshift.platform.types import canonical_json
 from slmshift.scenarios.bfcl.multiturn.data import MultiTurnTask
 from slmshift.scenarios.bfcl.multiturn.executor import ParsedCall, parse_step
 from slmshift.scenarios.bfcl.multiturn.grader import (
@@ -28,16 +28,17 @@ CANNOT_DO = ("I cannot complete this request yet: a function it needs is not ava
 
 
 def keyword_form(task: MultiTurnTask, call: ParsedCall) -> str:
-    """The call with positional arguments named (BFCL's prompt asks for ``func(param=value)``)."""
+    """The call with positional arguments named (BFCL's prompt asks for ``func(param=value)``), in the signature's
+    order."""
     key = canonical(task, call)
-    if key is None or not call.args:
+    if key is None:
         return call.render()
     name, full = key
     named = list(call.kwargs)
-    # keep what the ground truth wrote: its positional ones by name, then its keywords; no filled-in defaults
+    # keep what the ground truth wrote (its positional ones by name, and its keywords; no filled-in defaults), in the
+    # signature's order: the canonical form the step constraint enforces (bfcl/constraints.py)
     positional = [p for p in full if p not in named][: len(call.args)]
-    args = {p: full[p] for p in positional} | {k: full[k] for k in named}
-    return ParsedCall(name=name, kwargs=args).render()
+    return ParsedCall(name=name, kwargs={p: full[p] for p in full if p in positional or p in named}).render()
 
 
 def _render(task: MultiTurnTask, calls: list[ParsedCall]) -> str:
@@ -88,7 +89,7 @@ def step_distractors(task: MultiTurnTask, turn: int, executed: list[str], seed: 
 
 
 def intent_reference(task: MultiTurnTask, turn: int) -> str:
-    return json.dumps({"functions": turn_functions(task, turn)})
+    return canonical_json({"functions": turn_functions(task, turn)})
 
 
 def intent_distractors(task: MultiTurnTask, turn: int, seed: int = 0) -> list[str]:
@@ -104,7 +105,7 @@ def intent_distractors(task: MultiTurnTask, turn: int, seed: int = 0) -> list[st
         options.append(expected[1:])
     if expected:
         options.append([])
-    out = [json.dumps({"functions": o}) for o in options]
+    out = [canonical_json({"functions": o}) for o in options]
     return [d for d in out if not grade_turn_intent(task, turn, d).correct][:3]
 
 
