@@ -18,12 +18,13 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmshift.platform.types import canonical_json
 from slmshift.train.scrub import Scrubber
 
 __all__ = ["CurateOptions", "CurateResult", "curate", "split_by_group", "CURATED_COLUMNS"]
 
 CURATED_COLUMNS = ["record_id", "episode_id", "task_id", "scenario", "role", "call_kind", "category", "expect",
-                   "messages", "target", "context", "max_tokens"]
+                   "messages", "target", "context", "max_tokens", "constraint"]
 Rule = Literal["episode_or_call", "episode", "call", "episode_and_call", "valid"]
 
 
@@ -110,6 +111,17 @@ def _near_dup_mask(texts: list[str], threshold: float, seed: int) -> list[bool]:
     return dup
 
 
+def _canonical_target(target: str, constraint: str | None) -> str:
+    """A JSON answer to a call with a JSON-schema constraint, re-serialised canonically (the form the constraint
+    enforces, so a LoRA target never teaches whitespace the constrained SLM may not write); anything else as is."""
+    if not isinstance(constraint, str) or '"json_schema"' not in constraint:
+        return target
+    try:
+        return canonical_json(json.loads(target))
+    except ValueError:
+        return target
+
+
 def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResult:
     """Filter, scrub and de-duplicate S1 records (from `read_interactions`). Returns the kept rows with the
     curated columns (no split or cluster yet) and counts for the report."""
@@ -134,6 +146,9 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
         kept[col] = kept[col].fillna("").astype(str)
     if "context" not in kept.columns:  # logs written before calls carried their grading context
         kept["context"] = None
+    if "constraint" not in kept.columns:  # logs written before calls carried their output constraint
+        kept["constraint"] = None
+    kept["target"] = [_canonical_target(t, c) for t, c in zip(kept["target"], kept["constraint"])]
     # The budget the call was served with, where the log records it: held-out calls are generated with it. Logs
     # written before records carried it leave it empty; convert then fills it from the run's scenarios
     # (evaluate.served_max_tokens).

@@ -19,7 +19,7 @@ import pandas as pd
 
 from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.scorers import outcome
-from slmshift.platform.types import LMRequest, ModelSpec
+from slmshift.platform.types import LMRequest, ModelSpec, OutputConstraint
 
 __all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match",
            "served_max_tokens", "DEFAULT_MAX_TOKENS"]
@@ -159,7 +159,10 @@ def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) ->
         reqs.append(LMRequest(
             experiment_id="convert-eval", episode_id=str(r.get("episode_id", "")), call_index=i,
             scenario=str(r.get("scenario", "")), role=str(r.get("role", "")), call_kind=str(r.get("call_kind", "")),
-            task_id=str(r.get("task_id", "")), messages=json.loads(r["messages"]), expect=r.get("expect") or "text",
+            task_id=str(r.get("task_id", "")), messages=json.loads(r["messages"]),
+            # the call's logged constraint, enforced as the SLM tier is served by default (constrain: slm)
+            constraint=OutputConstraint.model_validate_json(r["constraint"]) if isinstance(r.get("constraint"), str)
+            else OutputConstraint(format=r.get("expect") or "text"),
             max_tokens=mt, temperature=0.0, adapter=adapter))
     return reqs
 

@@ -104,3 +104,19 @@ def test_a_cluster_with_one_group_stays_in_train():
     rows = pd.DataFrame({"episode_id": ["e1", "e1", "e2"], "task_id": ["t1", "t1", "t2"], "cluster": [0, 1, 1]})
     split = split_by_group(rows, 0.5, seed=0)
     assert split[rows["cluster"] == 0].tolist() == ["train"]  # nothing left to train on otherwise
+
+
+def test_json_targets_follow_the_calls_constraint_in_canonical_form(log_df):
+    """A JSON answer to a call with a JSON-schema constraint becomes the canonical serialisation the constrained SLM
+    is held to; the constraint travels with the row (held-out evaluation enforces it)."""
+    from slmshift.platform.types import OutputConstraint
+
+    df = log_df.copy()
+    kept = curate(df).rows["record_id"]
+    i = df.index[df["id"] == kept.iloc[0]][0]
+    c = OutputConstraint(format="json", json_schema={"type": "object"}).to_json()
+    df.loc[i, "output"], df.loc[i, "constraint"] = '{"functions": ["f", "g"],\n "n": "é"}', c
+    rows = curate(df).rows.set_index("record_id")
+    assert rows.loc[kept.iloc[0], "target"] == '{"functions":["f","g"],"n":"é"}'
+    assert rows.loc[kept.iloc[0], "constraint"] == c
+    assert rows.drop(index=kept.iloc[0])["constraint"].isna().all()
