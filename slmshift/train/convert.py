@@ -324,9 +324,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
 
     # S4 --------------------------------------------------------------------------------------------
-    from slmshift.train.select import RULE, select_candidates
+    from slmshift.train.select import RULE, collected_answers, select_candidates
 
     t = time.perf_counter()
+    answers = collected_answers(run_dir)  # collect's graded SLM answers stand for the held-out calls they cover
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
     selections = {}
@@ -340,14 +341,22 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             if len(val) >= o.min_val_rows:
                 sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
                                         batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
-                                        progress=prog)
+                                        progress=prog, answers=answers)
                 selections[c["id"]] = sel
+                from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
+                groups, _, _ = _task_groups(sel.before.verdicts)
+                _, low, high = paired_interval([False] * len(val), [bool(v["correct"]) for v in sel.before.verdicts],
+                                               groups, seed=o.lora.seed)  # the accuracy itself, tasks resampled
                 entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
-                             before=sel.before.summary(), before_verdicts=sel.before.verdicts)
+                             before=sel.before.summary(), before_verdicts=sel.before.verdicts,
+                             before_interval={"low": low, "high": high, "n": len(set(groups))},
+                             before_source={"collect": from_collect, "generated": len(val) - from_collect})
                 if not o.progress:  # without bars (the loop's console) each finished cluster still says so
                     console.print(f"S4 select: cluster {c['id']} {c['label']!r}: {sel.chosen.name} zero-shot "
-                                  f"{sel.before.correct_rate:.2f} held-out accuracy on {len(val)} calls "
-                                  f"({sel.before.wall_s:.0f} s)")
+                                  f"{sel.before.correct_rate:.2f} [{low:.2f}, {high:.2f}] held-out accuracy on "
+                                  f"{len(set(groups))} tasks / {len(val)} calls "
+                                  f"({from_collect} answered in collect, {len(val) - from_collect} generated in "
+                                  f"{sel.before.wall_s:.0f} s)")
             else:
                 entry["status"] = f"not tuned: {len(val)} validation rows (needs {o.min_val_rows})"
             per_cluster.append(entry)
@@ -487,6 +496,14 @@ def _interval(ci: dict | None) -> str:
     return f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}], n={n}"
 
 
+def _source(src: dict | None) -> str:
+    """Where the zero-shot figure came from: collect's graded SLM answers, generated here, or both."""
+    if not src:
+        return "-"
+    return " + ".join(f"{n} {k}" for k, n in (("collect", src.get("collect", 0)), ("generated", src.get("generated", 0)))
+                      if n) or "-"
+
+
 def cluster_rows(report: ConvertReport) -> list[list[str]]:
     """One row per cluster for the Markdown and terminal tables."""
     out = []
@@ -494,7 +511,8 @@ def cluster_rows(report: ConvertReport) -> list[list[str]]:
         tr = c.get("train") or {}
         out.append([str(c["id"]), c["label"], str(c["size"]), c["role"], c["call_kind"],
                     f"{c['n_train']}/{c['n_val']}", c.get("chosen") or "-",
-                    _pct(c.get("before"), "correct_rate"), _pct(c.get("after"), "correct_rate"),
+                    _pct(c.get("before"), "correct_rate"), _source(c.get("before_source")),
+                    _pct(c.get("after"), "correct_rate"),
                     _interval(c.get("interval")),
                     _pct(c.get("before"), "valid_rate"), _pct(c.get("after"), "valid_rate"),
                     f"{_loss(tr.get('val_loss_base'))} -> {_loss(tr.get('val_loss_adapter'))}" if tr else "-",
@@ -502,7 +520,8 @@ def cluster_rows(report: ConvertReport) -> list[list[str]]:
     return out
 
 
-CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM", "acc before", "acc after",
+CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM", "acc before", "before from",
+                  "acc after",
                   "acc diff [95% CI, task bootstrap]", "valid before", "valid after", "val loss", "promoted", "adapter",
                   "why"]
 

@@ -17,7 +17,7 @@ import pandas as pd
 from slmshift.train.candidates import Candidate
 from slmshift.train.evaluate import CallGrade, EvalResult, evaluate
 
-__all__ = ["Selection", "score", "choose", "select_candidates", "RULE"]
+__all__ = ["Selection", "score", "choose", "select_candidates", "collected_answers", "RULE"]
 
 RULE = ("quality / cost, quality = accuracy + 0.1 x valid rate on the cluster's validation calls, "
         "cost = price x tokens for those calls; ties -> cheaper, then fewer parameters")
@@ -57,24 +57,89 @@ class Selection:
         return {"cluster": self.cluster, "chosen": self.chosen.name, "rule": RULE, "candidates": self.table}
 
 
+def collected_answers(run_dir: str) -> pd.DataFrame:
+    """The SLM answers collect already gave and graded, by the id of the call they answer: shadows (`shadow_of`),
+    a cascade's rejected attempts (`<id>:cascade`) and calls the SLM served. They are the served SLM's answers to
+    real calls at the served budget, graded by the scenario: S4 uses them for the held-out calls they cover instead
+    of generating those again. Columns: call_id, model, source, adapter, output, valid, correct, tokens_in/out."""
+    import yaml
+
+    from slmshift.platform.log import read_interactions
+    from slmshift.platform.storage import join, read_text
+
+    df = read_interactions(run_dir, include_shadow=True)
+    cols = ["call_id", "model", "source", "adapter", "output", "valid", "correct", "tokens_in", "tokens_out"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    slm = df[(df["tier"] == "slm") & ~df["infra_error"].fillna(False).astype(bool)
+             & df["correct"].notna() & df["valid"].notna()].copy()
+    shadow = slm["shadow"].fillna(False).astype(bool)
+    slm["call_id"] = slm["shadow_of"].where(shadow, slm["id"].str.removesuffix(":cascade"))
+    try:
+        models = (yaml.safe_load(read_text(join(str(run_dir), "config.yaml"))) or {}).get("models") or []
+    except OSError:
+        models = []
+    sources = {m.get("name"): m.get("source") for m in models if isinstance(m, dict)}
+    slm["source"] = slm["model"].map(sources)
+    return slm[cols].drop_duplicates("call_id", keep="last").reset_index(drop=True)
+
+
+def _reused(answers: pd.DataFrame | None, c: Candidate, val_rows: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """The candidate's own base answers (no adapter) to these validation calls, by record id."""
+    if answers is None or answers.empty or "record_id" not in val_rows:
+        return {}
+    mine = answers[((answers["model"] == c.name) | (answers["source"] == c.source)) & answers["adapter"].isna()
+                   & answers["call_id"].isin(val_rows["record_id"])]
+    return {r["call_id"]: r for r in mine.to_dict("records")}
+
+
+def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated: EvalResult | None,
+           name: str) -> EvalResult:
+    """One evaluation over every validation row, in row order: collect's answer where there is one."""
+    gen = iter(generated.verdicts if generated else [])
+    verdicts, t_in, t_out = [], 0, 0
+    for r in val_rows.to_dict("records"):
+        a = reused.get(r.get("record_id"))
+        if a is None:
+            verdicts.append({**next(gen), "source": "generated"})
+            continue
+        verdicts.append({"record_id": r.get("record_id"), "task_id": str(r.get("task_id") or ""),
+                         "output": a["output"], "valid": bool(a["valid"]), "correct": bool(a["correct"]),
+                         "reason": "", "source": "collect"})
+        t_in, t_out = t_in + int(a["tokens_in"] or 0), t_out + int(a["tokens_out"] or 0)
+    n = len(verdicts)
+    return EvalResult(model=name, adapter=None, n=n, valid_rate=sum(v["valid"] for v in verdicts) / max(n, 1),
+                      correct_rate=sum(bool(v["correct"]) for v in verdicts) / max(n, 1),
+                      tokens_in=t_in + (generated.tokens_in if generated else 0),
+                      tokens_out=t_out + (generated.tokens_out if generated else 0),
+                      wall_s=generated.wall_s if generated else 0.0, errors=generated.errors if generated else 0,
+                      verdicts=verdicts)
+
+
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
                       grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
                       threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-                      progress: Any = None) -> Selection:
-    """Evaluate each candidate on one cluster's validation rows and choose one. `engines` caches loaded
-    engines by candidate name across clusters (a model loads once per convert)."""
+                      progress: Any = None, answers: pd.DataFrame | None = None) -> Selection:
+    """Evaluate each candidate on one cluster's validation rows and choose one. `answers` (`collected_answers`):
+    a candidate's own graded answers from collect stand for those calls, and only the rest are generated (each
+    verdict's `source` says which). `engines` caches loaded engines by candidate name across clusters (a model
+    loads once per convert)."""
     from slmshift.serve.engines.base import get_engine_class
 
     engines = engines if engines is not None else {}
     results = []
     for c in cands:
-        spec = c.model_spec(threads=threads)
-        if c.name not in engines:
-            engines[c.name] = get_engine_class(spec.backend)(spec)
-        ev = evaluate(val_rows, spec, None, grader, engine=engines[c.name], batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, progress=progress,
-                      desc=f"zero-shot {c.name} on cluster {cluster}")
-        results.append((c, ev))
+        reused = _reused(answers, c, val_rows)
+        todo = val_rows[~val_rows["record_id"].isin(reused)] if reused else val_rows
+        generated = None
+        if len(todo):
+            spec = c.model_spec(threads=threads)
+            if c.name not in engines:
+                engines[c.name] = get_engine_class(spec.backend)(spec)
+            generated = evaluate(todo, spec, None, grader, engine=engines[c.name], batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, progress=progress,
+                                 desc=f"zero-shot {c.name} on cluster {cluster}")
+        results.append((c, _merge(val_rows, reused, generated, c.model_spec(threads=threads).name)))
     chosen, before = choose(results)
     table = [{"candidate": c.name, "source": c.source, "params": c.params, "license": c.license,
               "memory_mb": c.memory_mb, "context_length": c.context_length, "n": ev.n,

@@ -57,6 +57,10 @@ def test_report_has_every_cluster_measured_before_and_after(converted):
         assert c["interval"]["calls"] == c["n_val"] and 1 <= c["interval"]["n"] <= c["n_val"]
         assert c["interval"]["n"] == len({v["task_id"] for v in c["after_verdicts"]})
         assert c["train"]["steps"] == 6 and c["train"]["val_loss_adapter"] is not None
+        # the zero-shot figure: its interval resamples tasks; with no shadows in the log every call was generated
+        lo, hi = c["before_interval"]["low"], c["before_interval"]["high"]
+        assert lo <= c["before"]["correct_rate"] <= hi and c["before_interval"]["n"] == c["interval"]["n"]
+        assert c["before_source"] == {"collect": 0, "generated": c["n_val"]}
         assert Path(c["adapter_dir"], "adapter_config.json").is_file()
     md = (out / "report.md").read_text()
     assert "acc before" in md and "registry:" in md and "kind: adapters" in md

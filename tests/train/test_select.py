@@ -130,3 +130,42 @@ def test_a_call_its_checker_cannot_judge_is_graded_by_validity():
     assert grader(row, "I moved the file for you.") == CallGrade(True, True, "")
     assert not grader(row, "[mv(source='a', destination='b')]").correct
     assert grader.by == {"scenario": 2}
+
+
+def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, tmp_path):
+    """S4 reuses the base SLM's shadows (graded in collect) and generates only the held-out calls they miss; an
+    adapter's answer (a later iteration's shadow) is not the base candidate's and is not reused."""
+    from slmshift.platform.log import LogWriter
+    from slmshift.platform.types import Interaction
+    from slmshift.train.select import collected_answers
+
+    random_c, _ = two_candidates
+    rows = _rows()
+    (tmp_path / "config.yaml").write_text(f"models:\n  - {{name: small, source: {random_c.source}}}\n")
+
+    def rec(i: int, **kw) -> Interaction:
+        base = dict(id=rows.record_id[i], experiment_id="x", episode_id=rows.episode_id[i], call_index=0,
+                    scenario="qa", task_id=rows.task_id[i], policy="p", role="answerer", call_kind="answer",
+                    category="template", expect="text", prompt=rows.messages[i], output=rows.target[i],
+                    model="teacher", tier="llm", backend="simulated", route_kind="llm", route_reason="",
+                    tokens_in=10, tokens_out=2, latency_s=0.1, engine_latency_s=0.1, cost_usd=0.0, flops=0.0,
+                    valid=True, correct=True)
+        return Interaction(**{**base, **kw})
+
+    slm = dict(model="small", tier="slm", backend="hf", tokens_in=7, tokens_out=3)
+    log = LogWriter(str(tmp_path), flush_every=10_000, flush_interval_s=3600)
+    log.add([rec(i) for i in range(4)] + [
+        rec(0, id="r0:shadow", shadow=True, shadow_of="r0", output="Paris", **slm),  # right, by the run's grader
+        rec(1, id="r1:shadow", shadow=True, shadow_of="r1", output="five", correct=False, **slm),
+        rec(2, id="r2:cascade", escalated=True, output="blue", adapter="tuned", **slm)])  # an adapter's answer
+    log.close()
+
+    answers = collected_answers(str(tmp_path))
+    assert sorted(answers["call_id"]) == ["r0", "r1", "r2"] and set(answers["source"]) == {random_c.source}
+    sel = select_candidates(rows, 0, [random_c], ScenarioGrader(), threads=1, answers=answers)
+    got = {v["record_id"]: v for v in sel.before.verdicts}
+    assert [v["record_id"] for v in sel.before.verdicts] == list(rows.record_id)  # row order kept
+    assert {r: v["source"] for r, v in got.items()} == {"r0": "collect", "r1": "collect", "r2": "generated",
+                                                       "r3": "generated"}
+    assert got["r0"]["correct"] and not got["r1"]["correct"] and got["r1"]["output"] == "five"
+    assert sel.before.n == 4 and sel.before.tokens_in >= 14  # collect's tokens count in the candidate's cost
