@@ -37,6 +37,10 @@ class Split:
         return np.sort(np.concatenate([self.fit, self.choose]))
 
 
+def plural(unit: str) -> str:
+    return "task families" if unit == "task family" else f"{unit}s"
+
+
 def split(table: PairedTable, holdout: float, choose: float, seed: int) -> Split:
     """Seeded disjoint fit / choose / held-out parts. Tasks (or their families, for `family#instance` ids) are kept
     whole on one side; rows when there are no task ids."""
@@ -48,7 +52,7 @@ def split(table: PairedTable, holdout: float, choose: float, seed: int) -> Split
     uniq = np.unique(groups)
     if len(uniq) < 3:
         raise SlmshiftError(f"{table.source}: {len(df)} paired call(s) from {len(uniq)} {unit}(s): fitting, choosing "
-                            f"and reporting on disjoint parts need at least 3 {unit}s. Fix: run more episodes with "
+                            f"and reporting on disjoint parts need at least 3 {plural(unit)}. Fix: run more episodes with "
                             "paired outcomes.")
     perm = np.random.default_rng(seed).permutation(uniq)
     n_held = max(1, min(len(uniq) - 2, round(holdout * len(uniq))))

@@ -90,6 +90,10 @@ def run_search(table: PairedTable, fit: np.ndarray, choose: np.ndarray, kinds: l
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter honours verbose=0; the new one prints tables
+    # no TensorBoard logger: it printed "NaN or Inf found in input tensor." on the loop's console whenever a trial
+    # reported a NaN metric, and nothing here reads its files; the CSV and JSON results stay
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     emb = table.embeddings() if "learned" in kinds else None
     clusters = sorted({int(c) for c in table.df["cluster"].iloc[fit].dropna()}) if "threshold_cluster" in kinds else []
     searcher = OptunaSearch(space=_Space(kinds, clusters), metric=["quality", "cost"], mode=["max", "min"],
@@ -105,7 +109,8 @@ def run_search(table: PairedTable, fit: np.ndarray, choose: np.ndarray, kinds: l
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=opts.trials, time_budget_s=opts.time_budget_s,
                                         max_concurrent_trials=max(1, int(ray.available_resources().get("CPU", 1)))),
             run_config=tune.RunConfig(name="routing", storage_path=storage, verbose=0,
-                                      callbacks=[progress] if progress else None))
+                                      callbacks=[*([progress] if progress else []), CSVLoggerCallback(),
+                                                 JsonLoggerCallback()]))
         if progress:
             progress.start()
         grid = tuner.fit()

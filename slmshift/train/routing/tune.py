@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.errors import SlmshiftError
 from slmshift.train.routing import metrics
-from slmshift.train.routing.estimate import (Estimator, Split, choose_point, params_key, split, ungraded_share)
+from slmshift.train.routing.estimate import (Estimator, Split, choose_point, params_key, plural, split,
+                                             ungraded_share)
 from slmshift.train.routing.pairs import PairedTable
 from slmshift.train.routing.replay import Replay
 from slmshift.train.routing.scorers import KINDS, LABELS, Fitted, fit_scorer
@@ -175,7 +176,7 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
                      "quality and of the SLM share, reported as their own share")
     console.print(f"tune: {len(table)} paired calls from {table.source}; split by {parts.unit} (seed {opts.seed}): "
                   f"fit {parts.sizes['fit']}, choose {parts.sizes['choose']}, held out {parts.sizes['held_out']} "
-                  f"{parts.unit}s; quality: {level} level; policies: {', '.join(kinds)}", soft_wrap=True,
+                  f"{plural(parts.unit)}; quality: {level} level; policies: {', '.join(kinds)}", soft_wrap=True,
                   highlight=False)
     for n in notes:
         console.print(f"  note: {n}", soft_wrap=True, highlight=False)
