@@ -20,7 +20,9 @@ The next iteration's experiment is built as an ExperimentConfig transform (model
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import math
 import signal
 import threading
 import time
@@ -56,9 +58,11 @@ class LoopState:
 
 def split_tasks(cfg: ExperimentConfig, loop: LoopSection, iterations: int = 1) -> dict[str, dict[str, Any]]:
     """Per scenario, disjoint seeded sets of verify and training task ids from one pool, and the pool's coverage of
-    `iterations` collects on fresh tasks each. For `family#instance` ids (MiniWoB's task types) about half of the
-    verify tasks are whole families no collect sees, the rest new instances of trained families, so the table can
-    show new-family and in-distribution rows apart."""
+    `iterations` collects on fresh tasks each. For `family#instance` ids (MiniWoB's task types) half of the verify
+    tasks come from whole families no collect sees (about a third of the families, a few instances each: intervals
+    resample families, so they need several), the rest are new instances spread over the trained families; the
+    table shows new-family and in-distribution rows apart. The pool is drawn larger by the held-out families' share,
+    so training keeps its size."""
     from slmshift.platform.scenario import scenario_class
     from slmshift.train.routing.pairs import family
 
@@ -67,28 +71,33 @@ def split_tasks(cfg: ExperimentConfig, loop: LoopSection, iterations: int = 1) -
         seed = cfg.experiment.seed if spec.seed is None else spec.seed
         n_collect, n_verify_eps = loop.episodes(spec.label)
         pool_n = iterations * n_collect + n_verify_eps
-        tasks = scenario_class(spec.kind)(spec.model_copy(update={"episodes": pool_n}), seed).tasks()
-        ids = list(dict.fromkeys(str(t.id) for t in tasks))  # scenarios may cycle tasks when episodes exceed them
-        rng = np.random.default_rng(loop.seed)
-        rng.shuffle(ids)
+        sc = scenario_class(spec.kind)
+
+        def draw(n: int) -> list[str]:
+            tasks = sc(spec.model_copy(update={"episodes": n}), seed).tasks()
+            ids = list(dict.fromkeys(str(t.id) for t in tasks))  # scenarios may cycle tasks when episodes exceed them
+            np.random.default_rng(loop.seed).shuffle(ids)
+            return ids
+
+        ids = draw(pool_n)
         n_verify = max(1, round(len(ids) * n_verify_eps / pool_n))
         if n_verify >= len(ids):
             raise SlmshiftError(f"scenario {spec.label!r} has only {len(ids)} distinct tasks: too few to hold out "
                                 f"verify tasks. Fix: widen its task options or lower loop.verify_episodes "
                                 f"(or loop.scenario_episodes.{spec.label}.verify).")
-        if any("#" in t for t in ids):
-            fams = list(dict.fromkeys(family(t) for t in ids))
-            new, held = set(), []
-            for f in fams[:-1]:  # whole families first (never every family), until half the verify tasks
-                if len(held) >= n_verify // 2:
-                    break
-                new.add(f)
-                held += [t for t in ids if family(t) == f]
-            held += [t for t in ids if family(t) not in new][: max(0, n_verify - len(held))]
-            verify = held
+        fams = list(dict.fromkeys(family(t) for t in ids))
+        if any("#" in t for t in ids) and len(fams) > 1:
+            n_new = min(len(fams) - 1, max(1, round(len(fams) / 3)))
+            ids = draw(math.ceil(pool_n * len(fams) / (len(fams) - n_new)))  # the new families' share comes extra
+            new = set(fams[:n_new])
+            per = math.ceil((n_verify // 2) / n_new)
+            held = [t for f in fams[:n_new] for t in [t for t in ids if family(t) == f][:per]][: n_verify // 2]
+            trained = [[t for t in ids if family(t) == f] for f in fams[n_new:]]
+            spread = [t for row in itertools.zip_longest(*trained) for t in row if t is not None]  # round-robin
+            verify = held + spread[: n_verify - len(held)]
+            train = [t for t in ids if family(t) not in new and t not in set(verify)]
         else:
-            verify = ids[:n_verify]
-        train = [t for t in ids if t not in set(verify)]
+            verify, train = ids[:n_verify], ids[n_verify:]
         out[spec.label] = {"verify": verify, "train": train}
     return out
 

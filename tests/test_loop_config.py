@@ -260,6 +260,10 @@ def test_cradle_verify_holds_out_whole_families_and_new_seeds_and_collect_runs_f
     verify_fams = {family(t) for t in split["verify"]}
     assert verify_fams - train_fams and verify_fams & train_fams  # new families and new seeds of trained ones
     assert not set(split["train"]) & set(split["verify"])
+    # a third of the families held out whole, a few instances each (intervals resample families); half the verify
+    new = [t for t in split["verify"] if family(t) not in train_fams]
+    assert len({family(t) for t in new}) == 2 and len(new) == 6 and len(split["verify"]) == 12
+    assert len(split["train"]) >= 2 * 20  # the pool grew by the held-out families' share
     seen, measured = {"cradle": set(split["train"][:20])}, {"cradle": {"click-button#999"}}
     c2 = collect_config(cfg, cfg.loop, {"cradle": split}, policy_spec(kind="llm"), None, 2, seen, measured)
     skip = set(c2.scenarios[0].exclude_tasks)

@@ -63,16 +63,23 @@ def split(table: PairedTable, holdout: float, choose: float, seed: int) -> Split
                  {"fit": len(uniq) - n_held - n_choose, "choose": n_choose, "held_out": n_held})
 
 
+MIN_VERDICT_UNITS = 10  # as promotion's min_promotion_tasks: below ~10 clusters a percentile cluster bootstrap
+# under-covers (its resamples take few distinct values; two task families whose arms tied gave [1.00, 1.00])
+
+
 def noninferiority(point: float, samples: np.ndarray, budget: float, n_units: int) -> dict[str, Any]:
     """The budget as a non-inferiority verdict on a paired bootstrap of a ratio to always-LLM:
-    "yes" when the interval's lower bound is >= budget; "not shown" when only the point estimate is (with the number
-    of units the observed effect would need for its bound to clear the budget, scaling the interval by 1/sqrt(n));
-    "no" when the point estimate is below the budget."""
+    "yes" when the interval's lower bound is >= budget on at least MIN_VERDICT_UNITS resampled units; "not shown" when
+    only the point estimate is, or the units are too few for the interval to be trusted (with the number of units the
+    observed effect would need for its bound to clear the budget, scaling the interval by 1/sqrt(n)); "no" when the
+    point estimate is below the budget."""
     lo, hi = metrics.interval(samples)
     out: dict[str, Any] = {"value": point, "ci": (lo, hi), "budget": budget, "units": n_units}
     if not (math.isfinite(point) and math.isfinite(lo)):
         return out | {"verdict": "n/a"}
     if lo >= budget:
+        if n_units < MIN_VERDICT_UNITS:
+            return out | {"verdict": "not shown", "units_needed": MIN_VERDICT_UNITS}
         return out | {"verdict": "yes"}
     if point < budget:
         return out | {"verdict": "no"}

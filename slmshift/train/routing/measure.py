@@ -70,6 +70,7 @@ def arm_vs_llm(calls: pd.DataFrame, eps: pd.DataFrame, arm: str, budget: float, 
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = (w @ s_arm) / (w @ s_llm) if len(tasks) else np.array([np.nan])
     verdict = noninferiority(point, samples, budget, len(set(units)))
+    verdict["unit"] = "task families" if any(u != t for u, t in zip(units, tasks)) else "tasks"
     c_arm = calls[calls["policy"] == arm]
     answers = c_arm[~c_arm["escalated"].astype(bool)]
     retry = _retries(answers)

@@ -41,7 +41,9 @@ def verdict_text(r: dict[str, Any]) -> str:
     v = r.get("verdict", "n/a")
     if v == "not shown":
         need = r.get("units_needed")
-        return f"not shown (the observed effect needs ~{need} tasks; have {r.get('units')})" \
+        if need is not None and r.get("units", 0) < need and r["ci"][0] >= r.get("budget", math.inf):
+            return f"not shown (only {r.get('units')} {r.get('unit', 'tasks')}: an interval needs {need} or more)"
+        return f"not shown (the observed effect needs ~{need} {r.get('unit', 'tasks')}; have {r.get('units')})" \
             if need is not None and math.isfinite(need) else "not shown"
     return v
 
