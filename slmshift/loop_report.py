@@ -89,7 +89,7 @@ def result_cells(r: dict[str, Any], pred: dict | None) -> list[str]:
             predicted if pred else "-",
             (f"{fmt(pred.get('cost'), pred.get('cost_ci'), 6)} / " if pred else "- / ")
             + fmt(r["cost_per_call"], r["cost_per_call_ci"], 6),
-            f"{r['episodes']} ep / {r['units']} tasks / {r['calls_graded']} graded calls",
+            f"{r['episodes']} ep / {r['units']} {ratio.get('unit', 'tasks')} / {r['calls_graded']} graded calls",
             f"{fmt(r['cost_per_episode_arm'], None, 4)} vs {fmt(r['cost_per_episode_llm'], None, 4)}",
             f"{fmt(r['latency_p50_arm'], None, 2)} vs {fmt(r['latency_p50_llm'], None, 2)}",
             "simulated" if r["simulated_llm"] else "real"]
