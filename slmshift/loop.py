@@ -264,8 +264,9 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
             for s in cfg.scenarios]
     collect = sum(nc * calls * loop.shadow_rate * call_s for calls, call_s, nc, _ in scen)
     val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
-    convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, loop.max_clusters / 3)) \
-        + loop.max_clusters * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
+    tuned = loop.max_clusters or loop.convert.k_max  # every eligible cluster: at most the clusters S3 may find
+    convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, tuned / 3)) \
+        + tuned * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
                                + LORA_VAL_S_PER_ROW * scale * val_rows / len(scen))
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
     verify = sum(nv * calls * 0.5 * call_s for calls, call_s, _, nv in scen)

@@ -152,7 +152,8 @@ class LoopSection(_Strict):
     shadow_rate: float = Field(default=1.0, gt=0, le=1, description="Share of collected episodes whose every call is "
                                "also sent to the other tier (paired outcomes); lower it to shorten collection with a "
                                "real SLM.")
-    max_clusters: int = Field(default=4, ge=1, description="Most clusters LoRA-tuned per iteration (largest first).")
+    max_clusters: int | None = Field(default=None, ge=1, description="Most clusters LoRA-tuned per iteration "
+                                     "(largest first); default: every cluster with min_train_rows.")
     tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")
     seed: int = Field(default=0, description="Seeds the task split, clustering, LoRA and the search.")
     scenario_episodes: dict[str, LoopEpisodes] = Field(
