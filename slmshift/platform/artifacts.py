@@ -97,15 +97,25 @@ class ClusterIndex:
                                 "the folder is inconsistent. Fix: run `slmshift convert` again.")
         return cls(centroids, clusters, index)
 
-    def assign_vectors(self, x: np.ndarray) -> list[tuple[int, float]]:
+    def assign_vectors(self, x: np.ndarray, call_kinds: list[str | None] | None = None) -> list[tuple[int, float]]:
+        """(cluster id, cosine similarity) per vector: the nearest centroid, among the clusters of the call's own kind
+        where `call_kinds` gives it and the index has such clusters (S3 never mixes kinds in one cluster, so a call
+        is never placed in another kind's task however alike the prompts read)."""
         if len(x) == 0 or self.index.ntotal == 0:
             return [(-1, 0.0)] * len(x)
-        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        return [(int(i), float(s)) for i, s in zip(ids[:, 0], sims[:, 0])]
+        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), self.index.ntotal)  # best first
+        kinds = [c.get("call_kind") for c in self.clusters]
+        out = []
+        for i, row in enumerate(ids):
+            kind = call_kinds[i] if call_kinds is not None else None
+            own = [r for r, j in enumerate(row) if kinds[j] == kind] if kind is not None else []
+            r = own[0] if own else 0
+            out.append((int(row[r]), float(sims[i, r])))
+        return out
 
-    def assign(self, texts: list[str]) -> list[tuple[int, float]]:
+    def assign(self, texts: list[str], call_kinds: list[str | None] | None = None) -> list[tuple[int, float]]:
         """(cluster id, cosine similarity to its centroid) per text (texts from `prompt_text`)."""
-        return self.assign_vectors(embed(list(texts)))
+        return self.assign_vectors(embed(list(texts)), call_kinds)
 
     def label(self, cluster_id: int) -> str | None:
         return next((c["label"] for c in self.clusters if c["id"] == cluster_id), None)

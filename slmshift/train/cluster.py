@@ -1,9 +1,12 @@
-"""S3: cluster calls into recurring tasks by their prompt embeddings, and the index the router loads.
+"""S3: cluster calls into recurring tasks, and the index the router loads.
 
-Prompts are embedded with the packaged all-MiniLM-L6-v2 (`platform.embeddings.embed`), clustered with
-faiss spherical k-means, and k is chosen by the stated criterion: the highest cosine silhouette score over
-k in [k_min, k_max] (clamped to the data), k = 1 when there are too few distinct prompts to compare.
-Clusters are labelled by their dominant role and call kind (`planner-intent`), made unique per run.
+Task grain (`cluster_tasks`): calls whose role, call kind or output format differ are never one task (their
+outputs differ completely: a PRD's JSON, code, a test file), so they are separated first. Within each such group,
+prompts are embedded with the packaged all-MiniLM-L6-v2 (`platform.embeddings.embed`) and clustered with faiss
+spherical k-means, k chosen by the highest cosine silhouette over k in [k_min, k_max] (`cluster_calls`); the group
+is split only where that shows sub-tasks: silhouette >= `split_min_silhouette` and every part at least `min_size`
+calls. Clusters are labelled by role and call kind (`planner-intent`, `-2` for a sub-task), unique per run, with
+their purity by call kind.
 
 Persisted under `clusters/`: `centroids.npy` (k x 384 float32, normalised), `index.faiss` (an
 `IndexFlatIP` over the centroids, so inner product = cosine similarity) and `clusters.json`.
@@ -23,7 +26,7 @@ from slmshift.platform.artifacts import ClusterIndex, normalise as _normalise, p
 from slmshift.platform.embeddings import DIM, embed
 
 __all__ = ["ClusterOptions", "Clustering", "ClusterIndex", "prompt_text", "embed_texts", "cluster_calls",
-           "label_clusters"]
+           "cluster_tasks", "label_clusters"]
 
 
 class ClusterOptions(BaseModel):
@@ -33,6 +36,11 @@ class ClusterOptions(BaseModel):
     k_max: int = Field(default=8, ge=1, description="Largest k tried (clamped to the number of distinct prompts - 1).")
     niter: int = Field(default=25, ge=1, description="k-means iterations.")
     seed: int = Field(default=0, description="k-means seed.")
+    split_min_silhouette: float = Field(default=0.25, ge=-1, le=1, description="A role/call-kind/format group is split "
+                                        "into sub-tasks only at this cosine silhouette or more (0.25: weak but real "
+                                        "structure, by the usual reading of the score).")
+    min_size: int = Field(default=16, ge=1, description="...and only when every sub-task keeps this many calls (a "
+                          "smaller one could not be trained on).")
 
 
 def embed_texts(texts: list[str], *, progress: Any = None, batch_size: int = 64) -> np.ndarray:
@@ -54,7 +62,7 @@ class Clustering:
     labels: np.ndarray  # cluster id per row, 0..k-1
     centroids: np.ndarray  # (k, 384), normalised
     k: int
-    scores: dict[int, float] = field(default_factory=dict)  # silhouette per k tried
+    scores: dict[Any, float] = field(default_factory=dict)  # silhouette per k tried (per group: its best)
     criterion: str = ""
 
 
@@ -104,6 +112,41 @@ def cluster_calls(x: np.ndarray, opts: ClusterOptions | None = None, *, progress
     score, k, labels, cent = best
     crit = (f"k={k}: highest mean cosine silhouette ({score:.3f}) over k in [{ks[0]}, {ks[-1]}]")
     return Clustering(labels, cent, k, scores, crit)
+
+
+def cluster_tasks(x: np.ndarray, groups: list[tuple[str, ...]], opts: ClusterOptions | None = None, *,
+                  progress: Any = None) -> Clustering:
+    """Task-grain S3 over `x` (normalised rows) with one (role, call kind, output format) key per row: each key's
+    calls are one cluster, split further where `cluster_calls` finds sub-tasks (see the module doc)."""
+    opts = opts or ClusterOptions()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    labels = np.zeros(len(x), dtype=np.int64)
+    cents: list[np.ndarray] = []
+    scores: dict[str, float] = {}
+    keys = list(dict.fromkeys(groups))
+    split = 0
+    task = progress.add_task("clustering (by role, call kind, format; then k-means)", total=len(keys)) \
+        if progress else None
+    for key in keys:
+        idx = np.flatnonzero([g == key for g in groups])
+        sub = cluster_calls(x[idx], opts) if len(idx) >= 2 * opts.min_size else None
+        best = max(sub.scores.values(), default=-1.0) if sub else -1.0
+        name = "/".join(str(k) for k in key)
+        if sub and sub.k > 1:
+            scores[name] = round(best, 4)
+        sizes = np.bincount(sub.labels) if sub else np.array([len(idx)])
+        if sub and sub.k > 1 and best >= opts.split_min_silhouette and sizes.min() >= opts.min_size:
+            labels[idx] = len(cents) + sub.labels
+            cents += list(sub.centroids)
+            split += 1
+        else:
+            labels[idx] = len(cents)
+            cents.append(_normalise(x[idx].mean(axis=0, keepdims=True))[0])
+        if progress:
+            progress.advance(task)
+    crit = (f"k={len(cents)}: {len(keys)} role/call-kind/format group(s), {split} split into sub-tasks (cosine "
+            f"silhouette >= {opts.split_min_silhouette}, parts of >= {opts.min_size} calls)")
+    return Clustering(labels, np.stack(cents) if cents else np.zeros((0, DIM), np.float32), len(cents), scores, crit)
 
 
 def _slug(text: str) -> str:

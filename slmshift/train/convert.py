@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.render import md_table
-from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_calls, embed_texts, label_clusters, prompt_text
+from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_tasks, embed_texts, label_clusters, prompt_text
 from slmshift.train.curate import CurateOptions, curate, split_by_group
 from slmshift.train.finetune import LoraOptions
 
@@ -311,7 +312,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     t = time.perf_counter()
     with _progress(o.progress, console) as prog:
         x = embed_texts([prompt_text(m) for m in rows["messages"]], progress=prog)
-        clus = cluster_calls(x, o.cluster, progress=prog)
+        # a sub-task must stay trainable: min_train_rows once its held-out share is set aside
+        min_size = max(o.cluster.min_size, math.ceil(o.min_train_rows / (1 - o.curate.val_fraction)))
+        clus = cluster_tasks(x, list(zip(rows["role"], rows["call_kind"], rows["expect"])),
+                             o.cluster.model_copy(update={"min_size": min_size}), progress=prog)
     rows["cluster"] = clus.labels
     info = label_clusters(clus.labels, rows["role"].tolist(), rows["call_kind"].tolist())
     rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by)
@@ -548,8 +552,10 @@ def to_markdown(report: ConvertReport) -> str:
         "Scrubbed (replacements per kind):",
         _md_table(["kind", "count"], [[k, str(v)] for k, v in report.scrub_counts.items()]),
         "## Clustering",
-        f"{report.clustering['criterion']}. Silhouette per k: "
-        + (", ".join(f"k={k}: {v}" for k, v in report.clustering["silhouette"].items()) or "n/a") + ".",
+        f"{report.clustering['criterion']}. Best cosine silhouette of each group k-means could split: "
+        + (", ".join(f"{k}: {v}" for k, v in report.clustering["silhouette"].items()) or "none") + ".",
+        "Purity by call kind (share of the cluster's calls of its kind; 1.00 by construction): "
+        + ", ".join(f"{c['label']} {c.get('call_kind_share', 1.0):.2f}" for c in report.clusters) + ".",
     ]
     for c in report.clusters:
         if c.get("selection"):

@@ -99,3 +99,36 @@ def test_index_round_trips_and_routes_new_prompts(planted, tmp_path):
 def test_loading_a_wrong_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SlmshiftError, match="missing centroids.npy, index.faiss, clusters.json"):
         ClusterIndex.load(tmp_path)
+
+
+def test_task_grain_separates_kinds_and_splits_only_where_embeddings_show_sub_tasks(planted):
+    """Two call kinds that share one prompt family are two tasks whatever the embeddings say; one kind holding two
+    planted prompt families is split into two sub-tasks; a kind with one family stays whole."""
+    from slmshift.train.cluster import cluster_tasks
+
+    msgs, roles, kinds, truth, x = planted
+    # weather and sql calls under one (role, kind, format): two sub-tasks; code review as two kinds of one family
+    groups = [("analyst", "query", "text") if t != 1 else ("reviewer", "review" if i % 2 else "fix", "code")
+              for i, t in enumerate(truth)]
+    res = cluster_tasks(x, groups, ClusterOptions(k_max=4, min_size=4))
+    info = label_clusters(res.labels, [g[0] for g in groups], [g[1] for g in groups])
+    assert res.k == 4, (res.scores, res.criterion)
+    assert all(c["call_kind_share"] == 1.0 for c in info)  # no cluster mixes call kinds
+    for fam in (0, 2):  # each planted family of the shared kind is exactly one cluster
+        assert len(set(res.labels[truth == fam])) == 1
+    assert len(set(res.labels[truth == 0]) | set(res.labels[truth == 2])) == 2
+    assert "1 split into sub-tasks" in res.criterion
+    # too few calls for a sub-task to be trained on: the group stays one task
+    whole = cluster_tasks(x, groups, ClusterOptions(k_max=4, min_size=11))
+    assert whole.k == 3 and "0 split" in whole.criterion
+
+
+def test_a_call_is_placed_among_its_own_kind_only(planted, tmp_path):
+    msgs, roles, kinds, truth, x = planted
+    res = cluster_calls(x, ClusterOptions(k_max=5))
+    idx = ClusterIndex(res.centroids, label_clusters(res.labels, roles, kinds))
+    weather = [prompt_text(msgs[0])]
+    assert idx.label(idx.assign(weather)[0][0]) == "forecaster-weather"
+    (c, sim), = idx.assign(weather, ["sql"])  # a weather-like prompt on an sql call goes to the sql task
+    assert idx.label(c) == "analyst-sql" and sim < 0.9
+    assert idx.assign(weather, ["unknown-kind"]) == idx.assign(weather)  # a kind the index lacks: nearest overall

@@ -37,7 +37,7 @@ class Placement:
                 return vec[0], None, None
             if self._index is None:
                 self._index = ClusterIndex.load(self.clusters_dir)
-            cluster, sim = self._index.assign_vectors(vec)[0]
+            cluster, sim = self._index.assign_vectors(vec, [request.call_kind])[0]
         except Exception as e:  # the embedder or index could not load: route by default, say why
             self.error = f"router embedding/cluster index failed to load ({type(e).__name__}: {str(e)[:200]})"
             raise RuntimeError(self.error) from None
@@ -123,7 +123,7 @@ def estimates_from_run(run_dir: str | None, clusters_dir: str | None) -> list:
     clusters: list[int | None] = [None] * len(df)
     if clusters_dir and len(df):
         index = ClusterIndex.load(clusters_dir)
-        clusters = [c for c, _ in index.assign([prompt_text(p) for p in df["prompt"]])]
+        clusters = [c for c, _ in index.assign([prompt_text(p) for p in df["prompt"]], list(df["call_kind"]))]
     return ThresholdTable.fit(df["call_kind"], clusters, [o for o in ok if o is not None])
 
 

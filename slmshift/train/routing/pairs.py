@@ -215,7 +215,8 @@ def _assign_clusters(table: PairedTable) -> None:
     from slmshift.platform.artifacts import ClusterIndex
 
     index = ClusterIndex.load(table.clusters_dir)  # raises SlmshiftError naming the dir
-    table.df["cluster"] = pd.array([c for c, _ in index.assign_vectors(table.embeddings())], dtype="Int64")
+    table.df["cluster"] = pd.array([c for c, _ in index.assign_vectors(table.embeddings(), list(table.df["call_kind"]))],
+                                   dtype="Int64")
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
