@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from slmshift.platform.render import figure, fmt, md_table
+from slmshift.train.routing.estimate import plural
 
 
 def clean(x: Any) -> Any:
@@ -67,9 +68,9 @@ def report_md(m: dict[str, Any]) -> str:
     s = m["split"]
     lines = ["# Routing tune report", "",
              f"Source: `{m['source']}`: {m['rows']} paired calls, split by {s['unit']} (seed {m['seed']}) into three "
-             f"disjoint parts: scorers fitted on {s['fit']} {s['unit']}s, the operating point chosen on {s['choose']}, "
-             f"every figure below reported on the {s['held_out']} held out, with 95% intervals resampling "
-             f"{s['unit']}s.", "",
+             f"disjoint parts: scorers fitted on {s['fit']} {plural(s['unit'])}, the operating point chosen on "
+             f"{s['choose']}, every figure below reported on the {s['held_out']} held out, with 95% intervals "
+             f"resampling {plural(s['unit'])}.", "",
              f"Quality: **{level} level**. " + (
                  f"Composed over {m['held_out_episodes']} fully paired held-out episodes (shadows are sampled by "
                  "episode): an episode that succeeded fails when a routed call is wrong where the observed one was "
