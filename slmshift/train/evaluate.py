@@ -167,6 +167,24 @@ def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) ->
     return reqs
 
 
+async def _generate_all(engine: Any, reqs: list[LMRequest], batch_size: int, advance: Callable[[int], None]) -> list:
+    """Every request's response, in order. A continuous-batching engine gets them all at once: its scheduler keeps
+    its rows full, refilling each as another finishes, where batches of `batch_size` waited for their slowest row
+    before the next could start. Other engines get batches of `batch_size`."""
+    if getattr(engine, "continuous", False):
+        async def one(req: LMRequest) -> Any:
+            (resp,) = await engine.generate([req])
+            advance(1)
+            return resp
+
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+    out = []
+    for start in range(0, len(reqs), batch_size):
+        out += await engine.generate(reqs[start:start + batch_size])
+        advance(len(reqs[start:start + batch_size]))
+    return out
+
+
 def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
              scenario_grader: Callable[[dict[str, Any], str], CallGrade], *, engine: Any = None,
              batch_size: int = 16, max_new_tokens: int | None = None, progress: Any = None,
@@ -194,23 +212,19 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
     verdicts: list[dict[str, Any]] = []
     tokens_in = tokens_out = errors = 0
     first_error = ""
-    for start in range(0, len(reqs), batch_size):
-        batch = reqs[start:start + batch_size]
-        responses = asyncio.run(engine.generate(batch))
-        for rec, resp in zip(records[start:start + batch_size], responses):
-            if resp.error:
-                errors += 1
-                first_error = first_error or resp.error
-                g = CallGrade(False, False, f"engine error: {resp.error[:160]}")
-            else:
-                g = scenario_grader(rec, resp.text)
-            tokens_in += resp.tokens_in
-            tokens_out += resp.tokens_out
-            # task_id: promotion's bootstrap resamples tasks, keeping a task's correlated calls together
-            verdicts.append({"record_id": rec.get("record_id"), "task_id": str(rec.get("task_id") or ""),
-                             "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason})
-        if task is not None:
-            progress.advance(task, len(batch))
+    advance = (lambda n: progress.advance(task, n)) if task is not None else (lambda n: None)
+    for rec, resp in zip(records, asyncio.run(_generate_all(engine, reqs, batch_size, advance))):
+        if resp.error:
+            errors += 1
+            first_error = first_error or resp.error
+            g = CallGrade(False, False, f"engine error: {resp.error[:160]}")
+        else:
+            g = scenario_grader(rec, resp.text)
+        tokens_in += resp.tokens_in
+        tokens_out += resp.tokens_out
+        # task_id: promotion's bootstrap resamples tasks, keeping a task's correlated calls together
+        verdicts.append({"record_id": rec.get("record_id"), "task_id": str(rec.get("task_id") or ""),
+                         "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason})
     if errors == len(reqs):  # nothing was generated: a setup problem, not a model that answered badly
         raise SlmshiftError(f"evaluating {spec.name!r}{' with adapter ' + repr(adapter) if adapter else ''} failed for "
                             f"every call: {first_error}")
