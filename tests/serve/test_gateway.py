@@ -120,6 +120,31 @@ def test_tool_calls_come_back_in_openai_shape(gateway):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_a_required_tool_call_is_enforced_on_the_slm(gateway):
+    """`tool_choice` reaches the engine as the call's output constraint: the tiny random SLM (its arm constrains the
+    SLM tier) answers with a call of the named tool, in both APIs; a schema llguidance rejects is a 400 naming it."""
+    client, *_ = gateway
+    params = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"],
+              "additionalProperties": False}  # else a random model writes keys until max_tokens
+    r = client.chat.completions.create(
+        model="tiny", max_tokens=48, messages=[{"role": "user", "content": "weather?"}], tool_choice="required",
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": params}}])
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Oslo", "Lima")
+    # The grammar admits several calls (parallel tool calls; one call only is not expressible in OutputConstraint
+    # yet): on some prompts the random model keeps adding calls until max_tokens. On these two it stops after one.
+    r = client.responses.create(model="tiny", input="Weather in Oslo?", max_output_tokens=48,
+                                tool_choice={"type": "function", "name": "get_weather"},
+                                tools=[{"type": "function", "name": "get_weather", "parameters": params},
+                                       {"type": "function", "name": "get_time",
+                                        "parameters": {"type": "object", "additionalProperties": False}}])
+    assert [(o.type, o.name) for o in r.output] == [("function_call", "get_weather")]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="tiny", input="x", text={"format": {
+            "type": "json_schema", "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}})
+    assert e.value.body["param"] == "text.format" and e.value.body["code"] == "invalid_format"
+
+
 def test_errors_in_openai_shape(gateway):
     client, *_ = gateway
     with pytest.raises(openai.NotFoundError) as e:
@@ -194,6 +219,25 @@ def test_responses_and_completions_are_logged_like_chat(gateway):
     assert list(mine.episode_id) == ["r1", "r1"] and list(mine.call_kind) == ["chat", "completion"]
     assert list(mine.tier) == ["slm", "llm"] and email not in mine.iloc[0].prompt
     assert json.loads(mine.iloc[0].prompt)[0] == {"role": "system", "content": "Be brief."}
+    # every call gets a verdict; the simulated teacher's placeholder (the engine's own wording) is never valid
+    assert mine.iloc[0].valid is not None and not mine.iloc[1].valid and "placeholder" in mine.iloc[1].error
+
+
+def test_every_call_gets_a_validity_verdict():
+    """What S2's `valid` keep rule reads for ungraded gateway traffic: the format the call asked for, else an answer."""
+    from slmshift.serve.gateway.common import Call, output_check
+
+    tools = [{"name": "get_weather", "parameters": {"type": "object"}}, {"name": "get_time"}]
+    call = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'
+    cases = [({}, "Hello.", True), ({}, "  ", False), ({"tools": tools}, call, True),
+             ({"tools": tools}, "It is sunny.", True), ({"tools": tools}, '{"name": "rm_rf", "arguments": {}}', False),
+             ({"tools": tools, "tool_choice": "required"}, "It is sunny.", False),
+             ({"tools": tools, "tool_choice": "get_time"}, call, False),
+             ({"tools": tools, "tool_choice": "get_weather"}, call, True),
+             ({"wants_json": True}, '{"a": 1}', True), ({"wants_json": True}, "[1]", False),
+             ({}, "[simulated teacher: no scenario reference for this call, so no real answer]", False)]
+    for kwargs, text, valid in cases:
+        assert output_check(Call(model="m", messages=[], **kwargs))(text).valid is valid, (kwargs, text)
 
 
 def test_a_shed_call_is_a_429_whose_retry_after_is_the_models():

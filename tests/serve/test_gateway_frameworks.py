@@ -105,6 +105,7 @@ def assert_three_logged_calls(gw, run_dir, session, city, api):
     df = records(gw, run_dir, session)
     assert list(df.call_index) == [0, 1, 2] and set(df.scenario) == {f"fw-{api}"}
     assert df.error.isna().all() and (df.call_kind == "tool_call").all() and (df.backend == "scripted").all()
+    assert df.valid.eq(True).all()  # two parseable tool calls and a text answer: each has its verdict
     assert json.loads(df.iloc[0].output)["tool_calls"][0]["arguments"] == {"city": city}
     assert CODES[city] in df.iloc[2].prompt and FORECASTS[CODES[city]] in df.iloc[2].output
 

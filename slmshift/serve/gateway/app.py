@@ -11,7 +11,7 @@ from fastapi import Request  # real (not string) annotations: the handlers are p
 
 from slmshift.platform.types import LMRequest, ModelSpec
 from slmshift.serve.gateway import chat, completions, responses
-from slmshift.serve.gateway.common import Answer, Call, answer_of, output_check
+from slmshift.serve.gateway.common import Answer, Call, answer_of, constraint_of, new_id, output_check
 from slmshift.serve.gateway.errors import APIError, error_for, parse_body
 
 API_KEYS_ENV = "SLMSHIFT_GATEWAY_API_KEYS"
@@ -34,7 +34,10 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    def event_stream(events: list[str]) -> StreamingResponse:
+    def reply(done: dict, events: list[str] | None) -> Any:
+        # A ready Response: FastAPI would otherwise walk the returned dict through jsonable_encoder first.
+        if events is None:
+            return JSONResponse(done)
         return StreamingResponse(iter(events), media_type="text/event-stream")
 
     @serve.deployment(num_replicas=options.replicas, max_ongoing_requests=options.max_ongoing_requests,
@@ -82,7 +85,8 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
                 await asyncio.sleep(1.0)
                 self.log.flush()
 
-        async def _serve(self, request: Request, calls: list[Call], prompt_param: str) -> list[Answer]:
+        async def _serve(self, request: Request, calls: list[Call], prompt_param: str,
+                         json_param: str = "response_format") -> list[Answer]:
             """Each call through its model's pipeline (route, call, check, S1 record), under the workload and session
             the client names; a failed call becomes the HTTP error OpenAI's clients expect."""
             pipeline = self.pipelines.get(calls[0].model)
@@ -95,7 +99,7 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             ident = (lambda v: scrub_text(str(v))) if scrub else str
             workload = ident(request.headers.get("x-workload-id") or calls[0].user or meta.get("workload")
                              or "gateway")
-            session_id = ident(request.headers.get("x-session-id") or meta.get("session_id") or uuid.uuid4().hex)
+            session_id = ident(request.headers.get("x-session-id") or meta.get("session_id") or new_id("s-"))
             episode = f"{session_id}@{self.replica}" if self.replica else session_id
             role, task = ident(meta.get("role", "agent")), ident(meta.get("task_id", ""))
             lm_requests = []
@@ -105,12 +109,12 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
                 lm_requests.append(LMRequest(
                     experiment_id=experiment_id, episode_id=episode, call_index=index, scenario=workload, role=role,
                     call_kind=ident(meta.get("call_kind") or call.kind), task_id=task, policy=pipeline.spec.label,
-                    messages=call.messages, expect="json" if call.wants_json else "text",
-                    json_schema=call.json_schema, max_tokens=call.max_tokens, temperature=call.temperature,
-                    seed=call.seed))
+                    messages=call.messages, constraint=constraint_of(call), max_tokens=call.max_tokens,
+                    temperature=call.temperature, seed=call.seed))
             results = await asyncio.gather(*(pipeline.call(r, output_check(c)) for r, c in zip(lm_requests, calls)))
+            format_param = json_param if calls[0].wants_json else "tools"
             for result in results:
-                failure = error_for(result, self.models, prompt_param)
+                failure = error_for(result, self.models, prompt_param, format_param)
                 if failure is not None:
                     raise failure
             return [answer_of(c, r) for c, r in zip(calls, results)]
@@ -126,23 +130,23 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
         async def chat_completions(self, request: Request):
             req = await self._body(request, chat.ChatRequest)
             (a,) = await self._serve(request, [chat.to_call(req)], "messages")
-            done = chat.completion(req, a, int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}")
-            return event_stream(chat.sse_chunks(done)) if req.stream else done
+            done = chat.completion(req, a, int(time.time()), new_id("chatcmpl-"))
+            return reply(done, chat.sse_chunks(done) if req.stream else None)
 
         @app.post("/v1/responses")
         async def create_response(self, request: Request):
             req = await self._body(request, responses.ResponsesRequest)
             call = responses.to_call(req)
-            (a,) = await self._serve(request, [call], "input")
-            done = responses.response(req, call, a, int(time.time()), f"resp_{uuid.uuid4().hex[:24]}")
-            return event_stream(responses.sse_events(done)) if req.stream else done
+            (a,) = await self._serve(request, [call], "input", "text.format")
+            done = responses.response(req, call, a, int(time.time()), new_id("resp_"))
+            return reply(done, responses.sse_events(done) if req.stream else None)
 
         @app.post("/v1/completions")
         async def create_completion(self, request: Request):
             req = await self._body(request, completions.CompletionRequest)
             answers = await self._serve(request, completions.to_calls(req), "prompt")
-            done = completions.completion(req, answers, int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}")
-            return event_stream(completions.sse_chunks(req, done)) if req.stream else done
+            done = completions.completion(req, answers, int(time.time()), new_id("cmpl-"))
+            return reply(done, completions.sse_chunks(req, done) if req.stream else None)
 
         async def drain(self) -> None:
             await self.log.drain()

@@ -6,10 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmshift.serve.gateway.common import (Answer, Call, function_spec, sse, stop_list, to_messages,
-                                           tool_choice_of)
-
-# The fields we use; the rest are accepted and ignored, as OpenAI's SDKs and agent frameworks send many.
+from slmshift.serve.gateway.common import (Answer, Call, SampledRequestBase, function_spec, sse, stop_list,
+                                           to_messages, tool_choice_of)
 
 
 class ChatMessage(BaseModel):
@@ -21,9 +19,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class ChatRequest(SampledRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -31,14 +27,6 @@ class ChatRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
 
 
 def to_call(req: ChatRequest) -> Call:

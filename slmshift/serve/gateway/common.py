@@ -8,12 +8,47 @@ their own shape, so one agent's prompts read the same in the S1 log whichever AP
 from __future__ import annotations
 
 import ast
+import itertools
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmshift.platform.types import TEXT, OutputConstraint
 from slmshift.serve.gateway.errors import APIError
+
+
+# Ids: a random prefix per process and a counter. uuid4 per id (several a request) took 2% of the ingress's CPU.
+_PREFIX, _COUNTER = uuid.uuid4().hex[:12], itertools.count()
+
+
+def new_id(kind: str) -> str:
+    """A unique id such as `resp_<process prefix><counter>` (kind: chatcmpl-, resp_, call_, ...)."""
+    return f"{kind}{_PREFIX}{next(_COUNTER):012x}"
+
+
+class RequestBase(BaseModel):
+    """The fields every API's request shares. The rest are accepted and ignored: OpenAI's SDKs and agent frameworks
+    send many we do not use."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stream: bool = False
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SampledRequestBase(RequestBase):
+    """Chat and legacy completions also take a seed, stop sequences and stream options."""
+
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream_options: dict[str, Any] | None = None
 
 
 @dataclass
@@ -143,7 +178,7 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, A
             return None
     if not calls or any(name not in names for name, _ in calls):
         return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return [{"id": new_id("call_"), "type": "function",
              "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
 
 
@@ -159,20 +194,54 @@ def _json_object(text: str) -> bool:
         return False
 
 
+# What the simulated engine answers a call that has no scenario reference (every gateway call): labelled, never a
+# real answer. Its wording lives in serve/engines/simulated.py; tests/serve/test_gateway.py pins the two together.
+PLACEHOLDER = re.compile(r"^\[simulated [^\]]*: no scenario reference for this call, so no real answer\]$")
+
+
+def _looks_like_tool_call(text: str) -> bool:
+    s = text.strip().removeprefix("```json").removeprefix("```").strip()
+    return s[:1] in ("{", "[") and ('"tool_calls"' in s or '"name"' in s)
+
+
 def output_check(call: Call):
-    """The call's own check, as the gateway can tell it: JSON when JSON was asked for, a tool call (of the named
-    function) when the caller forces one; otherwise no check (validity unknown)."""
-    if call.wants_json:
-        return lambda text: Verdict(_json_object(text), "not a JSON object")
-    if call.tools and call.tool_choice not in ("auto", "none"):
-        def forced(text: str) -> Verdict:
-            calls = parse_tool_calls(text, call.tools)
+    """The call's validity verdict, as far as the gateway can tell without grading it: a JSON object when JSON was
+    asked for; a call of a declared function (the named one, if forced) when a tool call is required; where tools
+    are offered under `auto`, a tool call that parses or text that is not a failed attempt at one; else non-empty
+    text. A simulated model's placeholder is never valid, so no keep rule of S2 takes it as a training target."""
+    def check(text: str) -> Verdict:
+        if PLACEHOLDER.match(text.strip()):
+            return Verdict(False, "a simulated model's placeholder (no reference answer), not an answer")
+        if call.wants_json:
+            return Verdict(_json_object(text), "not a JSON object")
+        calls = parse_tool_calls(text, call.tools) if call.tools and call.tool_choice != "none" else None
+        if call.tools and call.tool_choice not in ("auto", "none"):
             ok = calls is not None and (call.tool_choice == "required"
                                         or all(c["function"]["name"] == call.tool_choice for c in calls))
             want = "a tool call" if call.tool_choice == "required" else f"a call of {call.tool_choice!r}"
-            return Verdict(ok, "" if ok else f"no valid tool call: {want} was required")
-        return forced
-    return None
+            return Verdict(ok, f"no valid tool call: {want} was required")
+        if calls is not None:
+            return Verdict(True)
+        if call.tools and call.tool_choice == "auto" and _looks_like_tool_call(text):
+            return Verdict(False, "a tool call that does not parse or names an undeclared function")
+        return Verdict(bool(text.strip()), "empty output")
+    return check
+
+
+def constraint_of(call: Call) -> OutputConstraint:
+    """The output constraint the call asks for, on its LMRequest: an engine enforces it where the router arm's
+    `constrain` option says so (a forced tool call, a JSON object or schema); tools under `auto` or `none` are
+    recorded, not enforced. Tool calls are enforced in the tool-call text `parse_tool_calls` reads."""
+    if call.wants_json:
+        return OutputConstraint(format="json", json_schema=call.json_schema or {"type": "object"})
+    if not call.tools:
+        return TEXT
+    choice: Any = call.tool_choice
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    forced = choice not in ("auto", "none")
+    return OutputConstraint(format="json" if forced else "text", tool_choice=choice,
+                            tools=[{"type": "function", "function": t} for t in call.tools])
 
 
 def answer_of(call: Call, result: Any) -> Answer:

@@ -6,30 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from slmshift.serve.gateway.common import Answer, Call, sse, stop_list
+from slmshift.serve.gateway.common import Answer, Call, SampledRequestBase, sse, stop_list
 from slmshift.serve.gateway.errors import APIError, unsupported
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class CompletionRequest(SampledRequestBase):
     prompt: str | list[Any]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this API
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1)
     best_of: int | None = None
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
 
 
 def to_calls(req: CompletionRequest) -> list[Call]:

@@ -41,11 +41,12 @@ def unsupported(field: str, why: str) -> APIError:
     return APIError(400, f"{field}: {why}", param=field, code="unsupported_parameter")
 
 
-def error_for(result: Any, models: dict[str, ModelSpec] | None = None,
-              prompt_param: str = "messages") -> APIError | None:
+def error_for(result: Any, models: dict[str, ModelSpec] | None = None, prompt_param: str = "messages",
+              format_param: str = "response_format") -> APIError | None:
     """Map a failed call to an HTTP error: load shed -> 429, a dead replica -> 503, a too-long prompt -> 400. A 429's
     Retry-After is the shedding model's `retry_after_s` (rounded up), the wait its Serve deployment states and the
-    call pipeline honours. `prompt_param` is the field that holds the prompt in the caller's API."""
+    call pipeline honours. A format the engine cannot enforce (a JSON schema llguidance rejects) is a 400 naming
+    `format_param`; `prompt_param` is the field that holds the prompt in the caller's API."""
     err = result.error or ""
     if result.response.error is None:
         return None  # the model answered; malformed output is still an answer (and a failed call in the log)
@@ -56,6 +57,8 @@ def error_for(result: Any, models: dict[str, ModelSpec] | None = None,
                         "overloaded", retry_after=math.ceil(wait))
     if err.startswith("infra:"):
         return APIError(503, f"the model is unavailable ({err[:200]})", "server_error", "unavailable", retry_after=2)
+    if "invalid output constraint" in err:
+        return APIError(400, f"{format_param}: {err[:300]}", "invalid_request_error", "invalid_format", format_param)
     if "max_input_tokens" in err or "too long" in err:
         return APIError(400, err, "invalid_request_error", "context_length_exceeded", prompt_param)
     return APIError(500, f"the model failed: {err[:300]}", "server_error", "model_error")

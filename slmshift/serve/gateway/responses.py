@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from slmshift.serve.gateway.common import Answer, Call, function_spec, text_of, to_messages, tool_choice_of
+from slmshift.serve.gateway.common import (Answer, Call, RequestBase, function_spec, new_id, text_of,
+                                           to_messages, tool_choice_of)
 from slmshift.serve.gateway.errors import APIError, unsupported
 
 ROLES = ("user", "system", "developer", "assistant")
 
 
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields we do not use (include, reasoning, truncation, ...) are ignored
-    model: str
+class ResponsesRequest(RequestBase):  # fields we do not use (include, reasoning, truncation, ...) are ignored
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[Any] | None = None
@@ -34,11 +32,6 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    metadata: dict[str, Any] | None = None
-    user: str | None = None
-    stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None
     conversation: Any = None
@@ -113,10 +106,10 @@ def response(req: ResponsesRequest, call: Call, a: Answer, created: int, rid: st
     request's settings echoed as OpenAI does."""
     incomplete = a.finish == "length"
     if a.tool_calls:
-        output = [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": c["id"],
+        output = [{"type": "function_call", "id": new_id("fc_"), "call_id": c["id"],
                    "name": c["name"], "arguments": c["arguments"], "status": "completed"} for c in a.tool_calls]
     else:
-        output = [{"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "role": "assistant",
+        output = [{"type": "message", "id": new_id("msg_"), "role": "assistant",
                    "status": "incomplete" if incomplete else "completed",
                    "content": [{"type": "output_text", "text": a.text, "annotations": [], "logprobs": []}]}]
     return {"id": rid, "object": "response", "created_at": created, "completed_at": created,
