@@ -12,6 +12,7 @@ import slmshift.scenarios  # noqa: F401  fills the scenario registry
 from slmshift.platform.config import load_config
 from slmshift.platform.scenario import scenario_options
 from slmshift.runner import run_experiment
+from multinode import three_nodes
 from test_faults import actors, assert_logged_exactly_once
 
 # Each model replica takes a whole CPU, and the head has none: the replicas live on the worker nodes.
@@ -29,19 +30,8 @@ scenarios: [{{kind: operator, episodes: 30, teams: 2, concurrency: 3}}]
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 1024**2})
-    workers = [c.add_node(num_cpus=2, object_store_memory=150 * 1024**2) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="slmshift")
-    yield c, workers
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
+    with three_nodes(worker_cpus=2) as (c, workers):
+        yield c, workers
 
 
 def test_worker_node_removed_mid_run(cluster, tmp_path):

@@ -178,15 +178,20 @@ def node_cpus(settle_s: float = 10.0) -> int:
 @contextmanager
 def _relay_steps(on_step: Callable[[int, float], None] | None) -> Iterator[Any]:
     """A Ray queue the rank-0 worker puts (step, loss) on, drained into `on_step` by a driver thread; None when
-    nobody listens. The queue's actor takes no CPU, so it never competes with the workers' reservation."""
+    nobody listens. The queue's actor takes no CPU, so it never competes with the workers' reservation, and lives on
+    the driver's node: on a worker node, losing that node silenced another cluster's progress (seen in the
+    multi-node test)."""
     if on_step is None:
         yield None
         return
     from queue import Empty
 
+    import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    steps = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    steps = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
 
     def drain(block: bool) -> None:
