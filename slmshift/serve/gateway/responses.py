@@ -93,11 +93,12 @@ def to_call(req: ResponsesRequest) -> Call:
                        param="text.format.type")
     wants_json = fmt["type"] != "text"
     meta = req.metadata or {}
+    seed = getattr(req, "seed", None)  # not a Responses field; taken when a client sends it, as chat's
     return Call(model=req.model, messages=to_messages(chat_messages(req), tools, fmt.get("schema"), wants_json),
                 tools=tools, tool_choice=tool_choice_of(req.tool_choice, {t["name"] for t in tools}),
                 parallel_tool_calls=req.parallel_tool_calls is not False, json_schema=fmt.get("schema"),
                 wants_json=wants_json, max_tokens=req.max_output_tokens or 512, temperature=req.temperature or 0.0,
-                seed=int(getattr(req, "seed", None) or 0), user=req.user, metadata=meta,
+                seed=seed if isinstance(seed, int) else 0, user=req.user, metadata=meta,
                 kind="tool_call" if tools else "json" if wants_json else "chat")
 
 
