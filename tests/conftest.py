@@ -12,7 +12,10 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, namespace="slmshift")
+    # address="local": a new cluster of our own even when a `ray start` cluster runs on the machine (plain init would
+    # join it and refuse num_cpus)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+             namespace="slmshift")
     yield
     serve.shutdown()
     ray.shutdown()
