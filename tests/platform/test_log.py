@@ -58,7 +58,7 @@ def parquet_files(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
     yield
     ray.shutdown()
 
