@@ -14,12 +14,15 @@ episodes do) against:
   (each row still cut at its own max_tokens/EOS), no Serve: the throughput a batch job would get;
 - `vllm` (opt-in: needs a vLLM env, see docs/engines.md): the vllm backend's server behind the same Serve
   deployment, float32 (bf16 ran ~4x slower on this AVX2-only CPU), prefix caching on.
+- `constrained` (opt-in): `continuous` with every call's output constraint enforced (the intent's JSON schema, the
+  call's BFCL grammar; the other engines get the same requests with `constrained` off), for the cost of constraining.
 
 Prints output tokens/s, p50/p95 request latency, the ratios, and the continuous engine's prefix-cache hit rate.
 Each engine gets the replica's CPUs alone (deployed one after the other). Uses packaged SmolLM2-135M.
 
 Run: .venv/bin/python bench/engine.py [--n 64] [--concurrency 32] [--engines static,continuous,offline]
      .venv/bin/python bench/engine.py --engines continuous,vllm      # vLLM against the hf engine
+     .venv/bin/python bench/engine.py --engines continuous,constrained  # the cost of constrained decoding
 """
 
 from __future__ import annotations
@@ -44,18 +47,23 @@ RETRY_ANSWER = "I will call the function with the values from the request."
 def request_mix(n_tasks: int = 16) -> list[LMRequest]:
     """The quickstart's SLM calls, in the order its arms issue them (see the module doc)."""
     from slmshift.scenarios.bfcl import call_messages, intent_messages, load_tasks
+    from slmshift.scenarios.bfcl.constraints import call_constraint, intent_constraint
     from slmshift.scenarios.bfcl.data import expected_function_names
 
     tasks = load_tasks(["simple", "multiple", "parallel"], n=n_tasks, seed=0)
 
     def req(i: int, kind: str, messages: list[dict], max_tokens: int) -> LMRequest:
+        # the scenario's constraint rides along; only the `constrained` engine has it enforced (see serve_engine)
+        t = tasks[i]
+        c = intent_constraint(t) if kind == "intent" else call_constraint(t, selected[i])
         return LMRequest(experiment_id="bench", episode_id=f"ep{i}", call_index=0, scenario="operator",
                          role="planner" if kind == "intent" else "operator", call_kind=kind, messages=messages,
-                         max_tokens=max_tokens)
+                         max_tokens=max_tokens, constraint=c, constrained=False)
 
-    intents = [req(i, "intent", intent_messages(t), 48) for i, t in enumerate(tasks)]
     # The SLM's intent is often unusable; the Operator then sees every function: every other task here does.
-    calls = [call_messages(t, expected_function_names(t) if i % 2 == 0 else None) for i, t in enumerate(tasks)]
+    selected = [expected_function_names(t) if i % 2 == 0 else None for i, t in enumerate(tasks)]
+    intents = [req(i, "intent", intent_messages(t), 48) for i, t in enumerate(tasks)]
+    calls = [call_messages(t, selected[i]) for i, t in enumerate(tasks)]
     retries = [m + [{"role": "assistant", "content": RETRY_ANSWER},
                     {"role": "user", "content": "That could not be parsed (no function call found). Reply with only "
                                                 "the function call(s) in the format [func_name(param=value, ...)]."}]
@@ -68,6 +76,7 @@ def request_mix(n_tasks: int = 16) -> list[LMRequest]:
 
 
 def spec_for(scheduler: str, concurrency: int) -> ModelSpec:
+    scheduler = "continuous" if scheduler == "constrained" else scheduler
     if scheduler == "vllm":  # the same budget as the hf engine's: 32 rows, 2 GB of KV, 2048-token prompts
         return ModelSpec(name="slm-vllm", tier="slm", backend="vllm", source=SOURCE, resources={"num_cpus": 1},
                          max_ongoing_requests=max(64, 2 * concurrency), batching={"max_batch_size": 32},
@@ -109,6 +118,9 @@ def serve_engine(scheduler: str, requests: list[LMRequest], concurrency: int) ->
     from slmshift.serve.deployment import deploy_models
 
     spec = spec_for(scheduler, concurrency)
+    if scheduler == "constrained":
+        spec = spec.model_copy(update={"name": "slm-constrained"})
+        requests = [q.model_copy(update={"constrained": True}) for q in requests]
     handle = deploy_models([spec], available_cpus=2)[spec.name]
     warm = LMRequest(experiment_id="bench", episode_id="warm", call_index=0, scenario="bench", role="r",
                      call_kind="warmup", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
@@ -117,7 +129,9 @@ def serve_engine(scheduler: str, requests: list[LMRequest], concurrency: int) ->
     stats = handle.info.remote().result(timeout_s=60)["stats"]
     serve.delete(spec.name)
     extra = {k: round(v, 3) for k, v in stats.items() if k in ("prefix_token_hit_rate", "prefix_hits", "prefix_lookups",
-                                                               "prefix_hit_tokens", "mean_decode_rows", "peak_rows")}
+                                                               "prefix_hit_tokens", "mean_decode_rows", "peak_rows",
+                                                               "grammar_compiles", "grammar_cache_hits",
+                                                               "grammar_compile_s", "grammar_tokenizer_s")}
     errors = [r.error for r in out if r.error]
     if errors:
         print(f"  {scheduler}: {len(errors)} errors, first: {errors[0]}")
@@ -185,6 +199,7 @@ def main() -> None:
         print(f"continuous (through Serve) / offline generate: "
               f"{by['continuous']['tokens_per_s'] / by['offline']['tokens_per_s']:.2f}x tokens/s")
     compare("vllm", "continuous", "vllm / hf continuous")
+    compare("constrained", "continuous", "constrained / unconstrained (hf continuous)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
