@@ -17,7 +17,7 @@ experiment: {{name: e2e, seed: 3, storage: {storage}}}
 {models}router:
   policies:
     - {{kind: llm, name: all-llm}}
-    - {{kind: slm, name: all-slm}}
+    - {{kind: slm, name: all-slm, constrain: none}}
     - {{kind: call_kind, name: split, map: {{intent: slm, function_call: llm}}}}
 scenarios:
   - {{kind: operator, episodes: 6, teams: 2, concurrency: 4, options: {{categories: [simple, parallel], retries: 1}}}}
@@ -48,13 +48,17 @@ def test_routes_follow_the_policies(run):
     split = df[df.policy == "split"]
     assert set(split[split.call_kind == "intent"]["tier"]) == {"slm"}
     assert set(split[split.call_kind == "function_call"]["tier"]) == {"llm"}
+    # constrain (default slm): the SLM's calls are held to their constraint, the LLM's are not; all-slm opted out
+    assert split[split.tier == "slm"]["constrained"].all() and not split[split.tier == "llm"]["constrained"].any()
+    assert not df[df.policy == "all-slm"]["constrained"].any()
+    assert split["constraint"].notna().all()
 
 
 def test_grading_with_bfcl_checker(run):
     arms = {a["policy"]: a for a in run.summary["arms"]}
     # a teacher declared 100% accurate answers from the reference: BFCL's checker accepts every call
     assert arms["all-llm"]["success_rate"] == 1.0
-    # a random tiny model's output is unparsable: recorded as failed calls, the episodes still finish
+    # a random tiny model's output, left unconstrained, is unparsable: recorded as failed calls, the episodes finish
     df = read_interactions(run.run_dir)
     slm = df[df.policy == "all-slm"]
     assert arms["all-slm"]["success_rate"] == 0.0 and arms["all-slm"]["episode_errors"] == 0
