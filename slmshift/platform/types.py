@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from slmshift.platform.constraint import TEXT, Expect, OutputConstraint, canonical_json
+
+__all__ = ["TEXT", "Expect", "OutputConstraint", "canonical_json"]  # re-exported: their home is platform/constraint.py
+
 
 def absolute_path(path: str) -> str:
     """Local paths made absolute against the launching process's cwd, so Ray workers (whose cwd may differ)
@@ -22,7 +26,6 @@ def absolute_path(path: str) -> str:
 AbsolutePath = Annotated[str, AfterValidator(lambda v: absolute_path(v) if v else v)]
 
 Tier = Literal["llm", "slm"]
-Expect = Literal["text", "json", "code", "action"]
 
 
 class Hidden(BaseModel):
@@ -40,73 +43,6 @@ class Hidden(BaseModel):
     )
     upstream_ok: bool = Field(default=True, description="Were the earlier steps this call depends on right? A "
                               "teacher handed wrong upstream output does worse (SimulatedProfile.upstream_penalty).")
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON serialisation of model answers: scenario references (the simulated teacher's), LoRA targets and
-    output constraints (engines enforce it: no whitespace, UTF-8 kept, keys in the given order)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-class OutputConstraint(BaseModel):
-    """The format a call's output must hold (the paper's A5: agent calls keep a strict format).
-
-    At most one of `json_schema`, `regex`, `grammar` (Lark, in llguidance's dialect: the hf engine's library, see
-    docs/engines.md) or `tools`; `format` names the answer's shape for checks and logs (the S1 record's `expect`).
-    Engines enforce it when the request's `constrained` is set (the router arm's `constrain` option decides).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    format: Expect = Field(default="text", description="The answer's shape: text, json, code or action.")
-    json_schema: dict[str, Any] | None = Field(default=None, description="A JSON schema the output must match, "
-                                               "written compactly (',' and ':' with no spaces).")
-    regex: str | None = Field(default=None, description="A regular expression the whole output must match.")
-    grammar: str | None = Field(default=None, description="A Lark grammar (llguidance's dialect) the output must "
-                                "match; `%json {...}` embeds a JSON schema.")
-    tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function tools the call may use.")
-    tool_choice: str | dict[str, Any] | None = Field(
-        default=None, description="With `tools`: 'auto' (free answer or call; not enforced), 'none', 'required' "
-        "(some tool call) or {'type': 'function', 'function': {'name': ...}} (that tool).")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> OutputConstraint:
-        given = [k for k in ("json_schema", "regex", "grammar", "tools") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"an output constraint takes one of json_schema, regex, grammar, tools (got {given})")
-        if self.tool_choice is not None and self.tools is None:
-            raise ValueError("tool_choice needs tools")
-        return self
-
-    @property
-    def kind(self) -> str | None:
-        """'json_schema' | 'regex' | 'grammar' | 'tools', or None for a format with nothing to enforce."""
-        return next((k for k in ("json_schema", "regex", "grammar", "tools") if getattr(self, k) is not None), None)
-
-    @property
-    def forced_tool(self) -> str | None:
-        """The tool a named tool_choice forces, else None."""
-        choice = self.tool_choice
-        return choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-
-    @property
-    def enforceable(self) -> bool:
-        """Is there anything for an engine to enforce? (tools with 'auto'/'none'/no choice leave the model free.)"""
-        if self.kind == "tools":
-            return self.tool_choice == "required" or self.forced_tool is not None
-        return self.kind is not None
-
-    def to_json(self) -> str:
-        """Canonical JSON (None-valued fields left out): the S1 record's `constraint`."""
-        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
-
-    def key(self) -> str:
-        """A content hash: equal constraints share one compiled grammar."""
-        body = json.dumps(self.model_dump(exclude={"format"}), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()[:32]
-
-
-TEXT = OutputConstraint()
 
 
 class LMRequest(BaseModel):
