@@ -49,7 +49,7 @@ def test_json_schemas_accept_valid_and_reject_invalid():
 
 
 def test_code_extraction():
-    fenced = f"Sure!\n```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n    return False\n```\nDone."
+    fenced = "Sure!\n```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n    return False\n```\nDone."
     c = extract_code(fenced, "has_close_elements", P0.prompt)
     assert c.valid and c.value.startswith(P0.prompt) and c.value.rstrip().endswith("return False")
     # a full function without the prompt's imports still runs: the prompt (with `from typing import List`) leads
