@@ -95,7 +95,8 @@ def split_tasks(cfg: ExperimentConfig, loop: LoopSection, iterations: int = 1) -
             trained = [[t for t in ids if family(t) == f] for f in fams[n_new:]]
             spread = [t for row in itertools.zip_longest(*trained) for t in row if t is not None]  # round-robin
             verify = held + spread[: n_verify - len(held)]
-            train = [t for t in ids if family(t) not in new and t not in set(verify)]
+            held_out = set(verify)
+            train = [t for t in ids if family(t) not in new and t not in held_out]
         else:
             verify, train = ids[:n_verify], ids[n_verify:]
         out[spec.label] = {"verify": verify, "train": train}

@@ -62,6 +62,7 @@ class ClusterIndex:
 
         self.centroids = normalise(np.asarray(centroids, dtype=np.float32).reshape(-1, DIM))
         self.clusters = clusters
+        self.kinds = [c.get("call_kind") for c in clusters]  # by index position: what `assign_vectors` filters on
         if index is None:
             index = faiss.IndexFlatIP(DIM)
             index.add(self.centroids)
@@ -103,12 +104,13 @@ class ClusterIndex:
         is never placed in another kind's task however alike the prompts read)."""
         if len(x) == 0 or self.index.ntotal == 0:
             return [(-1, 0.0)] * len(x)
-        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), self.index.ntotal)  # best first
-        kinds = [c.get("call_kind") for c in self.clusters]
+        # every centroid, best first, only where a call's kind may rule out the nearest (the router's hot path)
+        k = self.index.ntotal if call_kinds is not None else 1
+        sims, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
         out = []
         for i, row in enumerate(ids):
             kind = call_kinds[i] if call_kinds is not None else None
-            own = [r for r, j in enumerate(row) if kinds[j] == kind] if kind is not None else []
+            own = [r for r, j in enumerate(row) if self.kinds[j] == kind] if kind is not None else []
             r = own[0] if own else 0
             out.append((int(row[r]), float(sims[i, r])))
         return out

@@ -239,7 +239,7 @@ def _read_log(run_dir: str) -> pd.DataFrame:
         raise SlmshiftError(f"{run_dir}: no such run directory. Fix: pass a directory printed by `slmshift run` "
                             "(e.g. runs/quickstart-YYYYMMDD-HHMMSS).")
     try:
-        df = read_interactions(run_dir)
+        df = read_interactions(run_dir, include_shadow=True)  # shadows too: S4 reuses them (`collected_answers`)
     except SlmshiftError:
         raise
     except Exception as e:  # unreadable Parquet, wrong schema
@@ -288,11 +288,11 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         if is_uri(out_uri):
             upload(out, out_uri)
 
-    df = _read_log(run_dir)
+    log = _read_log(run_dir)  # read once: S2 curates the episodes' own calls, S4 reuses the shadows as well
     cands = _resolve_candidates(o.candidates)
 
     # S2 --------------------------------------------------------------------------------------------
-    cur = curate(df, o.curate)
+    cur = curate(log[~log["shadow"].astype(bool)].reset_index(drop=True), o.curate)
     rows = cur.rows
     timings["curate_s"] = time.perf_counter() - t
     if rows.empty:
@@ -331,7 +331,7 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     from slmshift.train.select import RULE, collected_answers, select_candidates
 
     t = time.perf_counter()
-    answers = collected_answers(run_dir)  # collect's graded SLM answers stand for the held-out calls they cover
+    answers = collected_answers(log, run_dir)  # collect's graded SLM answers stand for the held-out calls they cover
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
     selections = {}

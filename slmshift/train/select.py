@@ -57,17 +57,17 @@ class Selection:
         return {"cluster": self.cluster, "chosen": self.chosen.name, "rule": RULE, "candidates": self.table}
 
 
-def collected_answers(run_dir: str) -> pd.DataFrame:
+def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
     """The SLM answers collect already gave and graded, by the id of the call they answer: shadows (`shadow_of`),
     a cascade's rejected attempts (`<id>:cascade`) and calls the SLM served. They are the served SLM's answers to
     real calls at the served budget, graded by the scenario: S4 uses them for the held-out calls they cover instead
-    of generating those again. Columns: call_id, model, source, adapter, output, valid, correct, tokens_in/out."""
+    of generating those again. `df`: the run's log with its shadows (`read_interactions(run_dir,
+    include_shadow=True)`); `run_dir`'s config names each model's source. Columns: call_id, model, source, adapter,
+    output, valid, correct, tokens_in/out."""
     import yaml
 
-    from slmshift.platform.log import read_interactions
     from slmshift.platform.storage import join, read_text
 
-    df = read_interactions(run_dir, include_shadow=True)
     cols = ["call_id", "model", "source", "adapter", "output", "valid", "correct", "tokens_in", "tokens_out"]
     if df.empty:
         return pd.DataFrame(columns=cols)

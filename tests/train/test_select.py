@@ -160,7 +160,9 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
         rec(2, id="r2:cascade", escalated=True, output="blue", adapter="tuned", **slm)])  # an adapter's answer
     log.close()
 
-    answers = collected_answers(str(tmp_path))
+    from slmshift.platform.log import read_interactions
+
+    answers = collected_answers(read_interactions(str(tmp_path), include_shadow=True), str(tmp_path))
     assert sorted(answers["call_id"]) == ["r0", "r1", "r2"] and set(answers["source"]) == {random_c.source}
     sel = select_candidates(rows, 0, [random_c], ScenarioGrader(), threads=1, answers=answers)
     got = {v["record_id"]: v for v in sel.before.verdicts}
