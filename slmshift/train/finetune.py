@@ -37,7 +37,8 @@ class LoraOptions(BaseModel):
     learning_rate: float = Field(default=2e-4, gt=0, description="AdamW learning rate (after a short warm-up).")
     steps: int = Field(default=100, ge=1, description="Optimiser steps; the data is repeated as needed.")
     batch_size: int = Field(default=8, ge=1, description="Examples per step.")
-    max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; prompts are left-truncated.")
+    max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; a longer prompt loses its "
+                            "middle, keeping its instructions and its end.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and data order.")
     report_every: int = Field(default=10, ge=1, description="Steps between `ray.train.report` metrics.")
     bucket_by_length: bool = Field(default=True, description="Batch rows of similar length together (within pools "
@@ -64,17 +65,48 @@ def encode_example(tokenizer: Any, messages: list[dict[str, str]] | str, target:
                    ) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one call: labels are IGNORE on the prompt, the target's ids plus EOS after it.
 
-    The target keeps at least half the budget; the prompt is left-truncated as the engine does at serving time.
+    The target keeps at least half the budget; a prompt over the rest loses its middle (`fit_prompt`).
     """
     from slmshift.platform.artifacts import chat_prompt
 
     if isinstance(messages, str):
         messages = json.loads(messages)
-    prompt = tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    text = chat_prompt(tokenizer, messages)
     answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     answer = answer[: max(max_length - len(prompt), max_length // 2)]
-    prompt = prompt[len(prompt) - (max_length - len(answer)):] if len(prompt) + len(answer) > max_length else prompt
+    prompt = fit_prompt(tokenizer, messages, text, prompt, max_length - len(answer))
     return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], text: str, ids: list[int], budget: int) -> list[int]:
+    """`ids` (the tokens of `text`, the rendered chat) cut to `budget` tokens by dropping the middle: the call's
+    instructions (its leading system messages and first user message, up to half the budget) and the end of its
+    context (the latest turns and the generation prompt) stay. Cutting from the left, as before, dropped the
+    instructions of every long call: a multi-turn Operator call lost the task, a MetaGPT engineer call its spec."""
+    if len(ids) <= budget:
+        return ids
+    head_chars = _instructions_end(messages, text)
+    head = len(tokenizer(text[:head_chars], add_special_tokens=False)["input_ids"]) if head_chars else 0
+    head = min(head, budget // 2)
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def _instructions_end(messages: list[dict[str, str]], text: str) -> int:
+    """Where, in the rendered chat `text`, the content of the first user message ends (0 if it cannot be found).
+    Found by the contents themselves, in order, so it holds for any chat template that quotes them verbatim."""
+    pos = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, str) or not content:
+            continue
+        at = text.find(content, pos)
+        if at < 0:
+            return 0
+        pos = at + len(content)
+        if m.get("role") not in ("system", "developer"):
+            return pos
+    return 0
 
 
 def collate(tokenizer: Any, messages: Iterable[Any], targets: Iterable[str], max_length: int) -> dict[str, Any]:

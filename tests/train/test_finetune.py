@@ -66,6 +66,33 @@ def test_encode_masks_prompt_and_keeps_target(tiny_model_dir):
     assert short_ids[-(64 - sum(t != IGNORE for t in short_labels)) - 1] != IGNORE  # prompt kept its latest tokens
 
 
+def test_a_long_prompt_keeps_its_instructions_and_its_end(tiny_model_dir):
+    """A call over the budget loses the middle of its context, never its task or its latest turn."""
+    from transformers import AutoTokenizer
+
+    from slmshift.platform.artifacts import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = [{"role": "system", "content": "Answer with JSON only."},
+            {"role": "user", "content": "Task: book a flight to Oslo."}]
+    for turn in range(40):
+        chat += [{"role": "assistant", "content": f"step {turn}: looked up fares page {turn}"},
+                 {"role": "user", "content": f"tool result {turn}: " + "fare " * 10}]
+    chat[-1]["content"] = "tool result: the seat is 14C."
+    whole = tok(chat_prompt(tok, chat), add_special_tokens=False)["input_ids"]
+    ids, labels = encode_example(tok, chat, INTENT, max_length=160)
+    kept = [t for t, lab in zip(ids, labels) if lab == IGNORE]
+    prompt = tok.decode(kept)
+    assert len(whole) > 300 and len(ids) == 160
+    assert "Answer with JSON only." in prompt and "Task: book a flight to Oslo." in prompt
+    assert "the seat is 14C." in prompt and kept[-8:] == whole[-8:]  # the generation prompt too
+    assert "tool result 20" not in prompt  # the middle went
+    # instructions longer than half the budget keep only half: the end still fits
+    chat[1]["content"] = "Task: " + "very long instructions " * 200
+    ids, labels = encode_example(tok, chat, INTENT, max_length=160)
+    assert "the seat is 14C." in tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE])
+
+
 def test_every_step_reaches_the_driver_in_order(trained):
     """The worker's own output never reaches a `log_to_driver=False` console, so its steps come back to the caller."""
     result, seen = trained
