@@ -100,7 +100,7 @@ def convert(
     base: Optional[list[str]] = typer.Option(None, "--base", help="SLM candidate: a registered name "
                                              "(smollm2-135m), 'packaged:…' or a local model dir; repeat to compare "
                                              "several. Default: smollm2-135m."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="LoRA optimiser steps per cluster (default 20)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="LoRA optimiser steps per cluster (default: by the cluster's rows and tokens, at least 20)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default 8)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, help="LoRA alpha (default 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Learning rate (default 2e-4)."),

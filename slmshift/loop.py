@@ -252,6 +252,7 @@ EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured
 # cluster also pays Ray Train's start and checkpoints (~1 min) and target losses on its held-out rows, base and
 # adapter (there ~9 min in all for 175 rows: ~3 s a row).
 LORA_STEP_S = 40.0
+AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the shipped profiles' clusters get 20-40
 LORA_VAL_S_PER_ROW = 3.0
 
 
@@ -266,8 +267,9 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     collect = sum(nc * calls * loop.shadow_rate * call_s for calls, call_s, nc, _ in scen)
     val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
     tuned = loop.max_clusters or loop.convert.k_max  # every eligible cluster: at most the clusters S3 may find
+    steps = AUTO_STEPS_GUESS if loop.convert.lora_steps == "auto" else loop.convert.lora_steps
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, tuned / 3)) \
-        + tuned * (loop.convert.lora_steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
+        + tuned * (steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
                                + LORA_VAL_S_PER_ROW * scale * val_rows / len(scen))
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
     verify = sum(nv * calls * 0.5 * call_s for calls, call_s, _, nv in scen)

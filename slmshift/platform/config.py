@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from slmshift.platform.errors import ConfigError, SlmshiftError, one_line_error
 from slmshift.platform.artifacts import AdapterRegistryFile
@@ -54,13 +54,14 @@ class RaySection(_Strict):
 
 class RouterSection(_Strict):
     policies: list[PolicySpec] = Field(min_length=1, description="Policy arms to compare; each is a policy spec, or "
-                                       "{file: PATH} naming a policy YAML (e.g. the policy.yaml `slmshift tune` wrote).")
+                                       "{file: PATH} naming a policy YAML (e.g. the policy.yaml `slmshift tune` wrote); keys beside `file` "
+                                       "override the file's (e.g. {file: PATH, name: tuned-travel}).")
 
     @field_validator("policies", mode="before")
     @classmethod
     def _expand_files(cls, v: Any) -> Any:
-        return [read_policy_file(p) if isinstance(p, dict) and set(p) == {"file"} else p for p in v] \
-            if isinstance(v, list) else v
+        return [{**read_policy_file(p), **{k: x for k, x in p.items() if k != "file"}}
+                if isinstance(p, dict) and "file" in p else p for p in v] if isinstance(v, list) else v
 
 
 def read_policy_file(entry: dict) -> dict:
@@ -125,7 +126,8 @@ class LoopConvert(_Strict):
                                      "promoted (the promotion bootstrap resamples tasks; see slmshift convert).")
     lora_rank: int = Field(default=8, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(default=16.0, gt=0, description="LoRA alpha.")
-    lora_steps: int = Field(default=60, ge=1, description="LoRA optimiser steps per cluster.")
+    lora_steps: PositiveInt | Literal["auto"] = Field(default="auto", description="LoRA optimiser steps per cluster, or auto: "
+                                              "two passes over its train rows within a token budget, at least 20.")
     lora_lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Examples per LoRA step.")
     activation_checkpointing: bool = Field(default=True, description="Recompute activations in the LoRA backward "
@@ -191,6 +193,10 @@ class GatewaySection(_Strict):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per ingress replica.")
+    workloads: dict[str, str] = Field(default_factory=dict, description="Workload id -> the name of a router.policies "
+                                      "arm: a call of that workload (X-Workload-Id) that names any `router:` policy is "
+                                      "routed by this arm instead, e.g. the policy `slmshift tune --workload ID` "
+                                      "wrote for it. A call naming a deployed model directly stays pinned to it.")
 
 
 class GatewayConfig(_Strict):
@@ -209,6 +215,23 @@ class GatewayConfig(_Strict):
 GatewayConfig.model_rebuild(force=True)
 
 
+def _workload_checks(i: int, m: Any) -> list[tuple[str, str]]:
+    """A workload-file teacher: its file must hold valid sessions now, not when its replica starts."""
+    if not m.source:
+        return [(f"models[{i}].source", "required for backend 'workload': give the workload file (JSON lines or YAML, "
+                 "e.g. scenarios/workloads/agent-desk.jsonl)")]
+    if m.tier != "llm":
+        return [(f"models[{i}].tier", "backend 'workload' is a teacher: set tier: llm")]
+    from slmshift.platform.errors import SlmshiftError
+    from slmshift.platform.workload import read_workload
+
+    try:
+        read_workload(m.source)
+    except SlmshiftError as e:
+        return [(f"models[{i}].source", str(e))]
+    return []
+
+
 def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
                   scenario_options: dict[str, type[BaseModel]] | None) -> list[tuple[str, str]]:
     """Checks that span sections; each problem is (field path, message)."""
@@ -221,6 +244,8 @@ def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
             what = "the model name the endpoint serves" if m.backend == "openai" \
                 else "a local model dir, a .gguf file, 'packaged:smollm2-135m' or a hub id"
             problems.append((f"models[{i}].source", f"required for backend {m.backend!r}: give {what}"))
+        if m.backend == "workload":
+            problems += _workload_checks(i, m)
         if m.backend == "openai" and m.openai is None:
             problems.append((f"models[{i}].openai", "required for backend 'openai': give at least base_url"))
         if m.backend == "vllm" and (why := m.vllm.problem()):
@@ -228,6 +253,11 @@ def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
         problems += _adapter_checks(i, m)
     tiers = {m.name: m.tier for m in cfg.models}
     labels = [p.label for p in cfg.router.policies]
+    for wid, label in (cfg.gateway.workloads.items() if isinstance(cfg, GatewayConfig) else ()):
+        if label not in labels:
+            problems.append((f"gateway.workloads.{wid}", f"no router.policies arm is named {label!r}; available: "
+                             f"{', '.join(labels)}. Fix: name the arm (`name: {label}`) or map the workload to one "
+                             "of those"))
     for i, p in enumerate(cfg.router.policies):
         path = f"router.policies[{i}]"
         if labels.count(p.label) > 1 and labels.index(p.label) != i:

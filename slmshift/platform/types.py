@@ -396,11 +396,13 @@ class ModelSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique name; also the Serve app name.")
     tier: Tier = Field(description="'llm' (large, the teacher) or 'slm' (small).")
-    backend: Literal["hf", "vllm", "simulated", "openai"] = Field(description="Which engine serves it.")
+    backend: Literal["hf", "vllm", "simulated", "openai", "workload"] = Field(
+        description="Which engine serves it ('workload': a teacher that answers a tool-using agent from a workload "
+        "file, see serve/engines/workload.py).")
     source: str | None = Field(
         default=None,
         description="hf, vllm: 'packaged:smollm2-135m', a local model dir, a .gguf file, or a hub id; "
-        "openai: the model name at the endpoint; simulated: unused.",
+        "openai: the model name at the endpoint; workload: the workload file (JSON lines or YAML); simulated: unused.",
     )
     params: float | None = Field(default=None, gt=0, description="Parameter count for FLOPs (hf: measured).")
     price: Price = Field(default_factory=Price)
@@ -437,6 +439,12 @@ class ModelSpec(_Strict):
         if v == 0:  # Serve accepts -1 or a positive bound
             raise ValueError("must be -1 (no bound) or a positive number of requests")
         return v
+
+    @field_validator("source")
+    @classmethod
+    def _absolute_workload(cls, v: str | None, info: Any) -> str | None:
+        # a workload file is read by the Serve replica, whose cwd may differ from the launcher's
+        return absolute_path(v) if v and info.data.get("backend") == "workload" else v
 
     @field_validator("adapters")
     @classmethod

@@ -45,9 +45,9 @@ _API_ENV = "RAY_API_SERVER_ADDRESS"
 
 def _default_lora() -> LoraOptions:
     # Quickstart prompts run to ~550 tokens (+ ~90 target) with SmolLM2's tokenizer: 768 keeps them whole,
-    # so the adapter trains on the same prompt the engine serves. 20 steps of 8 (~13 passes over a quickstart
-    # cluster's 12 train rows) take ~8 min per cluster with SmolLM2-135M on 2 cores (~160 tok/s).
-    return LoraOptions(steps=20, max_length=768)
+    # so the adapter trains on the same prompt the engine serves. Steps: auto (a quickstart cluster's 12 train rows
+    # get the floor of 20 steps of 8, ~13 passes, ~8 min per cluster with SmolLM2-135M on 2 cores).
+    return LoraOptions(max_length=768)
 
 
 class ConvertOptions(BaseModel):
@@ -402,7 +402,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     from slmshift.platform.config import RaySection
     from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
     from slmshift.train.evaluate import evaluate
-    from slmshift.train.lora_run import AdapterJob, train_adapters
+    from slmshift.train.lora_run import AdapterJob, step_plan, train_adapters
     from slmshift.train.registry import AdapterRegistry, same_task_adapters
 
     import ray
@@ -428,16 +428,22 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     in_force = AdapterRegistry.load(o.incumbent) if o.incumbent else None
     incumbents = same_task_adapters(in_force, out / "clusters") if in_force else {}
     by_label = {e["label"]: e for e in todo}
-    jobs = [AdapterJob(e["id"], e["label"], selections[e["id"]].chosen.source) for e in todo]
+    jobs = []
     for e in todo:
-        console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {selections[e['id']].chosen.name} "
-                      f"({e['n_train']} train / {e['n_val']} val rows, {o.lora.steps} steps)")
+        sel, train = selections[e["id"]], rows[(rows["cluster"] == e["id"]) & (rows["split"] == "train")]
+        plan = step_plan(sel.chosen.source, train["messages"], train["target"], o.lora)
+        e["lora_steps"] = {"steps": plan.steps, "why": plan.why}
+        jobs.append(AdapterJob(e["id"], e["label"], sel.chosen.source, plan.steps))
+        console.print(f"S5 fine-tune: cluster {e['id']} {e['label']!r} on {sel.chosen.name} "
+                      f"({e['n_train']} train / {e['n_val']} val rows, {plan.steps} steps"
+                      f"{'' if plan.why == 'fixed' else ': ' + plan.why})")
     try:
         with _progress(o.progress, console) as prog:
             # every cluster's run starts at once; Ray places them (in turn on one small machine)
             runs = train_adapters(str(curated_path), jobs, str(out), o.lora, num_workers=o.num_workers,
                                   cpus_per_worker=o.cpus_per_worker,
-                                  on_step=lambda label: _lora_steps(prog, console, label, o.lora.steps))
+                                  on_step=lambda label: _lora_steps(prog, console, label,
+                                                                    by_label[label]["lora_steps"]["steps"]))
             for job, tr in runs:
                 e, sel = by_label[job.label], selections[job.cluster]
                 if isinstance(tr, SlmshiftError):  # one cluster's failure never costs the others their adapters

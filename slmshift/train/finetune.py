@@ -13,14 +13,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from slmshift.platform.errors import SlmshiftError
 
 IGNORE = -100  # label value torch's cross-entropy skips
 BUCKET_POOL = 16  # batches' worth of rows sorted by length together (`bucket_by_length`)
+MIN_AUTO_STEPS = 20  # steps: auto never trains fewer (warm-up, then enough updates to move a small cluster)
 STATE_FILE = "trainer_state.pt"  # beside the adapter in a checkpoint: optimiser, schedule, step, losses
 
 
@@ -35,7 +36,11 @@ class LoraOptions(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                       description="Module names that get LoRA (Llama-style names).")
     learning_rate: float = Field(default=2e-4, gt=0, description="AdamW learning rate (after a short warm-up).")
-    steps: int = Field(default=100, ge=1, description="Optimiser steps; the data is repeated as needed.")
+    steps: PositiveInt | Literal["auto"] = Field(default="auto", description="Optimiser steps (the data is repeated as "
+                                         "needed), or auto: chosen per cluster by its rows and tokens (`plan_steps`).")
+    epochs: float = Field(default=2.0, gt=0, description="With steps: auto, passes over the cluster's train rows.")
+    token_budget: int = Field(default=100_000, ge=1, description="With steps: auto, the most prompt + target tokens "
+                              "a run may train on (a cluster of long calls gets fewer steps).")
     batch_size: int = Field(default=8, ge=1, description="Examples per step.")
     max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; a longer prompt loses its "
                             "middle, keeping its instructions and its end.")
@@ -56,6 +61,35 @@ def lora_config(options: LoraOptions) -> Any:
 
     return LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=list(options.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps: int
+    why: str
+
+
+def plan_steps(tokenizer: Any, messages: Iterable[Any], targets: Iterable[str], options: LoraOptions) -> StepPlan:
+    """A cluster's optimiser steps: `options.steps` when fixed; for auto, `epochs` passes over the train rows, cut
+    to what `token_budget` buys at the rows' mean encoded length, and never under MIN_AUTO_STEPS. A fixed 40 steps
+    gave a 12-row cluster 13 passes and a 300-row one half a pass; compute now follows what there is to learn."""
+    if options.steps != "auto":
+        return StepPlan(int(options.steps), "fixed")
+    lengths = []
+    for m, t in zip(messages, targets):
+        try:
+            lengths.append(len(encode_example(tokenizer, m, str(t), options.max_length)[0]))
+        except (ValueError, TypeError, KeyError):  # collate skips such a row too
+            continue
+    if not lengths:
+        return StepPlan(MIN_AUTO_STEPS, f"{MIN_AUTO_STEPS} (no usable rows to size by)")
+    mean = sum(lengths) / len(lengths)
+    by_rows = math.ceil(options.epochs * len(lengths) / options.batch_size)
+    by_tokens = int(options.token_budget // (options.batch_size * mean))
+    steps = max(MIN_AUTO_STEPS, min(by_rows, by_tokens))
+    return StepPlan(steps, f"auto: {options.epochs:g} passes over {len(lengths)} rows = {by_rows} steps, "
+                           f"token budget {options.token_budget:,} / ({options.batch_size} x {mean:.0f} tokens) = "
+                           f"{by_tokens}, at least {MIN_AUTO_STEPS}")
 
 
 # --- examples -> tensors --------------------------------------------------------------------------
@@ -234,6 +268,8 @@ def lora_loop(model: Any, tokenizer: Any, batches: Iterator[dict[str, Any]], opt
     """
     import torch
 
+    if options.steps == "auto":
+        raise SlmshiftError("lora_loop needs a number of steps: resolve steps: auto with plan_steps first")
     state = state or LoopState()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=0.0)

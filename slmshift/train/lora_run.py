@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field
 
 from slmshift.platform.errors import SlmshiftError
 from slmshift.train.finetune import (
-    BUCKET_POOL, LoopState, LoraOptions, bucket_by_length, eval_loss, lora_loop, repeat_batches, setup_peft,
+    BUCKET_POOL, LoopState, LoraOptions, StepPlan, bucket_by_length, eval_loss, lora_loop, plan_steps, repeat_batches,
+    setup_peft,
 )
 
 MAX_FAILURES = 3  # worker-group restarts from the latest checkpoint (an OOM-killed worker, a lost node)
@@ -66,11 +67,26 @@ class TrainResult(BaseModel):
 
 @dataclass(frozen=True)
 class AdapterJob:
-    """One cluster to train: its S3 id, its slug (names the adapter) and the base SLM's source."""
+    """One cluster to train: its S3 id, its slug (names the adapter), the base SLM's source and, when the caller
+    planned them (`step_plan`), its steps."""
 
     cluster: int
     label: str
     base_source: str
+    steps: int | None = None
+
+
+def step_plan(base_source: str, messages: Any, targets: Any, options: LoraOptions) -> StepPlan:
+    """`plan_steps` with the base model's tokenizer (rows are sized as they will be encoded)."""
+    if options.steps != "auto":
+        return StepPlan(int(options.steps), "fixed")
+    from transformers import AutoTokenizer
+
+    from slmshift.serve.sources import resolve_source
+
+    resolved = resolve_source(base_source)
+    tok = AutoTokenizer.from_pretrained(resolved.path, **({"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}))
+    return plan_steps(tok, messages, targets, options)
 
 
 # --- the worker ---------------------------------------------------------------------------------------
@@ -275,6 +291,10 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
     if n_train == 0:
         raise SlmshiftError(f"{curated_path}: cluster {cluster} ({label!r}) has no rows with split 'train'; "
                             "nothing to fine-tune on.")
+    if options.steps == "auto":  # a caller that did not plan (train_adapters' callers do, to show the steps first)
+        rows = train_ds.take_all()
+        plan = step_plan(base_source, [r["messages"] for r in rows], [r["target"] for r in rows], options)
+        options = options.model_copy(update={"steps": plan.steps})
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     if cpus_per_worker is None:
@@ -334,7 +354,8 @@ def train_adapters(curated_path: str, jobs: list[AdapterJob], out_dir: str, opti
         return
     cpus = cpus_per_worker or max(1, node_cpus() // num_workers)  # measured once, before any run takes a node
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="lora") as pool:
-        futures = {pool.submit(train_adapter, curated_path, j.cluster, j.label, j.base_source, out_dir, options,
+        futures = {pool.submit(train_adapter, curated_path, j.cluster, j.label, j.base_source, out_dir,
+                               options if j.steps is None else options.model_copy(update={"steps": j.steps}),
                                num_workers=num_workers, cpus_per_worker=cpus, on_step=on_step(j.label)): j
                    for j in jobs}
         for fut in as_completed(futures):

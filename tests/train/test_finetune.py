@@ -93,6 +93,27 @@ def test_a_long_prompt_keeps_its_instructions_and_its_end(tiny_model_dir):
     assert "the seat is 14C." in tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE])
 
 
+def test_auto_steps_follow_rows_and_tokens(tiny_model_dir):
+    """steps: auto gives a small cluster the floor, a larger one two passes, and a cluster of long calls what the
+    token budget buys; a fixed number stays as given."""
+    from transformers import AutoTokenizer
+
+    from slmshift.train.finetune import MIN_AUTO_STEPS, plan_steps
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opts = LoraOptions(batch_size=8, epochs=2, token_budget=100_000, max_length=512)
+    few = plan_steps(tok, [messages(i, "intent") for i in range(12)], [INTENT] * 12, opts)
+    assert few.steps == MIN_AUTO_STEPS
+    many = plan_steps(tok, [messages(i, "intent") for i in range(200)], [INTENT] * 200, opts)
+    assert many.steps == 50 and "200 rows" in many.why  # 2 x 200 / 8, far under the token budget
+    long_chat = json.dumps([{"role": "user", "content": "word " * 600}])
+    long = plan_steps(tok, [long_chat] * 200, [INTENT] * 200, opts)
+    assert MIN_AUTO_STEPS <= long.steps < 50 and long.steps == 100_000 // (8 * 512)  # rows cut to max_length
+    assert plan_steps(tok, [], [], opts).steps == MIN_AUTO_STEPS
+    fixed = plan_steps(tok, [messages(1, "intent")], [INTENT], opts.model_copy(update={"steps": 7}))
+    assert (fixed.steps, fixed.why) == (7, "fixed")
+
+
 def test_every_step_reaches_the_driver_in_order(trained):
     """The worker's own output never reaches a `log_to_driver=False` console, so its steps come back to the caller."""
     result, seen = trained

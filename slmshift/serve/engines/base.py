@@ -48,7 +48,8 @@ _ENGINES: dict[str, str] = {
     "hf": "slmshift.serve.engines.hf:HFEngine",
     "simulated": "slmshift.serve.engines.simulated:SimulatedEngine",
     "openai": "slmshift.serve.engines.openai_engine:OpenAIEngine",
-    "vllm": "slmshift.serve.engines.vllm_engine:VLLMEngine",  # a vLLM server from its own env (no vllm import here)
+    "vllm": "slmshift.serve.engines.vllm_engine:VLLMEngine",
+    "workload": "slmshift.serve.engines.workload:WorkloadEngine",  # a teacher answering from a workload file  # a vLLM server from its own env (no vllm import here)
 }
 
 
