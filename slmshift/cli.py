@@ -158,10 +158,14 @@ def convert(
         _fail(e)
     from rich.table import Table
 
-    from slmshift.train.convert import CLUSTER_HEADER, cluster_rows, serve_snippet
+    from slmshift.train.convert import cluster_header, cluster_rows, serve_snippet, teacher_note
 
-    table = Table(title="conversion: clusters, chosen SLM, held-out accuracy before/after its adapter")
-    for h in CLUSTER_HEADER:
+    header = cluster_header(rep)
+    measure = "agreement with the teacher's logged answers" if header[7].startswith("agreement") else "accuracy"
+    table = Table(title=f"conversion: clusters, chosen SLM, held-out {measure} before/after its adapter")
+    for note in teacher_note(rep.run_dir):
+        console.print(note, soft_wrap=True)
+    for h in header:
         table.add_column(h)
     for r in cluster_rows(rep):
         table.add_row(*r)

@@ -161,7 +161,7 @@ def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tu
     mean, low, high = paired_interval(b, a, groups, seed=seed)
     n = n_tasks + untasked
     ci = {"diff": mean, "low": low, "high": high, "n": n, "calls": len(a)}
-    acc = f"held-out accuracy {before.correct_rate:.2f} -> {after.correct_rate:.2f}, diff {mean:+.2f} " \
+    acc = f"held-out {before.measure} {before.correct_rate:.2f} -> {after.correct_rate:.2f}, diff {mean:+.2f} " \
           f"[{low:+.2f}, {high:+.2f}] on {n} tasks / {len(a)} calls (bootstrap over tasks)"
     if untasked:
         acc += f"; {untasked} call(s) without a task id each resampled as its own task"
@@ -536,6 +536,31 @@ CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM"
                   "why"]
 
 
+def cluster_header(report: ConvertReport) -> list[str]:
+    """CLUSTER_HEADER, its 'acc' columns named 'agreement' where every held-out call was graded by agreement with the
+    logged answer (no scenario could grade it: gateway traffic), never as accuracy."""
+    if not _by_agreement(report):
+        return CLUSTER_HEADER
+    return [h.replace("acc ", "agreement ", 1) if h.startswith("acc ") else h for h in CLUSTER_HEADER]
+
+
+def _by_agreement(report: ConvertReport) -> bool:
+    from slmshift.train.evaluate import AGREEMENT
+
+    kinds = {part.split(":")[0].strip() for part in (report.grading or "").split(",") if part.strip()}
+    return kinds == {AGREEMENT}
+
+
+def teacher_note(run_dir: str) -> list[str]:
+    """The run's declared teachers (simulated profiles, workload-file teachers), labelled as every report labels
+    them."""
+    from slmshift.train.routing.report import teacher_lines
+    from slmshift.train.routing.tune import teacher_profile
+
+    lines = teacher_lines(teacher_profile(run_dir))
+    return ["\n".join(lines).strip()] if lines else []
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(md_table(header, rows))
 
@@ -548,10 +573,14 @@ def to_markdown(report: ConvertReport) -> str:
         f"Run: `{report.run_dir}`  Output: `{report.out_dir}`"
         + (f" (working copy on the machine that converted: `{report.local_dir}`; the paths below are in it)"
            if report.local_dir else ""),
-        f"Held-out grading: {report.grading} (scenario = the scenario's own checker; logged-output match = "
-        "normalised exact match with the logged output, used where a scenario cannot grade offline).",
+        f"Held-out grading: {report.grading} (scenario = the scenario's own checker, correctness; agreement = "
+        "agreement with the logged answer where no scenario can grade a call offline, e.g. gateway traffic: tool "
+        "calls and JSON compared as parsed values, text by token F1 >= 0.8; see train/evaluate.py). "
+        + ("Every figure below is **agreement** with the teacher's logged answers, not correctness."
+           if _by_agreement(report) else ""),
+        *teacher_note(report.run_dir),
         "## Clusters (S3) and their SLMs (S4, S5)",
-        _md_table(CLUSTER_HEADER, cluster_rows(report)),
+        _md_table(cluster_header(report), cluster_rows(report)),
         f"Promotion rule: {report.promotion_rule}. Selection rule: {report.selection_rule}.",
         "## Curation (S2)",
         _md_table(["step", "rows"], [[k, str(v)] for k, v in report.counts.items()]),

@@ -70,7 +70,16 @@ def _keep_mask(df: pd.DataFrame, o: CurateOptions) -> pd.Series:
             keep &= ~df[col].fillna(False).astype(bool)
     if o.drop_incorrect:
         keep &= ~df["correct"].eq(False)
-    return keep
+    return keep & ~_placeholder(df)
+
+
+def _placeholder(df: pd.DataFrame) -> pd.Series:
+    """A simulated model's labelled non-answer (a call without a scenario reference, e.g. on the gateway): never a
+    training target, whatever the rule and whatever validity a log written before the gateway's check says."""
+    from slmshift.serve.engines.simulated import PLACEHOLDER
+
+    sim = df["simulated"].fillna(False).astype(bool) if "simulated" in df.columns else pd.Series(True, index=df.index)
+    return sim & df["output"].fillna("").astype(str).str.strip().map(lambda t: bool(PLACEHOLDER.match(t)))
 
 
 def _scrub_messages(raw: str, scrub: Scrubber) -> str | None:
@@ -129,7 +138,9 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
     counts: dict[str, int] = {"logged": len(df)}
     keep = _keep_mask(df, o) if len(df) else pd.Series([], dtype=bool)
     counts["dropped_invalid"] = int((~df["valid"].eq(True)).sum()) if len(df) else 0
-    counts["dropped_by_rule"] = int(len(df) - keep.sum() - counts["dropped_invalid"])
+    placeholders = (_placeholder(df) & df["valid"].eq(True)) if len(df) else pd.Series([], dtype=bool)
+    counts["dropped_placeholder"] = int(placeholders.sum())  # valid-marked ones (older logs); invalid ones above
+    counts["dropped_by_rule"] = int(len(df) - keep.sum() - counts["dropped_invalid"] - counts["dropped_placeholder"])
     kept = df[keep].copy()
     scrub = Scrubber()
     if kept.empty:

@@ -1,16 +1,27 @@
 """Generate and grade held-out calls: zero-shot candidates (S4) and base vs adapter (S5) use this one path.
 
 Outputs are generated greedily by the real `hf` engine in batches and graded by the scenario's own checker
-(`Scenario.grade_call`, rebuilt from the run's config). Where a scenario cannot grade a call offline, the
-output is compared with the logged output (normalised exact match) and the result says so.
+(`Scenario.grade_call`, rebuilt from the run's config). Where no scenario can grade a call (gateway traffic, a log
+from elsewhere), the output is graded by **agreement** with the logged answer (the teacher's, for an LLM-served
+call), and every figure built on it is labelled agreement, never correctness (`agreement`):
+
+- tool calls (`{"tool_calls": [{name, arguments}]}`, a bare `{name, arguments}` or a list of them, or Python call
+  syntax `f(a=1)` read with `ast`, never evaluated): the same multiset of (name, arguments), arguments compared as
+  parsed JSON values (an argument sent as a JSON string is parsed first; 2 == 2.0, key order ignored);
+- JSON (either side an object or array, or the call asked for JSON): equal as parsed values;
+- text: token F1 (SQuAD's measure: lower-cased word tokens, numbers such as 15.81 kept whole, F1 of the token
+  multisets) of at least TEXT_AGREEMENT_F1 = 0.8, and the same numbers (every token with a digit: amounts, dates,
+  codes), since one wrong figure in a short answer would otherwise still reach 0.8.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +32,8 @@ from slmshift.platform.errors import SlmshiftError
 from slmshift.platform.scorers import outcome
 from slmshift.platform.types import LMRequest, ModelSpec, OutputConstraint
 
-__all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match",
-           "served_max_tokens", "DEFAULT_MAX_TOKENS"]
+__all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evaluate", "exact_match", "agreement",
+           "token_f1", "parse_tool_calls", "served_max_tokens", "DEFAULT_MAX_TOKENS", "TEXT_AGREEMENT_F1", "AGREEMENT"]
 
 # What a call that names no budget is served with (LMRequest's default, e.g. `session.call` without max_tokens): the
 # budget of a held-out call whose own is recorded neither in the log nor by its scenario's options (a gateway call
@@ -30,11 +41,16 @@ __all__ = ["CallGrade", "EvalResult", "ScenarioGrader", "grader_for_run", "evalu
 DEFAULT_MAX_TOKENS: int = LMRequest.model_fields["max_tokens"].default
 
 
+AGREEMENT = "agreement"  # how a call no scenario grades is graded: agreement with the logged answer
+TEXT_AGREEMENT_F1 = 0.8  # text agrees when its token F1 with the logged answer reaches this
+
+
 @dataclass(frozen=True)
 class CallGrade:
     valid: bool
     correct: bool
     reason: str = ""
+    by: str = "scenario"  # 'scenario' (its checker: correctness) or AGREEMENT (with the logged answer)
 
 
 def _norm(text: str) -> str:
@@ -55,10 +71,114 @@ def exact_match(target: str, output: str, expect: str = "text") -> CallGrade:
     return CallGrade(True, ok, "" if ok else "differs from the logged output")
 
 
+def _strip_fence(text: str) -> str:
+    return (text or "").strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+
+
+def _json(text: str) -> tuple[bool, object]:
+    try:
+        return True, json.loads(_strip_fence(text))
+    except ValueError:
+        return False, None
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, object]] | None:
+    """The (name, arguments) pairs of a tool-call answer, arguments as parsed JSON values; None when the text is not
+    one. Untrusted text: JSON, or Python call syntax whose arguments are literals (`ast.literal_eval`)."""
+    ok, doc = _json(text)
+    if ok:
+        items = doc.get("tool_calls", [doc]) if isinstance(doc, dict) else doc
+        if not isinstance(items, list) or not items:
+            return None
+        calls = []
+        for it in items:
+            if not (isinstance(it, dict) and isinstance(it.get("name"), str) and set(it) <= {"name", "arguments",
+                                                                                          "id", "type"}):
+                return None
+            args = it.get("arguments", {})
+            if isinstance(args, str):
+                good, args = _json(args) if args.strip() else (True, {})
+                if not good:
+                    return None
+            calls.append((it["name"], args))
+        return calls
+    try:
+        tree = ast.parse(_strip_fence(text), mode="eval").body
+        nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+        calls = []
+        for n in nodes:
+            if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and not n.args):
+                return None
+            calls.append((n.func.id, {k.arg: ast.literal_eval(k.value) for k in n.keywords if k.arg}))
+        return calls or None
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+TOKEN = re.compile(r"\w+(?:[.,:]\w+)*")
+
+
+def token_f1(reference: str, output: str) -> float:
+    """SQuAD's token F1: lower-cased word tokens (a number such as 15.81 stays one token), F1 of the two multisets."""
+    ref, out = TOKEN.findall((reference or "").lower()), TOKEN.findall((output or "").lower())
+    if not ref or not out:
+        return float(ref == out)
+    same = sum((Counter(ref) & Counter(out)).values())
+    if same == 0:
+        return 0.0
+    p, r = same / len(out), same / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def _canon(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _same_values(a: object, b: object) -> bool:
+    return a == b  # parsed JSON: dicts ignore key order, 2 == 2.0
+
+
+def agreement(target: str, output: str, expect: str = "text") -> CallGrade:
+    """Does `output` agree with the logged answer `target`? See the module docstring for the measure."""
+    if not (output or "").strip():
+        return CallGrade(False, False, "empty output", AGREEMENT)
+    want, got = parse_tool_calls(target), parse_tool_calls(output)
+    if want is not None:
+        if got is None:
+            return CallGrade(True, False, "the logged answer is a tool call; this output is not", AGREEMENT)
+        same = sorted(map(_canon, [list(c) for c in want])) == sorted(map(_canon, [list(c) for c in got])) or (
+            len(want) == len(got) and all(n1 == n2 and _same_values(a1, a2) for (n1, a1), (n2, a2) in zip(want, got)))
+        names = lambda cs: [n for n, _ in cs]  # noqa: E731
+        why = "" if same else ("different functions called: " f"{names(got)} vs {names(want)}"
+                               if sorted(names(got)) != sorted(names(want)) else "same functions, different arguments")
+        return CallGrade(True, same, why, AGREEMENT)
+    if got is not None:
+        return CallGrade(True, False, "a tool call where the logged answer is not one", AGREEMENT)
+    t_ok, t_val = _json(target)
+    o_ok, o_val = _json(output)
+    if expect == "json" or (t_ok and isinstance(t_val, (dict, list))):
+        if not o_ok:
+            return CallGrade(expect != "json", False, "not JSON where the logged answer is", AGREEMENT)
+        same = _same_values(t_val, o_val)
+        return CallGrade(True, same, "" if same else "JSON values differ from the logged answer", AGREEMENT)
+    f1 = token_f1(target, output)
+    if f1 < TEXT_AGREEMENT_F1:
+        return CallGrade(True, False, f"token F1 {f1:.2f} < {TEXT_AGREEMENT_F1} with the logged answer", AGREEMENT)
+    want_n, got_n = _numbers(target), _numbers(output)
+    if want_n != got_n:
+        return CallGrade(True, False, f"token F1 {f1:.2f} but different numbers: {sorted(got_n.elements())} vs "
+                         f"{sorted(want_n.elements())}", AGREEMENT)
+    return CallGrade(True, True, "", AGREEMENT)
+
+
+def _numbers(text: str) -> Counter:
+    return Counter(t for t in TOKEN.findall((text or "").lower()) if any(ch.isdigit() for ch in t))
+
+
 class ScenarioGrader:
     """Grades (row, output) with the row's scenario checker, else by exact match with the logged output.
 
-    `by` counts how each call was graded: 'scenario' or 'logged-output match'.
+    `by` counts how each call was graded: 'scenario' (correctness) or 'agreement' (with the logged answer).
     """
 
     def __init__(self, scenarios: dict[str, Any] | None = None):
@@ -75,9 +195,9 @@ class ScenarioGrader:
                                         context=json.loads(ctx) if isinstance(ctx, str) and ctx else None)
             except Exception as e:  # a checker tripping on model output is a wrong answer, not a crash
                 verdict = CallGrade(False, False, f"checker error: {type(e).__name__}: {str(e)[:120]}")
-        if verdict is None:
-            self.by["logged-output match"] = self.by.get("logged-output match", 0) + 1
-            return exact_match(str(row.get("target", "")), output, str(row.get("expect", "text")))
+        if verdict is None:  # no scenario can grade it: agreement with the logged answer, labelled so
+            self.by[AGREEMENT] = self.by.get(AGREEMENT, 0) + 1
+            return agreement(str(row.get("target", "")), output, str(row.get("expect", "text")))
         self.by["scenario"] = self.by.get("scenario", 0) + 1
         # a checker that cannot tell right from wrong (correct None, e.g. a turn's summary) grades by validity, as
         # routing's paired outcomes do
@@ -134,7 +254,19 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("verdicts")
+        d["measure"] = self.measure
         return d
+
+    @property
+    def measure(self) -> str:
+        """What `correct_rate` measures: 'agreement' (every call graded by agreement with the logged answer),
+        'accuracy' (the scenario's checker), or 'accuracy + agreement' where both graded."""
+        return measure_of(self.verdicts)
+
+
+def measure_of(verdicts: list[dict[str, Any]]) -> str:
+    by = {v.get("by", "scenario") for v in verdicts} - {""}  # '': an engine error, graded by nothing
+    return AGREEMENT if by == {AGREEMENT} else "accuracy + agreement" if AGREEMENT in by else "accuracy"
 
 
 def served_max_tokens(rows: pd.DataFrame, scenarios: dict[str, Any] | None = None) -> list[int]:
@@ -217,14 +349,15 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
         if resp.error:
             errors += 1
             first_error = first_error or resp.error
-            g = CallGrade(False, False, f"engine error: {resp.error[:160]}")
+            g = CallGrade(False, False, f"engine error: {resp.error[:160]}", by="")
         else:
             g = scenario_grader(rec, resp.text)
         tokens_in += resp.tokens_in
         tokens_out += resp.tokens_out
         # task_id: promotion's bootstrap resamples tasks, keeping a task's correlated calls together
         verdicts.append({"record_id": rec.get("record_id"), "task_id": str(rec.get("task_id") or ""),
-                         "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason})
+                         "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason,
+                         "by": g.by})
     if errors == len(reqs):  # nothing was generated: a setup problem, not a model that answered badly
         raise SlmshiftError(f"evaluating {spec.name!r}{' with adapter ' + repr(adapter) if adapter else ''} failed for "
                             f"every call: {first_error}")

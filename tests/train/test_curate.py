@@ -120,3 +120,19 @@ def test_json_targets_follow_the_calls_constraint_in_canonical_form(log_df):
     assert rows.loc[kept.iloc[0], "target"] == '{"functions":["f","g"],"n":"é"}'
     assert rows.loc[kept.iloc[0], "constraint"] == c
     assert rows.drop(index=kept.iloc[0])["constraint"].isna().all()
+
+
+def test_a_simulated_placeholder_is_never_a_training_target(log_df):
+    """A simulated model's labelled non-answer (a gateway call without a scenario reference) is dropped under every
+    rule, even in a log whose record marked it valid (written before the gateway's check)."""
+    placeholder = "[simulated teacher: no scenario reference for this call, so no real answer]"
+    df = log_df.copy()
+    df.loc[df.index[:6], ["output", "simulated", "valid", "correct", "episode_success"]] = \
+        [placeholder, True, True, True, True]
+    for rule in ("valid", "episode_or_call", "call"):
+        res = curate(df, CurateOptions(rule=rule, drop_incorrect=False))
+        assert not res.rows["target"].str.contains("no scenario reference").any(), rule
+        assert res.counts["dropped_placeholder"] == 6
+    # the same text from a model that is not simulated is an answer like any other
+    real = df.assign(simulated=False)
+    assert curate(real, CurateOptions(rule="valid", drop_incorrect=False)).counts["dropped_placeholder"] == 0

@@ -12,11 +12,15 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 
 from slmshift.platform.types import LMRequest, LMResponse
 from slmshift.serve.engines.base import Engine
 
 CHARS_PER_TOKEN = 4  # token counts are estimated from text length; the profile's prices apply to them
+# What it answers a call that has no scenario reference (every gateway call): labelled, never a real answer. The
+# gateway's check marks it invalid and S2 drops it under every keep rule (train/curate.py).
+PLACEHOLDER = re.compile(r"^\[simulated [^\]]*: no scenario reference for this call, so no real answer\]$")
 
 
 def estimate_tokens(text: str) -> int:

@@ -19,7 +19,9 @@ from a file), episode_success (the episode's observed outcome, where known), wei
 this pair was sampled), full_episode (every call of the row's episode is paired, so its outcome can be composed
 under a routing) and graded (the scenario graded both answers; a call judged only by its validity, such as a
 multi-turn summary, is kept to fit scorers but counts in no quality figure and in a share of its own, never in the
-headline SLM share).
+headline SLM share), agreement (no scenario graded the call, e.g. gateway traffic: the LLM's valid answer is the
+reference, right by definition, and the SLM's answer is right when it agrees with it, `train/evaluate.agreement`;
+such a pair is graded, and every figure built on it is agreement with the teacher, not correctness).
 
 Sampling. Shadows are sampled by episode (`shadow_rate`): all calls of a sampled episode, or none. A cascade's
 escalations are paired whatever the sample, its accepted answers only in sampled episodes, so an unweighted table
@@ -38,10 +40,11 @@ import pandas as pd
 
 from slmshift.platform.errors import SlmshiftError, one_line_error
 from slmshift.platform.scorers import outcome
+from slmshift.train.evaluate import agreement
 
 COLUMNS = ["row", "task", "group", "scenario", "episode", "call_index", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok",
            "slm_cost", "llm_cost", "slm_logprob", "slm_valid", "obs_tier", "episode_success", "weight", "full_episode",
-           "graded"]
+           "graded", "agreement"]
 REQUIRED = ("slm_correct", "llm_correct")
 OPTIONAL = ("prompt", "slm_cost", "llm_cost", "call_kind", "cluster", "task_id", "episode_id", "episode_success",
             "slm_logprob", "slm_valid")
@@ -131,7 +134,8 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     infra = df["infra_error"].astype(bool)
     if infra.any():
         notes.append(f"{int(infra.sum())} record(s) with an infrastructure error left out")
-    rates = _shadow_rates(run_dir)
+    doc = _config(run_dir)
+    rates, scenarios = _shadow_rates(doc), _scenario_labels(doc)
     by_id = df[~infra].set_index("id", drop=False)
     # main record id -> (slm record, llm record, tier the episode used, P(this pair is in the log))
     pairs: dict[str, tuple[pd.Series, pd.Series, str, float]] = {}
@@ -158,6 +162,10 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     rows, unknown = [], 0
     for slm, llm, obs, p in pairs.values():
         s_ok, l_ok = outcome(slm["correct"], slm["valid"]), outcome(llm["correct"], llm["valid"])
+        by_agreement = _empty_to_none(slm["correct"]) is None and _empty_to_none(llm["correct"]) is None \
+            and l_ok is True and not bool(llm["simulated"]) and str(llm["scenario"]) not in scenarios
+        if by_agreement:  # no scenario grades it: the teacher's valid answer is the reference
+            s_ok = bool(s_ok) and agreement(str(llm["output"]), str(slm["output"]), str(llm["expect"])).correct
         if s_ok is None or l_ok is None:
             unknown += 1
             continue
@@ -171,7 +179,9 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
             "slm_logprob": _empty_to_none(slm["mean_logprob"]), "slm_valid": _empty_to_none(slm["valid"]),
             "obs_tier": obs, "episode_success": _empty_to_none(main["episode_success"]),
             "weight": 1.0 / p if p > 0 else 1.0, "full_episode": bool(complete.get(episode, False)),
-            "graded": not (_empty_to_none(slm["correct"]) is None or _empty_to_none(llm["correct"]) is None)})
+            "graded": by_agreement or not (_empty_to_none(slm["correct"]) is None
+                                           or _empty_to_none(llm["correct"]) is None),
+            "agreement": by_agreement})
     if unknown:
         notes.append(f"{unknown} pair(s) left out: an outcome neither the check nor the grader could tell")
     if not rows:
@@ -187,18 +197,28 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     return table
 
 
-def _shadow_rates(run_dir: str) -> dict[str, float]:
-    """Policy label -> its shadow_rate, from the run's config.yaml (1.0 where it says none)."""
+def _config(run_dir: str) -> dict:
     import yaml
 
     from slmshift.platform.storage import join, read_text
 
     try:
-        doc = yaml.safe_load(read_text(join(str(run_dir), "config.yaml"))) or {}
-    except Exception:  # pairs from a run dir without its config: every pair counts once
+        return yaml.safe_load(read_text(join(str(run_dir), "config.yaml"))) or {}
+    except Exception:  # pairs from a run dir without its config
         return {}
+
+
+def _shadow_rates(doc: dict) -> dict[str, float]:
+    """Policy label -> its shadow_rate, from the run's config (1.0 where it says none; every pair counts once
+    without a config)."""
     pols = ((doc.get("router") or {}).get("policies")) or []
     return {str(p.get("name") or p.get("kind")): float(p.get("shadow_rate", 1.0)) for p in pols if isinstance(p, dict)}
+
+
+def _scenario_labels(doc: dict) -> set[str]:
+    """The run's scenarios by label: their calls are graded by the scenario (or judged by validity), never by
+    agreement; any other workload (gateway traffic) has no grader."""
+    return {str(s.get("name") or s.get("kind")) for s in doc.get("scenarios") or [] if isinstance(s, dict)}
 
 
 def family(task: Any) -> Any:
@@ -225,6 +245,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     df["cluster"] = pd.array(df["cluster"], dtype="Int64")
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
     df["slm_logprob"] = pd.to_numeric(df["slm_logprob"], errors="coerce").astype(float)
+    df["agreement"] = df["agreement"].fillna(False).astype(bool)
     for c in ("slm_ok", "llm_ok"):
         df[c] = df[c].astype(bool)
     return df.reset_index(drop=True)
@@ -350,6 +371,7 @@ def paired_from_file(path: str) -> PairedTable:
     # A file's pairs are taken as a complete sample: each pair counts once and its episodes are fully paired.
     df["group"] = df["task"].map(family)
     df["scenario"], df["weight"], df["full_episode"], df["graded"] = None, 1.0, True, True
+    df["agreement"] = False  # a file's outcomes are taken as given
     df["call_index"] = np.arange(n)  # a file's rows are in call order within each episode
     df["cluster"] = pd.array(df["cluster"], dtype="Int64")
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")

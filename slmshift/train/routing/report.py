@@ -50,10 +50,19 @@ def verdict_text(r: dict[str, Any]) -> str:
 
 
 def teacher_lines(teachers: list[dict[str, Any]]) -> list[str]:
-    """The simulated models' declared profiles, printed beside every figure they shape."""
+    """The declared teachers, printed beside every figure they shape: simulated models' profiles, and workload-file
+    teachers (their answers are the reference that agreement is measured against)."""
+    files = [t for t in teachers if t.get("backend") == "workload"]
+    out = []
+    if files:
+        out += ["Workload-file teachers (they answer from a file of sessions, right by construction; calls no scenario "
+                "grades are graded by agreement with their logged answers, not correctness):", ""]
+        out += [f"- `{t['name']}` ({t['tier']}): workload-file teacher, `{t.get('file')}`" for t in files]
+        out.append("")
+    teachers = [t for t in teachers if t.get("backend") != "workload"]
     if not teachers:
-        return []
-    out = ["Simulated models (declared profiles; every quality figure below depends on them):", ""]
+        return out
+    out += ["Simulated models (declared profiles; every quality figure below depends on them):", ""]
     for t in teachers:
         p = t.get("profile") or {}
         acc = p.get("accuracy") or {}

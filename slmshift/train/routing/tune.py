@@ -170,6 +170,10 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
         notes.append(f"call-level quality: the held-out part has {n_full} fully paired episode(s) (need "
                      f"{opts.min_episodes}); sample shadows by episode (shadow_rate) with more episodes for episode "
                      "level")
+    ag = int(table.df["agreement"].astype(bool).sum()) if "agreement" in table.df else 0
+    if ag:
+        notes.append(f"{ag} paired call(s) graded by agreement with the teacher's logged answer (no scenario grades "
+                     "them): their quality figures are agreement, not correctness")
     ug = int((~table.df["graded"].astype(bool)).sum())
     if ug:
         notes.append(f"{ug} paired call(s) judged only by validity (no grader): used to fit scorers, left out of "
@@ -247,9 +251,17 @@ def teacher_profile(run_dir: str | None) -> list[dict[str, Any]]:
 
 
 def simulated_profiles(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per simulated model in a config's `models:` (as plain data): name, tier and its profile fields."""
-    return [{"name": m.get("name"), "tier": m.get("tier"), "profile": m.get("profile") or {}}
-            for m in models if isinstance(m, dict) and m.get("backend") == "simulated"]
+    """Per declared teacher in a config's `models:` (as plain data): each simulated model (name, tier, its profile
+    fields) and each workload-file teacher (name, tier, backend 'workload', its file)."""
+    out = []
+    for m in models:
+        if not isinstance(m, dict):
+            continue
+        if m.get("backend") == "simulated":
+            out.append({"name": m.get("name"), "tier": m.get("tier"), "profile": m.get("profile") or {}})
+        elif m.get("backend") == "workload":
+            out.append({"name": m.get("name"), "tier": m.get("tier"), "backend": "workload", "file": m.get("source")})
+    return out
 
 
 def write_policy(chosen: dict[str, Any], table: PairedTable, out: Path, fitted_for: Any) -> Path:

@@ -13,12 +13,13 @@ from slmshift.train.routing.pairs import paired_from_file, paired_from_run
 
 
 def rec(id_, tier, *, correct, valid=True, episode="ep1", task="t1", cost=0.0, **kw):
-    return Interaction(id=id_, experiment_id="exp", episode_id=episode, call_index=int(id_[1]), scenario="operator",
-                       task_id=task, policy="paired", role="planner", call_kind="intent", category="template",
-                       expect="json", prompt=json.dumps([{"role": "user", "content": f"pick for {id_}"}]),
-                       output="{}", model=tier + "-model", tier=tier, backend="simulated", route_kind="llm",
-                       route_reason="", tokens_in=10, tokens_out=5, latency_s=0.1, engine_latency_s=0.1,
-                       cost_usd=cost, flops=0.0, valid=valid, correct=correct, **kw).model_dump()
+    fields = dict(scenario="operator", expect="json", output="{}", backend="simulated") | kw
+    return Interaction(id=id_, experiment_id="exp", episode_id=episode, call_index=int(id_[1]), task_id=task,
+                       policy="paired", role="planner", call_kind="intent", category="template",
+                       prompt=json.dumps([{"role": "user", "content": f"pick for {id_}"}]),
+                       model=tier + "-model", tier=tier, route_kind="llm", route_reason="", tokens_in=10, tokens_out=5,
+                       latency_s=0.1, engine_latency_s=0.1, cost_usd=cost, flops=0.0, valid=valid, correct=correct,
+                       **fields).model_dump()
 
 
 def write_run(run_dir, records, episodes=(("ep1", "t1", True),)):
@@ -135,3 +136,30 @@ def test_bad_pairs_files_name_the_file_and_column(tmp_path, text, match):
 def test_missing_file(tmp_path):
     with pytest.raises(SlmshiftError, match="file not found"):
         paired_from_file(str(tmp_path / "nope.csv"))
+
+
+def test_gateway_pairs_are_graded_by_agreement_with_the_teacher(tmp_path):
+    """No scenario grades gateway traffic: the teacher's valid answer is the reference and the SLM shadow is right when
+    it agrees with it (tool calls as parsed values). A scenario's validity-only call stays ungraded, and a simulated
+    teacher's answer is no reference."""
+    import yaml
+
+    call = json.dumps({"tool_calls": [{"name": "track", "arguments": {"n": 2, "carrier": "DHL"}}]})
+    same = json.dumps({"tool_calls": [{"name": "track", "arguments": '{"carrier": "DHL", "n": 2}'}]})
+    gw = dict(correct=None, scenario="order-support", backend="workload", expect="text")
+    records = [rec("c1", "llm", output=call, **gw),
+               rec("c1:shadow", "slm", output=same, shadow=True, shadow_of="c1", **gw),
+               rec("c2", "llm", output=call, **gw),
+               rec("c2:shadow", "slm", output="The parcel is with DHL.", shadow=True, shadow_of="c2", **gw),
+               rec("c3", "llm", output="summary", correct=None),  # the run's own scenario: judged by validity
+               rec("c3:shadow", "slm", output="other", correct=None, shadow=True, shadow_of="c3"),
+               rec("c4", "llm", output=call, simulated=True, **gw),
+               rec("c4:shadow", "slm", output="x", shadow=True, shadow_of="c4", **gw)]
+    run = tmp_path / "run"
+    write_run(run, records)
+    (run / "config.yaml").write_text(yaml.safe_dump({"scenarios": [{"kind": "operator"}], "router": {"policies": [
+        {"kind": "llm", "name": "paired", "shadow": "slm"}]}}))
+    df = paired_from_run(str(run)).df.set_index("row").sort_index()
+    assert df.agreement.to_dict() == {"c1": True, "c2": True, "c3": False, "c4": False}
+    assert df.slm_ok.to_dict() == {"c1": True, "c2": False, "c3": True, "c4": True}  # c3, c4: validity only
+    assert df.graded.to_dict() == {"c1": True, "c2": True, "c3": False, "c4": False}
