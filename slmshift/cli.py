@@ -223,6 +223,9 @@ def tune(
                                                   "--verify (default: the run's)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="Tune on one workload id's calls only (gateway "
+                                           "traffic: X-Workload-Id) and name the policy tuned-<id>; outputs go to "
+                                           "RUN_DIR/tune-<id>; serve it with gateway.workloads."),
 ) -> None:
     """Search router thresholds with Ray Tune on paired outcomes; report curves, APGR/CPT/AIQ and a policy file."""
     from pydantic import ValidationError
@@ -238,7 +241,7 @@ def tune(
         _fail(SlmshiftError(f"slmshift tune: invalid option(s): {probs}. See `slmshift tune --help`."))
     try:
         cli_tune(run_dir, pairs, out, opts, llm_share=llm_share, verify_run=verify, verify_episodes=verify_episodes,
-                 console=console)
+                 console=console, workload=workload)
     except SlmshiftError as e:
         _fail(e)
 

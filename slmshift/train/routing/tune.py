@@ -326,8 +326,37 @@ def calibrate(table: PairedTable, llm_share: float, opts: TuneOptions | None = N
     return out
 
 
+def for_workload(table: PairedTable, workload: str) -> PairedTable:
+    """The pairs of one workload id (a gateway call's X-Workload-Id, a scenario's label): tune a policy for it alone."""
+    import dataclasses
+
+    have = sorted(str(s) for s in table.df["scenario"].dropna().unique())
+    keep = table.df["scenario"].astype(str) == workload
+    if not keep.any():
+        raise SlmshiftError(f"slmshift tune --workload {workload!r}: no paired calls of that workload in {table.source}"
+                            f"; workloads with paired calls: {', '.join(have) or 'none'}. Fix: pass one of those.")
+    return dataclasses.replace(table, df=table.df[keep].reset_index(drop=True),
+                               notes=[*table.notes, f"pairs of workload {workload!r} only ({int(keep.sum())} of "
+                                      f"{len(keep)})"])
+
+
+def name_for_workload(policy_file: str, workload: str) -> str:
+    """Name the tuned policy after its workload and say how the gateway serves it for that workload."""
+    import yaml
+
+    path = Path(policy_file)
+    text = path.read_text()
+    head = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    spec = yaml.safe_load(text)
+    spec["name"] = f"tuned-{workload}"
+    head += (f"# Serve it for workload {workload} alone: router: {{policies: [{{file: {path}}}]}} and "
+             f"gateway: {{workloads: {{{workload}: {spec['name']}}}}}\n")
+    path.write_text(head + yaml.safe_dump(spec, sort_keys=False))
+    return spec["name"]
+
+
 def cli_tune(run_dir: str | None, pairs: str | None, out: str | None, opts: TuneOptions, *, llm_share: float | None,
-             verify_run: bool, verify_episodes: int | None, console: Any) -> None:
+             verify_run: bool, verify_episodes: int | None, console: Any, workload: str | None = None) -> None:
     """What `slmshift tune` does; errors are SlmshiftError (exit 2)."""
     from slmshift.train.routing.pairs import paired_from_file, paired_from_run
 
@@ -337,13 +366,17 @@ def cli_tune(run_dir: str | None, pairs: str | None, out: str | None, opts: Tune
         raise SlmshiftError("slmshift tune --pairs FILE needs --out DIR (where the tune outputs go).")
     if verify_run and run_dir is None:
         raise SlmshiftError("slmshift tune --verify re-runs a run's episodes: give RUN_DIR, not --pairs.")
-    out = out or str(Path(run_dir) / "tune")
+    if workload is not None and verify_run:
+        raise SlmshiftError("slmshift tune --workload cannot --verify (a gateway's traffic has no episodes to re-run).")
+    out = out or str(Path(run_dir) / ("tune" if workload is None else f"tune-{workload}"))
     if verify_run:
         from slmshift.train.routing.verify import unseen_tasks
 
         unseen_tasks(run_dir)  # fails before anything else when no task is left to verify on
     with console.status("reading paired outcomes"):
         table = paired_from_run(run_dir) if run_dir is not None else paired_from_file(pairs)
+    if workload is not None:
+        table = for_workload(table, workload)
     if llm_share is not None:
         from rich.table import Table
 
@@ -356,7 +389,10 @@ def cli_tune(run_dir: str | None, pairs: str | None, out: str | None, opts: Tune
                       f"{r['llm_share_held_out']:.3f}", str(r["distinct_scores"]))
         console.print(t)
         return
-    tune_routing(table, out, opts, console)
+    result = tune_routing(table, out, opts, console)
+    if workload is not None:
+        name = name_for_workload(result.policy_file, workload)
+        console.print(f"policy {name!r} for workload {workload!r}: {result.policy_file}", soft_wrap=True)
     if verify_run:
         from slmshift.train.routing.verify import verify
 

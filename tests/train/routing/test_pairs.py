@@ -163,3 +163,31 @@ def test_gateway_pairs_are_graded_by_agreement_with_the_teacher(tmp_path):
     assert df.agreement.to_dict() == {"c1": True, "c2": True, "c3": False, "c4": False}
     assert df.slm_ok.to_dict() == {"c1": True, "c2": False, "c3": True, "c4": True}  # c3, c4: validity only
     assert df.graded.to_dict() == {"c1": True, "c2": True, "c3": False, "c4": False}
+
+
+def test_a_workloads_pairs_alone_and_its_named_policy(tmp_path):
+    """`slmshift tune --workload ID`: only that workload's pairs, and a policy named for it that the gateway's
+    `gateway.workloads` can serve."""
+    import yaml
+
+    from slmshift.platform.config import RouterSection
+    from slmshift.train.routing.tune import for_workload, name_for_workload
+
+    gw = dict(correct=None, backend="workload", expect="text")
+    run = write_run(tmp_path / "run", [
+        rec("c1", "llm", output="a b c", scenario="travel", **gw),
+        rec("c1:shadow", "slm", output="a b c", shadow=True, shadow_of="c1", scenario="travel", **gw),
+        rec("c2", "llm", output="x y z", scenario="orders", **gw),
+        rec("c2:shadow", "slm", output="q", shadow=True, shadow_of="c2", scenario="orders", **gw)])
+    t = for_workload(paired_from_run(run), "orders")
+    assert list(t.df.row) == ["c2"] and "pairs of workload 'orders' only (1 of 2)" in t.notes
+    with pytest.raises(SlmshiftError, match=r"no paired calls of that workload .*: orders, travel. Fix"):
+        for_workload(paired_from_run(run), "billing")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("# Written by `slmshift tune`.\nkind: threshold\nname: tuned-threshold\ntau: 0.5\n")
+    assert name_for_workload(str(policy), "orders") == "tuned-orders"
+    assert "gateway: {workloads: {orders: tuned-orders}}" in policy.read_text()
+    arm = RouterSection.model_validate({"policies": [{"file": str(policy)}]}).policies[0]
+    assert (arm.kind, arm.label, arm.tau) == ("threshold", "tuned-orders", 0.5)
+    renamed = RouterSection.model_validate({"policies": [{"file": str(policy), "name": "x"}]}).policies[0]
+    assert renamed.label == "x" and yaml.safe_load(policy.read_text())["name"] == "tuned-orders"
