@@ -39,6 +39,12 @@ class PolicySpec(BaseModel):
                                  "(JSON schema, regex, grammar, forced tool call): slm (the small model is held to the "
                                  "format; the LLM answers free, as a hosted API may not constrain), all, or none. "
                                  "Shadow and cascade calls follow the tier they go to.")
+    slm_attempts: int = Field(default=1, ge=1, le=8, description="Verifier-guided retries: the SLM answers a call "
+                              "up to this many times and the first answer that passes the call's own check is used "
+                              "(only then may a cascade escalate). Every attempt is logged and costed; a rejected one is "
+                              "`escalated` (out of the SLM share's denominator) and the answer names it in `retried_from`.")
+    attempt_temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature of the SLM's "
+                                       "attempts after the first (the first keeps the call's own).")
 
     tiers_used: ClassVar[frozenset[str]] = frozenset()  # tiers every arm of this kind may route to, besides `default`
 

@@ -2,8 +2,8 @@
 
 Infrastructure is not the model: calls with `infra_error` are counted (`infra_errors`) but left out of validity,
 correctness, latency and SLM share; episodes lost to dead team actors (error 'infra: …') are left out of success
-rate and cost per episode. A cascade's rejected SLM attempt (`escalated`) costs money and time, so it counts in cost
-and latency, but the LLM answered, so it is not in the SLM share. Shadow calls are reported as `shadow_cost_usd`."""
+rate and cost per episode. A rejected SLM attempt (`escalated`: a cascade's, or one a verifier-guided retry replaced)
+costs money and time, so it counts in cost and latency, but it did not answer, so it is not in the SLM share. Shadow calls are reported as `shadow_cost_usd`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _answered(g: pd.DataFrame) -> pd.DataFrame:
 
 
 def _slm_share(g: pd.DataFrame) -> float:
-    """Share of answered calls the SLM answered: a cascade's rejected SLM attempt (escalated) did not answer."""
+    """Share of answered calls the SLM answered: a rejected SLM attempt (escalated: cascade or retry) did not answer."""
     a = _answered(g)
     a = a[~_flag(a, "escalated")]
     return float((a["tier"] == "slm").mean()) if len(a) else float("nan")
@@ -147,8 +147,8 @@ def to_markdown(summary: dict[str, Any], title: str) -> str:
         out += [f"**Interrupted:** {inc['episodes_without_outcome']} episode(s) have no outcome yet; the figures "
                 f"below cover the finished ones. Resume with `{inc['resume']}`.", ""]
     out += ["Calls with an infrastructure error (`infra_errors`: a dead replica or node) are left out of quality, "
-            "latency and SLM share; a cascade's rejected SLM attempts (`escalated`) count in cost and latency but "
-            "not in SLM share; shadow calls are not part of the arms, their cost is `shadow_cost_usd`.", ""]
+            "latency and SLM share; rejected SLM attempts (`escalated`: a cascade's, or a retry's) count in cost and "
+            "latency but not in SLM share; shadow calls are not part of the arms, their cost is `shadow_cost_usd`.", ""]
     if any(m["simulated"] for m in summary["models"]):
         out += ["Models marked simulated are declared teachers: their quality, latency and price follow a profile.", ""]
     for name, (key, cols) in TABLES.items():

@@ -476,7 +476,7 @@ def scrub_json(value: Any, counts: Counter | None = None) -> Any:
 # clients supply (workload, session, task, role, call kind) where they come in.
 IDENTIFIER_FIELDS = frozenset({
     "id", "experiment_id", "episode_id", "scenario", "task_id", "policy", "role", "call_kind", "category", "expect",
-    "model", "tier", "backend", "adapter", "route_kind", "shadow_of", "escalated_from"})
+    "model", "tier", "backend", "adapter", "route_kind", "shadow_of", "escalated_from", "retried_from"})
 
 
 def scrub_record(record: dict, counts: Counter | None = None, fields: Iterable[str] | None = None) -> dict:

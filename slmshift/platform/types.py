@@ -193,10 +193,13 @@ class Interaction(BaseModel):
     shadow: bool = Field(default=False, description="A paired-outcome record: the same request sent to the other "
                          "tier, graded, never fed back into the episode; id '<record id>:shadow'.")
     shadow_of: str | None = Field(default=None, description="On a shadow record: the id of the record it pairs.")
-    escalated: bool = Field(default=False, description="A cascade's SLM attempt whose output was not accepted; the "
-                            "LLM answered instead (that record's `escalated_from` names this one).")
+    escalated: bool = Field(default=False, description="An SLM attempt that did not answer: a cascade's whose output "
+                            "was not accepted (the LLM answered instead; that record's `escalated_from` names this "
+                            "one), or one a verifier-guided retry replaced (the answer's `retried_from`).")
     escalated_from: str | None = Field(default=None, description="On a cascade's LLM call: the id of the rejected "
                                        "SLM attempt ('<record id>:cascade').")
+    retried_from: str | None = Field(default=None, description="On an SLM answer after verifier-guided retries "
+                                     "(`slm_attempts`): the id of the last rejected attempt ('<record id>:try<n>').")
     episode_success: bool | None = None
     episode_reward: float | None = None
     ts: float = Field(default_factory=time.time)

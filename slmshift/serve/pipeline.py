@@ -145,12 +145,17 @@ class CallPipeline:
             shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
         resp, latency, infra = await self._invoke(decision.model, engine_req)
         valid, correct, error, verdict = self._check(check, resp)
+        retried_from = None
+        if decision.tier == "slm" and self.spec.slm_attempts > 1:
+            resp, latency, infra, (valid, correct, error, verdict), retried_from = await self._retry(
+                request, engine_req, decision, check, context, resp, latency, infra, (valid, correct, error, verdict))
         if decision.accept_confidence is not None and not infra:
             keep, why = self._accept(resp, valid, decision.accept_confidence)
             if not keep:  # log the rejected SLM attempt, then the LLM answers
                 attempt_id = f"{request.record_id}:cascade"
                 self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; rejected: {why}"}),
-                             resp, latency, valid, correct, error, infra, context, id=attempt_id, escalated=True)
+                             resp, latency, valid, correct, error, infra, context, id=attempt_id, escalated=True,
+                             retried_from=retried_from)
                 decision = self.policy.decision("llm", f"cascade escalated: {why}")
                 resp, latency2, infra = await self._invoke(decision.model, request)
                 latency += latency2
@@ -163,10 +168,32 @@ class CallPipeline:
             shadow_task = asyncio.ensure_future(self._shadow(request, decision, shadow_tier, check, context))
         if shadow_task is not None and correct is None and valid and self.grader is not None:
             correct = await self._grade(request, resp.text, context)  # paired data needs both sides graded
-        self._record(request, decision, resp, latency, valid, correct, error, infra, context)
+        self._record(request, decision, resp, latency, valid, correct, error, infra, context, retried_from=retried_from)
         if shadow_task is not None:
             await shadow_task
         return CallResult(resp.text, resp, decision, valid, correct, error, verdict=verdict)
+
+    async def _retry(self, request: LMRequest, engine_req: LMRequest, decision: RouteDecision, check: Any,
+                     context: Any, resp: LMResponse, latency: float, infra: bool, checked: tuple
+                     ) -> tuple[LMResponse, float, bool, tuple, str | None]:
+        """Verifier-guided retries (`slm_attempts`): while the SLM's answer fails the call's own check, log it as a
+        rejected attempt ('<id>:try<n>', escalated) and sample another, at `attempt_temperature` and a seed of its
+        own. Returns the last answer, the latency of all attempts, and the id of the last rejected one. Only a check
+        that says invalid triggers a retry: an unchecked call, or one the engine never answered (infra), does not."""
+        retried_from, own = None, latency  # each attempt's record has its own latency; the answer's, all of them
+        for n in range(1, self.spec.slm_attempts):
+            if infra or checked[0] is not False:
+                break
+            retried_from = f"{request.record_id}:try{n}"
+            self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; retried: "
+                                                                           f"{(checked[2] or 'check failed')[:80]}"}),
+                         resp, own, *checked[:3], infra, context, id=retried_from, escalated=True)
+            again = engine_req.model_copy(update={"temperature": self.spec.attempt_temperature,
+                                                  "seed": request.seed + 7919 * n})  # its own draw, reproducible
+            resp, own, infra = await self._invoke(decision.model, again)
+            latency += own
+            checked = self._check(check, resp)
+        return resp, latency, infra, checked, retried_from
 
     @staticmethod
     def _accept(resp: LMResponse, valid: bool | None, tau: float) -> tuple[bool, str]:

@@ -1,6 +1,7 @@
 """The call pipeline inside an actor: routes, checks, logs, escalates (cascade), shadows (paired outcomes), and
 exports Ray metrics that Prometheus can scrape."""
 
+import json
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -198,3 +199,58 @@ def test_constrain_option_sets_each_tiers_request_and_the_record_says_so(constra
     assert (by_tier["slm"]["constrained"], by_tier["llm"]["constrained"]) == (slm_on, llm_on)
     assert OutputConstraint.model_validate_json(by_tier["slm"]["constraint"]) == OutputConstraint(
         format="json", json_schema=schema)
+
+
+def _retry_run(attempts: int, answers: list[str], **policy: object) -> tuple[list[dict], object, list]:
+    """One SLM call of an arm with `slm_attempts`, the SLM scripted to give `answers` in turn, checked for JSON."""
+    import asyncio
+
+    from slmshift.agents.client import Session
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle, MemoryLog
+
+    engines = {"teacher": ScriptedEngine(TEACHER, {"k": ['{"a":1}']}),
+               "student": ScriptedEngine(STUDENT, {"k": answers})}
+    log = MemoryLog()
+    pipeline = CallPipeline(policy=policy_spec({"kind": "slm", "name": "arm", "slm_attempts": attempts, **policy}),
+                            models=[TEACHER, STUDENT], handles={n: LocalHandle(e) for n, e in engines.items()},
+                            params={}, log=log)
+    session = Session(pipeline, experiment_id="exp", scenario="scn", episode_id="ep", task_id="t")
+
+    def is_json(text: str) -> SimpleNamespace:  # the call's own check: a positive signal, never an exit status
+        try:
+            json.loads(text)
+            return SimpleNamespace(valid=True, correct=True, reason=None)
+        except ValueError:
+            return SimpleNamespace(valid=False, correct=None, reason="not JSON")
+
+    result = asyncio.run(session.call(role="r", call_kind="k", messages=[{"role": "user", "content": "x"}],
+                                      expect="json", check=is_json))
+    return log.records, result, engines["student"].requests
+
+
+def test_slm_attempts_retry_until_the_check_passes_and_log_every_attempt():
+    """slm_attempts: an answer that fails the call's check is logged as a rejected attempt and sampled again; the
+    first that passes is the answer, and names the last rejected attempt. Attempts stop at the limit."""
+    records, result, asked = _retry_run(4, ["not json", "still not", '{"a":2}'])
+    assert result.text == '{"a":2}' and result.valid is True
+    assert [r["id"].rsplit(":", 1)[-1] if r["escalated"] else "answer" for r in records] == ["try1", "try2", "answer"]
+    assert [r["valid"] for r in records] == [False, False, True]
+    answer = records[-1]
+    assert answer["retried_from"] == records[1]["id"] and not answer["escalated"]
+    assert answer["latency_s"] >= records[0]["latency_s"] + records[1]["latency_s"]
+    assert [r.temperature for r in asked] == [0.0, 0.7, 0.7] and len({r.seed for r in asked}) == 3
+    records, result, asked = _retry_run(2, ["not json", "nope", '{"a":2}'])
+    assert len(asked) == 2 and result.valid is False and records[-1]["retried_from"].endswith(":try1")
+    records, result, asked = _retry_run(4, ['{"a":3}'])  # a valid first answer: no retry
+    assert len(asked) == 1 and len(records) == 1 and records[0]["retried_from"] is None
+
+
+def test_slm_attempts_come_before_a_cascade_escalates():
+    """A cascade escalates only once every SLM attempt failed its check; the LLM's record names the last one."""
+    records, result, asked = _retry_run(3, ["x", "y", "z"], kind="cascade", tau=0.0)
+    assert len(asked) == 3 and result.escalated and result.text == '{"a":1}'
+    assert [r["tier"] for r in records] == ["slm", "slm", "slm", "llm"]
+    assert [r["escalated"] for r in records] == [True, True, True, False]
+    assert records[2]["id"].endswith(":cascade") and records[2]["retried_from"].endswith(":try2")
+    assert records[3]["escalated_from"] == records[2]["id"]
