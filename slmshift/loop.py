@@ -164,7 +164,8 @@ def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy
         skip = set(s.exclude_tasks) | set(split[s.label]["verify"]) | verified.get(s.label, set())
         scenarios.append(s.model_copy(update={"episodes": n,
                                               "exclude_tasks": sorted(skip | (done if len(fresh) >= n else set()))}))
-    arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate})
+    arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate,
+                                    "constrain": loop.constrain})
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
                                   "router": cfg.router.model_copy(update={"policies": [arm]})})
 
@@ -179,6 +180,7 @@ def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[
     arms = [policy_spec(kind="llm", name="all-llm"), tuned.model_copy(update={"name": "tuned", "shadow": "none"})]
     if before is not None:
         arms.append(before.model_copy(update={"name": BEFORE_ARM, "shadow": "none"}))
+    arms = [a.model_copy(update={"constrain": loop.constrain}) for a in arms]
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
                                   "router": cfg.router.model_copy(update={"policies": arms})})
 
@@ -234,7 +236,7 @@ def convert_options(loop: LoopSection) -> Any:
     c, d = loop.convert, ConvertOptions()
     return ConvertOptions(
         candidates=c.candidates, min_train_rows=c.min_train_rows, min_promotion_tasks=c.min_promotion_tasks,
-        max_clusters=loop.max_clusters, progress=False,
+        max_clusters=loop.max_clusters, progress=False, constrain=loop.constrain != "none",
         curate=d.curate.model_copy(update={"rule": c.rule, "seed": loop.seed}),
         cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),
         lora=d.lora.model_copy(update={"rank": c.lora_rank, "alpha": c.lora_alpha, "steps": c.lora_steps,

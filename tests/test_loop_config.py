@@ -49,6 +49,26 @@ def test_verify_measures_before_conversion_on_the_same_tasks(tmp_path):
     assert [a.name for a in verify_config(cfg, cfg.loop, seen, tuned, registry).router.policies] == ["all-llm", "tuned"]
 
 
+@pytest.mark.parametrize("constrain", ["slm", "none", "all"])
+def test_loop_constrain_reaches_every_arm_and_convert(tmp_path, constrain):
+    """loop.constrain sets collect's, verify's and the before-conversion arm's `constrain`, and convert grades
+    held-out calls constrained unless the SLM is served free."""
+    from slmshift.loop import collect_config, convert_options
+    from slmshift.platform.policies import policy_spec
+
+    cfg = load_config(SMALL)
+    cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"constrain": constrain})})
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("kind: cascade\nname: chosen\ntau: 0.4\n")
+    tuned = tuned_policy(str(policy_file), None)
+    arms = verify_config(cfg, cfg.loop, {}, tuned, None, tuned).router.policies
+    split = {"operator": {"train": ["t1", "t2"], "verify": ["t3"]}}
+    collect = collect_config(cfg, cfg.loop, split, policy_spec(kind="llm"), None, 1, {}, {}).router.policies
+    assert {a.constrain for a in [*arms, *collect]} == {constrain}
+    assert convert_options(cfg.loop).constrain is (constrain != "none")
+    assert load_config(SMALL).loop.constrain == "slm"
+
+
 def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     """A verify run with the three arms (written through the real S1 writer): the table has row 0 (tuned router, base
     SLM) and row 1 (the same router serving adapters), each with its own SLM share and success. The single-turn and

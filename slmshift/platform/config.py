@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from slmshift.platform.errors import ConfigError, SlmshiftError, one_line_error
 from slmshift.platform.artifacts import AdapterRegistryFile
-from slmshift.platform.policies import PATH_KEYS, PolicySpec, on_register, policy_kinds
+from slmshift.platform.policies import PATH_KEYS, Constrain, PolicySpec, on_register, policy_kinds
 from slmshift.platform.types import VLLM_FIX, ModelSpec, absolute_path
 
 
@@ -154,6 +154,10 @@ class LoopSection(_Strict):
     shadow_rate: float = Field(default=1.0, gt=0, le=1, description="Share of collected episodes whose every call is "
                                "also sent to the other tier (paired outcomes); lower it to shorten collection with a "
                                "real SLM.")
+    constrain: Constrain = Field(default="slm", description="Every loop arm's `constrain` option (which tiers' engines "
+                                 "enforce a call's output constraint), and whether convert grades held-out calls "
+                                 "constrained: slm (default), all, or none (the SLM answers free, to measure what "
+                                 "constraining adds).")
     max_clusters: int | None = Field(default=None, ge=1, description="Most clusters LoRA-tuned per iteration "
                                      "(largest first); default: every cluster with min_train_rows.")
     tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")

@@ -75,6 +75,9 @@ class ConvertOptions(BaseModel):
         "The adapter registry in force (an earlier iteration's): where one of its promoted adapters serves a task "
         "this convert trains, the new adapter is promoted only if it also beats that one, paired by task on the "
         "same held-out calls (the rule that promotes over the base)."))
+    constrain: bool = Field(default=True, description="Held-out grading (S4, S5) holds each call to its output "
+                            "constraint, as the SLM tier is served under a router arm's `constrain: slm` (the default); "
+                            "off for a router that serves the SLM free (`constrain: none`).")
     eval_batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1, description=(
         "Optional cap on a held-out call's generation budget, for a quicker but less faithful check; None: each call "
@@ -345,7 +348,7 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             if len(val) >= o.min_val_rows:
                 sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
                                         batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
-                                        progress=prog, answers=answers)
+                                        progress=prog, answers=answers, constrained=o.constrain)
                 selections[c["id"]] = sel
                 from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
                 groups, _, _ = _task_groups(sel.before.verdicts)
@@ -456,14 +459,14 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                 spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
                 after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
                                  max_new_tokens=o.max_new_tokens, progress=prog,
-                                 desc=f"held-out {sel.chosen.name} + adapter {e['label']}")
+                                 desc=f"held-out {sel.chosen.name} + adapter {e['label']}", constrained=o.constrain)
                 promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
                 if (inc := incumbents.get(e["id"])) is not None:
                     inc_spec = _resolve_candidates([inc.base_model])[0].model_spec(
                         threads=threads, adapters={inc.label: str(in_force.adapter_path(inc))})
                     held = evaluate(val, inc_spec, inc.label, grader, batch_size=o.eval_batch_size,
                                     max_new_tokens=o.max_new_tokens, progress=prog,
-                                    desc=f"held-out adapter in force {inc.label}")
+                                    desc=f"held-out adapter in force {inc.label}", constrained=o.constrain)
                     promoted, reason, e["incumbent"] = challenge(promoted, reason, inc.label, held, after,
                                                                  o.min_promotion_tasks, o.lora.seed)
                 console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")

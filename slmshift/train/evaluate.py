@@ -285,7 +285,8 @@ def served_max_tokens(rows: pd.DataFrame, scenarios: dict[str, Any] | None = Non
     return out
 
 
-def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) -> list[LMRequest]:
+def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int], constrained: bool = True
+              ) -> list[LMRequest]:
     reqs = []
     for i, (r, mt) in enumerate(zip(rows.to_dict("records"), max_tokens)):
         reqs.append(LMRequest(
@@ -295,7 +296,7 @@ def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int]) ->
             # the call's logged constraint, enforced as the SLM tier is served by default (constrain: slm)
             constraint=OutputConstraint.model_validate_json(r["constraint"]) if isinstance(r.get("constraint"), str)
             else OutputConstraint(format=r.get("expect") or "text"),
-            max_tokens=mt, temperature=0.0, adapter=adapter))
+            max_tokens=mt, temperature=0.0, adapter=adapter, constrained=constrained))
     return reqs
 
 
@@ -320,12 +321,13 @@ async def _generate_all(engine: Any, reqs: list[LMRequest], batch_size: int, adv
 def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
              scenario_grader: Callable[[dict[str, Any], str], CallGrade], *, engine: Any = None,
              batch_size: int = 16, max_new_tokens: int | None = None, progress: Any = None,
-             desc: str | None = None) -> EvalResult:
+             desc: str | None = None, constrained: bool = True) -> EvalResult:
     """Generate every row's output greedily with `HFEngine(spec)` (or `engine`), grade each, return rates.
 
     Each call gets the budget it was served with (`served_max_tokens`; the grader's scenarios supply per-kind
     budgets), capped at `max_new_tokens` when given. Not the logged answer's length: serving has no reference answer,
-    so a budget derived from it would grade outputs that serving would not produce.
+    so a budget derived from it would grade outputs that serving would not produce. `constrained`: the engine holds
+    each call to its logged output constraint, as the SLM tier is served under `constrain: slm` (the default).
     """
     from slmshift.serve.engines.base import get_engine_class
 
@@ -337,7 +339,7 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
     budgets = served_max_tokens(rows, getattr(scenario_grader, "scenarios", None))
     if max_new_tokens is not None:
         budgets = [min(b, max_new_tokens) for b in budgets]
-    reqs = _requests(rows, adapter, budgets)
+    reqs = _requests(rows, adapter, budgets, constrained)
     records = rows.to_dict("records")
     what = desc or (f"evaluating {spec.name}" + (f" + {adapter}" if adapter else ""))
     task = progress.add_task(what, total=len(reqs)) if progress is not None else None

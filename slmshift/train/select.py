@@ -119,7 +119,8 @@ def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated:
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
                       grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
                       threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-                      progress: Any = None, answers: pd.DataFrame | None = None) -> Selection:
+                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True
+                      ) -> Selection:
     """Evaluate each candidate on one cluster's validation rows and choose one. `answers` (`collected_answers`):
     a candidate's own graded answers from collect stand for those calls, and only the rest are generated (each
     verdict's `source` says which). `engines` caches loaded engines by candidate name across clusters (a model
@@ -138,7 +139,7 @@ def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidat
                 engines[c.name] = get_engine_class(spec.backend)(spec)
             generated = evaluate(todo, spec, None, grader, engine=engines[c.name], batch_size=batch_size,
                                  max_new_tokens=max_new_tokens, progress=progress,
-                                 desc=f"zero-shot {c.name} on cluster {cluster}")
+                                 desc=f"zero-shot {c.name} on cluster {cluster}", constrained=constrained)
         results.append((c, _merge(val_rows, reused, generated, c.model_spec(threads=threads).name)))
     chosen, before = choose(results)
     table = [{"candidate": c.name, "source": c.source, "params": c.params, "license": c.license,
