@@ -12,6 +12,7 @@ failed call (valid=False, error set); a checker that crashes on untrusted output
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import random
@@ -188,8 +189,11 @@ class CallPipeline:
             self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; retried: "
                                                                            f"{(checked[2] or 'check failed')[:80]}"}),
                          resp, own, *checked[:3], infra, context, id=retried_from, escalated=True)
+            # a seed of its own per call and attempt: calls sharing the session's seed would otherwise draw the same
+            # random stream, and SmolLM2 then wrote the same `{"functions":[]}` on every retried intent
+            key = hashlib.sha256(f"{retried_from}/{request.seed}".encode()).digest()
             again = engine_req.model_copy(update={"temperature": self.spec.attempt_temperature,
-                                                  "seed": request.seed + 7919 * n})  # its own draw, reproducible
+                                                  "seed": int.from_bytes(key[:4], "big") >> 1})
             resp, own, infra = await self._invoke(decision.model, again)
             latency += own
             checked = self._check(check, resp)

@@ -201,7 +201,8 @@ def test_constrain_option_sets_each_tiers_request_and_the_record_says_so(constra
         format="json", json_schema=schema)
 
 
-def _retry_run(attempts: int, answers: list[str], **policy: object) -> tuple[list[dict], object, list]:
+def _retry_run(attempts: int, answers: list[str], episode: str = "ep", **policy: object
+               ) -> tuple[list[dict], object, list]:
     """One SLM call of an arm with `slm_attempts`, the SLM scripted to give `answers` in turn, checked for JSON."""
     import asyncio
 
@@ -215,7 +216,7 @@ def _retry_run(attempts: int, answers: list[str], **policy: object) -> tuple[lis
     pipeline = CallPipeline(policy=policy_spec({"kind": "slm", "name": "arm", "slm_attempts": attempts, **policy}),
                             models=[TEACHER, STUDENT], handles={n: LocalHandle(e) for n, e in engines.items()},
                             params={}, log=log)
-    session = Session(pipeline, experiment_id="exp", scenario="scn", episode_id="ep", task_id="t")
+    session = Session(pipeline, experiment_id="exp", scenario="scn", episode_id=episode, task_id="t")
 
     def is_json(text: str) -> SimpleNamespace:  # the call's own check: a positive signal, never an exit status
         try:
@@ -240,6 +241,8 @@ def test_slm_attempts_retry_until_the_check_passes_and_log_every_attempt():
     assert answer["retried_from"] == records[1]["id"] and not answer["escalated"]
     assert answer["latency_s"] >= records[0]["latency_s"] + records[1]["latency_s"]
     assert [r.temperature for r in asked] == [0.0, 0.7, 0.7] and len({r.seed for r in asked}) == 3
+    other = _retry_run(4, ["not json", "still not", '{"a":2}'], episode="ep2")[2]
+    assert asked[0].seed == other[0].seed and asked[1].seed != other[1].seed  # each call's retries draw their own
     records, result, asked = _retry_run(2, ["not json", "nope", '{"a":2}'])
     assert len(asked) == 2 and result.valid is False and records[-1]["retried_from"].endswith(":try1")
     records, result, asked = _retry_run(4, ['{"a":3}'])  # a valid first answer: no retry
