@@ -41,12 +41,40 @@ def prompt_text(messages: list[dict] | str) -> str:
     return "\n".join(parts)
 
 
+PLAIN_TURN = "{role}:\n{content}\n\n"  # one turn of `plain_prompt`
+PLAIN_GENERATION_PROMPT = "assistant:\n"
+
+
+def plain_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt format for a base model whose tokenizer has no chat template (Gemma-3-270M base): the tokenizer's
+    BOS token (if it has one), then each turn as its role, a colon and a newline, its content and a blank line, then
+    `assistant:` and a newline, after which the model writes. For example:
+
+        <bos>system:
+        Answer in JSON.
+
+        user:
+        Weather in Paris?
+
+        assistant:
+
+    Roles are tagged on a line of their own so multi-line content (code, JSON) cannot be mistaken for a new turn,
+    and the prompt ends on a newline rather than a space (a trailing space is a poor token boundary for byte-pair
+    and sentencepiece vocabularies alike). BOS is written out because prompts are tokenised without special
+    tokens (chat templates write their own); Gemma degrades badly without it. A base model does not follow the
+    format until it is fine-tuned on it: LoRA training renders its rows with this same function and ends each
+    answer with EOS, so an adapter learns where to stop."""
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    return bos + "".join(PLAIN_TURN.format(role=m["role"], content=m["content"]) for m in messages) \
+        + PLAIN_GENERATION_PROMPT
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text a chat becomes; serving and LoRA training share it so an adapter sees the same prompts."""
-    if tokenizer.chat_template:
+    """The prompt text a chat becomes; serving and LoRA training share it so an adapter sees the same prompts.
+    The tokenizer's chat template where it has one, else `plain_prompt` (base models)."""
+    if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # base models without a template: a plain transcript ending with the assistant's turn
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return plain_prompt(tokenizer, messages)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
