@@ -1,4 +1,4 @@
-"""A tiny random Llama with an offline tokenizer, for tests and benchmarks (no hub, < 3 s to build).
+"""A tiny random Llama (or Gemma-3) with an offline tokenizer, for tests and benchmarks (no hub, < 3 s to build).
 
 The model is random, so its text is gibberish; what it is good for is exercising the real HF code
 paths (chat template, left padding, batching, sampling, log-probs, adapters, saving/loading).
@@ -100,6 +100,53 @@ def build_tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_gemma3(
+    path: str | Path,
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    sliding_window: int = 16,
+) -> Path:
+    """Write a random Gemma3ForCausalLM + tokenizer to `path`: Gemma-3's shape (sliding-window layers interleaved
+    with global ones, here alternating, with a window of `sliding_window` tokens) at a size tests build in
+    seconds. Like the packaged Gemma-3-270M it is a base model: its tokenizer has no chat template, so prompts
+    take `platform.artifacts.plain_prompt`'s format."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.chat_template = None
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)}
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        head_dim=hidden_size // num_heads,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        max_position_embeddings=4096,
+        initializer_range=0.2,  # peaked logits: greedy comparisons are not decided by float noise
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
     )

@@ -184,10 +184,15 @@ class KVPool:
         self.lens = self.lens[: self.rows].clone()
         return moved
 
-    def mask(self, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, 1, 1, width]: row i sees its cached columns and the one its new token is written to."""
+    def mask(self, attn_impl: str, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+        """[rows, 1, 1, width]: row i sees its cached columns and the one its new token is written to; with a
+        sliding `window`, only the last `window` of those (its new token's position minus a column index under
+        `window`, as transformers' `sliding_window_overlay` has it)."""
         self.width = int(self.lens.max()) + 1
-        allowed = torch.arange(self.width)[None, :] <= self.lens[:, None]
+        cols = torch.arange(self.width)[None, :]
+        allowed = cols <= self.lens[:, None]
+        if window is not None:
+            allowed &= cols > self.lens[:, None] - window
         allowed = allowed[:, None, None, :].to(self.device)
         if attn_impl == "sdpa":
             return allowed
@@ -203,6 +208,31 @@ class KVPool:
     def clear(self) -> None:
         self.k, self.v, self.rows, self.width = [], [], 0, 0
         self.lens = torch.zeros(0, dtype=torch.long)
+
+
+_WINDOWED = ("sliding_attention", "hybrid_sliding", "reference_sliding_attention")
+
+
+def _mask_layout(config: Any) -> tuple[dict[str, int | None] | None, int | None]:
+    """How decode masks go to the model, from its layer types as transformers' caches read them: (None, None) for
+    one causal mask on every layer (most models); (None, w) for one mask with a sliding window of w on every layer
+    (Mistral-style, no `layer_types`); or ({layer type: window or None}, None) for a model that indexes its masks
+    by `config.layer_types` (Gemma-3: five sliding-window layers to each global one, Qwen2 with
+    `use_sliding_window`). Raises ValueError for attention kinds this scheduler does not mask (chunked)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types, kwargs = get_layer_types_and_kwargs(text)
+    windows = {t: (kw.get("sliding_window") if t in _WINDOWED else None) for t, kw in zip(types, kwargs)}
+    other = sorted(t for t in windows if t not in _WINDOWED and t not in ("full_attention", "dummy"))
+    if other:
+        raise ValueError(f"the continuous scheduler has no decode mask for layer types {other} "
+                         f"({type(text).__name__}); set the model's hf.scheduler to 'static'")
+    if not any(windows.values()):
+        return None, None
+    if getattr(text, "layer_types", None) is None:
+        return None, next(w for w in windows.values() if w)
+    return {t: w for t, w in windows.items() if t != "dummy"}, None
 
 
 @dataclass(eq=False)
@@ -245,6 +275,7 @@ class Scheduler:
         self.forward, self.prepare_adapters, self.eos_ids, self.decode = forward, prepare_adapters, eos_ids, decode
         self.config, self.device, self.dtype, self.attn_impl = config, device, dtype, attn_impl
         self.kv_bytes, self.max_rows, self.prefill_chunk, self.lock = kv_bytes, max_rows, prefill_chunk, lock
+        self.mask_layout = _mask_layout(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.pool = KVPool(config.num_hidden_layers, kv_heads, head_dim, dtype, device)
@@ -345,7 +376,9 @@ class Scheduler:
         row = min(self._prefilling, key=lambda r: (len(r.ids) - r.prefilled) / (1.0 + now - r.arrived))
         try:
             if row.cache is None:
-                row.cache = DynamicCache(config=self.config)
+                # Every layer keeps every token (no config: no sliding layers that drop K/V outside the window), as
+                # the pool and the prefix cache need; the model's own masks apply each layer's window meanwhile.
+                row.cache = DynamicCache()
                 if self.prefix is not None:
                     n, kv = self.prefix.lookup(row.adapter, row.ids)
                     for i, (k, v) in enumerate(kv):
@@ -392,7 +425,7 @@ class Scheduler:
         rows = self._decoding
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         positions = self.pool.lens[:, None].to(self.device)
-        mask = self.pool.mask(self.attn_impl, self.dtype)
+        mask = self._decode_mask()
         try:
             logits = self.forward(ids, _PoolCache(self.pool), [r.adapter for r in rows],
                                   position_ids=positions, attention_mask=mask)
@@ -410,6 +443,14 @@ class Scheduler:
             self._leave(row)
         if not self._decoding and not self._prefilling:
             self.pool.clear()  # idle: give the memory back
+
+    def _decode_mask(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The decode step's attention mask: one tensor for every layer, or (a model with sliding-window layers
+        among global ones, e.g. Gemma-3) one per layer type, which the model picks by `config.layer_types`."""
+        by_type, window = self.mask_layout
+        if by_type is None:
+            return self.pool.mask(self.attn_impl, self.dtype, window)
+        return {t: self.pool.mask(self.attn_impl, self.dtype, w) for t, w in by_type.items()}
 
     def _leave(self, row: Row) -> None:
         moved = self.pool.remove(row.slot)
