@@ -210,7 +210,26 @@ class AdapterRegistryFile(BaseModel):
             raise SlmshiftError(f"adapter registry {path}: {where}: {first['msg']} ({e.error_count()} problem(s)). "
                                 "Fix: regenerate it with `slmshift convert`.") from None
 
-    def promoted_dirs(self, path: str | Path) -> dict[str, str]:
-        """label -> absolute adapter dir, for the promoted entries of the file at `path`."""
+    def promoted_dirs(self, path: str | Path, base: str | None = None) -> dict[str, str]:
+        """label -> absolute adapter dir, for the promoted entries of the file at `path` (with `base`, only those
+        trained on that model source: S4 chooses a base per cluster, so one registry may hold several bases')."""
         root = Path(path).resolve().parent
-        return {e.label: str((root / e.adapter_dir).resolve()) for e in self.entries if e.promoted}
+        return {e.label: str((root / e.adapter_dir).resolve()) for e in self.entries
+                if e.promoted and (base is None or same_source(e.base_model, base))}
+
+
+def same_source(a: str, b: str | None) -> bool:
+    """Whether two model `source`s name the same weights (equal, or the same local path)."""
+    if b is None:
+        return False
+    return a == b or ("://" not in a and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+
+def served_adapters(spec: Any) -> dict[str, str]:
+    """Every adapter a model spec serves: name -> dir. Its `adapters`, plus the promoted entries of its `registry`
+    trained on its own `source` (the other entries are served by the model of their base). The engines load these;
+    the router sends a cluster's calls to the model that serves its adapter."""
+    dirs = dict(spec.adapters)
+    if spec.registry:
+        dirs.update(AdapterRegistryFile.read(spec.registry).promoted_dirs(spec.registry, base=spec.source))
+    return dirs

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from slmshift.platform.errors import ConfigError, SlmshiftError, one_line_error
-from slmshift.platform.artifacts import AdapterRegistryFile
+from slmshift.platform.artifacts import AdapterRegistryFile, same_source
 from slmshift.platform.policies import PATH_KEYS, Constrain, PolicySpec, on_register, policy_kinds
 from slmshift.platform.types import VLLM_FIX, ModelSpec, absolute_path
 
@@ -254,7 +254,7 @@ def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
             problems.append((f"models[{i}].openai", "required for backend 'openai': give at least base_url"))
         if m.backend == "vllm" and (why := m.vllm.problem()):
             problems.append((f"models[{i}].vllm.python", f"backend 'vllm' cannot start: {why}. {VLLM_FIX}"))
-        problems += _adapter_checks(i, m)
+        problems += _adapter_checks(i, m, cfg.models)
     tiers = {m.name: m.tier for m in cfg.models}
     labels = [p.label for p in cfg.router.policies]
     for wid, label in (cfg.gateway.workloads.items() if isinstance(cfg, GatewayConfig) else ()):
@@ -303,14 +303,10 @@ def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
     return problems
 
 
-def _same_source(a: str, b: str | None) -> bool:
-    if b is None:
-        return False
-    return a == b or ("://" not in a and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
-
-
-def _adapter_checks(i: int, m: ModelSpec) -> list[tuple[str, str]]:
-    """A model's `adapters` / `registry`: readable, peft adapter dirs, trained on this model's source."""
+def _adapter_checks(i: int, m: ModelSpec, models: list[ModelSpec]) -> list[tuple[str, str]]:
+    """A model's `adapters` / `registry`: readable, peft adapter dirs, trained on this model's source. A registry
+    whose clusters S4 gave different bases is served by one model per base, each with the same `registry:`; an
+    entry's base that none of them has is reported on the first."""
     problems: list[tuple[str, str]] = []
     if (m.adapters or m.registry) and m.backend not in ("hf", "vllm"):
         key = "registry" if m.registry else "adapters"
@@ -322,11 +318,21 @@ def _adapter_checks(i: int, m: ModelSpec) -> list[tuple[str, str]]:
             doc = AdapterRegistryFile.read(m.registry)
         except SlmshiftError as e:
             return problems + [(f"models[{i}].registry", str(e))]
-        for e in doc.entries:
-            if e.promoted and not _same_source(e.base_model, m.source):
+        promoted = [e for e in doc.entries if e.promoted]
+        siblings = [x for x in models if x.registry and Path(x.registry) == Path(m.registry)]
+        serves_some = any(same_source(e.base_model, m.source) for e in promoted)
+        for e in promoted:
+            if any(same_source(e.base_model, x.source) for x in siblings):
+                continue
+            if serves_some or len(siblings) > 1:  # several bases: the one missing, reported once
+                if siblings[0] is m:
+                    problems.append((f"models[{i}].registry", f"adapter {e.label!r} of {m.registry} was trained on "
+                                     f"{e.base_model!r}, which no model with this registry serves; Fix: add a "
+                                     f"`models:` entry with source: {e.base_model} and registry: {m.registry}"))
+            else:
                 problems.append((f"models[{i}].registry", f"adapter {e.label!r} was trained on {e.base_model!r} but "
                                  f"this model's source is {m.source!r}; set source: {e.base_model}"))
-        for name, d in doc.promoted_dirs(m.registry).items():
+        for name, d in doc.promoted_dirs(m.registry, base=m.source).items():
             if name in dirs:
                 problems.append((f"models[{i}].adapters.{name}", f"name {name!r} is also a promoted adapter of "
                                  f"{m.registry}; rename one"))

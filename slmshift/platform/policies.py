@@ -96,8 +96,11 @@ def on_register(rebuild: Any) -> None:
 
 
 def registry_problems(path: str, registry: str, slm_model: str | None, models: list[ModelSpec]) -> Problems:
-    """A policy's adapter registry: readable, its cluster index complete, every promoted adapter served by the SLM."""
-    from slmshift.platform.artifacts import CLUSTER_FILES, AdapterRegistryFile
+    """A policy's adapter registry: readable, its cluster index complete, every promoted adapter served by an slm
+    model of its base: the policy's SLM (slm_model, or the first slm) or another slm model with that
+    `source` (S4 chooses a base per cluster; the router sends each cluster's calls to the model serving its adapter).
+    """
+    from slmshift.platform.artifacts import CLUSTER_FILES, AdapterRegistryFile, same_source, served_adapters
     from slmshift.platform.errors import SlmshiftError
 
     try:
@@ -110,20 +113,31 @@ def registry_problems(path: str, registry: str, slm_model: str | None, models: l
     if missing:
         problems.append((f"{path}.registry", f"its cluster index {clusters} lacks {', '.join(missing)}; "
                          "Fix: run `slmshift convert` again"))
-    slm = next((m for m in models if m.name == slm_model), None) if slm_model else \
-        next((m for m in models if m.tier == "slm"), None)
+    slms = [m for m in models if m.tier == "slm"]
+    slm = next((m for m in slms if m.name == slm_model), None) if slm_model else next(iter(slms), None)
     if slm is None:
         return problems  # the tier check reports it
-    served = set(slm.adapters)
-    if slm.registry:
+    served: dict[str, set[str]] = {}
+    for m in slms:
         try:
-            served |= set(AdapterRegistryFile.read(slm.registry).promoted_dirs(slm.registry))
+            served[m.name] = set(served_adapters(m))
         except SlmshiftError:
-            pass  # reported on the model
+            served[m.name] = set(m.adapters)  # its registry is reported on the model
     for e in doc.entries:
-        if e.promoted and e.label not in served:
-            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model "
-                             f"{slm.name!r}; Fix: add `registry: {registry}` to that model (or name it in slm_model)"))
+        if not e.promoted or any(e.label in served[m.name] for m in slms):
+            continue
+        base = next((m for m in [slm] + slms if same_source(e.base_model, m.source)), None)
+        if base is slm or (base is None and len(slms) == 1 and same_source(e.base_model, slm.source)):
+            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} is not served by model {slm.name!r}; "
+                             f"Fix: add `registry: {registry}` to that model (or name it in slm_model)"))
+        elif base is not None:
+            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} (trained on {e.base_model!r}) is not "
+                             f"served by model {base.name!r}, the slm model with that source; Fix: add `registry: "
+                             f"{registry}` to it"))
+        else:
+            problems.append((f"{path}.registry", f"promoted adapter {e.label!r} was trained on {e.base_model!r}, which "
+                             f"no slm model in `models:` serves; Fix: add a `models:` entry with tier: slm, source: "
+                             f"{e.base_model} and registry: {registry}"))
     return problems
 
 

@@ -235,10 +235,11 @@ class CallPipeline:
 
     async def _shadow(self, request: LMRequest, primary: RouteDecision, tier: Tier, check: Any, context: Any) -> None:
         """The same request on the other tier, graded, logged as '<id>:shadow'; never returned to the episode."""
-        model = self.policy.models[tier]
-        decision = self.policy.decision(tier, f"shadow of {primary.tier} call")
-        # the SLM side serves the adapter the policy would use for this call's cluster, where it has one
+        # the SLM side serves the adapter the policy would use for this call's cluster, where it has one, on the
+        # model of that adapter's base
         adapter = (primary.adapter or self.policy.adapter_for(primary.cluster)) if tier == "slm" else None
+        model = self.policy.model_for(tier, adapter)
+        decision = self.policy.decision(tier, f"shadow of {primary.tier} call", adapter=adapter)
         req = request.model_copy(update={"adapter": adapter}) if adapter else request
         try:
             resp, latency, infra = await self._invoke(model, req)

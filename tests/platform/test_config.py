@@ -189,6 +189,28 @@ def test_registry_trained_on_another_base_and_missing_index(tmp_path):
     assert "lacks centroids.npy, index.faiss, clusters.json" in msg
 
 
+def test_a_registry_of_two_bases_needs_a_model_per_base(tmp_path):
+    """S4 chose a base per cluster: each base needs an slm model with the registry; the missing one is named."""
+    import json
+
+    d = convert_dir(tmp_path, promoted=("planner-intent", "executor-call"))
+    doc = json.loads((d / "registry.json").read_text())
+    doc["entries"][1]["base_model"] = "packaged:gemma3-270m"
+    (d / "registry.json").write_text(json.dumps(doc))
+    reg = d / "registry.json"
+    msg = problems(tmp_path, with_adapters(str(reg)))
+    assert (f"models[0].registry (line 3): adapter 'executor-call' of {reg} was trained on 'packaged:gemma3-270m', "
+            "which no model with this registry serves; Fix: add a `models:` entry with source: packaged:gemma3-270m "
+            f"and registry: {reg}") in msg
+    assert ("router.policies[2].registry (line 6): promoted adapter 'executor-call' was trained on "
+            "'packaged:gemma3-270m', which no slm model in `models:` serves") in msg
+    both = with_adapters(str(reg)).replace(
+        "  - {name: big,", f"  - {{name: gemma, tier: slm, backend: hf, source: packaged:gemma3-270m, registry: {reg}}}\n"
+        "  - {name: big,")
+    cfg = load(tmp_path, both)
+    assert [m.name for m in cfg.models] == ["small", "gemma", "big"] and cfg.router.policies[2].registry == str(reg)
+
+
 def test_adapter_policy_keys_rejected_elsewhere(tmp_path):
     msg = problems(tmp_path, GOOD.replace("{kind: slm}", "{kind: slm, registry: r.json, min_similarity: 0.5}"))
     # each kind has its own options model: another kind's keys are unknown there, and the error lists the allowed ones

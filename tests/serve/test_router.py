@@ -145,6 +145,34 @@ def test_cascade_with_a_registry_answers_first_with_the_clusters_adapter(convert
     assert (plain.tier, plain.adapter, plain.cluster) == ("slm", None, None)
 
 
+def test_each_cluster_goes_to_the_model_of_its_chosen_base(convert_dir, tmp_path):
+    """S4 chose a base per cluster: a registry whose two promoted adapters were trained on two sources. Each model
+    with the registry serves the adapters of its own source, and the policy sends each cluster's calls (and shadows)
+    to that model; a registry of one base keeps routing to the one slm_model as before."""
+    import json
+
+    from slmshift.platform.artifacts import served_adapters
+
+    doc = json.loads((convert_dir / "registry.json").read_text())
+    doc["entries"][1].update(promoted=True, base_model="packaged:gemma3-270m")
+    reg = tmp_path / "registry.json"
+    reg.write_text(json.dumps(doc | {"clusters_dir": str(convert_dir / "clusters")}))
+    models = [ModelSpec(name="big", tier="llm", backend="simulated"),
+              ModelSpec(name="smol", tier="slm", backend="hf", source="packaged:smollm2-135m", registry=str(reg)),
+              ModelSpec(name="gemma", tier="slm", backend="hf", source="packaged:gemma3-270m", registry=str(reg))]
+    assert list(served_adapters(models[1])) == ["planner-intent"]
+    assert list(served_adapters(models[2])) == ["executor-function_call"]
+    policy = build_policy(policy_spec(kind="adapters", registry=str(reg)), models)
+    d1 = policy.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
+    d2 = policy.route(call("Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo"))
+    assert (d1.model, d1.adapter) == ("smol", "planner-intent")
+    assert (d2.model, d2.adapter) == ("gemma", "executor-function_call")
+    assert policy.model_for("slm") == "smol" and policy.model_for("slm", "executor-function_call") == "gemma"
+    cascade = build_policy(policy_spec(kind="cascade", tau=0.4, registry=str(reg), slm_model="gemma"), models)
+    d3 = cascade.route(call("Identify which functions the user request needs. Request: book a hotel in Lyon"))
+    assert (d3.model, d3.adapter) == ("smol", "planner-intent")  # its adapter's base, not the policy's slm_model
+
+
 # --- scored policies: threshold, learned, random; failures fall back to `default` ------------------------------
 
 

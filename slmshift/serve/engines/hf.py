@@ -30,7 +30,7 @@ from collections import OrderedDict
 from typing import Any
 
 from slmshift.platform.errors import ModelLoadError, one_line_error
-from slmshift.platform.artifacts import AdapterRegistryFile, chat_prompt
+from slmshift.platform.artifacts import chat_prompt, served_adapters
 from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
 from slmshift.serve.engines.constraints import ConstraintError, Grammars, RowMatcher, mask_rows
@@ -106,11 +106,9 @@ class PromptTooLong(ValueError):
 
 
 def adapter_dirs(spec: ModelSpec) -> dict[str, str]:
-    """Every adapter a spec may serve: name -> dir (its `adapters` plus its registry's promoted ones)."""
-    dirs = dict(spec.adapters)
-    if spec.registry:
-        dirs.update(AdapterRegistryFile.read(spec.registry).promoted_dirs(spec.registry))
-    return dirs
+    """Every adapter a spec may serve: name -> dir (its `adapters` plus its registry's promoted ones trained on its
+    source; `artifacts.served_adapters`)."""
+    return served_adapters(spec)
 
 
 class HFEngine(Engine):

@@ -44,7 +44,7 @@ class RouterPolicy(abc.ABC):
 
     def decision(self, tier: Tier, reason: str, *, score: float | None = None, adapter: str | None = None,
                  cluster: int | None = None, accept_confidence: float | None = None) -> RouteDecision:
-        model = self.models[tier]
+        model = self.model_for(tier, adapter)
         if model is None:  # config validation prevents this; keep the message clear if a caller skips it
             raise ValueError(f"policy {self.spec.label!r} chose tier {tier!r} but no model of that tier is deployed")
         return RouteDecision(policy=self.spec.label, kind=self.kind, model=model, tier=tier, reason=reason,
@@ -52,6 +52,11 @@ class RouterPolicy(abc.ABC):
 
     def fallback(self, why: str) -> RouteDecision:
         return self.decision(self.spec.default, f"{why}: default")
+
+    def model_for(self, tier: Tier, adapter: str | None = None) -> str | None:
+        """The deployment that serves `tier`; for an slm call with a LoRA `adapter`, the one serving that adapter
+        (policies with a registry: the model of the adapter's base, which S4 chose per cluster)."""
+        return self.models[tier]
 
     def adapter_for(self, cluster: int | None) -> str | None:
         """The LoRA adapter the SLM serves for calls of this cluster, if the policy has one (shadow calls use it)."""

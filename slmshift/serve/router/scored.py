@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from slmshift.platform.artifacts import AdapterRegistryFile, ClusterIndex, prompt_text
+from slmshift.platform.artifacts import AdapterRegistryFile, ClusterIndex, prompt_text, served_adapters
 from slmshift.platform.embeddings import embed
-from slmshift.platform.types import LMRequest, ModelSpec, RouteDecision
+from slmshift.platform.types import LMRequest, ModelSpec, RouteDecision, Tier
 from slmshift.serve.router.base import RouterPolicy, register_policy
 
 
@@ -51,15 +51,37 @@ class WithAdapters(RouterPolicy):
     def __init__(self, spec: Any, models: list[ModelSpec]):
         super().__init__(spec, models)
         self.adapters: dict[int, str] = {}
+        self.adapter_models: dict[str, str] = {}  # adapter label -> the slm deployment serving it
         clusters = getattr(spec, "clusters", None)
         if spec.registry:
             doc = AdapterRegistryFile.read(spec.registry)
             self.adapters = {e.cluster: e.label for e in doc.entries if e.promoted}
             clusters = clusters or str((Path(spec.registry).parent / doc.clusters_dir).resolve())
+            self.adapter_models = _adapter_models(self.adapters.values(), self.models["slm"], models)
         self.placement = Placement(clusters)
 
     def adapter_for(self, cluster: int | None) -> str | None:
         return self.adapters.get(cluster) if cluster is not None else None
+
+    def model_for(self, tier: Tier, adapter: str | None = None) -> str | None:
+        if tier == "slm" and adapter is not None:
+            return self.adapter_models.get(adapter, self.models["slm"])
+        return self.models[tier]
+
+
+def _adapter_models(labels: Any, default: str | None, models: list[ModelSpec]) -> dict[str, str]:
+    """Each adapter's deployment: the policy's slm model where it serves the adapter (one base, as before S4 chose
+    per cluster), else the first slm model that does (`served_adapters`: trained on its source). An adapter no model
+    serves stays on the default (config validation reports it; the engine's answer names it)."""
+    slms = sorted((m for m in models if m.tier == "slm"), key=lambda m: m.name != default)
+    served = {}
+    for m in slms:
+        try:
+            served[m.name] = served_adapters(m)
+        except Exception:  # an unreadable registry: that model's engine fails to load and says why
+            served[m.name] = {}
+    return {label: next((m.name for m in slms if label in served[m.name]), default) for label in labels
+            if default is not None or any(label in served[m.name] for m in slms)}
 
 
 class ScoredPolicy(WithAdapters):
