@@ -38,6 +38,9 @@ class OutputConstraint(BaseModel):
     tool_choice: str | dict[str, Any] | None = Field(
         default=None, description="With `tools`: 'auto' (free answer or call; not enforced), 'none', 'required' "
         "(some tool call) or {'type': 'function', 'function': {'name': ...}} (that tool).")
+    parallel_tool_calls: bool | None = Field(default=None, description="With `tools`: False allows at most one tool "
+                                             "call in the answer (OpenAI's parallel_tool_calls: false); None or True "
+                                             "allows several.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> OutputConstraint:
@@ -46,6 +49,8 @@ class OutputConstraint(BaseModel):
             raise ValueError(f"an output constraint takes one of json_schema, regex, grammar, tools (got {given})")
         if self.tool_choice is not None and self.tools is None:
             raise ValueError("tool_choice needs tools")
+        if self.parallel_tool_calls is not None and self.tools is None:
+            raise ValueError("parallel_tool_calls needs tools")
         return self
 
     @property

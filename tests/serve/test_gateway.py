@@ -25,7 +25,8 @@ models:
 router:
   policies:
     - {{kind: call_kind, name: mixed, map: {{chat: slm}}, default: llm}}
-gateway: {{port: {port}}}
+    - {{kind: llm, name: tuned-for-mapped}}
+gateway: {{port: {port}, workloads: {{mapped-agent: tuned-for-mapped}}}}
 """
 
 
@@ -68,7 +69,7 @@ def gateway(tmp_path_factory, tiny_model_dir):
 
 def test_models_lists_policies_and_deployed_models(gateway):
     client, *_ = gateway
-    assert {m.id for m in client.models.list()} == {"router:mixed", "teacher", "tiny"}
+    assert {m.id for m in client.models.list()} == {"router:mixed", "router:tuned-for-mapped", "teacher", "tiny"}
 
 
 def test_chat_through_the_router_sync_and_async(gateway):
@@ -131,8 +132,8 @@ def test_a_required_tool_call_is_enforced_on_the_slm(gateway):
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": params}}])
     assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"] in ("Oslo", "Lima")
-    # The grammar admits several calls (parallel tool calls; one call only is not expressible in OutputConstraint
-    # yet): on some prompts the random model keeps adding calls until max_tokens. On these two it stops after one.
+    # The grammar admits several calls (parallel tool calls; `parallel_tool_calls: false` bounds it to one, tested
+    # below): on some prompts the random model keeps adding calls until max_tokens. On these two it stops after one.
     r = client.responses.create(model="tiny", input="Weather in Oslo?", max_output_tokens=48,
                                 tool_choice={"type": "function", "name": "get_weather"},
                                 tools=[{"type": "function", "name": "get_weather", "parameters": params},
@@ -168,6 +169,7 @@ def test_calls_are_in_the_s1_log_with_workload_and_session(gateway):
         time.sleep(1)
     row = df[df.scenario == "scrub-me"].iloc[0]
     assert row.episode_id == "s9" and row.policy == "mixed" and row.tier == "slm" and row.call_kind == "chat"
+    assert row.task_id == "s9"  # a session is the unit held-out splits and intervals resample
     assert "sk-proj-abcdefghij" not in row.prompt  # scrubbed before it was written
     mine = df[df.episode_id == "s1"]
     assert list(mine.scenario) == ["my-agent"] and list(mine.call_index) == [0]
@@ -221,6 +223,76 @@ def test_responses_and_completions_are_logged_like_chat(gateway):
     assert json.loads(mine.iloc[0].prompt)[0] == {"role": "system", "content": "Be brief."}
     # every call gets a verdict; the simulated teacher's placeholder (the engine's own wording) is never valid
     assert mine.iloc[0].valid is not None and not mine.iloc[1].valid and "placeholder" in mine.iloc[1].error
+
+
+def test_a_workload_is_served_by_the_policy_chosen_for_it(gateway):
+    """gateway.workloads: a call of a mapped workload that names any router policy is routed by the workload's arm
+    (here all-LLM where the client asked for `mixed`, which sends chat to the SLM); a pinned model stays pinned."""
+    client, port, tmp, proc = gateway
+    for model, session in (("router:mixed", "w1"), ("tiny", "w2")):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_headers={"X-Workload-Id": "mapped-agent", "X-Session-Id": session})
+    client.chat.completions.create(model="router:mixed", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                   extra_headers={"X-Workload-Id": "other-agent", "X-Session-Id": "w3"})
+    run = next((tmp / "runs").iterdir())
+    deadline = time.time() + 120  # records reach the log within a second or so, longer on a loaded machine
+    while time.time() < deadline:
+        df = read_interactions(str(run)).set_index("episode_id")
+        if {"w1", "w2", "w3"} <= set(df.index):
+            break
+        time.sleep(1)
+    assert (df.loc["w1", "policy"], df.loc["w1", "tier"]) == ("tuned-for-mapped", "llm")
+    assert (df.loc["w2", "policy"], df.loc["w2", "tier"]) == ("tiny", "slm")
+    assert (df.loc["w3", "policy"], df.loc["w3", "tier"]) == ("mixed", "slm")
+
+
+def test_parallel_tool_calls_false_allows_one_call_in_both_apis(gateway):
+    """`parallel_tool_calls: false` reaches the engine as the constraint's one-call bound (the tiny SLM's grammar closes
+    the list after one call) and is logged with the call, in chat and Responses alike."""
+    client, port, tmp, proc = gateway
+    params = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    r = client.chat.completions.create(model="tiny", max_tokens=64, messages=[{"role": "user", "content": "weather?"}],
+                                       tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                       extra_headers={"X-Session-Id": "p1"})
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    r = client.responses.create(model="tiny", input="Weather in Lima?", max_output_tokens=64, tool_choice="required",
+                                parallel_tool_calls=False, extra_headers={"X-Session-Id": "p2"},
+                                tools=[{"type": "function", "name": "get_weather", "parameters": params}])
+    assert [o.type for o in r.output] == ["function_call"] and r.parallel_tool_calls is False
+    run = next((tmp / "runs").iterdir())
+    deadline = time.time() + 120  # records reach the log within a second or so, longer on a loaded machine
+    while time.time() < deadline:
+        df = read_interactions(str(run)).set_index("episode_id")
+        if {"p1", "p2"} <= set(df.index):
+            break
+        time.sleep(1)
+    for s in ("p1", "p2"):
+        assert json.loads(df.loc[s, "constraint"])["parallel_tool_calls"] is False and df.loc[s, "valid"]
+        assert len(json.loads(df.loc[s, "output"])["tool_calls"]) == 1
+
+
+def test_parallel_tool_calls_false_answers_and_judges_one_call():
+    """Whatever the model wrote, the client gets at most one call, and an output with two is no valid training
+    target for a client that forbade them."""
+    from types import SimpleNamespace
+
+    from slmshift.serve.engines.constraints import tool_call_schema
+    from slmshift.serve.gateway.common import Call, answer_of, constraint_of, output_check
+
+    tools = [{"name": "f", "parameters": {"type": "object"}}, {"name": "g"}]
+    two = '{"tool_calls": [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]}'
+    one_only = Call(model="m", messages=[], tools=tools, tool_choice="required", parallel_tool_calls=False)
+    assert not output_check(one_only)(two).valid and "parallel_tool_calls is false" in output_check(one_only)(two).reason
+    assert output_check(Call(model="m", messages=[], tools=tools))(two).valid
+    result = SimpleNamespace(text=two, response=SimpleNamespace(tokens_in=1, tokens_out=9, model="m", adapter=None))
+    assert [c["name"] for c in answer_of(one_only, result).tool_calls] == ["f"]
+    c = constraint_of(one_only)
+    assert c.parallel_tool_calls is False and c.enforceable
+    assert tool_call_schema(c.tools, parallel=False)["properties"]["tool_calls"]["maxItems"] == 1
+    assert "maxItems" not in tool_call_schema(c.tools)["properties"]["tool_calls"]
+    assert constraint_of(Call(model="m", messages=[], tools=tools)).parallel_tool_calls is None
 
 
 def test_every_call_gets_a_validity_verdict():

@@ -34,8 +34,9 @@ def _function(tool: dict[str, Any]) -> dict[str, Any]:
     return tool.get("function", tool) if tool.get("type", "function") == "function" else tool
 
 
-def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None) -> dict[str, Any]:
-    """JSON schema of the platform's tool-call text for `tools` (only the one named `only`, when given)."""
+def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
+    """JSON schema of the platform's tool-call text for `tools` (only the one named `only`, when given; one call at
+    most unless `parallel`)."""
     calls = []
     for fn in map(_function, tools):
         if only is not None and fn.get("name") != only:
@@ -46,7 +47,10 @@ def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None) -> di
     if not calls:
         raise ConstraintError(f"tool_choice names {only!r}, which is not among the declared tools")
     item = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {"type": "object", "properties": {"tool_calls": {"type": "array", "items": item, "minItems": 1}},
+    calls_schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
+    if not parallel:
+        calls_schema["maxItems"] = 1
+    return {"type": "object", "properties": {"tool_calls": calls_schema},
             "required": ["tool_calls"], "additionalProperties": False}
 
 
@@ -61,7 +65,8 @@ def grammar_of(c: OutputConstraint) -> str:
     if c.kind == "grammar":
         return LLMatcher.grammar_from_lark(c.grammar)
     if c.kind == "tools" and c.enforceable:
-        return LLMatcher.grammar_from_json_schema(tool_call_schema(c.tools, c.forced_tool), overrides=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(tool_call_schema(c.tools, c.forced_tool,
+                                                                    c.parallel_tool_calls is not False), overrides=JSON_OPTIONS)
     raise ConstraintError(f"nothing to enforce in {c.kind or c.format!r}")
 
 

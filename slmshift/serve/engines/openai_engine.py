@@ -38,7 +38,8 @@ class ChatCompletionsEngine(Engine):
         """Request fields for the constraint `c` (enforced when `enforce`), or why this endpoint cannot enforce it.
         Tools are sent whenever declared (the model may call them); an unenforced choice goes as 'auto'."""
         if c.kind == "tools" and c.tool_choice != "none":
-            return {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice if enforce else "auto"}
+            out = {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice if enforce else "auto"}
+            return out | ({"parallel_tool_calls": False} if c.parallel_tool_calls is False else {})
         if not enforce:
             return {}
         if c.kind == "json_schema":

@@ -303,7 +303,8 @@ class VLLMEngine(ChatCompletionsEngine):
         if not enforce:
             return {}  # 'auto' tools included: without a fitting tool-call parser the server would refuse them
         if c.kind == "tools":
-            return {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice}
+            out = {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice}
+            return out | ({"parallel_tool_calls": False} if c.parallel_tool_calls is False else {})
         field = {"json_schema": "json", "regex": "regex", "grammar": "grammar"}[c.kind]
         return {"extra_body": {"structured_outputs": {field: getattr(c, c.kind)}}}
 

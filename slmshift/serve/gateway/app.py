@@ -28,6 +28,8 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
     from slmshift.platform.scrub import scrub_text
 
     app = FastAPI(title="slmshift gateway", docs_url=None, redoc_url=None)
+    # workload id -> the pipeline key of the policy arm chosen for it (gateway.workloads)
+    workload_policies = {w: f"{POLICY_PREFIX}{label}" for w, label in (getattr(options, "workloads", None) or {}).items()}
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -99,9 +101,13 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             ident = (lambda v: scrub_text(str(v))) if scrub else str
             workload = ident(request.headers.get("x-workload-id") or calls[0].user or meta.get("workload")
                              or "gateway")
+            if calls[0].model.startswith(POLICY_PREFIX) and workload in workload_policies:
+                pipeline = self.pipelines[workload_policies[workload]]  # the policy chosen for this workload
             session_id = ident(request.headers.get("x-session-id") or meta.get("session_id") or new_id("s-"))
             episode = f"{session_id}@{self.replica}" if self.replica else session_id
-            role, task = ident(meta.get("role", "agent")), ident(meta.get("task_id", ""))
+            # A call's task is its session unless the client names one: held-out splits and intervals then resample
+            # sessions, whose calls are correlated, never calls of one session apart.
+            role, task = ident(meta.get("role", "agent")), ident(meta.get("task_id") or session_id)
             lm_requests = []
             for call in calls:
                 index = self.counters.get(episode, 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import itertools
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.types import TEXT, OutputConstraint
+# What the simulated engine answers a call that has no scenario reference (every gateway call): labelled, never a
+# real answer (its wording and pattern live in serve/engines/simulated.py).
+from slmshift.serve.engines.simulated import PLACEHOLDER
 from slmshift.serve.gateway.errors import APIError
 
 
@@ -194,9 +196,6 @@ def _json_object(text: str) -> bool:
         return False
 
 
-# What the simulated engine answers a call that has no scenario reference (every gateway call): labelled, never a
-# real answer. Its wording lives in serve/engines/simulated.py; tests/serve/test_gateway.py pins the two together.
-PLACEHOLDER = re.compile(r"^\[simulated [^\]]*: no scenario reference for this call, so no real answer\]$")
 
 
 def _looks_like_tool_call(text: str) -> bool:
@@ -206,7 +205,8 @@ def _looks_like_tool_call(text: str) -> bool:
 
 def output_check(call: Call):
     """The call's validity verdict, as far as the gateway can tell without grading it: a JSON object when JSON was
-    asked for; a call of a declared function (the named one, if forced) when a tool call is required; where tools
+    asked for; never more than one tool call under `parallel_tool_calls: false` (the client is answered with the
+    first); a call of a declared function (the named one, if forced) when a tool call is required; where tools
     are offered under `auto`, a tool call that parses or text that is not a failed attempt at one; else non-empty
     text. A simulated model's placeholder is never valid, so no keep rule of S2 takes it as a training target."""
     def check(text: str) -> Verdict:
@@ -215,6 +215,9 @@ def output_check(call: Call):
         if call.wants_json:
             return Verdict(_json_object(text), "not a JSON object")
         calls = parse_tool_calls(text, call.tools) if call.tools and call.tool_choice != "none" else None
+        if calls is not None and len(calls) > 1 and not call.parallel_tool_calls:
+            # the client gets the first call only; as a training target the answer would teach what it forbade
+            return Verdict(False, f"{len(calls)} tool calls where parallel_tool_calls is false (at most one)")
         if call.tools and call.tool_choice not in ("auto", "none"):
             ok = calls is not None and (call.tool_choice == "required"
                                         or all(c["function"]["name"] == call.tool_choice for c in calls))
@@ -241,7 +244,8 @@ def constraint_of(call: Call) -> OutputConstraint:
         choice = {"type": "function", "function": {"name": choice}}
     forced = choice not in ("auto", "none")
     return OutputConstraint(format="json" if forced else "text", tool_choice=choice,
-                            tools=[{"type": "function", "function": t} for t in call.tools])
+                            tools=[{"type": "function", "function": t} for t in call.tools],
+                            parallel_tool_calls=None if call.parallel_tool_calls else False)
 
 
 def answer_of(call: Call, result: Any) -> Answer:
