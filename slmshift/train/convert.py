@@ -33,7 +33,7 @@ from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_tasks, 
 from slmshift.train.curate import CurateOptions, curate, split_by_group
 from slmshift.train.finetune import LoraOptions
 
-__all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_snippet"]
+__all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_bases", "serve_snippet"]
 
 PROMOTION_RULE = ("promoted only on evidence: the 95% paired-bootstrap interval of adapter - base accuracy on the "
                   "same held-out calls lies above zero, the bootstrap resampling held-out tasks (all of a task's calls "
@@ -58,7 +58,13 @@ class ConvertOptions(BaseModel):
     curate: CurateOptions = Field(default_factory=CurateOptions)
     cluster: ClusterOptions = Field(default_factory=ClusterOptions)
     candidates: list[str] = Field(default=["smollm2-135m"], min_length=1, description=(
-        "SLM candidates (registered names, or model sources) measured zero-shot per cluster."))
+        "SLM candidates (registered names, or model sources) measured zero-shot per cluster; each cluster gets its "
+        "own choice (select.RULE)."))
+    licenses: list[str] | None = Field(default=None, description=(
+        "S4's licence gate: only candidates under one of these licences are measured (e.g. ['Apache-2.0'] leaves "
+        "out Gemma-3-270M, under the Gemma Terms of Use); None: any."))
+    max_memory_mb: float | None = Field(default=None, gt=0, description=(
+        "S4's footprint gate: only candidates whose served weights fit in this many MB are measured; None: any."))
     lora: LoraOptions = Field(default_factory=_default_lora)
     min_train_rows: int = Field(default=4, ge=1, description="A cluster needs this many train rows to get an adapter.")
     min_val_rows: int = Field(default=1, ge=1, description="...and this many validation rows to be judged.")
@@ -189,17 +195,30 @@ def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: An
     return True, f"{reason}; and over the adapter in force {label!r}: {why}", figures
 
 
-def serve_snippet(registry_path: str, base_source: str, name: str = "slm-tuned") -> str:
+def serve_bases(clusters: list[dict[str, Any]]) -> list[str]:
+    """The base sources the promoted adapters were trained on, in cluster order (S4 chooses per cluster); without a
+    promoted adapter, the first chosen base."""
+    bases = list(dict.fromkeys(c["chosen_source"] for c in clusters if c.get("promoted") and c.get("chosen_source")))
+    return bases or [next((c["chosen_source"] for c in clusters if c.get("chosen_source")), "packaged:smollm2-135m")]
+
+
+def serve_snippet(registry_path: str, base_source: str | list[str], name: str = "slm-tuned") -> str:
     """The YAML that serves the promoted adapters in the next `slmshift run`: merge into an experiment YAML
-    that keeps its LLM, which serves the calls of clusters without a promoted adapter."""
-    return (
-        "models:                          # add to your experiment's models (keep the LLM)\n"
-        f"  - name: {name}\n"
+    that keeps its LLM, which serves the calls of clusters without a promoted adapter. One model per base (S4 may
+    choose a different base per cluster), each with the registry: it serves the adapters trained on its source,
+    and the policy sends each cluster's calls to the model of its adapter's base."""
+    bases = [base_source] if isinstance(base_source, str) else list(base_source)
+    names = [name] + [f"{name}-{b.split(':')[-1].rstrip('/').split('/')[-1]}" for b in bases[1:]]
+    models = "".join(
+        f"  - name: {n}\n"
         "    tier: slm\n"
         "    backend: hf\n"
-        f"    source: {base_source}\n"
-        f"    registry: {registry_path}       # serves the promoted adapters, named by cluster label\n"
-        "    resources: {num_cpus: 1}\n"
+        f"    source: {b}\n"
+        f"    registry: {registry_path}       # serves the promoted adapters trained on this source, by cluster label\n"
+        "    resources: {num_cpus: 1}\n" for n, b in zip(names, bases))
+    return (
+        "models:                          # add to your experiment's models (keep the LLM)\n"
+        + models +
         "router:\n"
         "  policies:\n"
         f"    - {{kind: adapters, name: tuned, registry: {registry_path}, slm_model: {name}, default: llm}}\n"
@@ -348,19 +367,21 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             if len(val) >= o.min_val_rows:
                 sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
                                         batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
-                                        progress=prog, answers=answers, constrained=o.constrain)
+                                        progress=prog, answers=answers, constrained=o.constrain,
+                                        licenses=o.licenses, max_memory_mb=o.max_memory_mb)
                 selections[c["id"]] = sel
                 from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
                 groups, _, _ = _task_groups(sel.before.verdicts)
                 _, low, high = paired_interval([False] * len(val), [bool(v["correct"]) for v in sel.before.verdicts],
                                                groups, seed=o.lora.seed)  # the accuracy itself, tasks resampled
                 entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
+                             excluded=sel.excluded,
                              before=sel.before.summary(), before_verdicts=sel.before.verdicts,
                              before_interval={"low": low, "high": high, "n": len(set(groups))},
                              before_source={"collect": from_collect, "generated": len(val) - from_collect})
                 if not o.progress:  # without bars (the loop's console) each finished cluster still says so
                     console.print(f"S4 select: cluster {c['id']} {c['label']!r}: {sel.chosen.name} zero-shot "
-                                  f"{sel.before.correct_rate:.2f} [{low:.2f}, {high:.2f}] held-out accuracy on "
+                                  f"{sel.before.correct_rate:.2f} [{low:.2f}, {high:.2f}] held-out {sel.before.measure} on "
                                   f"{len(set(groups))} tasks / {len(val)} calls "
                                   f"({from_collect} answered in collect, {len(val) - from_collect} generated in "
                                   f"{sel.before.wall_s:.0f} s)")
@@ -569,8 +590,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def to_markdown(report: ConvertReport) -> str:
-    base = next((c.get("chosen_source") for c in report.clusters if c.get("promoted")), None) or \
-        next((c.get("chosen_source") for c in report.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
+    base = serve_bases(report.clusters)
     parts = [
         f"# slmshift conversion report: {Path(report.run_dir).name}",
         f"Run: `{report.run_dir}`  Output: `{report.out_dir}`"
@@ -598,12 +618,15 @@ def to_markdown(report: ConvertReport) -> str:
     for c in report.clusters:
         if c.get("selection"):
             parts.append(f"### Candidates for cluster {c['id']} ({c['label']})")
-            parts.append(_md_table(["candidate", "params", "licence", "memory MB", "context", "accuracy", "valid",
+            parts.append(_md_table(["candidate", "params", "licence", "memory MB", "context",
+                                    "agreement" if _by_agreement(report) else "accuracy", "valid",
                                     "cost USD", "score", "chosen"],
                                    [[r["candidate"], f"{r['params']:.3g}", r["license"], f"{r['memory_mb']:.0f}",
                                      str(r["context_length"]), f"{r['accuracy']:.2f}", f"{r['valid_rate']:.2f}",
                                      f"{r['cost_usd']:.3g}", f"{r['score']:.3g}", "yes" if r["chosen"] else ""]
                                     for r in c["selection"]]))
+            if c.get("excluded"):
+                parts.append("Not measured (S4's gates): " + "; ".join(f"{n}: {w}" for n, w in c["excluded"].items()))
     parts.append("## Timings (s)")
     parts.append(_md_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in report.timings.items()]))
     if report.registry:

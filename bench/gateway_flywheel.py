@@ -1,0 +1,264 @@
+"""The flywheel on gateway traffic alone, end to end, as a user runs it:
+
+1. `slmshift gateway scenarios/gateway-flywheel.yaml`: a workload-file teacher (scenarios/workloads/agent-desk.jsonl)
+   answers as the LLM tier; every call is also sent to the packaged SmolLM2-135M as a shadow.
+2. The OpenAI Agents SDK (Responses API, its default) runs every session of the workload file as an agent with real
+   Python tools: each session is a question, two dependent tool calls and a final answer (3 model calls).
+3. `slmshift convert RUN_DIR` (S2-S5) and `slmshift tune RUN_DIR` (S6) on that run alone.
+
+Prints one JSON summary (calls logged, kept by S2, clusters, adapter gain in agreement with intervals by session,
+the tuned policy's predicted SLM share, wall time per stage) and writes it to OUT/summary.json.
+
+    .venv/bin/python bench/gateway_flywheel.py --out /tmp/flywheel [--sessions 72] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import hashlib
+import json
+import operator
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SLMSHIFT = [str(Path(sys.executable).with_name("slmshift"))]
+
+
+# ---------------------------------------------------------------- the agent's tools (a small deterministic world)
+
+def _h(*parts: str) -> int:
+    return int(hashlib.sha256("|".join(parts).encode()).hexdigest()[:8], 16)
+
+
+def find_city_code(city: str) -> str:
+    """Look up the weather service's code for a city."""
+    return f"{city[:3].upper()}-{100 + _h('city', city) % 900}"
+
+
+def get_forecast(code: str) -> str:
+    """Current conditions for a weather service city code, as JSON."""
+    sky = ["light rain", "clear skies", "broken clouds", "fog", "snow showers", "a thunderstorm"]
+    return json.dumps({"temp_c": -5 + _h("t", code) % 36, "summary": sky[_h("s", code) % len(sky)]})
+
+
+def lookup_order(order_id: str) -> str:
+    """An order's status, carrier and tracking number, as JSON."""
+    carriers = ["DHL", "UPS", "PostNord", "FedEx"]
+    return json.dumps({"status": ["shipped", "in transit", "out for delivery"][_h("st", order_id) % 3],
+                       "carrier": carriers[_h("c", order_id) % 4], "tracking": f"TR{_h('tr', order_id) % 10**8:08d}"})
+
+
+def track_shipment(carrier: str, tracking_number: str) -> str:
+    """Where a parcel is and when it should arrive, as JSON."""
+    places = ["Leipzig hub", "Rotterdam depot", "Oslo terminal", "Lyon sorting centre", "the local depot"]
+    return json.dumps({"location": places[_h("l", carrier, tracking_number) % 5],
+                       "eta": f"2026-12-{10 + _h('e', tracking_number) % 18:02d}"})
+
+
+def get_exchange_rate(base: str, quote: str) -> str:
+    """Today's exchange rate from one currency to another, as JSON."""
+    return json.dumps({"rate": round(0.5 + (_h("r", base, quote) % 15000) / 10000, 4)})
+
+
+_OPS = {ast.Mult: operator.mul, ast.Add: operator.add, ast.Sub: operator.sub, ast.Div: operator.truediv}
+
+
+def calculate(expression: str) -> str:
+    """Evaluate an arithmetic expression (numbers and + - * /), rounded to 2 decimals."""
+    def ev(n: ast.AST) -> float:
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)):
+            return n.value
+        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.left), ev(n.right))
+        raise ValueError("only numbers and + - * / are allowed")
+    try:
+        return f"{ev(ast.parse(expression, mode='eval').body):.2f}"
+    except (SyntaxError, ValueError, ZeroDivisionError) as e:
+        return f"error: {e}"
+
+
+TOOLS = {"travel-desk": [find_city_code, get_forecast], "order-support": [lookup_order, track_shipment],
+         "expense-helper": [get_exchange_rate, calculate]}
+INSTRUCTIONS = {"travel-desk": "You are a travel desk assistant. Answer weather questions with the tools.",
+                "order-support": "You are an order support agent. Look orders up and track them with the tools.",
+                "expense-helper": "You help with expense reports. Convert currencies with the tools."}
+
+
+# ---------------------------------------------------------------- driving the gateway
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 900) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the gateway exited ({proc.returncode}) before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise SystemExit("the gateway was not ready in time")
+
+
+async def run_agents(url: str, sessions: list[dict], concurrency: int, max_tokens: int) -> dict:
+    import agents
+    import openai
+
+    agents.set_tracing_disabled(True)  # its exporter would call api.openai.com
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2),
+                                     use_for_tracing=False)
+    sem = asyncio.Semaphore(concurrency)
+    stats = {"sessions": 0, "turns": 0, "tool_calls": 0, "errors": [], "answers_with_tool_results": 0}
+
+    async def one(s: dict) -> None:
+        wid = s["workload"]
+        agent = agents.Agent(name=wid, instructions=INSTRUCTIONS[wid], model="router:agent",
+                             tools=[agents.function_tool(f) for f in TOOLS[wid]],
+                             model_settings=agents.ModelSettings(max_tokens=max_tokens, extra_headers={
+                                 "X-Workload-Id": wid, "X-Session-Id": s["session"]}))
+        async with sem:
+            try:
+                res = await agents.Runner.run(agent, s["question"], max_turns=6)
+            except Exception as e:  # counted and shown, not hidden
+                stats["errors"].append(f"{s['session']}: {type(e).__name__}: {str(e)[:200]}")
+                return
+        calls = [i for i in res.new_items if i.type == "tool_call_item"]
+        outputs = [str(i.output) for i in res.new_items if i.type == "tool_call_output_item"]
+        stats["sessions"] += 1
+        stats["turns"] += len(res.raw_responses)
+        stats["tool_calls"] += len(calls)
+        # the last tool result's values reach the final answer only through both tool calls
+        last = json.loads(outputs[-1]) if outputs and outputs[-1].startswith("{") else outputs[-1] if outputs else ""
+        vals = [str(v) for v in last.values()] if isinstance(last, dict) else [last]
+        stats["answers_with_tool_results"] += all(v in str(res.final_output) for v in vals if v)
+
+    await asyncio.gather(*(one(s) for s in sessions))
+    return stats
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="Where the run, convert, tune and summary go.")
+    ap.add_argument("--config", default=str(ROOT / "scenarios/gateway-flywheel.yaml"))
+    ap.add_argument("--sessions", type=int, default=0, help="Sessions to run (default: every one in the file).")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
+    ap.add_argument("--steps", type=int, default=10, help="LoRA steps per cluster for convert.")
+    ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")
+    ap.add_argument("--stages", default="convert,tune,tune-workloads",
+                    help="What follows the run: convert, tune (one policy), tune-workloads (one per workload id).")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    wfile = ROOT / next(m["source"] for m in cfg["models"] if m["backend"] == "workload")
+    sessions = [json.loads(line) for line in wfile.read_text().splitlines() if line.strip() and line[0] != "#"]
+    if args.sessions:  # round-robin over workloads so that every workload is represented
+        by: dict[str, list] = {}
+        for s in sessions:
+            by.setdefault(s["workload"], []).append(s)
+        sessions = [s for group in zip(*by.values()) for s in group][:args.sessions]
+    summary: dict = {"teacher": "desk-teacher (workload-file teacher: scenarios/workloads/agent-desk.jsonl)",
+                     "slm": "smollm2-135m (packaged, hf, CPU)", "wall_s": {}}
+    if args.skip_run:
+        run_dir = args.skip_run
+    else:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1"
+        log = out / "gateway.log"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(SLMSHIFT + ["gateway", args.config, "--port", str(port), "--storage",
+                                            str(out / "runs")], cwd=ROOT, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"},
+                                # Ctrl-C stops the gateway (it drains its log): a shell's background job (nohup, &)
+                                # ignores SIGINT, and a child would inherit that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            wait_ready(url, proc)
+            summary["wall_s"]["gateway_start"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            summary["agents"] = asyncio.run(run_agents(url, sessions, args.concurrency, args.max_tokens))
+            summary["wall_s"]["agents"] = round(time.perf_counter() - t0, 1)
+        finally:
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGINT)  # the gateway drains its log, shadows included, then exits
+            proc.wait(timeout=1800)
+            summary["wall_s"]["drain"] = round(time.perf_counter() - t0, 1)
+        m = re.search(r"calls logged in (\S+?)/interactions/", log.read_text())
+        if not m:
+            raise SystemExit(f"no run dir in {log}")
+        run_dir = m.group(1)
+    summary["run_dir"] = run_dir
+    stages = set(args.stages.split(","))
+    if "convert" in stages:
+        # gateway calls carry no episode outcome or grade: S2 keeps the valid ones (never a placeholder)
+        summary["wall_s"]["convert"] = round(timed(SLMSHIFT + ["convert", run_dir, "--rule", "valid",
+                                                               "--steps", str(args.steps),
+                                                               "--no-progress"], out / "convert.log"), 1)
+    if "tune" in stages:
+        summary["wall_s"]["tune"] = round(timed(SLMSHIFT + ["tune", run_dir, "--no-progress", "--time-budget", "120"],
+                                                out / "tune.log"), 1)
+    if "tune-workloads" in stages:  # a policy per workload id, as gateway.workloads serves them
+        for wid in sorted({s["workload"] for s in sessions}):
+            summary["wall_s"][f"tune {wid}"] = round(timed(
+                SLMSHIFT + ["tune", run_dir, "--workload", wid, "--no-progress", "--time-budget", "60"],
+                out / f"tune-{wid}.log"), 1)
+    summary.update(collect(run_dir))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def collect(run_dir: str) -> dict:
+    """The figures the issue asks for, read back from what convert and tune wrote."""
+    from slmshift.platform.log import read_interactions
+
+    df = read_interactions(run_dir, include_shadow=True)
+    shadow = df["shadow"].astype(bool)
+    out: dict = {"calls_logged": int((~shadow).sum()), "shadow_records": int(shadow.sum()),
+                 "workloads": int(df.loc[~shadow, "scenario"].nunique()),
+                 "sessions": int(df.loc[~shadow, "episode_id"].nunique()),
+                 "valid_teacher": float(df.loc[~shadow, "valid"].eq(True).mean()),
+                 "valid_slm_shadow": float(df.loc[shadow, "valid"].eq(True).mean()) if shadow.any() else None}
+    rep = Path(run_dir) / "convert" / "report.json"
+    if rep.is_file():
+        r = json.loads(rep.read_text())
+        out["convert"] = {k: r.get(k) for k in ("counts", "grading", "timings", "promoted")}
+        out["clusters"] = [{k: c.get(k) for k in ("cluster", "label", "train_rows", "val_rows", "base", "adapter",
+                                                  "gain", "gain_ci", "promoted", "unit") if k in c}
+                           for c in r.get("clusters", [])]
+    for tune in sorted(Path(run_dir).glob("tune*/metrics.json")):
+        t = json.loads(tune.read_text())
+        out[tune.parent.name] = {k: t.get(k) for k in ("chosen", "quality", "rows", "split", "notes") if k in t}
+    return out
+
+
+if __name__ == "__main__":
+    main()
