@@ -23,6 +23,12 @@ Each engine gets the replica's CPUs alone (deployed one after the other). Uses p
 Run: .venv/bin/python bench/engine.py [--n 64] [--concurrency 32] [--engines static,continuous,offline]
      .venv/bin/python bench/engine.py --engines continuous,vllm      # vLLM against the hf engine
      .venv/bin/python bench/engine.py --engines continuous,constrained  # the cost of constrained decoding
+     .venv/bin/python bench/engine.py --engines continuous,constrained --like-for-like 3  # the mask's cost alone
+
+`--like-for-like R` then replays only the requests whose greedy output was identical with and without the
+constraint (the free answer already satisfied it), R times each, engines alternating: both arms then generate the
+same tokens in the same batches, so the ratio is the constraint's own cost, not a change of workload (constrained
+answers end sooner, leaving thinner decode batches).
 """
 
 from __future__ import annotations
@@ -154,6 +160,30 @@ def offline(requests: list[LMRequest], batch: int = 32) -> tuple[dict, list[dict
     return summary("offline", wall, lat, sum(r["tokens_out"] for r in results), 0), results
 
 
+def like_for_like(requests: list[LMRequest], texts: dict[str, list[str]], concurrency: int, reps: int) -> list[dict]:
+    """Constrained against free on the requests whose outputs were identical both ways, engines alternating."""
+    same = [q for q, a, b in zip(requests, texts["continuous"], texts["constrained"]) if a == b]
+    print(f"like for like: {len(same)} of {len(requests)} requests with identical greedy outputs, {reps} round(s)")
+    rows, speed = [], {"continuous": [], "constrained": []}
+    for r in range(reps):
+        outs = {}
+        for name in ("continuous", "constrained") if r % 2 == 0 else ("constrained", "continuous"):
+            row, outs[name] = serve_engine(name, same, concurrency)
+            row["engine"] = f"{name}-same-outputs"
+            speed[name].append(row)
+            rows.append(row)
+            print(json.dumps(row))
+        diff = sum(a.text != b.text for a, b in zip(outs["continuous"], outs["constrained"]))
+        if diff:
+            print(f"  round {r + 1}: {diff} outputs differ this time (the ratio below still compares equal work "
+                  "only where they agree)")
+    mean = {k: statistics.mean(x["tokens_per_s"] for x in v) for k, v in speed.items()}
+    p50 = {k: statistics.mean(x["p50_s"] for x in v) for k, v in speed.items()}
+    print(f"like for like, constrained / free: {mean['constrained'] / mean['continuous']:.3f}x tokens/s, "
+          f"{p50['continuous'] / p50['constrained']:.3f}x lower p50 (mean of {reps} round(s) each)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=64, help="replay the first N requests of the 64-request mix "
@@ -161,6 +191,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--engines", default="static,continuous,offline")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--like-for-like", type=int, default=0, metavar="R",
+                    help="with continuous,constrained: replay the identical-output requests R times each (see above)")
     args = ap.parse_args()
 
     import ray
@@ -200,6 +232,8 @@ def main() -> None:
               f"{by['continuous']['tokens_per_s'] / by['offline']['tokens_per_s']:.2f}x tokens/s")
     compare("vllm", "continuous", "vllm / hf continuous")
     compare("constrained", "continuous", "constrained / unconstrained (hf continuous)")
+    if args.like_for_like and {"continuous", "constrained"} <= set(by):
+        rows += like_for_like(requests, texts, args.concurrency, args.like_for_like)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
