@@ -98,8 +98,8 @@ def convert(
     run_dir: str = typer.Argument(..., help="A run directory printed by `slmshift run` (a path or URI)."),
     out: Optional[str] = typer.Option(None, "--out", help="Output dir or URI (default: RUN_DIR/convert)."),
     base: Optional[list[str]] = typer.Option(None, "--base", help="SLM candidate: a registered name "
-                                             "(smollm2-135m), 'packaged:…' or a local model dir; repeat to compare "
-                                             "several. Default: smollm2-135m."),
+                                             "(smollm2-135m, gemma3-270m), 'packaged:…' or a local model dir; repeat "
+                                             "to compare several (S4 chooses per cluster). Default: smollm2-135m."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="LoRA optimiser steps per cluster (default: by the cluster's rows and tokens, at least 20)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default 8)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, help="LoRA alpha (default 16)."),
@@ -158,7 +158,7 @@ def convert(
         _fail(e)
     from rich.table import Table
 
-    from slmshift.train.convert import cluster_header, cluster_rows, serve_snippet, teacher_note
+    from slmshift.train.convert import cluster_header, cluster_rows, serve_bases, serve_snippet, teacher_note
 
     header = cluster_header(rep)
     measure = "agreement with the teacher's logged answers" if header[7].startswith("agreement") else "accuracy"
@@ -173,9 +173,8 @@ def convert(
     console.print(f"Report: {rep.out_dir}/report.md  ({rep.timings.get('total_s', 0):.0f} s)"
                   + (f"  Working copy: {rep.local_dir}" if rep.local_dir else ""), soft_wrap=True)
     if rep.registry:
-        base_src = next((c.get("chosen_source") for c in rep.clusters if c.get("chosen_source")), "packaged:smollm2-135m")
         console.print(f"{len(rep.promoted)} adapter(s) promoted. To serve them, add to an experiment YAML:")
-        console.print(serve_snippet(rep.registry, base_src), markup=False, highlight=False)
+        console.print(serve_snippet(rep.registry, serve_bases(rep.clusters)), markup=False, highlight=False)
 
 
 @app.command()

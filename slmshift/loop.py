@@ -142,11 +142,25 @@ def perfect_teacher(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
-    """The experiment's models, the SLM serving the promoted adapters of `registry` (if any)."""
+    """The experiment's models, the SLM serving the promoted adapters of `registry` (if any) trained on its source.
+    S4 chooses a base per cluster: for each other base a promoted adapter was trained on, a deployment like the SLM
+    (its resources and hf options) with that source, the registered candidate's name and price, and the registry."""
     if not registry:
         return list(cfg.models)
+    from slmshift.platform.artifacts import AdapterRegistryFile, same_source
+    from slmshift.train.candidates import candidate_for_source
+
     slm = next(m for m in cfg.models if m.tier == "slm")
-    return [m.model_copy(update={"registry": registry}) if m is slm else m for m in cfg.models]
+    models = [m.model_copy(update={"registry": registry}) if m is slm else m for m in cfg.models]
+    bases = dict.fromkeys(e.base_model for e in AdapterRegistryFile.read(registry).entries if e.promoted)
+    for base in bases:
+        if any(m.tier == "slm" and same_source(base, m.source) for m in models):
+            continue
+        c = candidate_for_source(base)
+        name = c.name if all(m.name != c.name for m in models) else f"{c.name}-tuned"
+        models.append(slm.model_copy(update={"name": name, "source": base, "params": c.params, "price": c.price,
+                                             "registry": registry, "adapters": {}}))
+    return models
 
 
 def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy: Any, registry: str | None,
@@ -235,7 +249,8 @@ def convert_options(loop: LoopSection) -> Any:
 
     c, d = loop.convert, ConvertOptions()
     return ConvertOptions(
-        candidates=c.candidates, min_train_rows=c.min_train_rows, min_promotion_tasks=c.min_promotion_tasks,
+        candidates=c.candidates, licenses=c.licenses, max_memory_mb=c.max_memory_mb,
+        min_train_rows=c.min_train_rows, min_promotion_tasks=c.min_promotion_tasks,
         max_clusters=loop.max_clusters, progress=False, constrain=loop.constrain != "none",
         curate=d.curate.model_copy(update={"rule": c.rule, "seed": loop.seed}),
         cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),

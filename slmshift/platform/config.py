@@ -120,7 +120,12 @@ class LoopConvert(_Strict):
     k_min: int = Field(default=2, ge=1, description="Smallest number of S3 clusters tried.")
     k_max: int = Field(default=8, ge=1, description="Largest number of S3 clusters tried.")
     candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1,
-                                  description="S4 SLM candidates (registered names, packaged:..., or model dirs).")
+                                  description="S4 SLM candidates (registered names, packaged:..., or model dirs); "
+                                  "each cluster gets its own choice, and verify deploys one SLM per chosen base.")
+    licenses: list[str] | None = Field(default=None, description="S4's licence gate: only candidates under one of "
+                                       "these licences are measured; None: any.")
+    max_memory_mb: float | None = Field(default=None, gt=0, description="S4's footprint gate: only candidates whose "
+                                        "served weights fit in this many MB are measured; None: any.")
     min_train_rows: int = Field(default=16, ge=1, description="Curated train rows a cluster needs to be tuned.")
     min_promotion_tasks: int = Field(default=10, ge=1, description="Distinct held-out tasks an adapter needs to be "
                                      "promoted (the promotion bootstrap resamples tasks; see slmshift convert).")

@@ -1,6 +1,7 @@
 """S4 candidate registry: the SLMs a task cluster may be moved to, with what selection weighs.
 
-Built in: the packaged SmolLM2-135M-Instruct (works offline). More candidates are added with
+Built in (both work offline): the packaged SmolLM2-135M-Instruct (Apache-2.0) and Gemma-3-270M, the base model
+(Gemma Terms of Use). More candidates are added with
 `register_candidate` (tests add tiny models built by `slmshift.serve.tiny`; users add local dirs or hub ids).
 """
 
@@ -88,3 +89,11 @@ register_candidate(Candidate(
     name="smollm2-135m", source="packaged:smollm2-135m", params=134.5e6, license="Apache-2.0",
     memory_mb=round(134.5e6 * 4 / 2**20, 1), context_length=8192,
     price=Price(input_per_m=0.01, output_per_m=0.02)))
+# The base (pre-trained, not instruction-tuned) Gemma-3-270M: no chat template, prompted in
+# `artifacts.plain_prompt`'s format, so it needs its adapter to follow a task. Its price is SmolLM2's scaled by
+# parameters (self-hosted compute per token grows with them), and ~170M of its 268M parameters are the 262k-token
+# embedding. Weights under the Gemma Terms of Use (use restrictions; https://ai.google.dev/gemma/terms).
+register_candidate(Candidate(
+    name="gemma3-270m", source="packaged:gemma3-270m", params=268.1e6, license="Gemma Terms of Use",
+    memory_mb=round(268.1e6 * 4 / 2**20, 1), context_length=32768,
+    price=Price(input_per_m=0.02, output_per_m=0.04)))

@@ -1,10 +1,15 @@
-"""S4 select: measure every candidate zero-shot on each cluster's validation calls; pick by quality per cost.
+"""S4 select: measure every eligible candidate zero-shot on each cluster's validation calls; pick by quality per cost.
 
-The rule, stated once: a candidate's quality is its held-out accuracy (the scenario checker's verdict), plus
-a tenth of its valid-output rate so that, among models that are all wrong, one that at least answers in
-the right format ranks higher. Its cost is what it would charge for those calls (its price per token
-times the tokens it read and wrote). Score = quality / cost; the highest score wins; ties (all zero
-included) go to the cheaper candidate, then the smaller one, then the name.
+The rule, stated once (RULE, printed in the convert report), over the paper's four criteria:
+- licence and footprint are gates: a candidate whose licence is not in `convert.licenses` or whose served memory
+  exceeds `convert.max_memory_mb` is not evaluated (both default to no limit; the report lists it as excluded);
+- capability and cost are weighed: quality is held-out accuracy (the scenario checker's verdict), plus a tenth of
+  the valid-output rate so that, among models that are all wrong, one that at least answers in the right format ranks
+  higher; cost is what the candidate would charge for those calls (its price per token times the tokens it read and
+  wrote). Score = quality / cost; the highest score wins;
+- ties (all zero included) go to the cheaper candidate, then the smaller memory footprint, then a permissive licence
+  (one with no use restrictions, e.g. Apache-2.0 before the Gemma Terms of Use), then fewer parameters, then the name.
+The choice is made per cluster: a cluster's calls may go to one base and another cluster's to another.
 """
 
 from __future__ import annotations
@@ -14,15 +19,42 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from slmshift.platform.errors import SlmshiftError
 from slmshift.train.candidates import Candidate
 from slmshift.train.evaluate import CallGrade, EvalResult, evaluate
 
-__all__ = ["Selection", "score", "choose", "select_candidates", "collected_answers", "RULE"]
+__all__ = ["Selection", "score", "choose", "eligible", "select_candidates", "collected_answers", "RULE",
+           "PERMISSIVE_LICENSES"]
 
-RULE = ("quality / cost, quality = accuracy + 0.1 x valid rate on the cluster's validation calls, "
-        "cost = price x tokens for those calls; ties -> cheaper, then fewer parameters")
+RULE = ("per cluster: licence in convert.licenses and memory <= convert.max_memory_mb (gates; default: any), then "
+        "quality / cost, quality = accuracy + 0.1 x valid rate on the cluster's validation calls, "
+        "cost = price x tokens for those calls; ties -> cheaper, then smaller memory, then a permissive licence, "
+        "then fewer parameters")
+PERMISSIVE_LICENSES = frozenset({"Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause"})
 _VALID_WEIGHT = 0.1
 _MIN_COST = 1e-12  # a free model (price 0) still ranks by quality rather than dividing by zero
+
+
+def eligible(cands: list[Candidate], licenses: list[str] | None = None,
+             max_memory_mb: float | None = None) -> tuple[list[Candidate], dict[str, str]]:
+    """RULE's gates: (the candidates that pass, {name: why excluded} for the rest).
+
+    Raises:
+        SlmshiftError: none passes; the message names each candidate's reason and the options to change.
+    """
+    out, why = [], {}
+    for c in cands:
+        if licenses is not None and c.license not in licenses:
+            why[c.name] = f"licence {c.license!r} not in convert.licenses {licenses}"
+        elif max_memory_mb is not None and c.memory_mb > max_memory_mb:
+            why[c.name] = f"memory {c.memory_mb:.0f} MB over convert.max_memory_mb {max_memory_mb:g}"
+        else:
+            out.append(c)
+    if not out:
+        raise SlmshiftError("S4: no SLM candidate passes the licence and footprint gates (" + "; ".join(
+            f"{n}: {w}" for n, w in why.items()) + "). Fix: widen convert.licenses or convert.max_memory_mb, or add "
+            "a candidate that fits (convert.candidates).")
+    return out, why
 
 
 def cost_usd(c: Candidate, ev: EvalResult) -> float:
@@ -38,10 +70,11 @@ def score(c: Candidate, ev: EvalResult) -> float:
 
 
 def choose(results: list[tuple[Candidate, EvalResult]]) -> tuple[Candidate, EvalResult]:
-    """The winner under RULE."""
+    """The winner under RULE among candidates that passed its gates."""
     if not results:
         raise ValueError("no candidates to choose from")
-    return min(results, key=lambda ce: (-round(score(*ce), 9), cost_usd(*ce), ce[0].params, ce[0].name))
+    return min(results, key=lambda ce: (-round(score(*ce), 9), round(cost_usd(*ce), 12), ce[0].memory_mb,
+                                        ce[0].license not in PERMISSIVE_LICENSES, ce[0].params, ce[0].name))
 
 
 @dataclass
@@ -51,10 +84,12 @@ class Selection:
     cluster: int
     chosen: Candidate
     before: EvalResult  # the chosen candidate's zero-shot result: the "before tuning" quality
-    table: list[dict[str, Any]] = field(default_factory=list)  # one row per candidate
+    table: list[dict[str, Any]] = field(default_factory=list)  # one row per candidate evaluated
+    excluded: dict[str, str] = field(default_factory=dict)  # candidate -> why RULE's gates left it out
 
     def summary(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "chosen": self.chosen.name, "rule": RULE, "candidates": self.table}
+        return {"cluster": self.cluster, "chosen": self.chosen.name, "rule": RULE, "candidates": self.table,
+                "excluded": self.excluded}
 
 
 def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
@@ -119,15 +154,16 @@ def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated:
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
                       grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
                       threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True
-                      ) -> Selection:
-    """Evaluate each candidate on one cluster's validation rows and choose one. `answers` (`collected_answers`):
-    a candidate's own graded answers from collect stand for those calls, and only the rest are generated (each
-    verdict's `source` says which). `engines` caches loaded engines by candidate name across clusters (a model
-    loads once per convert)."""
+                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True,
+                      licenses: list[str] | None = None, max_memory_mb: float | None = None) -> Selection:
+    """Evaluate each candidate that passes RULE's gates (`licenses`, `max_memory_mb`) on one cluster's validation
+    rows and choose one. `answers` (`collected_answers`): a candidate's own graded answers from collect stand for
+    those calls, and only the rest are generated (each verdict's `source` says which). `engines` caches loaded
+    engines by candidate name across clusters (a model loads once per convert)."""
     from slmshift.serve.engines.base import get_engine_class
 
     engines = engines if engines is not None else {}
+    cands, excluded = eligible(cands, licenses, max_memory_mb)
     results = []
     for c in cands:
         reused = _reused(answers, c, val_rows)
@@ -146,4 +182,4 @@ def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidat
               "memory_mb": c.memory_mb, "context_length": c.context_length, "n": ev.n,
               "accuracy": round(ev.correct_rate, 4), "valid_rate": round(ev.valid_rate, 4),
               "cost_usd": cost_usd(c, ev), "score": score(c, ev), "chosen": c is chosen} for c, ev in results]
-    return Selection(cluster, chosen, before, table)
+    return Selection(cluster, chosen, before, table, excluded)

@@ -171,3 +171,39 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
                                                        "r3": "generated"}
     assert got["r0"]["correct"] and not got["r1"]["correct"] and got["r1"]["output"] == "five"
     assert sel.before.n == 4 and sel.before.tokens_in >= 14  # collect's tokens count in the candidate's cost
+
+
+def test_packaged_gemma3_is_registered_under_its_own_terms():
+    g, s = get_candidate("gemma3-270m"), get_candidate("smollm2-135m")
+    assert g.source == "packaged:gemma3-270m" and g.license == "Gemma Terms of Use" and g.context_length == 32768
+    assert g.params == 268.1e6 and g.memory_mb > 1.9 * s.memory_mb and g.price.output_per_m > s.price.output_per_m
+    assert candidate_for_source("packaged:gemma3-270m") is g
+
+
+def test_licence_and_footprint_gates_leave_candidates_out_before_measuring(two_candidates):
+    """RULE's gates: the worse candidate wins when the better one's licence is not allowed; it is never evaluated."""
+    from slmshift.platform.errors import SlmshiftError
+    from slmshift.train.select import eligible
+
+    random_c, taught_c = two_candidates
+    restricted = taught_c.model_copy(update={"license": "Gemma Terms of Use"})
+    sel = select_candidates(_rows(), 0, [random_c, restricted], ScenarioGrader(), threads=1, licenses=["Apache-2.0"])
+    assert sel.chosen.name == "tiny-random" and [r["candidate"] for r in sel.table] == ["tiny-random"]
+    assert sel.excluded == {"tiny-taught": "licence 'Gemma Terms of Use' not in convert.licenses ['Apache-2.0']"}
+    assert sel.summary()["excluded"] == sel.excluded
+    gemma, smol = get_candidate("gemma3-270m"), get_candidate("smollm2-135m")
+    assert eligible([smol, gemma], max_memory_mb=600) == ([smol], {"gemma3-270m": "memory 1023 MB over "
+                                                                   "convert.max_memory_mb 600"})
+    with pytest.raises(SlmshiftError, match=r"no SLM candidate passes .*\(gemma3-270m: licence 'Gemma Terms of Use' "
+                                            r"not in convert.licenses \['MIT'\]; smollm2-135m: .* Fix: widen"):
+        eligible([gemma, smol], licenses=["MIT"])
+
+
+def test_ties_go_to_the_smaller_footprint_then_the_permissive_licence():
+    a = Candidate(name="z-small", source="x", params=2e6, license="Gemma Terms of Use", memory_mb=10,
+                  context_length=1, price=Price(input_per_m=1, output_per_m=1))
+    big = a.model_copy(update={"name": "a-big", "memory_mb": 20, "license": "Apache-2.0"})
+    open_ = a.model_copy(update={"name": "z-open", "license": "Apache-2.0", "params": 3e6})
+    ev = EvalResult("m", None, 4, valid_rate=1.0, correct_rate=0.5, tokens_in=100, tokens_out=10)
+    assert choose([(big, ev), (a, ev)])[0].name == "z-small"  # same score and cost: the smaller footprint
+    assert choose([(a, ev), (open_, ev)])[0].name == "z-open"  # same footprint too: no use restrictions first
