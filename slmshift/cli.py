@@ -158,7 +158,7 @@ def convert(
         _fail(e)
     from rich.table import Table
 
-    from slmshift.train.convert import cluster_header, cluster_rows, serve_bases, serve_snippet, teacher_note
+    from slmshift.train.convert_report import cluster_header, cluster_rows, serve_bases, serve_snippet, teacher_note
 
     header = cluster_header(rep)
     measure = "agreement with the teacher's logged answers" if header[7].startswith("agreement") else "accuracy"

@@ -7,20 +7,18 @@ the ones that win. Writes the conversion layout under `RUN_DIR/convert/` (see do
 output may be storage URIs (`platform/storage.py`): the output is then built in a local mirror and uploaded after
 each step.
 
-Promotion rule (PROMOTION_RULE): an adapter is promoted when the 95% bootstrap interval of its held-out accuracy
-gain over the base lies above zero. The bootstrap resamples held-out tasks, not calls: the calls of one episode's
-task are correlated, and resampling them one by one made the interval too narrow.
+Promotion (`train/promotion.py`): an adapter is promoted when the 95% bootstrap interval of its held-out accuracy
+gain over the base (and over the adapter in force) lies above zero, resampling held-out tasks. The report, its data
+and how it is shown, is `train/convert_report.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +26,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.render import md_table
 from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_tasks, embed_texts, label_clusters, prompt_text
 from slmshift.train.curate import CurateOptions, curate, split_by_group
+from slmshift.train.convert_report import ConvertReport, write_report
 from slmshift.train.finetune import LoraOptions
+from slmshift.train.promotion import challenge, paired_interval, promotion, task_groups
 
-__all__ = ["ConvertOptions", "ConvertReport", "convert", "promotion", "serve_bases", "serve_snippet"]
-
-PROMOTION_RULE = ("promoted only on evidence: the 95% paired-bootstrap interval of adapter - base accuracy on the "
-                  "same held-out calls lies above zero, the bootstrap resampling held-out tasks (all of a task's calls "
-                  "together; a call without a task id is its own task), on at least min_promotion_tasks tasks")
+__all__ = ["ConvertOptions", "convert"]
 
 
 _API_ENV = "RAY_API_SERVER_ADDRESS"
@@ -95,134 +90,6 @@ class ConvertOptions(BaseModel):
     progress: bool = Field(default=True, description="Progress bars for embedding, clustering, evaluation, training.")
     verbose: bool = Field(default=False, description="Show Ray Train / Ray Data workers' own output on the console "
                           "(default: it stays in Ray's session log files).")
-
-
-@dataclass
-class ConvertReport:
-    run_dir: str
-    out_dir: str
-    counts: dict[str, int]
-    scrub_counts: dict[str, int]
-    clustering: dict[str, Any]
-    clusters: list[dict[str, Any]]
-    grading: str
-    timings: dict[str, float]
-    registry: str | None
-    promotion_rule: str = PROMOTION_RULE
-    selection_rule: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    local_dir: str = ""  # the working copy on this machine when out_dir is a URI (the registry's paths are in it)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def promoted(self) -> list[dict[str, Any]]:
-        return [c for c in self.clusters if c.get("promoted")]
-
-
-def paired_interval(before: list[bool], after: list[bool], groups: list[Any] | None = None, *,
-                    resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high) of after - before accuracy over calls: a 95% percentile cluster bootstrap.
-
-    Each resample draws as many groups as there are, with replacement, and takes the mean difference over all their
-    paired calls. `groups` (one key per call, e.g. its task id) keeps correlated calls together, so the interval
-    reflects how many independent tasks were seen; None makes each call its own group (the plain pair bootstrap).
-    """
-    import numpy as np
-
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if len(d) == 0:
-        return 0.0, 0.0, 0.0
-    codes = np.arange(len(d))
-    if groups is not None:  # groups numbered in order of first appearance: distinct groups draw as calls did
-        _, first, inverse = np.unique(np.asarray([str(g) for g in groups]), return_index=True, return_inverse=True)
-        rank = np.empty(len(first), dtype=int)
-        rank[np.argsort(first)] = np.arange(len(first))
-        codes = rank[inverse.reshape(-1)]
-    # per-group sums and sizes: a resample's mean is sum(sums) / sum(sizes) over its drawn groups (no per-call gather)
-    sums, sizes = np.bincount(codes, weights=d), np.bincount(codes).astype(float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(sums), size=(resamples, len(sums)))
-    means = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def _task_groups(verdicts: list[dict[str, Any]]) -> tuple[list[str], int, int]:
-    """(group per call, distinct task ids, calls without one): a call with no task id is its own group."""
-    groups = [f"task:{t}" if (t := str(v.get("task_id") or "")) else f"call:{i}" for i, v in enumerate(verdicts)]
-    untasked = sum(g.startswith("call:") for g in groups)
-    return groups, len(set(groups)) - untasked, untasked
-
-
-def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
-    """Apply PROMOTION_RULE to two evaluations of the same held-out calls; returns (promoted, reason, interval).
-
-    The interval dict: diff, low, high, n (tasks resampled, a call without a task id counting as one) and calls.
-    """
-    b = [bool(v.get("correct")) for v in before.verdicts]
-    a = [bool(v.get("correct")) for v in after.verdicts]
-    if len(a) != len(b):
-        return False, f"base and adapter were judged on different calls ({len(b)} vs {len(a)})", {}
-    groups, n_tasks, untasked = _task_groups(before.verdicts)
-    if groups != _task_groups(after.verdicts)[0]:
-        return False, "base and adapter were judged on different calls (their task ids differ)", {}
-    mean, low, high = paired_interval(b, a, groups, seed=seed)
-    n = n_tasks + untasked
-    ci = {"diff": mean, "low": low, "high": high, "n": n, "calls": len(a)}
-    acc = f"held-out {before.measure} {before.correct_rate:.2f} -> {after.correct_rate:.2f}, diff {mean:+.2f} " \
-          f"[{low:+.2f}, {high:+.2f}] on {n} tasks / {len(a)} calls (bootstrap over tasks)"
-    if untasked:
-        acc += f"; {untasked} call(s) without a task id each resampled as its own task"
-    if n < min_tasks:
-        return False, f"{acc}: fewer than {min_tasks} held-out tasks, not enough evidence to promote", ci
-    if low > 0:
-        return True, f"{acc}: interval above zero", ci
-    return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than the base", ci
-
-
-def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: Any, min_tasks: int = 10,
-              seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
-    """The new adapter against the adapter in force for its task (`incumbent`'s evaluation, same held-out calls):
-    promoted only if it beats the base (`promoted`, `reason`) and the adapter in force, by the same paired
-    task-bootstrap rule. Returns (promoted, reason, the incumbent's figures for the report)."""
-    beats, why, interval = promotion(incumbent, after, min_tasks, seed)
-    figures = {"label": label, "correct_rate": incumbent.correct_rate, "interval": interval, "beats": beats}
-    if not promoted:
-        return False, f"{reason}; against the adapter in force {label!r}: {why}", figures
-    if not beats:
-        return False, f"{reason}; but not over the adapter in force {label!r}, which stays: {why}", figures
-    return True, f"{reason}; and over the adapter in force {label!r}: {why}", figures
-
-
-def serve_bases(clusters: list[dict[str, Any]]) -> list[str]:
-    """The base sources the promoted adapters were trained on, in cluster order (S4 chooses per cluster); without a
-    promoted adapter, the first chosen base."""
-    bases = list(dict.fromkeys(c["chosen_source"] for c in clusters if c.get("promoted") and c.get("chosen_source")))
-    return bases or [next((c["chosen_source"] for c in clusters if c.get("chosen_source")), "packaged:smollm2-135m")]
-
-
-def serve_snippet(registry_path: str, base_source: str | list[str], name: str = "slm-tuned") -> str:
-    """The YAML that serves the promoted adapters in the next `slmshift run`: merge into an experiment YAML
-    that keeps its LLM, which serves the calls of clusters without a promoted adapter. One model per base (S4 may
-    choose a different base per cluster), each with the registry: it serves the adapters trained on its source,
-    and the policy sends each cluster's calls to the model of its adapter's base."""
-    bases = [base_source] if isinstance(base_source, str) else list(base_source)
-    names = [name] + [f"{name}-{b.split(':')[-1].rstrip('/').split('/')[-1]}" for b in bases[1:]]
-    models = "".join(
-        f"  - name: {n}\n"
-        "    tier: slm\n"
-        "    backend: hf\n"
-        f"    source: {b}\n"
-        f"    registry: {registry_path}       # serves the promoted adapters trained on this source, by cluster label\n"
-        "    resources: {num_cpus: 1}\n" for n, b in zip(names, bases))
-    return (
-        "models:                          # add to your experiment's models (keep the LLM)\n"
-        + models +
-        "router:\n"
-        "  policies:\n"
-        f"    - {{kind: adapters, name: tuned, registry: {registry_path}, slm_model: {name}, default: llm}}\n"
-    )
 
 
 def _progress(enabled: bool, console: Any):
@@ -371,7 +238,7 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
                                         licenses=o.licenses, max_memory_mb=o.max_memory_mb)
                 selections[c["id"]] = sel
                 from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
-                groups, _, _ = _task_groups(sel.before.verdicts)
+                groups, _, _ = task_groups(sel.before.verdicts)
                 _, low, high = paired_interval([False] * len(val), [bool(v["correct"]) for v in sel.before.verdicts],
                                                groups, seed=o.lora.seed)  # the accuracy itself, tasks resampled
                 entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
@@ -512,130 +379,3 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
 
 
 # --- the report -------------------------------------------------------------------------------------
-
-
-def _pct(d: dict | None, key: str) -> str:
-    return "-" if not d or d.get(key) is None else f"{d[key]:.2f}"
-
-
-def _loss(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _interval(ci: dict | None) -> str:
-    """The accuracy gain's interval with its sample size as tasks and calls (n counts tasks: see PROMOTION_RULE)."""
-    if not ci:
-        return "-"
-    n = f"{ci['n']} tasks / {ci['calls']} calls" if "calls" in ci else f"{ci['n']} calls"  # older reports: calls
-    return f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}], n={n}"
-
-
-def _source(src: dict | None) -> str:
-    """Where the zero-shot figure came from: collect's graded SLM answers, generated here, or both."""
-    if not src:
-        return "-"
-    return " + ".join(f"{n} {k}" for k, n in (("collect", src.get("collect", 0)), ("generated", src.get("generated", 0)))
-                      if n) or "-"
-
-
-def cluster_rows(report: ConvertReport) -> list[list[str]]:
-    """One row per cluster for the Markdown and terminal tables."""
-    out = []
-    for c in report.clusters:
-        tr = c.get("train") or {}
-        out.append([str(c["id"]), c["label"], str(c["size"]), c["role"], c["call_kind"],
-                    f"{c['n_train']}/{c['n_val']}", c.get("chosen") or "-",
-                    _pct(c.get("before"), "correct_rate"), _source(c.get("before_source")),
-                    _pct(c.get("after"), "correct_rate"),
-                    _interval(c.get("interval")),
-                    _pct(c.get("before"), "valid_rate"), _pct(c.get("after"), "valid_rate"),
-                    f"{_loss(tr.get('val_loss_base'))} -> {_loss(tr.get('val_loss_adapter'))}" if tr else "-",
-                    "yes" if c.get("promoted") else "no", c.get("adapter_dir") or "-", c.get("status", "")])
-    return out
-
-
-CLUSTER_HEADER = ["id", "label", "size", "role", "call kind", "train/val", "SLM", "acc before", "before from",
-                  "acc after",
-                  "acc diff [95% CI, task bootstrap]", "valid before", "valid after", "val loss", "promoted", "adapter",
-                  "why"]
-
-
-def cluster_header(report: ConvertReport) -> list[str]:
-    """CLUSTER_HEADER, its 'acc' columns named 'agreement' where every held-out call was graded by agreement with the
-    logged answer (no scenario could grade it: gateway traffic), never as accuracy."""
-    if not _by_agreement(report):
-        return CLUSTER_HEADER
-    return [h.replace("acc ", "agreement ", 1) if h.startswith("acc ") else h for h in CLUSTER_HEADER]
-
-
-def _by_agreement(report: ConvertReport) -> bool:
-    from slmshift.train.evaluate import AGREEMENT
-
-    kinds = {part.split(":")[0].strip() for part in (report.grading or "").split(",") if part.strip()}
-    return kinds == {AGREEMENT}
-
-
-def teacher_note(run_dir: str) -> list[str]:
-    """The run's declared teachers (simulated profiles, workload-file teachers), labelled as every report labels
-    them."""
-    from slmshift.train.routing.report import teacher_lines
-    from slmshift.train.routing.tune import teacher_profile
-
-    lines = teacher_lines(teacher_profile(run_dir))
-    return ["\n".join(lines).strip()] if lines else []
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(md_table(header, rows))
-
-
-def to_markdown(report: ConvertReport) -> str:
-    base = serve_bases(report.clusters)
-    parts = [
-        f"# slmshift conversion report: {Path(report.run_dir).name}",
-        f"Run: `{report.run_dir}`  Output: `{report.out_dir}`"
-        + (f" (working copy on the machine that converted: `{report.local_dir}`; the paths below are in it)"
-           if report.local_dir else ""),
-        f"Held-out grading: {report.grading} (scenario = the scenario's own checker, correctness; agreement = "
-        "agreement with the logged answer where no scenario can grade a call offline, e.g. gateway traffic: tool "
-        "calls and JSON compared as parsed values, text by token F1 >= 0.8; see train/evaluate.py). "
-        + ("Every figure below is **agreement** with the teacher's logged answers, not correctness."
-           if _by_agreement(report) else ""),
-        *teacher_note(report.run_dir),
-        "## Clusters (S3) and their SLMs (S4, S5)",
-        _md_table(cluster_header(report), cluster_rows(report)),
-        f"Promotion rule: {report.promotion_rule}. Selection rule: {report.selection_rule}.",
-        "## Curation (S2)",
-        _md_table(["step", "rows"], [[k, str(v)] for k, v in report.counts.items()]),
-        "Scrubbed (replacements per kind):",
-        _md_table(["kind", "count"], [[k, str(v)] for k, v in report.scrub_counts.items()]),
-        "## Clustering",
-        f"{report.clustering['criterion']}. Best cosine silhouette of each group k-means could split: "
-        + (", ".join(f"{k}: {v}" for k, v in report.clustering["silhouette"].items()) or "none") + ".",
-        "Purity by call kind (share of the cluster's calls of its kind; 1.00 by construction): "
-        + ", ".join(f"{c['label']} {c.get('call_kind_share', 1.0):.2f}" for c in report.clusters) + ".",
-    ]
-    for c in report.clusters:
-        if c.get("selection"):
-            parts.append(f"### Candidates for cluster {c['id']} ({c['label']})")
-            parts.append(_md_table(["candidate", "params", "licence", "memory MB", "context",
-                                    "agreement" if _by_agreement(report) else "accuracy", "valid",
-                                    "cost USD", "score", "chosen"],
-                                   [[r["candidate"], f"{r['params']:.3g}", r["license"], f"{r['memory_mb']:.0f}",
-                                     str(r["context_length"]), f"{r['accuracy']:.2f}", f"{r['valid_rate']:.2f}",
-                                     f"{r['cost_usd']:.3g}", f"{r['score']:.3g}", "yes" if r["chosen"] else ""]
-                                    for r in c["selection"]]))
-            if c.get("excluded"):
-                parts.append("Not measured (S4's gates): " + "; ".join(f"{n}: {w}" for n, w in c["excluded"].items()))
-    parts.append("## Timings (s)")
-    parts.append(_md_table(["step", "seconds"], [[k, f"{v:.1f}"] for k, v in report.timings.items()]))
-    if report.registry:
-        parts.append("## Serve the adapters")
-        parts.append(f"{len(report.promoted)} adapter(s) promoted in `{report.registry}`. Add to an experiment YAML:")
-        parts.append("```yaml\n" + serve_snippet(report.registry, base) + "```")
-    return "\n\n".join(parts) + "\n"
-
-
-def write_report(report: ConvertReport, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    (out / "report.md").write_text(to_markdown(report))

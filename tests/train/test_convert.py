@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from slmshift.cli import app
-from slmshift.train.convert import ConvertOptions, challenge, promotion
+from slmshift.train.convert import ConvertOptions
+from slmshift.train.promotion import challenge, promotion
 from slmshift.train.evaluate import EvalResult
 
 
@@ -164,7 +165,7 @@ def _correlated(per_task: list[int], calls: int) -> tuple[list[int], list[int], 
 def test_task_bootstrap_is_sqrt_calls_per_task_wider_than_the_call_bootstrap():
     """Known truth: with 6 perfectly correlated calls per task, the data hold as much information as one call per
     task, so the interval must be ~sqrt(6) wider than one that treats the 60 calls as independent."""
-    from slmshift.train.convert import paired_interval
+    from slmshift.train.promotion import paired_interval
 
     per_task = [1, 0, -1, 1, 1, 0, 0, 1, -1, 0] * 4  # 40 tasks: enough that the interval's ends are not too lumpy
     before, after, tasks = _correlated(per_task, 6)
@@ -181,7 +182,7 @@ def test_task_bootstrap_is_sqrt_calls_per_task_wider_than_the_call_bootstrap():
 def test_correlated_calls_no_longer_promote_on_call_counts():
     """10 tasks x 6 identical calls: resampled as 60 calls the gain looks certain, resampled as 10 tasks it is not;
     and 60 calls of 5 tasks are 5 tasks of evidence, fewer than min_promotion_tasks."""
-    from slmshift.train.convert import paired_interval
+    from slmshift.train.promotion import paired_interval
 
     before, after, tasks = _correlated([1, 1, 1, 1, -1, 0, 0, 0, 0, 0], 6)  # +4 -1 of 10 tasks
     assert paired_interval(before, after)[1] > 0  # the call bootstrap would have promoted it
@@ -205,7 +206,7 @@ def test_calls_without_a_task_id_are_their_own_tasks_and_the_reason_says_so():
 
 
 def test_report_shows_the_interval_with_tasks_and_calls():
-    from slmshift.train.convert import CLUSTER_HEADER, ConvertReport, cluster_rows, to_markdown
+    from slmshift.train.convert_report import CLUSTER_HEADER, ConvertReport, cluster_rows, to_markdown
 
     c = {"id": 0, "label": "planner-intent", "size": 60, "role": "planner", "call_kind": "intent", "n_train": 40,
          "n_val": 37, "chosen": "m", "before": {"correct_rate": 0.41}, "after": {"correct_rate": 0.59},
@@ -256,7 +257,7 @@ def test_printed_yaml_snippet_loads_as_an_experiment(converted, tmp_path, tiny_m
     import slmshift.scenarios  # noqa: F401
     from slmshift.platform.config import load_config
     from slmshift.platform.scenario import scenario_options
-    from slmshift.train.convert import serve_snippet
+    from slmshift.train.convert_report import serve_snippet
 
     out, _ = converted
     snippet = yaml.safe_load(serve_snippet(str(out / "registry.json"), tiny_model_dir))

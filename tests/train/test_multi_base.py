@@ -10,7 +10,7 @@ import yaml
 import slmshift.scenarios  # noqa: F401  (fills the scenario registry)
 from slmshift.platform.config import load_config
 from slmshift.platform.scenario import scenario_options
-from slmshift.train.convert import serve_bases, serve_snippet
+from slmshift.train.convert_report import serve_bases, serve_snippet
 
 BASES = {"planner-intent": "packaged:smollm2-135m", "executor-call": "packaged:gemma3-270m",
          "qa-tests": "packaged:smollm2-135m"}
