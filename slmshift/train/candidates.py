@@ -28,11 +28,12 @@ class Candidate(BaseModel):
     context_length: int = Field(gt=0, description="Longest prompt + output the model takes, in tokens.")
     price: Price = Field(default_factory=Price, description="USD per 1M tokens when self-hosted (estimate).")
 
-    def model_spec(self, *, threads: int | None = None, adapters: dict[str, str] | None = None) -> ModelSpec:
-        """The hf ModelSpec that serves (or evaluates) this candidate."""
+    def model_spec(self, *, threads: int | None = None, adapters: dict[str, str] | None = None,
+                   scheduler: str = "continuous") -> ModelSpec:
+        """The hf ModelSpec that serves (or evaluates) this candidate (`scheduler`: the hf engine's)."""
         fields = dict(name=self.name, tier="slm", backend="hf", source=self.source, params=self.params,
                       price=self.price, resources=Resources(num_cpus=1), batching=Batching(),
-                      hf=HFOptions(threads=threads, max_input_tokens=min(self.context_length, 2048)))
+                      hf=HFOptions(threads=threads, max_input_tokens=min(self.context_length, 2048), scheduler=scheduler))
         if adapters:
             fields["adapters"] = adapters  # C2's adapter field on ModelSpec
         return ModelSpec(**fields)

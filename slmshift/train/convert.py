@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,6 +79,14 @@ class ConvertOptions(BaseModel):
     constrain: bool = Field(default=True, description="Held-out grading (S4, S5) holds each call to its output "
                             "constraint, as the SLM tier is served under a router arm's `constrain: slm` (the default); "
                             "off for a router that serves the SLM free (`constrain: none`).")
+    reuse_collected: bool = Field(default=True, description="S4 takes a candidate's own graded answers from collect "
+                                  "(shadows, cascade attempts) for the held-out calls they cover and generates only the "
+                                  "rest; off: generate every one (the older, slower way, kept for bench/convert_cost.py).")
+    eval_scheduler: Literal["continuous", "static"] = Field(default="continuous", description="The hf scheduler that "
+                                                             "grades held-out calls: continuous (all submitted at once, "
+                                                             "rows refilled as they finish) or static (batches of "
+                                                             "eval_batch_size, each waiting for its slowest row: the "
+                                                             "older way, for comparison).")
     eval_batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1, description=(
         "Optional cap on a held-out call's generation budget, for a quicker but less faithful check; None: each call "
@@ -220,7 +228,8 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     from slmshift.train.select import RULE, collected_answers, select_candidates
 
     t = time.perf_counter()
-    answers = collected_answers(log, run_dir)  # collect's graded SLM answers stand for the held-out calls they cover
+    # collect's graded SLM answers stand for the held-out calls they cover
+    answers = collected_answers(log, run_dir) if o.reuse_collected else None
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
     selections = {}
@@ -235,7 +244,8 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
                 sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
                                         batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
                                         progress=prog, answers=answers, constrained=o.constrain,
-                                        licenses=o.licenses, max_memory_mb=o.max_memory_mb)
+                                        licenses=o.licenses, max_memory_mb=o.max_memory_mb,
+                                        scheduler=o.eval_scheduler)
                 selections[c["id"]] = sel
                 from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
                 groups, _, _ = task_groups(sel.before.verdicts)
@@ -344,14 +354,16 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                 if tr.resumed_from_step:
                     console.print(f"S5 LoRA {job.label!r}: resumed from its step-{tr.resumed_from_step} checkpoint")
                 val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
-                spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir})
+                spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir},
+                                             scheduler=o.eval_scheduler)
                 after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
                                  max_new_tokens=o.max_new_tokens, progress=prog,
                                  desc=f"held-out {sel.chosen.name} + adapter {e['label']}", constrained=o.constrain)
                 promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
                 if (inc := incumbents.get(e["id"])) is not None:
                     inc_spec = _resolve_candidates([inc.base_model])[0].model_spec(
-                        threads=threads, adapters={inc.label: str(in_force.adapter_path(inc))})
+                        threads=threads, adapters={inc.label: str(in_force.adapter_path(inc))},
+                        scheduler=o.eval_scheduler)
                     held = evaluate(val, inc_spec, inc.label, grader, batch_size=o.eval_batch_size,
                                     max_new_tokens=o.max_new_tokens, progress=prog,
                                     desc=f"held-out adapter in force {inc.label}", constrained=o.constrain)

@@ -154,7 +154,7 @@ def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated:
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
                       grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
                       threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True,
+                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True, scheduler: str = "continuous",
                       licenses: list[str] | None = None, max_memory_mb: float | None = None) -> Selection:
     """Evaluate each candidate that passes RULE's gates (`licenses`, `max_memory_mb`) on one cluster's validation
     rows and choose one. `answers` (`collected_answers`): a candidate's own graded answers from collect stand for
@@ -170,7 +170,7 @@ def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidat
         todo = val_rows[~val_rows["record_id"].isin(reused)] if reused else val_rows
         generated = None
         if len(todo):
-            spec = c.model_spec(threads=threads)
+            spec = c.model_spec(threads=threads, scheduler=scheduler)
             if c.name not in engines:
                 engines[c.name] = get_engine_class(spec.backend)(spec)
             generated = evaluate(todo, spec, None, grader, engine=engines[c.name], batch_size=batch_size,

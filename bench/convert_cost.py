@@ -1,0 +1,87 @@
+"""One cluster's conversion cost (S4 + S5 + grading) before and after issue 22's changes, on the same rows, in one run.
+
+`slmshift convert` runs twice on RUN_DIR's log (a run with SLM shadows, e.g. a loop's collect run under
+`LOOP_DIR/iter-1/`), training only the largest cluster (`max_clusters: 1`). S2 and S3 are seeded, so both arms see
+the same clusters, the same train/held-out split and the same rows:
+
+- **before**, the conversion as issue 22 found it: S4 generates every held-out call (`reuse_collected` off), held-out
+  grading on the static scheduler in batches of 16, each waiting for its slowest row (`eval_scheduler: static`),
+  40 LoRA steps, rows batched in random order (no length buckets);
+- **after**, today's defaults: S4 takes collect's own graded SLM answers for the calls they cover, grading submits
+  every held-out call at once to the continuous scheduler, steps sized by the cluster's rows and tokens, batches of
+  rows of similar length.
+
+What the "before" arm cannot reproduce: rows over `max_length` then lost their start (now their middle); a cluster
+whose rows fit (the small profile's intents do) is unaffected.
+
+Prints each arm's S4 and S5+grading wall time, their ratio (target: after <= 1/4 of before), and each arm's held-out
+gain with its task-bootstrap interval (target: no drop). S2/S3 are timed too but are the same work in both arms.
+
+Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--batch-size 8] [--out /tmp/convert-cost]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as hf replicas get: spinning threads crawl on busy shared cores
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def arm(run_dir: str, out: Path, before: bool, batch_size: int, seed: int, candidate: str) -> dict:
+    from slmshift.train.convert import ConvertOptions, convert
+
+    d = ConvertOptions()
+    lora = d.lora.model_copy(update={"batch_size": batch_size, "seed": seed,
+                                     **({"steps": 40, "bucket_by_length": False} if before else {})})
+    opts = d.model_copy(update={"max_clusters": 1, "progress": False, "lora": lora, "candidates": [candidate],
+                                "curate": d.curate.model_copy(update={"seed": seed}),
+                                "cluster": d.cluster.model_copy(update={"seed": seed}),
+                                **({"reuse_collected": False, "eval_scheduler": "static"} if before else {})})
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    report = convert(run_dir, str(out), opts)
+    wall = time.perf_counter() - t0
+    trained = [c for c in report.clusters if c.get("train")]
+    c = trained[0] if trained else {}
+    ci = c.get("interval") or {}
+    return {"arm": "before" if before else "after", "cluster": c.get("label"), "train_rows": c.get("n_train"),
+            "held_out_calls": c.get("n_val"), "steps": (c.get("train") or {}).get("steps"),
+            "s4_from_collect": (c.get("before_source") or {}).get("collect"),
+            "s2_s3_s": round(report.timings.get("curate_s", 0) + report.timings.get("cluster_s", 0), 1),
+            "s4_s": round(report.timings.get("select_s", 0), 1),
+            "s5_and_grading_s": round(report.timings.get("train_eval_s", 0), 1), "wall_s": round(wall, 1),
+            "accuracy_before": (c.get("before") or {}).get("correct_rate"),
+            "accuracy_after": (c.get("after") or {}).get("correct_rate"),
+            "gain": ci.get("diff"), "gain_ci": [ci.get("low"), ci.get("high")], "tasks": ci.get("n"),
+            "promoted": c.get("promoted")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="a run with SLM shadows (e.g. LOOP_DIR/iter-1/<collect run>)")
+    ap.add_argument("--batch-size", type=int, default=8, help="LoRA rows per step (the small profile's 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--candidate", default="smollm2-135m", help="the SLM (a registered name or a model dir)")
+    ap.add_argument("--out", default="/tmp/convert-cost")
+    args = ap.parse_args()
+    print(f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {args.run_dir}", flush=True)
+    rows = []
+    for before in (True, False):
+        rows.append(arm(args.run_dir, Path(args.out) / ("before" if before else "after"), before, args.batch_size,
+                        args.seed, args.candidate))
+        print(json.dumps(rows[-1]), flush=True)
+    b, a = rows
+    cost_b, cost_a = b["s4_s"] + b["s5_and_grading_s"], a["s4_s"] + a["s5_and_grading_s"]
+    print(f"S4 + S5 + grading: after / before = {cost_a / cost_b:.2f}x ({cost_a:.0f} s vs {cost_b:.0f} s; target <= 0.25x)")
+    print(f"  S4 {a['s4_s'] / max(b['s4_s'], 1e-9):.2f}x, S5 + grading {a['s5_and_grading_s'] / max(b['s5_and_grading_s'], 1e-9):.2f}x")
+    print(f"held-out gain: before {b['gain']} {b['gain_ci']} vs after {a['gain']} {a['gain_ci']}")
+
+
+if __name__ == "__main__":
+    main()
