@@ -26,6 +26,7 @@ router:
   policies:
     - {{kind: call_kind, name: mixed, map: {{chat: slm}}, default: llm}}
     - {{kind: llm, name: tuned-for-mapped}}
+    - {{kind: llm, name: strict, constrain: all}}
 gateway: {{port: {port}, workloads: {{mapped-agent: tuned-for-mapped}}}}
 """
 
@@ -69,7 +70,8 @@ def gateway(tmp_path_factory, tiny_model_dir):
 
 def test_models_lists_policies_and_deployed_models(gateway):
     client, *_ = gateway
-    assert {m.id for m in client.models.list()} == {"router:mixed", "router:tuned-for-mapped", "teacher", "tiny"}
+    assert {m.id for m in client.models.list()} == {"router:mixed", "router:tuned-for-mapped", "router:strict",
+                                                    "teacher", "tiny"}
 
 
 def test_chat_through_the_router_sync_and_async(gateway):
@@ -144,6 +146,27 @@ def test_a_required_tool_call_is_enforced_on_the_slm(gateway):
         client.responses.create(model="tiny", input="x", text={"format": {
             "type": "json_schema", "name": "n", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}})
     assert e.value.body["param"] == "text.format" and e.value.body["code"] == "invalid_format"
+
+
+def test_a_format_a_routed_engine_cannot_enforce_is_a_400_naming_the_option(gateway):
+    """An arm that holds the LLM tier to the format (`constrain: all`) while a simulated engine serves it: a forced
+    tool call or a JSON schema is refused with a 400 naming the option, never silently ignored; the same arm without
+    a format, or with tools left to the model (`auto`), answers."""
+    client, *_ = gateway
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "weather?"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="router:strict", messages=msgs, tools=tools, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice" and "'teacher' (simulated)" in e.value.body["message"]
+    assert "constrain: all" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="router:strict", messages=msgs, response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"
+    assert client.chat.completions.create(model="router:strict", messages=msgs, tools=tools).choices
+    assert client.chat.completions.create(model="router:strict", messages=msgs).choices
+    # the default arm leaves the LLM free (constrain: slm): a required tool call goes through
+    assert client.chat.completions.create(model="router:mixed", messages=msgs, tools=tools, tool_choice="required",
+                                          max_tokens=16).choices
 
 
 def test_errors_in_openai_shape(gateway):

@@ -53,8 +53,21 @@ _ENGINES: dict[str, str] = {
 }
 
 
-def register_engine(backend: str, target: str) -> None:
+# Backends whose engine holds an answer to the request's output constraint (`LMRequest.enforced`): hf with llguidance
+# masks, vllm and openai by passing it on as structured outputs / tool_choice. Declared here, not on the classes, so
+# the gateway can ask without importing an engine (hf's pulls in torch). It refuses a format that a router arm would
+# send to an engine not listed (a 400 naming the option) rather than ignore it.
+_ENFORCING: set[str] = {"hf", "vllm", "openai"}
+
+
+def register_engine(backend: str, target: str, enforces_constraints: bool = False) -> None:
     _ENGINES[backend] = target
+    (_ENFORCING.add if enforces_constraints else _ENFORCING.discard)(backend)
+
+
+def enforces_constraints(backend: str) -> bool:
+    """Can this backend's engine hold an answer to the call's output constraint?"""
+    return backend in _ENFORCING
 
 
 def get_engine_class(backend: str) -> type[Engine]:

@@ -11,7 +11,7 @@ from fastapi import Request  # real (not string) annotations: the handlers are p
 
 from slmshift.platform.types import LMRequest, ModelSpec
 from slmshift.serve.gateway import chat, completions, responses
-from slmshift.serve.gateway.common import Answer, Call, answer_of, constraint_of, new_id, output_check
+from slmshift.serve.gateway.common import Answer, Call, answer_of, constraint_of, new_id, output_check, unenforced
 from slmshift.serve.gateway.errors import APIError, error_for, parse_body
 
 API_KEYS_ENV = "SLMSHIFT_GATEWAY_API_KEYS"
@@ -108,6 +108,15 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             # A call's task is its session unless the client names one: held-out splits and intervals then resample
             # sessions, whose calls are correlated, never calls of one session apart.
             role, task = ident(meta.get("role", "agent")), ident(meta.get("task_id") or session_id)
+            for call in calls:
+                refused = unenforced(pipeline, self.models, constraint_of(call))
+                if refused:
+                    param = json_param if call.wants_json else "tool_choice"
+                    raise APIError(400, f"{param}: policy {pipeline.spec.label!r} may send this call to "
+                                   f"{refused}, whose engine cannot enforce an output format, and the policy's "
+                                   f"`constrain: {pipeline.spec.constrain}` asks it to. Fix: drop {param}, call a "
+                                   "model or policy served by an hf, vllm or openai engine, or set that policy's "
+                                   "`constrain` so the tier answers free", param=param, code="unsupported_parameter")
             lm_requests = []
             for call in calls:
                 index = self.counters.get(episode, 0)

@@ -248,6 +248,20 @@ def constraint_of(call: Call) -> OutputConstraint:
                             parallel_tool_calls=None if call.parallel_tool_calls else False)
 
 
+def unenforced(pipeline: Any, models: dict[str, Any], constraint: OutputConstraint) -> str:
+    """The models (as "'name' (backend)") that `pipeline`'s arm may send a call with `constraint` to, directly or as
+    a shadow, and holds to it (`constrain`), whose engine cannot enforce it; "" when none (or nothing to enforce)."""
+    from slmshift.serve.engines.base import enforces_constraints
+
+    if not constraint.enforceable:
+        return ""
+    spec = pipeline.spec
+    tiers = set(spec.tiers()) | ({"llm", "slm"} if spec.shadow != "none" else set())
+    names = [pipeline.policy.models.get(t) for t in sorted(tiers) if spec.constrains(t)]
+    bad = [models[n] for n in names if n in models and not enforces_constraints(models[n].backend)]
+    return ", ".join(f"{m.name!r} ({m.backend})" for m in bad)
+
+
 def answer_of(call: Call, result: Any) -> Answer:
     """The pipeline's result for `call`, API-neutral: tool calls where tools were offered and the output parses as
     one (only the first when the caller asked for no parallel calls), else the text cut at the first stop sequence."""
