@@ -75,7 +75,7 @@ def test_a_renamed_key_says_what_it_became(tmp_path):
 
 def test_unknown_backend_lists_allowed(tmp_path):
     msg = problems(tmp_path, GOOD.replace("backend: hf", "backend: llamacpp"))
-    assert "models[0].backend (line 3): Input should be 'hf', 'vllm', 'simulated' or 'openai' (got 'llamacpp')" in msg
+    assert "models[0].backend (line 3): Input should be 'hf', 'vllm', 'simulated', 'openai' or 'workload' (got 'llamacpp')" in msg
 
 
 def test_malformed_yaml_names_line(tmp_path):
