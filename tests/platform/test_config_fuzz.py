@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import slmshift.scenarios  # noqa: F401  (registers the scenario kinds whose options are validated)
-from slmshift.platform.config import load_config
+from slmshift.platform.config import GatewayConfig, load_config
 from slmshift.platform.errors import ConfigError
 from slmshift.platform.scenario import scenario_options
 
@@ -22,7 +22,14 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
 
 
 def _load(path: Path):
-    return load_config(path, OPTIONS)
+    """A gateway file (a `gateway:` section, as `slmshift gateway` reads it) by the gateway's schema, else an
+    experiment."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        doc = None  # load_config says what is wrong with it
+    gateway = isinstance(doc, dict) and "gateway" in doc
+    return load_config(path, OPTIONS, schema=GatewayConfig if gateway else None)
 
 
 def _paths(node, prefix=()):
