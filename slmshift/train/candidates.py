@@ -91,10 +91,12 @@ register_candidate(Candidate(
     memory_mb=round(134.5e6 * 4 / 2**20, 1), context_length=8192,
     price=Price(input_per_m=0.01, output_per_m=0.02)))
 # The base (pre-trained, not instruction-tuned) Gemma-3-270M: no chat template, prompted in
-# `artifacts.plain_prompt`'s format, so it needs its adapter to follow a task. Its price is SmolLM2's scaled by
-# parameters (self-hosted compute per token grows with them), and ~170M of its 268M parameters are the 262k-token
-# embedding. Weights under the Gemma Terms of Use (use restrictions; https://ai.google.dev/gemma/terms).
+# `artifacts.plain_prompt`'s format, so it needs its adapter to follow a task. ~170M of its 268M parameters are the
+# 262k-token embedding, a lookup: the same two BFCL calls (12 tokens each) cost it 22.8 CPU-s against SmolLM2's
+# 23.2 (2026-12-05, busy, continuous hf engine, 2 threads), and it writes ~5% fewer tokens for the same text. So
+# its self-hosted price per token is SmolLM2's; what it costs more is memory (twice the footprint), which the
+# rule's gate and tie-break weigh. Weights under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).
 register_candidate(Candidate(
     name="gemma3-270m", source="packaged:gemma3-270m", params=268.1e6, license="Gemma Terms of Use",
     memory_mb=round(268.1e6 * 4 / 2**20, 1), context_length=32768,
-    price=Price(input_per_m=0.02, output_per_m=0.04)))
+    price=Price(input_per_m=0.01, output_per_m=0.02)))

@@ -75,7 +75,7 @@ def test_loop_verify_adds_a_deployment_for_each_other_base(tmp_path):
         ("smollm2-135m", "packaged:smollm2-135m", str(reg)), ("teacher", None, None),
         ("gemma3-270m", "packaged:gemma3-270m", str(reg))]
     gemma = models[2]
-    assert gemma.tier == "slm" and gemma.hf.threads == 2 and gemma.price.output_per_m == 0.04
+    assert gemma.tier == "slm" and gemma.hf.threads == 2 and gemma.price.output_per_m == 0.02
     assert gemma.params == 268.1e6
     # a registry of one base adds nothing
     doc = json.loads(reg.read_text())

@@ -176,7 +176,7 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
 def test_packaged_gemma3_is_registered_under_its_own_terms():
     g, s = get_candidate("gemma3-270m"), get_candidate("smollm2-135m")
     assert g.source == "packaged:gemma3-270m" and g.license == "Gemma Terms of Use" and g.context_length == 32768
-    assert g.params == 268.1e6 and g.memory_mb > 1.9 * s.memory_mb and g.price.output_per_m > s.price.output_per_m
+    assert g.params == 268.1e6 and g.memory_mb > 1.9 * s.memory_mb and g.price == s.price  # same compute per call
     assert candidate_for_source("packaged:gemma3-270m") is g
 
 
