@@ -105,9 +105,10 @@ def teacher_section(config: dict[str, Any]) -> list[str]:
     from slmshift.train.routing.report import teacher_lines
     from slmshift.train.routing.tune import simulated_profiles
 
-    lines = teacher_lines(simulated_profiles(config.get("models") or []))
-    if not lines:
-        return []
+    teachers = simulated_profiles(config.get("models") or [])
+    lines = teacher_lines(teachers)
+    if not any(t.get("backend") != "workload" for t in teachers):  # workload-file teachers only (or none)
+        return lines
     return lines + ["A simulated teacher fails a share of calls set per call kind (more after an upstream error, "
                     "`upstream_penalty`), at random whatever their difficulty: an SLM that replaces those random "
                     "failures can beat always-LLM. A perfect teacher (accuracy 1.0) is the conservative bound.", ""]

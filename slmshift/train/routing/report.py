@@ -88,6 +88,14 @@ def report_md(m: dict[str, Any]) -> str:
                  "Call level: the weighted mean outcome of the graded paired calls."),
              "Cost: " + ("mean USD per graded call from the log (a cascade pays both calls when it escalates)."
                          if m["has_cost"] else "the share of LLM calls (no cost columns)."), ""]
+    if m.get("agreement_rows"):
+        every = m["agreement_rows"] == m["rows"]
+        lines += [f"**Agreement, not correctness**: {'every' if every else m['agreement_rows']} paired call"
+                  f"{'' if every else '(s)'} (of {m['rows']}) no scenario grades (gateway traffic) counts as right for "
+                  "the SLM when its answer agrees with the teacher's logged answer (tool calls and JSON as parsed "
+                  "values, text by token F1 >= 0.8 with the same numbers), and the teacher's own answer as right: "
+                  "quality figures below are agreement with the teacher" + (" where those calls weigh in." if not every
+                                                                            else "."), ""]
     lines += teacher_lines(m.get("teacher") or [])
     if m["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in m["notes"]] + [""]
@@ -169,7 +177,9 @@ def print_summary(console: Any, m: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
     level = m["quality"]
-    t = Table(title=f"routing policies on held-out tasks ({level}-level quality, 95% CI)")
+    # every pair graded by agreement with the teacher (gateway traffic): say so wherever quality is shown
+    what = "agreement" if m.get("agreement_rows") and m["agreement_rows"] == m["rows"] else "quality"
+    t = Table(title=f"routing policies on held-out tasks ({level}-level {what}, 95% CI)")
     for h in ("policy", "APGR", "CPT(50%)", "CPT(80%)", "AIQ"):
         t.add_column(h)
     for p in m["policies"].values():
@@ -180,7 +190,7 @@ def print_summary(console: Any, m: dict[str, Any], out: Path) -> None:
     ho = c["held_out"]
     key = f"quality_{level}"
     r = ho.get("quality_ratio_to_llm", {})
-    console.print(f"chosen: {c['kind']} tau={fmt(c['tau'])}: held-out quality {fmt(ho.get(key), ho.get(key + '_ci'))} "
+    console.print(f"chosen: {c['kind']} tau={fmt(c['tau'])}: held-out {what} {fmt(ho.get(key), ho.get(key + '_ci'))} "
                   f"vs always-LLM {fmt(b['always_llm'].get(key))} (ratio {fmt(r.get('value'), r.get('ci'))}, budget "
                   f"{m['budget']}: {verdict_text(r)}); SLM share {fmt(ho['slm_share'], ho.get('slm_share_ci'))}; "
                   f"cost/call {ho['cost']:.6g} vs {b['always_llm']['cost']:.6g}", soft_wrap=True, highlight=False)

@@ -229,7 +229,7 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
          "rows": {"fit": int(len(parts.fit)), "choose": int(len(parts.choose)), "held_out": int(len(parts.held))}},
          "seed": opts.seed, "budget": opts.budget, "quality": level, "held_out_episodes": n_full,
          "has_cost": table.has_cost, "notes": notes, "baselines": b, "policies": policies, "chosen": chosen,
-         "tune": stats, "teacher": teacher_profile(table.run_dir)}
+         "tune": stats, "teacher": teacher_profile(table.run_dir), "agreement_rows": ag}
     write_outputs(out, m, pareto, trials, plan.primary)
     print_summary(console, m, out)
     return TuneResult(str(out), m, chosen, str(policy_file), table)
