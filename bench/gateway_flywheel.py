@@ -169,7 +169,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=0, help="Sessions to run (default: every one in the file).")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
-    ap.add_argument("--steps", type=int, default=10, help="LoRA steps per cluster for convert.")
+    ap.add_argument("--steps", type=int, default=16, help="LoRA steps per cluster for convert.")
+    ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
+                    "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
     ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")
     ap.add_argument("--stages", default="convert,tune,tune-workloads",
                     help="What follows the run: convert, tune (one policy), tune-workloads (one per workload id).")
@@ -222,6 +224,7 @@ def main() -> None:
         # gateway calls carry no episode outcome or grade: S2 keeps the valid ones (never a placeholder)
         summary["wall_s"]["convert"] = round(timed(SLMSHIFT + ["convert", run_dir, "--rule", "valid",
                                                                "--steps", str(args.steps),
+                                                               "--batch-size", str(args.batch_size),
                                                                "--no-progress"], out / "convert.log"), 1)
     if "tune" in stages:
         summary["wall_s"]["tune"] = round(timed(SLMSHIFT + ["tune", run_dir, "--no-progress", "--time-budget", "120"],
