@@ -152,7 +152,9 @@ def _models_with_adapters(cfg: ExperimentConfig, registry: str | None) -> list:
 
     slm = next(m for m in cfg.models if m.tier == "slm")
     models = [m.model_copy(update={"registry": registry}) if m is slm else m for m in cfg.models]
-    bases = dict.fromkeys(e.base_model for e in AdapterRegistryFile.read(registry).entries if e.promoted)
+    # a registry not written yet (or unreadable) adds no deployment; loading the SLM's adapters then says what is wrong
+    doc = AdapterRegistryFile.read(registry) if Path(registry).is_file() else AdapterRegistryFile()
+    bases = dict.fromkeys(e.base_model for e in doc.entries if e.promoted)
     for base in bases:
         if any(m.tier == "slm" and same_source(base, m.source) for m in models):
             continue
