@@ -41,7 +41,9 @@ def test_worker_node_removed_mid_run(cluster, tmp_path):
 
     def remove_later() -> None:  # the node that serves the teacher, once episodes are running
         deadline = time.time() + 120
-        while time.time() < deadline and not (actors("TeamActor") and actors("ServeReplica:big")):
+        # the writer too: on a loaded machine the GCS table once listed the teams but no live LogWriter yet
+        while time.time() < deadline and not (actors("TeamActor") and actors("ServeReplica:big")
+                                               and actors("LogWriter")):
             time.sleep(0.1)
         time.sleep(1.0)
         node_id = actors("ServeReplica:big")[0]["Address"]["NodeID"]
