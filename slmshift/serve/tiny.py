@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 PAD, BOS, EOS = "<pad>", "<|im_start|>", "<|im_end|>"
 
@@ -66,6 +67,24 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
+def _start(path: str | Path, vocab_size: int) -> tuple[Path, Any, dict[str, int]]:
+    """(the created dir, the tokenizer, ids of its pad/bos/eos tokens) for a tiny model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    return path, tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)}
+
+
+def _save(model: Any, tokenizer: Any, ids: dict[str, int], path: Path) -> Path:
+    """Write `model` with a generation config of the tokenizer's special ids, and the tokenizer, to `path`."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_tiny_llama(
     path: str | Path,
     seed: int = 0,
@@ -76,12 +95,9 @@ def build_tiny_llama(
 ) -> Path:
     """Write a random LlamaForCausalLM + tokenizer + generation config to `path`; returns the path."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)}
+    path, tokenizer, ids = _start(path, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -99,13 +115,7 @@ def build_tiny_llama(
         pad_token_id=ids[PAD],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save(LlamaForCausalLM(config).eval(), tokenizer, ids, path)
 
 
 def build_tiny_gemma3(
@@ -122,13 +132,10 @@ def build_tiny_gemma3(
     seconds. Like the packaged Gemma-3-270M it is a base model: its tokenizer has no chat template, so prompts
     take `platform.artifacts.plain_prompt`'s format."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
+    path, tokenizer, ids = _start(path, vocab_size)
     tokenizer.chat_template = None
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS)}
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -146,10 +153,4 @@ def build_tiny_gemma3(
         pad_token_id=ids[PAD],
     )
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save(Gemma3ForCausalLM(config).eval(), tokenizer, ids, path)
