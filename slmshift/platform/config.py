@@ -202,6 +202,10 @@ class GatewaySection(_Strict):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Concurrent requests per ingress replica.")
+    detached_shadows: int = Field(default=32, ge=0, description="Shadows (router `shadow`) that may still run after "
+                                  "the client got its answer, per policy and ingress replica: the gateway answers "
+                                  "first and logs the shadow when it is done. Past this a call waits for its own "
+                                  "shadow; 0 always waits. Stopping the gateway waits for the rest.")
     workloads: dict[str, str] = Field(default_factory=dict, description="Workload id -> the name of a router.policies "
                                       "arm: a call of that workload (X-Workload-Id) that names any `router:` policy is "
                                       "routed by this arm instead, e.g. the policy `slmshift tune --workload ID` "

@@ -223,6 +223,11 @@ class LogWriter:
             return self.flush()
         return 0
 
+    def nudge(self, source: str) -> tuple[int, list[int]]:
+        """`tick` for a LogClient waiting on its buffered batches; answers like `put`."""
+        self.tick()
+        return self._ack(source)
+
     def _write(self, table: pa.Table, path: str) -> None:
         d, name = path.rsplit("/", 1)
         tmp = f"{d}/.{name}.tmp"
@@ -364,13 +369,15 @@ class LogClient:
             self._nudger = asyncio.get_running_loop().create_task(self._nudge())
 
     async def _nudge(self) -> None:
-        """The writer flushes on its interval only when called: make sure it is called once that has passed, so
-        records reach a file even when this client (a gateway with no more traffic) sends nothing more."""
-        await asyncio.sleep(NUDGE_S)
-        try:
-            await self.log.tick.remote()
-        except Exception:
-            pass  # a dead writer: drain resends
+        """The writer flushes on its interval only when called: call it while it holds batches of ours not yet in a
+        file, so records reach a file even when this client (a gateway with no more traffic) sends nothing more.
+        Until they are: a nudge can land just before the interval ends (another client's put flushed meanwhile)."""
+        while self._receiver:
+            await asyncio.sleep(NUDGE_S)
+            try:
+                self._apply(await self.log.nudge.remote(self._source))
+            except Exception:
+                return  # a dead writer: drain resends
 
     def _apply(self, reply: tuple[int, list[int]]) -> None:
         incarnation, durable = reply

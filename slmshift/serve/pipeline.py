@@ -68,11 +68,17 @@ class CallPipeline:
     """One per caller process. `call` returns the final answer; every model call made is logged."""
 
     def __init__(self, *, policy: PolicySpec, models: list[ModelSpec], handles: dict[str, Any],
-                 params: dict[str, float | None], log: Any, grader: Grader | None = None):
+                 params: dict[str, float | None], log: Any, grader: Grader | None = None, detached_shadows: int = 0):
+        """`detached_shadows`: how many shadows may still be running after their call has returned. 0 (scenarios):
+        a call returns once its shadow is logged, so an episode ends with its pairs complete. The gateway answers
+        first: a CPU SLM's shadow would otherwise pace a live agent. Past the bound a call waits for its own
+        shadow, so shadows cannot pile up without limit on a slow tier; `settle` waits for the rest."""
         self.policy = build_policy(policy, models)
         self.spec = policy
         self.specs = {m.name: m for m in models}
         self.handles, self.params, self.log, self.grader = handles, params, log, grader
+        self.detached_shadows = detached_shadows
+        self._pending: set[asyncio.Future] = set()
 
     async def _invoke(self, model: str, request: LMRequest) -> tuple[LMResponse, float, bool]:
         """(response, wall latency, infra error?) for one call to one deployment."""
@@ -170,9 +176,25 @@ class CallPipeline:
         if shadow_task is not None and correct is None and valid and self.grader is not None:
             correct = await self._grade(request, resp.text, context)  # paired data needs both sides graded
         self._record(request, decision, resp, latency, valid, correct, error, infra, context, retried_from=retried_from)
-        if shadow_task is not None:
-            await shadow_task
+        if shadow_task is not None and not shadow_task.done():
+            if len(self._pending) < self.detached_shadows:
+                self._pending.add(shadow_task)
+                shadow_task.add_done_callback(self._pending.discard)
+            else:
+                await shadow_task
         return CallResult(resp.text, resp, decision, valid, correct, error, verdict=verdict)
+
+    @property
+    def running_shadows(self) -> int:
+        return len(self._pending)
+
+    async def settle(self, timeout_s: float | None = None) -> int:
+        """Wait for the shadows still running after their calls returned (`detached_shadows`); returns how many were
+        still running at `timeout_s`."""
+        if not self._pending:
+            return 0
+        _, running = await asyncio.wait(set(self._pending), timeout=timeout_s)
+        return len(running)
 
     async def _retry(self, request: LMRequest, engine_req: LMRequest, decision: RouteDecision, check: Any,
                      context: Any, resp: LMResponse, latency: float, infra: bool, checked: tuple

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -332,6 +333,37 @@ def test_client_nudges_an_idle_writer_to_flush(tmp_path, ray_session):
         assert len(read_interactions(run)) == 1
         await client.drain()
         assert not client._unacked
+
+    asyncio.run(go())
+    ray.kill(log)
+
+
+def test_a_nudge_that_lands_before_the_interval_ends_is_followed_by_another(tmp_path, ray_session, monkeypatch):
+    """The writer's interval restarts whenever anything flushes (another client's batch): a client's nudge can land
+    just before it ends and flush nothing. The client nudges again until its batch is in a file, instead of leaving
+    it in the writer's buffer until the next call comes (an idle gateway's last records never reached disk)."""
+    import asyncio
+
+    from slmshift.platform import log as log_module
+    from slmshift.platform.log import LogClient
+
+    monkeypatch.setattr(log_module, "NUDGE_S", 0.5)  # the first nudge comes well inside the writer's 2 s interval
+    run = str(tmp_path / "run")
+    log = InteractionLog.remote(run)
+
+    async def go():
+        await log.sync.remote()  # the interval starts now
+        client = LogClient(log, flush_every=100)
+        client.add(make_interaction("ep0", 0).model_dump())
+        client.flush()
+        await client.received()
+        await asyncio.sleep(1.0)  # the first nudge (at 0.5 s) has flushed nothing
+        assert read_interactions(run).empty
+        deadline = time.time() + 10
+        while read_interactions(run).empty and time.time() < deadline:
+            await asyncio.sleep(0.2)
+        assert len(read_interactions(run)) == 1 and not client._unacked  # written, and the client knows it
+        await client.drain()
 
     asyncio.run(go())
     ray.kill(log)

@@ -27,6 +27,7 @@ router:
     - {{kind: call_kind, name: mixed, map: {{chat: slm}}, default: llm}}
     - {{kind: llm, name: tuned-for-mapped}}
     - {{kind: llm, name: strict, constrain: all}}
+    - {{kind: llm, name: paired, shadow: slm}}
 gateway: {{port: {port}, workloads: {{mapped-agent: tuned-for-mapped}}}}
 """
 
@@ -71,7 +72,7 @@ def gateway(tmp_path_factory, tiny_model_dir):
 def test_models_lists_policies_and_deployed_models(gateway):
     client, *_ = gateway
     assert {m.id for m in client.models.list()} == {"router:mixed", "router:tuned-for-mapped", "router:strict",
-                                                    "teacher", "tiny"}
+                                                    "router:paired", "teacher", "tiny"}
 
 
 def test_chat_through_the_router_sync_and_async(gateway):
@@ -350,3 +351,26 @@ def test_a_shed_call_is_a_429_whose_retry_after_is_the_models():
         spec = ModelSpec(name="m", tier="llm", backend="simulated", retry_after_s=wait)
         e = error_for(result, {"m": spec})
         assert (e.status, e.code, e.retry_after) == (429, "overloaded", header)
+
+
+def test_ctrl_c_waits_for_running_shadows_so_every_shadowed_call_keeps_its_pair(gateway):
+    """The gateway answers before its SLM shadow is done (`detached_shadows`); stopping it (Ctrl-C) waits for the
+    shadows still running, so each shadowed call is logged with its shadow, once. Runs last: it stops the gateway."""
+    client, port, tmp, proc = gateway
+
+    async def burst() -> None:
+        aclient = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                     timeout=120)
+        await asyncio.gather(*(aclient.chat.completions.create(
+            model="router:paired", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=8,
+            extra_headers={"X-Workload-Id": "paired-agent", "X-Session-Id": f"p{i}"}) for i in range(6)))
+
+    asyncio.run(burst())
+    proc.send_signal(signal.SIGINT)  # at once: shadows may still be running on the SLM
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    df = read_interactions(str(next((tmp / "runs").iterdir())), include_shadow=True)
+    df = df[df.scenario == "paired-agent"]
+    calls, shadows = df[~df.shadow.astype(bool)], df[df.shadow.astype(bool)]
+    assert len(calls) == 6 and set(calls.tier) == {"llm"}
+    assert sorted(shadows.shadow_of) == sorted(calls.id) and set(shadows.tier) == {"slm"}

@@ -257,3 +257,46 @@ def test_slm_attempts_come_before_a_cascade_escalates():
     assert [r["escalated"] for r in records] == [True, True, True, False]
     assert records[2]["id"].endswith(":cascade") and records[2]["retried_from"].endswith(":try2")
     assert records[3]["escalated_from"] == records[2]["id"]
+
+
+def test_a_detached_shadow_never_delays_the_answer_and_is_logged_when_done():
+    """The gateway's pipelines (`detached_shadows`): a call returns while its shadow is still running on a slow tier;
+    the shadow is logged when it finishes, or when `settle` waits for it. Past the bound a call waits for its own
+    shadow, so shadows cannot pile up."""
+    import asyncio
+
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle, MemoryLog
+    from slmshift.platform.types import LMRequest
+
+    class Gated(ScriptedEngine):  # the SLM: answers only once the test opens the gate
+        async def generate(self, requests):
+            await self.gate.wait()
+            return await super().generate(requests)
+
+    async def run() -> None:
+        slm = Gated(STUDENT, {"k": ["slow"]})
+        slm.gate = asyncio.Event()
+        log = MemoryLog()
+        pipeline = CallPipeline(policy=policy_spec(kind="llm", name="arm", shadow="slm"), models=[TEACHER, STUDENT],
+                                handles={"teacher": LocalHandle(ScriptedEngine(TEACHER, {"k": ["fast"]})),
+                                         "student": LocalHandle(slm)}, params={}, log=log, detached_shadows=1)
+
+        def req(i: int) -> LMRequest:
+            return LMRequest(experiment_id="e", episode_id="s", call_index=i, scenario="w", role="r", call_kind="k",
+                             task_id="t", policy="arm", messages=[{"role": "user", "content": "x"}])
+
+        first = await asyncio.wait_for(pipeline.call(req(0)), 5)  # answered with the SLM gate still shut
+        assert first.text == "fast" and pipeline.running_shadows == 1
+        assert [r["shadow"] for r in log.records] == [False]
+        second = asyncio.ensure_future(pipeline.call(req(1)))  # the bound (1) is taken: this one waits for its shadow
+        await asyncio.sleep(0.2)
+        assert not second.done() and len(log.records) == 2
+        slm.gate.set()
+        assert (await asyncio.wait_for(second, 5)).text == "fast"
+        assert await pipeline.settle(5) == 0 and pipeline.running_shadows == 0
+        shadows = [r for r in log.records if r["shadow"]]
+        assert sorted(r["shadow_of"] for r in shadows) == sorted(r["id"] for r in log.records if not r["shadow"])
+        assert {r["output"] for r in shadows} == {"slow"} and len(log.records) == 4
+
+    asyncio.run(run())

@@ -57,12 +57,12 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             self.models = {m.name: m for m in models}
             params = {m.name: m.params for m in models}
             handles_ = wrap_handles(handles, models)
-            self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, models=models, handles=handles_,
-                                                                        params=params, log=sink) for p in policies}
+            common = {"models": models, "handles": handles_, "params": params, "log": sink,
+                      "detached_shadows": options.detached_shadows}
+            self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, **common) for p in policies}
             for m in models:  # a deployed model by name: a fixed policy pinned to it
                 pinned = policy_spec(kind=m.tier, name=m.name, **{f"{m.tier}_model": m.name})
-                self.pipelines[m.name] = CallPipeline(policy=pinned, models=models, handles=handles_, params=params,
-                                                      log=sink)
+                self.pipelines[m.name] = CallPipeline(policy=pinned, **common)
             self.counters: dict[str, int] = {}
             self.replica = uuid.uuid4().hex[:6] if options.replicas > 1 else ""
             self._flusher: asyncio.Task | None = None
@@ -163,8 +163,15 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             done = completions.completion(req, answers, int(time.time()), new_id("cmpl-"))
             return reply(done, completions.sse_chunks(req, done) if req.stream else None)
 
-        async def drain(self) -> None:
+        async def drain(self, timeout_s: float = 600) -> int:
+            """Wait for the shadows still running (each is logged when done), then flush the log. Returns the
+            shadows given up on at `timeout_s` (their calls' answers are logged; only the pairs are missing)."""
+            left = await asyncio.gather(*(p.settle(timeout_s) for p in self.pipelines.values()))
             await self.log.drain()
+            return sum(left)
+
+        async def pending_shadows(self) -> int:
+            return sum(p.running_shadows for p in self.pipelines.values())
 
     return Gateway.bind()
 
@@ -217,7 +224,18 @@ def serve_gateway(cfg: Any, options: Any, console: Any, storage: str | None = No
                 time.sleep(0.5)
         except KeyboardInterrupt:
             console.print("stopping: draining the log")
-        gw.drain.remote().result(timeout_s=60)
+        pending = gw.pending_shadows.remote().result(timeout_s=30)
+        if pending:
+            console.print(f"waiting for {pending} SLM/LLM shadow call(s) still running (up to 10 min; Ctrl-C again "
+                          "leaves them unpaired)", soft_wrap=True)
+        try:
+            lost = gw.drain.remote(600).result(timeout_s=660)
+        except KeyboardInterrupt:
+            lost = pending
+            gw.drain.remote(0).result(timeout_s=60)
+        if lost:
+            console.print(f"[yellow]{lost} shadow call(s) did not finish: their calls are logged, unpaired[/]",
+                          soft_wrap=True)
         counts = ray.get(log.close.remote())
         console.print(f"{counts.get('interactions', 0)} calls logged in {run_dir}/interactions/", soft_wrap=True)
     finally:
