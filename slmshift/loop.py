@@ -181,7 +181,7 @@ def collect_config(cfg: ExperimentConfig, loop: LoopSection, split: dict, policy
         scenarios.append(s.model_copy(update={"episodes": n,
                                               "exclude_tasks": sorted(skip | (done if len(fresh) >= n else set()))}))
     arm = policy.model_copy(update={"name": f"collect-{it}", "shadow": "both", "shadow_rate": loop.shadow_rate,
-                                    "constrain": loop.constrain})
+                                    "constrain": loop.constrain, "shadow_attempts": loop.slm_attempts_max})
     return cfg.model_copy(update={"models": _models_with_adapters(cfg, registry), "scenarios": scenarios,
                                   "router": cfg.router.model_copy(update={"policies": [arm]})})
 

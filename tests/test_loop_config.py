@@ -69,6 +69,24 @@ def test_loop_constrain_reaches_every_arm_and_convert(tmp_path, constrain):
     assert load_config(SMALL).loop.constrain == "slm"
 
 
+def test_loop_slm_attempts_max_is_what_collect_shadows_log_and_tune_searches(tmp_path):
+    """loop.slm_attempts_max sets the collect arm's `shadow_attempts` (k_max); a tuned policy's own slm_attempts
+    reaches verify unchanged."""
+    from slmshift.loop import collect_config
+    from slmshift.platform.policies import policy_spec
+
+    cfg = load_config(SMALL)
+    assert cfg.loop.slm_attempts_max == 1
+    cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"slm_attempts_max": 3})})
+    split = {"operator": {"train": ["t1", "t2"], "verify": ["t3"]}}
+    (arm,) = collect_config(cfg, cfg.loop, split, policy_spec(kind="llm"), None, 1, {}, {}).router.policies
+    assert arm.shadow_attempts == 3 and arm.shadow == "both"
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("kind: cascade\nname: chosen\ntau: 0.4\nslm_attempts: 2\n")
+    arms = verify_config(cfg, cfg.loop, {}, tuned_policy(str(policy_file), None), None).router.policies
+    assert [a.slm_attempts for a in arms] == [1, 2]
+
+
 def test_report_shows_before_conversion_and_after_on_the_same_tasks(tmp_path):
     """A verify run with the three arms (written through the real S1 writer): the table has row 0 (tuned router, base
     SLM) and row 1 (the same router serving adapters), each with its own SLM share and success. The single-turn and

@@ -163,6 +163,10 @@ class LoopSection(_Strict):
                                  "enforce a call's output constraint), and whether convert grades held-out calls "
                                  "constrained: slm (default), all, or none (the SLM answers free, to measure what "
                                  "constraining adds).")
+    slm_attempts_max: int = Field(default=1, ge=1, le=8, description="Collect answers each shadowed call on the SLM "
+                                  "up to this many times while its answer fails the call's check (the collect arm's "
+                                  "`shadow_attempts`), and tune searches `slm_attempts` from 1 to this with the other "
+                                  "policy settings. 1: no retries.")
     max_clusters: int | None = Field(default=None, ge=1, description="Most clusters LoRA-tuned per iteration "
                                      "(largest first); default: every cluster with min_train_rows.")
     tune_time_budget_s: float = Field(default=120.0, gt=0, description="Wall-clock budget of each tune search.")

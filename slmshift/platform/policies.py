@@ -45,6 +45,10 @@ class PolicySpec(BaseModel):
                               "`escalated` (out of the SLM share's denominator) and the answer names it in `retried_from`.")
     attempt_temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature of the SLM's "
                                        "attempts after the first (the first keeps the call's own).")
+    shadow_attempts: int = Field(default=1, ge=1, le=8, description="On a call whose SLM side is a shadow: the "
+                                 "SLM answers up to this many times, as `slm_attempts` does, each attempt logged. "
+                                 "`slmshift tune` then searches slm_attempts from 1 to this (k_max) with the other "
+                                 "settings. Costs SLM calls only on shadowed calls whose answer fails its check.")
 
     tiers_used: ClassVar[frozenset[str]] = frozenset()  # tiers every arm of this kind may route to, besides `default`
 

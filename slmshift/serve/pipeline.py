@@ -155,7 +155,8 @@ class CallPipeline:
         retried_from = None
         if decision.tier == "slm" and self.spec.slm_attempts > 1:
             resp, latency, infra, (valid, correct, error, verdict), retried_from = await self._retry(
-                request, engine_req, decision, check, context, resp, latency, infra, (valid, correct, error, verdict))
+                request, engine_req, decision, check, context, resp, latency, infra, (valid, correct, error, verdict),
+                self.spec.slm_attempts, request.record_id)
         if decision.accept_confidence is not None and not infra:
             keep, why = self._accept(resp, valid, decision.accept_confidence)
             if not keep:  # log the rejected SLM attempt, then the LLM answers
@@ -197,20 +198,21 @@ class CallPipeline:
         return len(running)
 
     async def _retry(self, request: LMRequest, engine_req: LMRequest, decision: RouteDecision, check: Any,
-                     context: Any, resp: LMResponse, latency: float, infra: bool, checked: tuple
-                     ) -> tuple[LMResponse, float, bool, tuple, str | None]:
-        """Verifier-guided retries (`slm_attempts`): while the SLM's answer fails the call's own check, log it as a
-        rejected attempt ('<id>:try<n>', escalated) and sample another, at `attempt_temperature` and a seed of its
-        own. Returns the last answer, the latency of all attempts, and the id of the last rejected one. Only a check
-        that says invalid triggers a retry: an unchecked call, or one the engine never answered (infra), does not."""
+                     context: Any, resp: LMResponse, latency: float, infra: bool, checked: tuple, attempts: int,
+                     base_id: str, **extra: Any) -> tuple[LMResponse, float, bool, tuple, str | None]:
+        """Verifier-guided retries (`slm_attempts`, or `shadow_attempts` on a shadow): while the SLM's answer fails
+        the call's own check, log it as a rejected attempt ('<base_id>:try<n>', escalated, with `extra` fields) and
+        sample another, at `attempt_temperature` and a seed of its own. Returns the last answer, the latency of all
+        attempts, and the id of the last rejected one. Only a check that says invalid triggers a retry: an unchecked
+        call, or one the engine never answered (infra), does not."""
         retried_from, own = None, latency  # each attempt's record has its own latency; the answer's, all of them
-        for n in range(1, self.spec.slm_attempts):
+        for n in range(1, attempts):
             if infra or checked[0] is not False:
                 break
-            retried_from = f"{request.record_id}:try{n}"
+            retried_from = f"{base_id}:try{n}"
             self._record(request, decision.model_copy(update={"reason": f"{decision.reason}; retried: "
                                                                            f"{(checked[2] or 'check failed')[:80]}"}),
-                         resp, own, *checked[:3], infra, context, id=retried_from, escalated=True)
+                         resp, own, *checked[:3], infra, context, id=retried_from, escalated=True, **extra)
             # a seed of its own per call and attempt: calls sharing the session's seed would otherwise draw the same
             # random stream, and SmolLM2 then wrote the same `{"functions":[]}` on every retried intent
             key = hashlib.sha256(f"{retried_from}/{request.seed}".encode()).digest()
@@ -263,13 +265,18 @@ class CallPipeline:
         model = self.policy.model_for(tier, adapter)
         decision = self.policy.decision(tier, f"shadow of {primary.tier} call", adapter=adapter)
         req = request.model_copy(update={"adapter": adapter}) if adapter else request
+        shadow_id = f"{request.record_id}:shadow"
         try:
             resp, latency, infra = await self._invoke(model, req)
-            valid, correct, error, _ = self._check(check, resp)
+            (valid, correct, error, _), retried_from = self._check(check, resp), None
+            if tier == "slm" and self.spec.shadow_attempts > 1:  # k_max attempts, so tune can search slm_attempts
+                resp, latency, infra, (valid, correct, error, _), retried_from = await self._retry(
+                    request, req, decision, check, context, resp, latency, infra, (valid, correct, error, None),
+                    self.spec.shadow_attempts, shadow_id, shadow=True, shadow_of=request.record_id)
             if correct is None and valid and self.grader is not None:
                 correct = await self._grade(request, resp.text, context)
             self._record(request, decision, resp, latency, valid, correct, error, infra, context,
-                         id=f"{request.record_id}:shadow", shadow=True, shadow_of=request.record_id)
+                         id=shadow_id, shadow=True, shadow_of=request.record_id, retried_from=retried_from)
         except Exception:  # a shadow must never disturb the episode
             pass
 

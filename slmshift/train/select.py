@@ -108,8 +108,13 @@ def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     slm = df[(df["tier"] == "slm") & ~df["infra_error"].fillna(False).astype(bool)
              & df["correct"].notna() & df["valid"].notna()].copy()
+    # S4 grades one answer per call: where the SLM answered again (slm_attempts, shadow_attempts), its first attempt
+    # ('<id>:try1'), not the answer a retry ended with
+    ids = slm["id"].astype(str)
+    first = ids.str.endswith(":try1") | (~ids.str.contains(r":try\d+$") & slm["retried_from"].isna())
+    slm = slm[first].copy()
     shadow = slm["shadow"].fillna(False).astype(bool)
-    slm["call_id"] = slm["shadow_of"].where(shadow, slm["id"].str.removesuffix(":cascade"))
+    slm["call_id"] = slm["shadow_of"].where(shadow, slm["id"].str.removesuffix(":try1").str.removesuffix(":cascade"))
     try:
         models = (yaml.safe_load(read_text(join(str(run_dir), "config.yaml"))) or {}).get("models") or []
     except OSError:

@@ -21,7 +21,10 @@ under a routing) and graded (the scenario graded both answers; a call judged onl
 multi-turn summary, is kept to fit scorers but counts in no quality figure and in a share of its own, never in the
 headline SLM share), agreement (no scenario graded the call, e.g. gateway traffic: the LLM's valid answer is the
 reference, right by definition, and the SLM's answer is right when it agrees with it, `train/evaluate.agreement`;
-such a pair is graded, and every figure built on it is agreement with the teacher, not correctness).
+such a pair is graded, and every figure built on it is agreement with the teacher, not correctness), slm_attempts
+(the attempt the SLM's answer came from: 1, or more after verifier-guided retries), slm_attempt_cap (the most
+attempts its arm allowed: `shadow_attempts` on a shadow, else `slm_attempts`) and slm_tries_cost (the rejected
+attempts' cost). `PairedTable.at_attempts(k)` reads them as the table a policy with `slm_attempts: k` would give.
 
 Sampling. Shadows are sampled by episode (`shadow_rate`): all calls of a sampled episode, or none. A cascade's
 escalations are paired whatever the sample, its accepted answers only in sampled episodes, so an unweighted table
@@ -44,7 +47,8 @@ from slmshift.train.evaluate import agreement
 
 COLUMNS = ["row", "task", "group", "scenario", "episode", "call_index", "call_kind", "prompt", "cluster", "slm_ok", "llm_ok",
            "slm_cost", "llm_cost", "slm_logprob", "slm_valid", "obs_tier", "episode_success", "weight", "full_episode",
-           "graded", "agreement"]
+           "graded", "agreement", "slm_attempts", "slm_attempt_cap", "slm_tries_cost"]
+ATTEMPT_DEFAULTS = {"slm_attempts": 1, "slm_attempt_cap": 1, "slm_tries_cost": 0.0}
 REQUIRED = ("slm_correct", "llm_correct")
 OPTIONAL = ("prompt", "slm_cost", "llm_cost", "call_kind", "cluster", "task_id", "episode_id", "episode_success",
             "slm_logprob", "slm_valid")
@@ -100,6 +104,31 @@ class PairedTable:
             self._emb = embed([prompt_text(p) for p in self.df["prompt"].fillna("")])
         return self._emb
 
+    @property
+    def max_attempts(self) -> int:
+        """The most SLM attempts per call the collect logged (k_max): `slmshift tune` searches slm_attempts up to it."""
+        return int(self.df["slm_attempt_cap"].max()) if len(self.df) else 1
+
+    def at_attempts(self, k: int) -> "PairedTable":
+        """The table as an SLM answering up to `k` times (`slm_attempts: k`) would have made it. A row whose answer
+        came at attempt n > k has its k-th attempt instead: one the call's check rejected (invalid, wrong, no log-
+        prob), costing k of its n - 1 rejected attempts. A row whose arm allowed fewer than k attempts and used them
+        all keeps its last (wrong) answer: pessimistic for retries; `paired_from_run` notes how many."""
+        import dataclasses
+
+        df = self.df
+        n = df["slm_attempts"].to_numpy(int)
+        if (n <= k).all() and not (df["slm_tries_cost"].to_numpy(float) > 0).any():
+            return self
+        df = df.copy()
+        over = n > k
+        tries = df["slm_tries_cost"].to_numpy(float)
+        df["slm_cost"] = np.where(over, tries * k / np.maximum(n - 1, 1), df["slm_cost"].to_numpy(float) + tries)
+        df.loc[over, "slm_ok"] = False
+        df["slm_valid"] = pd.array(np.where(over, False, df["slm_valid"].astype(object)), dtype="boolean")
+        df.loc[over, "slm_logprob"] = np.nan
+        return dataclasses.replace(self, df=df)
+
     def requirements(self) -> dict[str, str | None]:
         """Policy variant -> why it cannot be evaluated on this table (None when it can)."""
         return {
@@ -135,11 +164,11 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     if infra.any():
         notes.append(f"{int(infra.sum())} record(s) with an infrastructure error left out")
     doc = _config(run_dir)
-    rates, scenarios = _shadow_rates(doc), _scenario_labels(doc)
+    rates, scenarios, caps = _shadow_rates(doc), _scenario_labels(doc), _attempt_caps(doc)
     by_id = df[~infra].set_index("id", drop=False)
     # main record id -> (slm record, llm record, tier the episode used, P(this pair is in the log))
     pairs: dict[str, tuple[pd.Series, pd.Series, str, float]] = {}
-    shadows = by_id[by_id["shadow"].astype(bool)]
+    shadows = by_id[by_id["shadow"].astype(bool) & ~by_id["escalated"].astype(bool)]  # not a shadow's rejected tries
     for _, s in shadows.iterrows():
         m = by_id.loc[s["shadow_of"]] if s["shadow_of"] in by_id.index else None
         if m is None or m["tier"] == s["tier"]:
@@ -159,7 +188,8 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     primary = df[~df["shadow"].astype(bool) & ~df["escalated"].astype(bool)]
     ep_key = primary["experiment_id"].astype(str) + "/" + primary["episode_id"].astype(str)
     complete = (primary["id"].astype(str).isin(pairs) & ~primary["infra_error"].astype(bool)).groupby(ep_key).all()
-    rows, unknown = [], 0
+    rows, unknown, short = [], 0, 0
+    k_max = max([c for pair in caps.values() for c in pair] or [1])
     for slm, llm, obs, p in pairs.values():
         s_ok, l_ok = outcome(slm["correct"], slm["valid"]), outcome(llm["correct"], llm["valid"])
         by_agreement = _empty_to_none(slm["correct"]) is None and _empty_to_none(llm["correct"]) is None \
@@ -171,6 +201,10 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
             continue
         main = llm if obs == "llm" else slm
         episode = f"{main['experiment_id']}/{main['episode_id']}"
+        n, tries_cost = _attempts(slm, by_id)
+        slm_arm, shadow_arm = caps.get(str(main["policy"]), (n, n))
+        cap = max(n, shadow_arm if bool(slm["shadow"]) else slm_arm)
+        short += cap < k_max and not bool(s_ok) and n == cap
         rows.append({
             "row": str(main["id"]), "task": str(main["task_id"]) or None, "scenario": str(main["scenario"]),
             "episode": episode, "call_index": int(main["call_index"]), "call_kind": str(main["call_kind"]),
@@ -181,7 +215,11 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
             "weight": 1.0 / p if p > 0 else 1.0, "full_episode": bool(complete.get(episode, False)),
             "graded": by_agreement or not (_empty_to_none(slm["correct"]) is None
                                            or _empty_to_none(llm["correct"]) is None),
-            "agreement": by_agreement})
+            "agreement": by_agreement, "slm_attempts": n, "slm_attempt_cap": cap, "slm_tries_cost": tries_cost})
+    if short:
+        notes.append(f"{short} pair(s) whose SLM side used every attempt its arm allowed (fewer than the {k_max} "
+                     "other calls had) without a valid answer: held at that answer for more attempts (pessimistic "
+                     "for retries)")
     if unknown:
         notes.append(f"{unknown} pair(s) left out: an outcome neither the check nor the grader could tell")
     if not rows:
@@ -215,6 +253,24 @@ def _shadow_rates(doc: dict) -> dict[str, float]:
     return {str(p.get("name") or p.get("kind")): float(p.get("shadow_rate", 1.0)) for p in pols if isinstance(p, dict)}
 
 
+def _attempt_caps(doc: dict) -> dict[str, tuple[int, int]]:
+    """Policy label -> (slm_attempts, shadow_attempts), from the run's config (none without one)."""
+    pols = ((doc.get("router") or {}).get("policies")) or []
+    return {str(p.get("name") or p.get("kind")): (int(p.get("slm_attempts", 1)), int(p.get("shadow_attempts", 1)))
+            for p in pols if isinstance(p, dict)}
+
+
+def _attempts(slm: pd.Series, by_id: pd.DataFrame) -> tuple[int, float]:
+    """(the attempt the SLM's answer came from, the cost of the rejected attempts before it): retries are logged as
+    '<base>:try1' ... '<base>:try<m>' and the answer names the last in `retried_from`."""
+    last = _empty_to_none(slm.get("retried_from"))
+    if not last or ":try" not in str(last):
+        return 1, 0.0
+    base, m = str(last).rsplit(":try", 1)
+    ids = [f"{base}:try{j}" for j in range(1, int(m) + 1)]
+    return int(m) + 1, float(sum(float(by_id.loc[i, "cost_usd"]) for i in ids if i in by_id.index))
+
+
 def _scenario_labels(doc: dict) -> set[str]:
     """The run's scenarios by label: their calls are graded by the scenario (or judged by validity), never by
     agreement; any other workload (gateway traffic) has no grader."""
@@ -246,6 +302,8 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
     df["slm_logprob"] = pd.to_numeric(df["slm_logprob"], errors="coerce").astype(float)
     df["agreement"] = df["agreement"].fillna(False).astype(bool)
+    for c, v in ATTEMPT_DEFAULTS.items():
+        df[c] = df[c].fillna(v).astype(type(v))
     for c in ("slm_ok", "llm_ok"):
         df[c] = df[c].astype(bool)
     return df.reset_index(drop=True)
@@ -373,6 +431,8 @@ def paired_from_file(path: str) -> PairedTable:
     df["scenario"], df["weight"], df["full_episode"], df["graded"] = None, 1.0, True, True
     df["agreement"] = False  # a file's outcomes are taken as given
     df["call_index"] = np.arange(n)  # a file's rows are in call order within each episode
+    for c, v in ATTEMPT_DEFAULTS.items():  # a file gives one SLM answer per call
+        df[c] = v
     df["cluster"] = pd.array(df["cluster"], dtype="Int64")
     df["slm_valid"] = pd.array(df["slm_valid"], dtype="boolean")
     return PairedTable(df[COLUMNS], source=str(path), has_cost=has_cost, notes=notes)

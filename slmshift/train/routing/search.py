@@ -30,6 +30,7 @@ def _trial(config: dict[str, Any], table: PairedTable = None, fit: np.ndarray = 
 
     kind = config["kind"]
     params = {k: v for k, v in config.items() if k not in ("kind", "llm_share")}
+    table = table.at_attempts(int(params.get("slm_attempts", 1)))  # the SLM answering up to k times
     fitted = fit_scorer(kind, params, table, fit, emb, seed)
     replay = Replay(table.df.iloc[choose])
     eff = fitted.effective(choose)
@@ -50,12 +51,14 @@ class _Space:
     """Define-by-run search space (Optuna): the policy kind, then only that kind's settings. A class, not a closure,
     because Tune pickles its searcher when it checkpoints."""
 
-    def __init__(self, kinds: list[str], clusters: list[int]):
-        self.kinds, self.clusters = list(kinds), list(clusters)
+    def __init__(self, kinds: list[str], clusters: list[int], max_attempts: int = 1):
+        self.kinds, self.clusters, self.max_attempts = list(kinds), list(clusters), max_attempts
 
     def __call__(self, trial: Any) -> None:
         kind = trial.suggest_categorical("kind", self.kinds)
         trial.suggest_float("llm_share", 0.0, 1.0)
+        if self.max_attempts > 1:  # the collect logged retries up to k_max: search k with the rest
+            trial.suggest_int("slm_attempts", 1, self.max_attempts)
         if kind in ("threshold", "threshold_cluster"):
             trial.suggest_float("prior_strength", 0.5, 20.0, log=True)
         if kind == "threshold_cluster":
@@ -96,7 +99,7 @@ def run_search(table: PairedTable, fit: np.ndarray, choose: np.ndarray, kinds: l
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     emb = table.embeddings() if "learned" in kinds else None
     clusters = sorted({int(c) for c in table.df["cluster"].iloc[fit].dropna()}) if "threshold_cluster" in kinds else []
-    searcher = OptunaSearch(space=_Space(kinds, clusters), metric=["quality", "cost"], mode=["max", "min"],
+    searcher = OptunaSearch(space=_Space(kinds, clusters, table.max_attempts), metric=["quality", "cost"], mode=["max", "min"],
                             seed=opts.seed)
     storage = tempfile.mkdtemp(prefix="slmshift-tune-")
     progress = _progress_callback(console, opts) if opts.progress and console is not None else None

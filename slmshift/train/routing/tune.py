@@ -65,6 +65,11 @@ def _deployable(kind: str, table: PairedTable) -> bool:
     return kind != "threshold_cluster" or table.clusters_dir is not None
 
 
+def attempts(params: dict[str, Any]) -> int:
+    """A point's `slm_attempts` (searched when the collect logged retries; 1 otherwise)."""
+    return int(params.get("slm_attempts", 1))
+
+
 def quality_level(choose: Replay, held: Replay, min_episodes: int) -> str:
     """Episode level when both parts have fully paired episodes and the held-out part at least `min_episodes`."""
     return "episode" if choose.episodes and held.episodes and held.n_episodes >= min_episodes else "call"
@@ -77,18 +82,27 @@ class Planner:
 
     def __init__(self, table: PairedTable, parts: Split, opts: TuneOptions):
         self.table, self.parts, self.opts = table, parts, opts
-        self.held = Estimator(table.df.iloc[parts.held], opts.n_boot, opts.seed)
-        self.choose_replay = Replay(table.df.iloc[parts.choose])
+        self._by_k: dict[int, tuple[PairedTable, Estimator, Replay]] = {}
+        self.held, self.choose_replay = self.at(1)[1:]
         self.level = quality_level(self.choose_replay, self.held.replay, opts.min_episodes)
         self.primary = f"quality_{self.level}"
         self._fitted: dict[tuple[str, str], Fitted] = {}
         llm = np.zeros((self.held.replay.n, 1), bool)
         self.baselines = {"always_llm": self.held.point(llm), "always_slm": self.held.point(~llm)}
 
+    def at(self, k: int) -> tuple[PairedTable, Estimator, Replay]:
+        """The table, held-out estimator and choose replay as an SLM answering up to `k` times would give them."""
+        if k not in self._by_k:
+            t = self.table.at_attempts(k)
+            self._by_k[k] = (t, Estimator(t.df.iloc[self.parts.held], self.opts.n_boot, self.opts.seed),
+                             Replay(t.df.iloc[self.parts.choose]))
+        return self._by_k[k]
+
     def fitted(self, kind: str, params: dict[str, Any]) -> Fitted:
         key = (kind, params_key(params))
         if key not in self._fitted:
-            self._fitted[key] = fit_scorer(kind, params, self.table, self.parts.fit, seed=self.opts.seed)
+            self._fitted[key] = fit_scorer(kind, params, self.at(attempts(params))[0], self.parts.fit,
+                                           seed=self.opts.seed)
         return self._fitted[key]
 
     def held_mask(self, kind: str, params: dict[str, Any], tau: float | None) -> np.ndarray:
@@ -98,15 +112,17 @@ class Planner:
 
     def held_point(self, kind: str, params: dict[str, Any], tau: float | None) -> dict[str, Any]:
         mask = self.held_mask(kind, params, tau)
-        out = self.held.point(mask, cascade=kind == "cascade")
-        out["quality_ratio_to_llm"] = self.held.ratio(mask, self.level, self.opts.budget)
+        held = self.at(attempts(params))[1]
+        out = held.point(mask, cascade=kind == "cascade")
+        out["quality_ratio_to_llm"] = held.ratio(mask, self.level, self.opts.budget)
         out["ungraded"] = ungraded_share(self.table.df.iloc[self.parts.held], mask[:, 0])
         by = {}
         scen = self.table.df["scenario"].iloc[self.parts.held]
         if scen.notna().all() and scen.nunique() > 1:  # per scenario: what the loop's table sets beside verify
             for name in sorted(scen.unique()):
                 rows = np.flatnonzero((scen == name).to_numpy())
-                est = Estimator(self.table.df.iloc[self.parts.held[rows]], self.opts.n_boot, self.opts.seed)
+                est = Estimator(self.at(attempts(params))[0].df.iloc[self.parts.held[rows]], self.opts.n_boot,
+                                self.opts.seed)
                 by[name] = est.point(mask[rows], cascade=kind == "cascade")
         if by:
             out["by_scenario"] = by
@@ -130,7 +146,7 @@ class Planner:
         f = self.fitted(kind, params)
         c = self.parts.choose
         taus = metrics.threshold_grid(f.effective(c), grid)
-        res = self.choose_replay.evaluate(f.mask(c, taus), cascade=kind == "cascade")
+        res = self.at(attempts(params))[2].evaluate(f.mask(c, taus), cascade=kind == "cascade")
         return [{"kind": kind, "params": params_key(params), "tau": float(t),
                  **{k: float(v[i]) for k, v in res.items()}} for i, t in enumerate(taus)]
 
@@ -159,6 +175,9 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
     if not kinds:
         raise SlmshiftError(f"slmshift tune: no policy can be evaluated on {table.source}: " +
                             "; ".join(f"{k}: {why}" for k, why in skipped.items()))
+    if table.max_attempts > 1:
+        notes.append(f"the collect logged up to {table.max_attempts} SLM attempts per call: slm_attempts searched "
+                     f"from 1 to {table.max_attempts} with each policy's settings")
     for k in kinds:
         if not _deployable(k, table):
             notes.append(f"{LABELS[k]}: evaluated, but not written as policy.yaml (per-cluster tau needs a cluster "
@@ -213,7 +232,7 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
             params = json.loads(sub.sort_values("apgr_search", ascending=False, na_position="last").iloc[0]["params"])
             f = plan.fitted(kind, params)
         lo, hi = min(cost_range), max(cost_range)
-        policies[kind] = plan.held.policy(f, parts.held, opts.report_grid, b, (lo, hi))
+        policies[kind] = plan.at(attempts(params))[1].policy(f, parts.held, opts.report_grid, b, (lo, hi))
         policies[kind].update(params=params, label=LABELS[kind], deployable=kind != "oracle" and _deployable(kind, table))
 
     front = trials[trials["pareto"]].sort_values("cost")
@@ -222,7 +241,8 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
                "deployable": bool(r["deployable"]), "choose": {k: float(r[k]) for k in keys if k in r}}
               for _, r in front.iterrows()]
     for p in pareto[:60]:  # held-out figures for the front (capped: each may need a scorer fit)
-        ho = plan.held.point(plan.held_mask(p["kind"], p["params"], p["tau"]), cascade=p["kind"] == "cascade")
+        ho = plan.at(attempts(p["params"]))[1].point(plan.held_mask(p["kind"], p["params"], p["tau"]),
+                                                     cascade=p["kind"] == "cascade")
         p["held_out"] = {k: v for k, v in ho.items() if not k.endswith("_ci")}
     policy_file = write_policy(chosen, table, out, plan.fitted)
     m = {"source": table.source, "rows": len(table), "split": {"unit": parts.unit, **parts.sizes,
@@ -291,6 +311,8 @@ def write_policy(chosen: dict[str, Any], table: PairedTable, out: Path, fitted_f
         spec = {"kind": "random", "name": name, "slm_share": clip(1.0 - tau), "seed": 0}
     else:
         raise ValueError(kind)
+    if spec["kind"] != "llm" and attempts(params) > 1:
+        spec["slm_attempts"] = attempts(params)
     ho = chosen["held_out"]
     q = ho.get("quality_episode", ho["quality_call"])
     header = (f"# Written by `slmshift tune` from {table.source}.\n"

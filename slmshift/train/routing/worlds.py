@@ -30,18 +30,27 @@ class World:
     slm_cost: float = 0.0001
     llm_cost: float = 0.002
     order: list[str] = field(default_factory=list)  # call kinds in episode order (default: `kinds`' order)
+    # call kind -> P(an SLM attempt fails the call's check); such an answer is wrong, and a valid one is right with
+    # P(SLM accuracy / (1 - this)), so one attempt keeps the kind's SLM accuracy. Verifier-guided retries
+    # (`attempts`) answer again while the check fails: k attempts are right with P((1 - invalid^k) x that).
+    invalid: dict[str, float] = field(default_factory=dict)
+
+    def slm_accuracy(self, kind: str, attempts: int = 1) -> float:
+        inv = self.invalid.get(kind, 0.0)
+        return (1 - inv ** attempts) * self.kinds[kind][0] / (1 - inv)
 
     def shapes(self, n: int, rng: np.random.Generator) -> list[list[str]]:
         order = self.order or list(self.kinds)
         return [[k for k in order for _ in range(int(rng.integers(self.counts[k][0], self.counts[k][1] + 1)))]
                 for _ in range(n)]
 
-    def truth(self, to_slm: set[str]) -> dict[str, float]:
-        """Exact episode success and SLM share of a routing that sends the kinds `to_slm` to the SLM."""
+    def truth(self, to_slm: set[str], attempts: int = 1) -> dict[str, float]:
+        """Exact episode success and SLM share of a routing that sends the kinds `to_slm` to the SLM, which answers
+        up to `attempts` times."""
         order = self.order or list(self.kinds)
         grids = [np.arange(self.counts[k][0], self.counts[k][1] + 1) for k in order]
         mesh = np.array(np.meshgrid(*grids, indexing="ij")).reshape(len(order), -1)  # every shape, equally likely
-        acc = np.array([self.kinds[k][0] if k in to_slm else self.kinds[k][1] for k in order])
+        acc = np.array([self.slm_accuracy(k, attempts) if k in to_slm else self.kinds[k][1] for k in order])
         success = np.prod(acc[:, None] ** mesh, axis=0).mean()
         slm = np.array([k in to_slm for k in order], float)
         share = (slm[:, None] * mesh).sum(axis=0).mean() / mesh.sum(axis=0).mean()
@@ -51,7 +60,17 @@ class World:
         p = self.kinds[kind][0 if tier == "slm" else 1] * (self.upstream_penalty if upstream_wrong else 1.0)
         return bool(rng.random() < p)
 
-    def measure(self, to_slm: set[str], episodes: int, seed: int) -> dict[str, float]:
+    def _slm_attempts(self, kind: str, upstream_wrong: bool, attempts: int, rng: np.random.Generator
+                      ) -> tuple[bool, bool, int]:
+        """(right, valid, the attempt it came from) for an SLM answering up to `attempts` times."""
+        inv = self.invalid.get(kind, 0.0)
+        for n in range(1, attempts + 1):
+            if rng.random() >= inv:
+                p = self.kinds[kind][0] / (1 - inv) * (self.upstream_penalty if upstream_wrong else 1.0)
+                return bool(rng.random() < p), True, n
+        return False, False, attempts
+
+    def measure(self, to_slm: set[str], episodes: int, seed: int, attempts: int = 1) -> dict[str, float]:
         """Fresh episodes under the routing: measured success and SLM share."""
         rng = np.random.default_rng(seed)
         ok_eps, slm_calls, calls = 0, 0, 0
@@ -59,15 +78,19 @@ class World:
             wrong = False
             for k in shape:
                 tier = "slm" if k in to_slm else "llm"
-                wrong |= not self._answer(k, tier, wrong, rng)
+                right = self._slm_attempts(k, wrong, attempts, rng)[0] if tier == "slm" and self.invalid else \
+                    self._answer(k, tier, wrong, rng)
+                wrong |= not right
                 slm_calls += tier == "slm"
                 calls += 1
             ok_eps += not wrong
         return {"quality_episode": ok_eps / episodes, "slm_share": slm_calls / calls}
 
     def collect(self, episodes: int, shadow_rate: float, seed: int, *, to_slm: set[str] = frozenset(),
-                unit: str = "episode") -> pd.DataFrame:
-        """A paired table (the columns `pairs.py` builds) from `episodes` collect episodes, one task each."""
+                unit: str = "episode", attempts: int = 1) -> pd.DataFrame:
+        """A paired table (the columns `pairs.py` builds) from `episodes` collect episodes, one task each; with
+        `invalid` set, the SLM answers up to `attempts` times (served and shadow alike, as `shadow_attempts` and
+        `slm_attempts` both at `attempts` log)."""
         rng = np.random.default_rng(seed)
         rows = []
         for e, shape in enumerate(self.shapes(episodes, rng)):
@@ -75,16 +98,22 @@ class World:
             wrong, recs = False, []
             for i, k in enumerate(shape):
                 obs = "slm" if k in to_slm else "llm"
-                ok = {obs: self._answer(k, obs, wrong, rng)}
                 other = "llm" if obs == "slm" else "slm"
                 paired = sampled_ep if unit == "episode" else rng.random() < shadow_rate
-                if paired:  # the shadow sees the same context as the answer the episode used
-                    ok[other] = self._answer(k, other, wrong, rng)
+                ok, valid, n = {}, None, 1
+                for tier in (obs, other) if paired else (obs,):  # the shadow sees the context the episode had
+                    if tier == "slm" and self.invalid:
+                        ok[tier], valid, n = self._slm_attempts(k, wrong, attempts, rng)
+                    else:
+                        ok[tier] = self._answer(k, tier, wrong, rng)
+                if paired:
                     recs.append({"row": f"e{e}/{i}", "task": f"t{e}", "group": f"t{e}", "scenario": None,
                                  "episode": f"e{e}", "call_index": i, "call_kind": k, "prompt": None, "cluster": None,
                                  "slm_ok": ok["slm"], "llm_ok": ok["llm"], "slm_cost": self.slm_cost,
-                                 "llm_cost": self.llm_cost, "slm_logprob": np.nan, "slm_valid": None,
-                                 "obs_tier": obs, "weight": 1.0 / shadow_rate, "graded": True})
+                                 "llm_cost": self.llm_cost, "slm_logprob": np.nan, "slm_valid": valid,
+                                 "obs_tier": obs, "weight": 1.0 / shadow_rate, "graded": True,
+                                 "slm_attempts": n, "slm_attempt_cap": attempts if self.invalid else 1,
+                                 "slm_tries_cost": (n - 1) * self.slm_cost})
                 wrong |= not ok[obs]
             for r in recs:
                 r["episode_success"] = not wrong

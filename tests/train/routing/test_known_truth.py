@@ -123,3 +123,62 @@ def test_the_ray_tune_search_chooses_the_known_policy(ray_cluster, tmp_path):
         lo, hi = ho[f"{key}_ci"]
         assert lo <= measured[key] <= hi, (key, ho[key], (lo, hi), measured[key])
     assert res.metrics["quality"] == "episode" and "choose" in res.metrics["split"]
+
+
+# B's SLM answers are right whenever they hold the format, but 45% of attempts fail the check: one attempt is right
+# 0.55 of the time, two 0.80, three 0.91, against the LLM's 0.90. Under a 0.95 budget the best routing sends A alone
+# to the SLM at k = 1, and A and B at k = 3 (B once per episode: 0.91 / 0.90 = 1.01; k = 2 gives 0.89).
+RETRY = World({"A": (0.97, 0.97), "B": (0.55, 0.90)}, {"A": (1, 4), "B": (1, 1)}, upstream_penalty=0.5,
+              invalid={"B": 0.45})
+
+
+def test_slm_attempts_searched_on_logged_retries_find_the_known_best_k():
+    """A collect that logged up to 3 SLM attempts per call (`shadow_attempts: 3`): the planner, searching
+    slm_attempts with the thresholds, routes A and B to the SLM at k = 3 where k = 1 alone can route only A; its
+    held-out intervals cover fresh episodes under that routing and k, and retries show in the cost."""
+    assert RETRY.truth({"A", "B"}, 3)["quality_episode"] / RETRY.truth(set())["quality_episode"] >= 0.95
+    assert RETRY.truth({"A", "B"}, 2)["quality_episode"] / RETRY.truth(set())["quality_episode"] < 0.95
+    seeds, chose, hits = 20, 0, {"quality_episode": 0, "slm_share": 0}
+    for seed in range(seeds):
+        table = PairedTable(RETRY.collect(800, 0.5, seed, attempts=3), "world", has_cost=True)
+        assert table.max_attempts == 3
+        opts = TuneOptions(seed=seed, n_boot=300)
+        p = Planner(table, split(table, opts.holdout, opts.choose, seed), opts)
+        one = p.choose_on(pd.DataFrame(p.grid_points("threshold", {}, 40)))
+        assert one["held_out"]["slm_share"] < 0.85  # B stays on the LLM at k = 1
+        grid = [pt for k in (1, 2, 3) for pt in p.grid_points("threshold", {"slm_attempts": k}, 40)]
+        chosen = p.choose_on(pd.DataFrame(grid))
+        k = chosen["params"].get("slm_attempts", 1)
+        f = p.fitted("threshold", chosen["params"])
+        scores = pd.Series(f.scores).groupby(table.df["call_kind"].to_numpy()).first()
+        route = {c for c, s in scores.items() if s >= chosen["tau"]}
+        chose += route == {"A", "B"} and k == 3
+        measured = RETRY.measure(route, 10000, 500 + seed, attempts=k)
+        ho = chosen["held_out"]
+        for key in hits:
+            lo, hi = ho[f"{key}_ci"]
+            hits[key] += lo - 1e-9 <= measured[key] <= hi + 1e-9
+        mask = p.held_mask("threshold", chosen["params"], chosen["tau"])
+        if route == {"A", "B"}:  # the same routing costs more with B's retries than with one attempt
+            assert p.at(3)[1].point(mask)["cost"] > p.at(1)[1].point(mask)["cost"]
+    assert chose >= 0.8 * seeds, chose
+    assert hits["quality_episode"] >= 0.85 * seeds and hits["slm_share"] >= 0.85 * seeds, hits
+
+
+def test_the_ray_tune_search_writes_the_known_slm_attempts(ray_cluster, tmp_path):
+    """Real Ray Tune + Optuna, with slm_attempts in the search space (the collect logged 3 attempts): the policy file
+    routes A and B to the SLM with `slm_attempts: 3`, and loads as a router arm."""
+    import yaml
+    from rich.console import Console
+
+    from slmshift.platform.policies import policy_spec
+    from slmshift.train.routing.tune import tune_routing
+
+    res = tune_routing(PairedTable(RETRY.collect(1200, 0.5, 3, attempts=3), "world", has_cost=True), str(tmp_path),
+                       TuneOptions(seed=3, trials=16, time_budget_s=120, kinds=["threshold"], progress=False),
+                       Console(quiet=True))
+    spec = yaml.safe_load((tmp_path / "policy.yaml").read_text())
+    assert spec["kind"] == "threshold" and spec["slm_attempts"] == 3, spec
+    assert policy_spec(spec).slm_attempts == 3
+    assert res.chosen["held_out"]["slm_share"] == pytest.approx(1.0)
+    assert any("slm_attempts searched from 1 to 3" in n for n in res.metrics["notes"])

@@ -2,6 +2,7 @@
 errors a user gets for bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -191,3 +192,65 @@ def test_a_workloads_pairs_alone_and_its_named_policy(tmp_path):
     assert (arm.kind, arm.label, arm.tau) == ("threshold", "tuned-orders", 0.5)
     renamed = RouterSection.model_validate({"policies": [{"file": str(policy), "name": "x"}]}).policies[0]
     assert renamed.label == "x" and yaml.safe_load(policy.read_text())["name"] == "tuned-orders"
+
+
+def test_shadow_attempts_are_logged_and_read_back_as_the_table_each_k_gives(tmp_path):
+    """`shadow_attempts: 3`: the SLM shadow answers again while its answer fails the call's check, every attempt is
+    logged ('<id>:shadow:try<n>', escalated), and the pairs say which attempt the answer came from and what the
+    rejected ones cost; `at_attempts(k)` is the table an SLM answering up to k times would have made."""
+    import asyncio
+
+    import yaml
+
+    from slmshift.agents.client import Session
+    from slmshift.platform.policies import policy_spec
+    from slmshift.platform.types import ModelSpec
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle, MemoryLog
+
+    class Costed(ScriptedEngine):  # token counts, so each attempt has a cost of its own
+        async def generate(self, requests):
+            return [r.model_copy(update={"tokens_in": 100, "tokens_out": 10}) for r in await super().generate(requests)]
+
+    llm = ModelSpec(name="teacher", tier="llm", backend="simulated", price={"input_per_m": 1.0, "output_per_m": 2.0})
+    slm = ModelSpec(name="student", tier="slm", backend="simulated", price={"input_per_m": 0.1, "output_per_m": 0.2})
+    engines = {"teacher": Costed(llm, {"k": ['{"a": 1}']}),
+               "student": Costed(slm, {"k": ["prose", "more prose", '{"a": 1}', '{"a": 2}']})}
+    arm = {"kind": "llm", "name": "arm", "shadow": "slm", "shadow_attempts": 3}
+    log = MemoryLog()
+    pipeline = CallPipeline(policy=policy_spec(arm), models=[llm, slm], params={}, log=log,
+                            handles={n: LocalHandle(e) for n, e in engines.items()})
+
+    def check(text: str) -> SimpleNamespace:
+        try:
+            return SimpleNamespace(valid=True, correct=json.loads(text) == {"a": 1}, reason=None)
+        except ValueError:
+            return SimpleNamespace(valid=False, correct=None, reason="not JSON")
+
+    async def episode() -> list:
+        s = Session(pipeline, experiment_id="exp", scenario="operator", episode_id="ep1", task_id="t1")
+        return [await s.call(role="planner", call_kind="k", messages=[{"role": "user", "content": f"q{i}"}],
+                             check=check) for i in range(2)]
+
+    answers = asyncio.run(episode())
+    assert [a.text for a in answers] == ['{"a": 1}'] * 2  # the episode only ever saw the LLM's answers
+    first, second = (r["id"] for r in log.records if not r["shadow"])
+    shadows = {r["id"]: r for r in log.records if r["shadow"]}
+    assert set(shadows) == {f"{first}:shadow:try1", f"{first}:shadow:try2", f"{first}:shadow", f"{second}:shadow"}
+    assert shadows[f"{first}:shadow"]["retried_from"] == f"{first}:shadow:try2"
+    assert all(shadows[f"{first}:shadow:try{n}"]["escalated"] for n in (1, 2))
+    run = tmp_path / "run"
+    write_run(run, log.records)
+    (run / "config.yaml").write_text(yaml.safe_dump({"router": {"policies": [arm]}}))
+    t = paired_from_run(str(run))
+    df = t.df.set_index("row")
+    attempt_cost = shadows[f"{second}:shadow"]["cost_usd"]
+    assert attempt_cost > 0 and t.max_attempts == 3
+    assert df.loc[first, ["slm_attempts", "slm_attempt_cap", "slm_ok"]].tolist() == [3, 3, True]
+    assert df.loc[first, "slm_tries_cost"] == pytest.approx(2 * attempt_cost)
+    assert df.loc[second, ["slm_attempts", "slm_ok"]].tolist() == [1, False]  # valid, wrong: no retry
+    for k, ok, valid, cost in ((1, False, False, 1), (2, False, False, 2), (3, True, True, 3)):
+        v = t.at_attempts(k).df.set_index("row")
+        assert (v.loc[first, "slm_ok"], v.loc[first, "slm_valid"]) == (ok, valid)
+        assert v.loc[first, "slm_cost"] == pytest.approx(cost * attempt_cost)  # k of its attempts paid
+        assert (v.loc[second, "slm_ok"], v.loc[second, "slm_cost"]) == (False, pytest.approx(attempt_cost))
