@@ -156,7 +156,10 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
     log = LogWriter(str(tmp_path), flush_every=10_000, flush_interval_s=3600)
     log.add([rec(i) for i in range(4)] + [
         rec(0, id="r0:shadow", shadow=True, shadow_of="r0", output="Paris", **slm),  # right, by the run's grader
-        rec(1, id="r1:shadow", shadow=True, shadow_of="r1", output="five", correct=False, **slm),
+        # a shadow that answered twice (shadow_attempts): S4 grades one answer per call, so the first attempt
+        rec(1, id="r1:shadow:try1", shadow=True, shadow_of="r1", output="V", correct=False, valid=False,
+            escalated=True, **slm),
+        rec(1, id="r1:shadow", shadow=True, shadow_of="r1", output="five", retried_from="r1:shadow:try1", **slm),
         rec(2, id="r2:cascade", escalated=True, output="blue", adapter="tuned", **slm)])  # an adapter's answer
     log.close()
 
@@ -169,7 +172,7 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
     assert [v["record_id"] for v in sel.before.verdicts] == list(rows.record_id)  # row order kept
     assert {r: v["source"] for r, v in got.items()} == {"r0": "collect", "r1": "collect", "r2": "generated",
                                                        "r3": "generated"}
-    assert got["r0"]["correct"] and not got["r1"]["correct"] and got["r1"]["output"] == "five"
+    assert got["r0"]["correct"] and not got["r1"]["correct"] and got["r1"]["output"] == "V"
     assert sel.before.n == 4 and sel.before.tokens_in >= 14  # collect's tokens count in the candidate's cost
 
 
