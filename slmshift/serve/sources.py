@@ -10,6 +10,7 @@ that file is converted; only the safetensors copy is kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from slmshift.platform.assets import DATA_PACKAGES, MissingDataPackageError, cache_dir, require_data_package
 from slmshift.platform.errors import ModelLoadError, one_line_error
@@ -246,17 +247,44 @@ def pick_device(device: str) -> str:
 def load_model_and_tokenizer(source: str, dtype: str = "float32", device: str = "auto") -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode; the tokenizer pads on the left and always has a pad token."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    resolved = resolve_source(source)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"model source {source!r}: unknown dtype {dtype!r} (float32, bfloat16, float16).")
+    resolved, tokenizer = _resolved_tokenizer(source)
     kw: dict[str, Any] = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kw)
+    with _load_errors(source, resolved):
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch_dtype, **kw)
         model = model.to(pick_device(device)).eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer alone, set up as `load_model_and_tokenizer` sets it (left padding, a pad token)."""
+    return _resolved_tokenizer(source)[1]
+
+
+def _resolved_tokenizer(source: str) -> tuple[ResolvedSource, Any]:
+    from transformers import AutoTokenizer
+
+    resolved = resolve_source(source)
+    with _load_errors(source, resolved):
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved.path, **({"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}))
+    tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same column
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return resolved, tokenizer
+
+
+@contextlib.contextmanager
+def _load_errors(source: str, resolved: ResolvedSource) -> Iterator[None]:
+    """Loading failures as ModelLoadError naming the source (and the fix, when no hub is reachable)."""
+    try:
+        yield
     except Exception as exc:
         if resolved.kind == "hub" and _is_offline_error(exc):
             raise ModelLoadError(
@@ -264,9 +292,3 @@ def load_model_and_tokenizer(source: str, dtype: str = "float32", device: str = 
                 f"({one_line_error(exc)}). Use a local model directory or 'packaged:smollm2-135m'."
             ) from exc
         raise ModelLoadError(f"could not load model {source!r} ({resolved.kind}): {one_line_error(exc)}") from exc
-    tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same column
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer

@@ -80,13 +80,9 @@ def step_plan(base_source: str, messages: Any, targets: Any, options: LoraOption
     """`plan_steps` with the base model's tokenizer (rows are sized as they will be encoded)."""
     if options.steps != "auto":
         return StepPlan(int(options.steps), "fixed")
-    from transformers import AutoTokenizer
+    from slmshift.serve.sources import load_tokenizer
 
-    from slmshift.serve.sources import resolve_source
-
-    resolved = resolve_source(base_source)
-    tok = AutoTokenizer.from_pretrained(resolved.path, **({"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}))
-    return plan_steps(tok, messages, targets, options)
+    return plan_steps(load_tokenizer(base_source), messages, targets, options)
 
 
 # --- the worker ---------------------------------------------------------------------------------------
