@@ -225,46 +225,49 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
 
     # S4 --------------------------------------------------------------------------------------------
-    from slmshift.train.select import RULE, collected_answers, select_candidates
+    from slmshift.train.select import RULE, collected_answers, select_clusters
 
     t = time.perf_counter()
     # collect's graded SLM answers stand for the held-out calls they cover
     answers = collected_answers(log, run_dir) if o.reuse_collected else None
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
-    selections = {}
+    vals: dict[int, pd.DataFrame] = {}
+    for c in info:
+        mine = rows[rows["cluster"] == c["id"]]
+        val, n_train = mine[mine["split"] == "val"], int((mine["split"] == "train").sum())
+        per_cluster.append({**c, "n_train": n_train, "n_val": len(val), "chosen": None, "before": None,
+                            "after": None, "adapter_dir": None, "promoted": False, "status": ""})
+        if len(val) >= o.min_val_rows:
+            vals[c["id"]] = val
+        else:
+            per_cluster[-1]["status"] = f"not tuned: {len(val)} validation rows (needs {o.min_val_rows})"
     engines: dict[str, Any] = {}
-    with _progress(o.progress, console) as prog:
-        for c in info:
-            mine = rows[rows["cluster"] == c["id"]]
-            val, n_train = mine[mine["split"] == "val"], int((mine["split"] == "train").sum())
-            entry = {**c, "n_train": n_train, "n_val": len(val), "chosen": None, "before": None, "after": None,
-                     "adapter_dir": None, "promoted": False, "status": ""}
-            if len(val) >= o.min_val_rows:
-                sel = select_candidates(val, c["id"], cands, grader, engines=engines, threads=threads,
-                                        batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens,
-                                        progress=prog, answers=answers, constrained=o.constrain,
-                                        licenses=o.licenses, max_memory_mb=o.max_memory_mb,
-                                        scheduler=o.eval_scheduler)
-                selections[c["id"]] = sel
-                from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
-                groups, _, _ = task_groups(sel.before.verdicts)
-                _, low, high = paired_interval([False] * len(val), [bool(v["correct"]) for v in sel.before.verdicts],
-                                               groups, seed=o.lora.seed)  # the accuracy itself, tasks resampled
-                entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
-                             excluded=sel.excluded,
-                             before=sel.before.summary(), before_verdicts=sel.before.verdicts,
-                             before_interval={"low": low, "high": high, "n": len(set(groups))},
-                             before_source={"collect": from_collect, "generated": len(val) - from_collect})
-                if not o.progress:  # without bars (the loop's console) each finished cluster still says so
-                    console.print(f"S4 select: cluster {c['id']} {c['label']!r}: {sel.chosen.name} zero-shot "
-                                  f"{sel.before.correct_rate:.2f} [{low:.2f}, {high:.2f}] held-out {sel.before.measure} on "
-                                  f"{len(set(groups))} tasks / {len(val)} calls "
-                                  f"({from_collect} answered in collect, {len(val) - from_collect} generated in "
-                                  f"{sel.before.wall_s:.0f} s)")
-            else:
-                entry["status"] = f"not tuned: {len(val)} validation rows (needs {o.min_val_rows})"
-            per_cluster.append(entry)
+    with _progress(o.progress, console) as prog:  # every cluster's held-out calls in one pass per candidate
+        selections = select_clusters(vals, cands, grader, engines=engines, threads=threads,
+                                     batch_size=o.eval_batch_size, max_new_tokens=o.max_new_tokens, progress=prog,
+                                     answers=answers, constrained=o.constrain, licenses=o.licenses,
+                                     max_memory_mb=o.max_memory_mb, scheduler=o.eval_scheduler)
+    for entry in per_cluster:
+        if entry["id"] not in selections:
+            continue
+        sel, val = selections[entry["id"]], vals[entry["id"]]
+        from_collect = sum(v.get("source") == "collect" for v in sel.before.verdicts)
+        groups, _, _ = task_groups(sel.before.verdicts)
+        _, low, high = paired_interval([False] * len(val), [bool(v["correct"]) for v in sel.before.verdicts],
+                                       groups, seed=o.lora.seed)  # the accuracy itself, tasks resampled
+        entry.update(chosen=sel.chosen.name, chosen_source=sel.chosen.source, selection=sel.table,
+                     excluded=sel.excluded, before=sel.before.summary(), before_verdicts=sel.before.verdicts,
+                     before_interval={"low": low, "high": high, "n": len(set(groups))},
+                     before_source={"collect": from_collect, "generated": len(val) - from_collect})
+        console.print(f"S4 select: cluster {entry['id']} {entry['label']!r}: {sel.chosen.name} zero-shot "
+                      f"{sel.before.correct_rate:.2f} [{low:.2f}, {high:.2f}] held-out {sel.before.measure} on "
+                      f"{len(set(groups))} tasks / {len(val)} calls ({from_collect} answered in collect, "
+                      f"{len(val) - from_collect} generated)")
+    if selections:
+        console.print(f"S4 select: {len(selections)} cluster(s), "
+                      f"{sum(e['before_source']['generated'] for e in per_cluster if e['id'] in selections)} held-out "
+                      f"call(s) generated in one pass per candidate, {time.perf_counter() - t:.0f} s")
     engines.clear()  # free the zero-shot models before training
     timings["select_s"] = time.perf_counter() - t
 
@@ -302,7 +305,6 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     from slmshift.platform.cluster import start_ray
     from slmshift.platform.config import RaySection
     from slmshift.platform.artifacts import AdapterEntry, AdapterMetrics
-    from slmshift.train.evaluate import evaluate
     from slmshift.train.lora_run import AdapterJob, step_plan, train_adapters
     from slmshift.train.registry import AdapterRegistry, same_task_adapters
 
@@ -345,6 +347,7 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                                   cpus_per_worker=o.cpus_per_worker,
                                   on_step=lambda label: _lora_steps(prog, console, label,
                                                                     by_label[label]["lora_steps"]["steps"]))
+            done = []
             for job, tr in runs:
                 e, sel = by_label[job.label], selections[job.cluster]
                 if isinstance(tr, SlmshiftError):  # one cluster's failure never costs the others their adapters
@@ -353,21 +356,15 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                     continue
                 if tr.resumed_from_step:
                     console.print(f"S5 LoRA {job.label!r}: resumed from its step-{tr.resumed_from_step} checkpoint")
-                val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
-                spec = sel.chosen.model_spec(threads=threads, adapters={e["label"]: tr.adapter_dir},
-                                             scheduler=o.eval_scheduler)
-                after = evaluate(val, spec, e["label"], grader, batch_size=o.eval_batch_size,
-                                 max_new_tokens=o.max_new_tokens, progress=prog,
-                                 desc=f"held-out {sel.chosen.name} + adapter {e['label']}", constrained=o.constrain)
+                done.append((e, sel, tr))
+            graded = _grade_adapters(done, rows, incumbents, in_force, o, grader, threads, prog)
+            for e, sel, tr in done:
+                after = graded[(e["id"], "new")]
                 promoted, reason, interval = promotion(sel.before, after, o.min_promotion_tasks, o.lora.seed)
-                if (inc := incumbents.get(e["id"])) is not None:
-                    inc_spec = _resolve_candidates([inc.base_model])[0].model_spec(
-                        threads=threads, adapters={inc.label: str(in_force.adapter_path(inc))},
-                        scheduler=o.eval_scheduler)
-                    held = evaluate(val, inc_spec, inc.label, grader, batch_size=o.eval_batch_size,
-                                    max_new_tokens=o.max_new_tokens, progress=prog,
-                                    desc=f"held-out adapter in force {inc.label}", constrained=o.constrain)
-                    promoted, reason, e["incumbent"] = challenge(promoted, reason, inc.label, held, after,
+                if (e["id"], "in force") in graded:
+                    inc = incumbents[e["id"]]
+                    promoted, reason, e["incumbent"] = challenge(promoted, reason, inc.label,
+                                                                 graded[(e["id"], "in force")], after,
                                                                  o.min_promotion_tasks, o.lora.seed)
                 console.print(f"S5 result: {e['label']!r} {'promoted' if promoted else 'not promoted'}: {reason}")
                 e.update(after=after.summary(), after_verdicts=after.verdicts, adapter_dir=tr.adapter_dir,
@@ -388,6 +385,35 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
             if saved_api is None:
                 os.environ.pop(_API_ENV, None)
     return str(registry.save())
+
+
+def _grade_adapters(done: list[tuple[dict, Any, Any]], rows: pd.DataFrame, incumbents: dict, in_force: Any,
+                    o: "ConvertOptions", grader: Any, threads: int, prog: Any) -> dict[tuple[int, str], Any]:
+    """Every new adapter, and the adapter in force for its task, on its cluster's held-out calls: one engine per
+    base model with all of them loaded, every call in one pass (`evaluate_parts`). Keys: (cluster, 'new' | 'in
+    force')."""
+    from slmshift.train.evaluate import evaluate_parts
+
+    by_base: dict[str, dict[str, Any]] = {}
+
+    def part(cand: Any, key: tuple[int, str], val: pd.DataFrame, name: str, adapter_dir: str) -> None:
+        b = by_base.setdefault(cand.source, {"cand": cand, "adapters": {}, "parts": []})
+        b["adapters"][name] = adapter_dir
+        b["parts"].append((key, val, name))
+
+    for e, sel, tr in done:
+        val = rows[(rows["cluster"] == e["id"]) & (rows["split"] == "val")]
+        part(sel.chosen, (e["id"], "new"), val, e["label"], tr.adapter_dir)
+        if (inc := incumbents.get(e["id"])) is not None:  # its own name: a task's label recurs across iterations
+            part(_resolve_candidates([inc.base_model])[0], (e["id"], "in force"), val, f"in-force:{inc.label}",
+                 str(in_force.adapter_path(inc)))
+    out: dict[tuple[int, str], Any] = {}
+    for b in by_base.values():
+        spec = b["cand"].model_spec(threads=threads, adapters=b["adapters"], scheduler=o.eval_scheduler)
+        out.update(evaluate_parts(b["parts"], spec, grader, batch_size=o.eval_batch_size,
+                                  max_new_tokens=o.max_new_tokens, progress=prog, constrained=o.constrain,
+                                  desc=f"held-out {b['cand'].name} + {len(b['adapters'])} adapter(s)"))
+    return out
 
 
 # --- the report -------------------------------------------------------------------------------------

@@ -285,10 +285,10 @@ def served_max_tokens(rows: pd.DataFrame, scenarios: dict[str, Any] | None = Non
     return out
 
 
-def _requests(rows: pd.DataFrame, adapter: str | None, max_tokens: list[int], constrained: bool = True
+def _requests(rows: pd.DataFrame, adapters: list[str | None], max_tokens: list[int], constrained: bool = True
               ) -> list[LMRequest]:
     reqs = []
-    for i, (r, mt) in enumerate(zip(rows.to_dict("records"), max_tokens)):
+    for i, (r, mt, adapter) in enumerate(zip(rows.to_dict("records"), max_tokens, adapters)):
         reqs.append(LMRequest(
             experiment_id="convert-eval", episode_id=str(r.get("episode_id", "")), call_index=i,
             scenario=str(r.get("scenario", "")), role=str(r.get("role", "")), call_kind=str(r.get("call_kind", "")),
@@ -329,22 +329,44 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
     so a budget derived from it would grade outputs that serving would not produce. `constrained`: the engine holds
     each call to its logged output constraint, as the SLM tier is served under `constrain: slm` (the default).
     """
+    return evaluate_parts([(None, rows, adapter)], spec, scenario_grader, engine=engine, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, progress=progress, desc=desc, constrained=constrained)[None]
+
+
+def evaluate_parts(parts: list[tuple[Any, pd.DataFrame, str | None]], spec: ModelSpec,
+                   scenario_grader: Callable[[dict[str, Any], str], CallGrade], *, engine: Any = None,
+                   batch_size: int = 16, max_new_tokens: int | None = None, progress: Any = None,
+                   desc: str | None = None, constrained: bool = True) -> dict[Any, EvalResult]:
+    """`evaluate` for several (key, rows, adapter) parts on one model: a continuous-batching engine gets every part's
+    calls in one pass, each row with its part's adapter (peft's mixed batches), so no part waits for another's tail;
+    other engines take each part on its own, in batches of `batch_size`. Each part's `wall_s` is its pass's."""
     from slmshift.serve.engines.base import get_engine_class
 
     t0 = time.perf_counter()
-    if rows.empty:
-        return EvalResult(spec.name, adapter, 0, 0.0, 0.0)
+    live = [p for p in parts if not p[1].empty]
+    out = {key: EvalResult(spec.name, adapter, 0, 0.0, 0.0) for key, rows, adapter in parts if rows.empty}
+    if not live:
+        return out
     if engine is None:
         engine = get_engine_class(spec.backend)(spec)
+    if len(live) > 1 and not getattr(engine, "continuous", False):
+        for p in live:
+            out.update(evaluate_parts([p], spec, scenario_grader, engine=engine, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, progress=progress, desc=desc,
+                                      constrained=constrained))
+        return out
+    rows = pd.concat([r for _, r, _ in live], ignore_index=True)
+    adapters = [a for _, r, a in live for _ in range(len(r))]
     budgets = served_max_tokens(rows, getattr(scenario_grader, "scenarios", None))
     if max_new_tokens is not None:
         budgets = [min(b, max_new_tokens) for b in budgets]
-    reqs = _requests(rows, adapter, budgets, constrained)
+    reqs = _requests(rows, adapters, budgets, constrained)
     records = rows.to_dict("records")
-    what = desc or (f"evaluating {spec.name}" + (f" + {adapter}" if adapter else ""))
+    only = live[0][2] if len(live) == 1 else None
+    what = desc or (f"evaluating {spec.name}" + (f" + {only}" if only else ""))
     task = progress.add_task(what, total=len(reqs)) if progress is not None else None
     verdicts: list[dict[str, Any]] = []
-    tokens_in = tokens_out = errors = 0
+    errors = 0
     first_error = ""
     advance = (lambda n: progress.advance(task, n)) if task is not None else (lambda n: None)
     for rec, resp in zip(records, asyncio.run(_generate_all(engine, reqs, batch_size, advance))):
@@ -354,18 +376,23 @@ def evaluate(rows: pd.DataFrame, spec: ModelSpec, adapter: str | None,
             g = CallGrade(False, False, f"engine error: {resp.error[:160]}", by="")
         else:
             g = scenario_grader(rec, resp.text)
-        tokens_in += resp.tokens_in
-        tokens_out += resp.tokens_out
         # task_id: promotion's bootstrap resamples tasks, keeping a task's correlated calls together
         verdicts.append({"record_id": rec.get("record_id"), "task_id": str(rec.get("task_id") or ""),
                          "output": resp.text, "valid": g.valid, "correct": g.correct, "reason": g.reason,
-                         "by": g.by})
+                         "by": g.by, "tokens_in": resp.tokens_in, "tokens_out": resp.tokens_out,
+                         "error": bool(resp.error)})
     if errors == len(reqs):  # nothing was generated: a setup problem, not a model that answered badly
-        raise SlmshiftError(f"evaluating {spec.name!r}{' with adapter ' + repr(adapter) if adapter else ''} failed for "
+        named = ", ".join(repr(a) for a in dict.fromkeys(a for a in adapters if a))
+        raise SlmshiftError(f"evaluating {spec.name!r}{' with adapter(s) ' + named if named else ''} failed for "
                             f"every call: {first_error}")
-    n = len(verdicts)
-    return EvalResult(
-        model=spec.name, adapter=adapter, n=n,
-        valid_rate=sum(v["valid"] for v in verdicts) / n, correct_rate=sum(v["correct"] for v in verdicts) / n,
-        tokens_in=tokens_in, tokens_out=tokens_out, wall_s=round(time.perf_counter() - t0, 3), errors=errors,
-        verdicts=verdicts)
+    wall = round(time.perf_counter() - t0, 3)
+    start = 0
+    for key, part, adapter in live:
+        vs, start = verdicts[start:start + len(part)], start + len(part)
+        n = len(vs)
+        out[key] = EvalResult(
+            model=spec.name, adapter=adapter, n=n,
+            valid_rate=sum(v["valid"] for v in vs) / n, correct_rate=sum(v["correct"] for v in vs) / n,
+            tokens_in=sum(v.pop("tokens_in") for v in vs), tokens_out=sum(v.pop("tokens_out") for v in vs),
+            wall_s=wall, errors=sum(v.pop("error") for v in vs), verdicts=vs)
+    return out

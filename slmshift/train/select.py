@@ -21,7 +21,7 @@ import pandas as pd
 
 from slmshift.platform.errors import SlmshiftError
 from slmshift.train.candidates import Candidate
-from slmshift.train.evaluate import CallGrade, EvalResult, evaluate
+from slmshift.train.evaluate import CallGrade, EvalResult, evaluate_parts
 
 __all__ = ["Selection", "score", "choose", "eligible", "select_candidates", "collected_answers", "RULE",
            "PERMISSIVE_LICENSES"]
@@ -157,34 +157,49 @@ def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated:
 
 
 def select_candidates(val_rows: pd.DataFrame, cluster: int, cands: list[Candidate],
-                      grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
-                      threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-                      progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True, scheduler: str = "continuous",
-                      licenses: list[str] | None = None, max_memory_mb: float | None = None) -> Selection:
-    """Evaluate each candidate that passes RULE's gates (`licenses`, `max_memory_mb`) on one cluster's validation
-    rows and choose one. `answers` (`collected_answers`): a candidate's own graded answers from collect stand for
-    those calls, and only the rest are generated (each verdict's `source` says which). `engines` caches loaded
-    engines by candidate name across clusters (a model loads once per convert)."""
+                      grader: Callable[[dict[str, Any], str], CallGrade], **kw: Any) -> Selection:
+    """`select_clusters` for one cluster."""
+    return select_clusters({cluster: val_rows}, cands, grader, **kw)[cluster]
+
+
+def select_clusters(vals: dict[int, pd.DataFrame], cands: list[Candidate],
+                    grader: Callable[[dict[str, Any], str], CallGrade], *, engines: dict[str, Any] | None = None,
+                    threads: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+                    progress: Any = None, answers: pd.DataFrame | None = None, constrained: bool = True,
+                    scheduler: str = "continuous", licenses: list[str] | None = None,
+                    max_memory_mb: float | None = None) -> dict[int, Selection]:
+    """Evaluate each candidate that passes RULE's gates (`licenses`, `max_memory_mb`) on each cluster's validation
+    rows (`vals`: cluster id -> rows) and choose one per cluster. `answers` (`collected_answers`): a candidate's own
+    graded answers from collect stand for those calls, and only the rest are generated (each verdict's `source` says
+    which), every cluster's in one pass per candidate (`evaluate_parts`). `engines` caches loaded engines by
+    candidate name (a model loads once per convert)."""
     from slmshift.serve.engines.base import get_engine_class
 
     engines = engines if engines is not None else {}
     cands, excluded = eligible(cands, licenses, max_memory_mb)
-    results = []
+    results: dict[int, list] = {cid: [] for cid in vals}
     for c in cands:
-        reused = _reused(answers, c, val_rows)
-        todo = val_rows[~val_rows["record_id"].isin(reused)] if reused else val_rows
-        generated = None
-        if len(todo):
+        reused = {cid: _reused(answers, c, v) for cid, v in vals.items()}
+        todo = {cid: v[~v["record_id"].isin(reused[cid])] if reused[cid] else v for cid, v in vals.items()}
+        generated: dict[int, EvalResult] = {}
+        if any(len(t) for t in todo.values()):
             spec = c.model_spec(threads=threads, scheduler=scheduler)
             if c.name not in engines:
                 engines[c.name] = get_engine_class(spec.backend)(spec)
-            generated = evaluate(todo, spec, None, grader, engine=engines[c.name], batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, progress=progress,
-                                 desc=f"zero-shot {c.name} on cluster {cluster}", constrained=constrained)
-        results.append((c, _merge(val_rows, reused, generated, c.model_spec(threads=threads).name)))
-    chosen, before = choose(results)
-    table = [{"candidate": c.name, "source": c.source, "params": c.params, "license": c.license,
-              "memory_mb": c.memory_mb, "context_length": c.context_length, "n": ev.n,
-              "accuracy": round(ev.correct_rate, 4), "valid_rate": round(ev.valid_rate, 4),
-              "cost_usd": cost_usd(c, ev), "score": score(c, ev), "chosen": c is chosen} for c, ev in results]
-    return Selection(cluster, chosen, before, table, excluded)
+            generated = evaluate_parts([(cid, t, None) for cid, t in todo.items()], spec, grader,
+                                       engine=engines[c.name], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       progress=progress, constrained=constrained,
+                                       desc=f"zero-shot {c.name} on {len(vals)} cluster(s)")
+        for cid, v in vals.items():
+            g = generated.get(cid)
+            results[cid].append((c, _merge(v, reused[cid], g if g is not None and g.n else None,
+                                           c.model_spec(threads=threads).name)))
+    out = {}
+    for cid, res in results.items():
+        chosen, before = choose(res)
+        table = [{"candidate": c.name, "source": c.source, "params": c.params, "license": c.license,
+                  "memory_mb": c.memory_mb, "context_length": c.context_length, "n": ev.n,
+                  "accuracy": round(ev.correct_rate, 4), "valid_rate": round(ev.valid_rate, 4),
+                  "cost_usd": cost_usd(c, ev), "score": score(c, ev), "chosen": c is chosen} for c, ev in res]
+        out[cid] = Selection(cid, chosen, before, table, excluded)
+    return out

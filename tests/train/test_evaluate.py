@@ -88,3 +88,40 @@ def test_every_scenario_declares_its_call_kinds_budgets():
     assert _scenario("operator").token_budget("no_such_kind") is None
     rows = _rows(call_kind=["code", "unknown"], scenario=["mg", "mg"])
     assert served_max_tokens(rows, {"mg": mg}) == [500, DEFAULT_MAX_TOKENS]
+
+
+def test_parts_on_one_model_go_to_a_continuous_engine_in_one_pass_each_row_with_its_adapter():
+    """`evaluate_parts` (S4's clusters, S5's new adapters and the ones in force): a continuous-batching engine has
+    every part's calls in flight at once, each with its part's adapter, and each part gets back its own verdicts;
+    an engine without continuous batching takes the parts one after another."""
+    from slmshift.train.evaluate import evaluate_parts
+
+    class Engine(ScriptedEngine):
+        continuous = True
+
+        def __init__(self, spec, **kw):
+            super().__init__(spec, **kw)
+            self.in_flight = self.most = 0
+
+        async def generate(self, requests):
+            self.in_flight += len(requests)
+            self.most = max(self.most, self.in_flight)
+            await asyncio.sleep(0.01)
+            self.in_flight -= len(requests)
+            return await super().generate(requests)
+
+    grader = ScenarioGrader({"op": _scenario("operator")})
+    spec = ModelSpec(name="scripted", tier="slm", backend="simulated")
+    a, b = _rows(call_kind=["intent"] * 3), _rows(call_kind=["intent"] * 2).assign(record_id=["b0", "b1"])
+    engine = Engine(spec, answer=lambda r: f"answer of {r.adapter}")
+    out = evaluate_parts([("a", a, "alpha"), ("b", b, None), ("none", a.iloc[:0], "gamma")], spec, grader,
+                         engine=engine)
+    assert engine.most == 5  # every call of every part at once
+    assert [r.adapter for r in engine.requests] == ["alpha"] * 3 + [None] * 2
+    assert [v["output"] for v in out["a"].verdicts] == ["answer of alpha"] * 3 and out["a"].adapter == "alpha"
+    assert [v["record_id"] for v in out["b"].verdicts] == ["b0", "b1"] and out["b"].n == 2
+    assert out["none"].n == 0
+    static = Engine(spec, answer=lambda r: "x")
+    static.continuous = False
+    evaluate_parts([("a", a, "alpha"), ("b", b, None)], spec, grader, engine=static, batch_size=16)
+    assert static.most == 3  # part by part, as the static scheduler's batches took one adapter each
