@@ -9,7 +9,14 @@ Intervals: 95% percentile bootstrap over tasks (BFCL task / MiniWoB task), 2,000
 
 Each call kind prints its two rows as soon as they are done (cheap kinds first).
 
+MetaGPT's call kinds (`--metagpt-run RUN_DIR --kinds prd,design,tasks,code`): the calls of a MetaGPT collect run as S2
+keeps them (the teacher's calls of episodes that passed, so each prompt carries a clean upstream: the PRD a design
+call reads, the design a code call reads), up to `--n` per kind, a task's calls together; the same grader as convert
+(`grader_for_run`: pydantic schemas for prd/tasks, the design check, HumanEval's tests in the sandbox for code),
+generated with each call's logged constraint off and on (`train/evaluate.py`, as S4 does).
+
 Run: .venv/bin/python bench/constrained_validity.py [--n 60] [--pages 60] [--kinds intent,...] [--json out.json]
+     .venv/bin/python bench/constrained_validity.py --metagpt-run RUN_DIR --kinds prd,design,tasks,code --n 50
 """
 
 from __future__ import annotations
@@ -84,6 +91,43 @@ def cradle_cases(pages: int) -> list[tuple[str, LMRequest, object]]:
     return out
 
 
+METAGPT_KINDS = ("prd", "design", "tasks", "code", "tests", "debug", "summary")
+
+
+def metagpt_kind(engine, run_dir: str, kind: str, n: int, constrained: bool) -> tuple[dict, dict, int, int]:
+    """(valid, correct) by task for up to n curated calls of `kind` from a collect run, and tokens out, errors."""
+    from slmshift.platform.log import read_interactions
+    from slmshift.train.curate import curate
+    from slmshift.train.evaluate import evaluate, grader_for_run
+
+    rows = curate(read_interactions(run_dir)).rows
+    rows = rows[(rows["scenario"] == "metagpt") & (rows["call_kind"] == kind)]
+    tasks = sorted(rows["task_id"].unique())
+    random.Random(0).shuffle(tasks)  # a fixed sample of tasks, the same for both runs of a kind
+    keep, picked = [], 0
+    for t in tasks:  # whole tasks until n calls
+        mine = rows[rows["task_id"] == t]
+        if picked >= n:
+            break
+        keep.append(mine)
+        picked += len(mine)
+    import pandas as pd
+
+    sel = pd.concat(keep).head(n) if keep else rows.iloc[:0]
+    from slmshift.scenarios.metagpt.schemas import constraint_for
+
+    # the kind's constraint as the scenario declares it today (a collect from before constraints logged none)
+    sel = sel.assign(constraint=constraint_for(kind).model_dump_json())
+    ev = evaluate(sel, engine.spec, None, grader_for_run(run_dir), engine=engine, constrained=constrained,
+                  desc=f"metagpt {kind}")
+    valid: dict[str, list[bool]] = {}
+    correct: dict[str, list[bool]] = {}
+    for v in ev.verdicts:
+        valid.setdefault(v["task_id"], []).append(bool(v["valid"]))
+        correct.setdefault(v["task_id"], []).append(bool(v["correct"]))
+    return valid, correct, ev.tokens_out, ev.errors
+
+
 def bootstrap(groups: dict[str, list[bool]], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Share of True over all items, with a 95% interval resampling groups (tasks)."""
     keys = sorted(groups)
@@ -104,33 +148,40 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=60, help="MiniWoB pages for action planning (0: skip)")
     ap.add_argument("--kinds", default="intent,action_planning,function_call", help="call kinds, in this order")
     ap.add_argument("--json", help="write the rows here too (after each call kind)")
+    ap.add_argument("--metagpt-run", help="a MetaGPT collect run: its curated calls for the MetaGPT kinds")
     args = ap.parse_args()
 
     from slmshift.serve.engines.hf import HFEngine
 
     print(f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     kinds = args.kinds.split(",")
-    cases = bfcl_cases(args.n) + (cradle_cases(args.pages) if args.pages and "action_planning" in kinds else [])
+    if any(k in METAGPT_KINDS for k in kinds) and not args.metagpt_run:
+        ap.error("MetaGPT call kinds need --metagpt-run RUN_DIR (a collect run with MetaGPT calls)")
+    cases = (bfcl_cases(args.n) if {"intent", "function_call"} & set(kinds) else []) + \
+        (cradle_cases(args.pages) if args.pages and "action_planning" in kinds else [])
     engine = HFEngine(ModelSpec(name="slm", tier="slm", backend="hf", source=SOURCE,
                                 hf={"threads": 2, "max_input_tokens": 4096}, batching={"max_batch_size": 32}))
     rows = []
     for kind in kinds:  # cheap kinds first: each prints as soon as both of its runs are done
         mine = [c for c in cases if c[1].call_kind == kind]
         for constrained in (False, True):
-            reqs = [q.model_copy(update={"constrained": constrained}) for _, q, _ in mine]
             t0 = time.perf_counter()
-            out = asyncio.run(engine.generate(reqs))
-            wall = time.perf_counter() - t0
             valid: dict[str, list[bool]] = {}
             correct: dict[str, list[bool]] = {}
-            for (group, _, grade), r in zip(mine, out):
-                v, c = grade(r.text) if r.error is None else (False, False)
-                valid.setdefault(group, []).append(bool(v))
-                correct.setdefault(group, []).append(bool(c))
-            row = {"call_kind": kind, "constrained": constrained, "n": len(mine), "tasks": len(valid),
-                   "valid": [round(x, 3) for x in bootstrap(valid)],
-                   "correct": [round(x, 3) for x in bootstrap(correct)],
-                   "tokens_out": sum(r.tokens_out for r in out), "errors": sum(r.error is not None for r in out),
+            if kind in METAGPT_KINDS:
+                valid, correct, tokens_out, errors = metagpt_kind(engine, args.metagpt_run, kind, args.n, constrained)
+            else:
+                reqs = [q.model_copy(update={"constrained": constrained}) for _, q, _ in mine]
+                out = asyncio.run(engine.generate(reqs))
+                for (group, _, grade), r in zip(mine, out):
+                    v, c = grade(r.text) if r.error is None else (False, False)
+                    valid.setdefault(group, []).append(bool(v))
+                    correct.setdefault(group, []).append(bool(c))
+                tokens_out, errors = sum(r.tokens_out for r in out), sum(r.error is not None for r in out)
+            wall = time.perf_counter() - t0
+            row = {"call_kind": kind, "constrained": constrained, "n": sum(map(len, valid.values())),
+                   "tasks": len(valid), "valid": [round(x, 3) for x in bootstrap(valid)],
+                   "correct": [round(x, 3) for x in bootstrap(correct)], "tokens_out": tokens_out, "errors": errors,
                    "wall_s": round(wall, 1), "at": time.strftime("%H:%M UTC", time.gmtime())}
             rows.append(row)
             print(json.dumps(row), flush=True)
