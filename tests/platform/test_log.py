@@ -313,21 +313,29 @@ def test_superseded_attempt_records(tmp_path):
     assert set(after[(after.episode_id == "ep1") & ~after.escalated]["output"]) == {"retry"}
 
 
+async def _one_record_taken(log):
+    """A LogClient that has shipped one record, which the writer holds (its flush interval restarted just before)."""
+    from slmshift.platform.log import LogClient
+
+    await log.sync.remote()  # the interval starts now
+    client = LogClient(log, flush_every=100)
+    client.add(make_interaction("ep0", 0).model_dump())
+    client.flush()
+    await client.received()
+    return client
+
+
 def test_client_nudges_an_idle_writer_to_flush(tmp_path, ray_session):
     """A client that stops sending (an idle gateway) still gets its records into a file within the flush interval."""
     import asyncio
 
-    from slmshift.platform.log import NUDGE_S, LogClient
+    from slmshift.platform.log import NUDGE_S
 
     run = str(tmp_path / "run")
     log = InteractionLog.remote(run)  # default 2 s flush interval
 
     async def go():
-        await log.sync.remote()  # the interval starts now
-        client = LogClient(log, flush_every=100)
-        client.add(make_interaction("ep0", 0).model_dump())
-        client.flush()
-        await client.received()
+        client = await _one_record_taken(log)
         assert read_interactions(run).empty  # taken, not yet written
         await asyncio.sleep(NUDGE_S + 1.5)
         assert len(read_interactions(run)) == 1
@@ -345,18 +353,13 @@ def test_a_nudge_that_lands_before_the_interval_ends_is_followed_by_another(tmp_
     import asyncio
 
     from slmshift.platform import log as log_module
-    from slmshift.platform.log import LogClient
 
     monkeypatch.setattr(log_module, "NUDGE_S", 0.5)  # the first nudge comes well inside the writer's 2 s interval
     run = str(tmp_path / "run")
     log = InteractionLog.remote(run)
 
     async def go():
-        await log.sync.remote()  # the interval starts now
-        client = LogClient(log, flush_every=100)
-        client.add(make_interaction("ep0", 0).model_dump())
-        client.flush()
-        await client.received()
+        client = await _one_record_taken(log)
         await asyncio.sleep(1.0)  # the first nudge (at 0.5 s) has flushed nothing
         assert read_interactions(run).empty
         deadline = time.time() + 10
