@@ -204,7 +204,7 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
         n, tries_cost = _attempts(slm, by_id)
         slm_arm, shadow_arm = caps.get(str(main["policy"]), (n, n))
         cap = max(n, shadow_arm if bool(slm["shadow"]) else slm_arm)
-        short += cap < k_max and not bool(s_ok) and n == cap
+        short += cap < k_max and n == cap and _empty_to_none(slm["valid"]) is not None and not bool(slm["valid"])
         rows.append({
             "row": str(main["id"]), "task": str(main["task_id"]) or None, "scenario": str(main["scenario"]),
             "episode": episode, "call_index": int(main["call_index"]), "call_kind": str(main["call_kind"]),

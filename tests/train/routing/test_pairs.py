@@ -240,9 +240,14 @@ def test_shadow_attempts_are_logged_and_read_back_as_the_table_each_k_gives(tmp_
     assert shadows[f"{first}:shadow"]["retried_from"] == f"{first}:shadow:try2"
     assert all(shadows[f"{first}:shadow:try{n}"]["escalated"] for n in (1, 2))
     run = tmp_path / "run"
-    write_run(run, log.records)
-    (run / "config.yaml").write_text(yaml.safe_dump({"router": {"policies": [arm]}}))
+    # and an arm that served the SLM with one attempt: its invalid answer is all there is for any k
+    write_run(run, log.records + [rec("x1", "slm", correct=None, valid=False),
+                                  rec("x1:shadow", "llm", correct=True, shadow=True, shadow_of="x1")])
+    (run / "config.yaml").write_text(yaml.safe_dump({"router": {"policies": [arm, {"kind": "slm", "name": "paired"}]}}))
     t = paired_from_run(str(run))
+    assert t.df.set_index("row").loc["x1", "slm_attempt_cap"] == 1
+    assert any("1 pair(s) whose SLM side used every attempt its arm allowed" in n for n in t.notes), t.notes
+    assert not t.at_attempts(3).df.set_index("row").loc["x1", "slm_ok"]
     df = t.df.set_index("row")
     attempt_cost = shadows[f"{second}:shadow"]["cost_usd"]
     assert attempt_cost > 0 and t.max_attempts == 3
