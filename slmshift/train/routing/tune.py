@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,6 +70,14 @@ def attempts(params: dict[str, Any]) -> int:
     return int(params.get("slm_attempts", 1))
 
 
+class View(NamedTuple):
+    """The paired table, held-out estimator and choose replay as an SLM answering up to k times would give them."""
+
+    table: PairedTable
+    held: Estimator
+    choose: Replay
+
+
 def quality_level(choose: Replay, held: Replay, min_episodes: int) -> str:
     """Episode level when both parts have fully paired episodes and the held-out part at least `min_episodes`."""
     return "episode" if choose.episodes and held.episodes and held.n_episodes >= min_episodes else "call"
@@ -82,26 +90,27 @@ class Planner:
 
     def __init__(self, table: PairedTable, parts: Split, opts: TuneOptions):
         self.table, self.parts, self.opts = table, parts, opts
-        self._by_k: dict[int, tuple[PairedTable, Estimator, Replay]] = {}
-        self.held, self.choose_replay = self.at(1)[1:]
+        self._views: dict[int, View] = {}
+        _, self.held, self.choose_replay = self.view({})
         self.level = quality_level(self.choose_replay, self.held.replay, opts.min_episodes)
         self.primary = f"quality_{self.level}"
         self._fitted: dict[tuple[str, str], Fitted] = {}
         llm = np.zeros((self.held.replay.n, 1), bool)
         self.baselines = {"always_llm": self.held.point(llm), "always_slm": self.held.point(~llm)}
 
-    def at(self, k: int) -> tuple[PairedTable, Estimator, Replay]:
-        """The table, held-out estimator and choose replay as an SLM answering up to `k` times would give them."""
-        if k not in self._by_k:
+    def view(self, params: dict[str, Any]) -> View:
+        """The parts as a point with `params` sees them: its `slm_attempts` (1 unless searched)."""
+        k = attempts(params)
+        if k not in self._views:
             t = self.table.at_attempts(k)
-            self._by_k[k] = (t, Estimator(t.df.iloc[self.parts.held], self.opts.n_boot, self.opts.seed),
-                             Replay(t.df.iloc[self.parts.choose]))
-        return self._by_k[k]
+            self._views[k] = View(t, Estimator(t.df.iloc[self.parts.held], self.opts.n_boot, self.opts.seed),
+                                  Replay(t.df.iloc[self.parts.choose]))
+        return self._views[k]
 
     def fitted(self, kind: str, params: dict[str, Any]) -> Fitted:
         key = (kind, params_key(params))
         if key not in self._fitted:
-            self._fitted[key] = fit_scorer(kind, params, self.at(attempts(params))[0], self.parts.fit,
+            self._fitted[key] = fit_scorer(kind, params, self.view(params).table, self.parts.fit,
                                            seed=self.opts.seed)
         return self._fitted[key]
 
@@ -112,7 +121,7 @@ class Planner:
 
     def held_point(self, kind: str, params: dict[str, Any], tau: float | None) -> dict[str, Any]:
         mask = self.held_mask(kind, params, tau)
-        held = self.at(attempts(params))[1]
+        held = self.view(params).held
         out = held.point(mask, cascade=kind == "cascade")
         out["quality_ratio_to_llm"] = held.ratio(mask, self.level, self.opts.budget)
         out["ungraded"] = ungraded_share(self.table.df.iloc[self.parts.held], mask[:, 0])
@@ -121,7 +130,7 @@ class Planner:
         if scen.notna().all() and scen.nunique() > 1:  # per scenario: what the loop's table sets beside verify
             for name in sorted(scen.unique()):
                 rows = np.flatnonzero((scen == name).to_numpy())
-                est = Estimator(self.at(attempts(params))[0].df.iloc[self.parts.held[rows]], self.opts.n_boot,
+                est = Estimator(self.view(params).table.df.iloc[self.parts.held[rows]], self.opts.n_boot,
                                 self.opts.seed)
                 by[name] = est.point(mask[rows], cascade=kind == "cascade")
         if by:
@@ -146,7 +155,7 @@ class Planner:
         f = self.fitted(kind, params)
         c = self.parts.choose
         taus = metrics.threshold_grid(f.effective(c), grid)
-        res = self.at(attempts(params))[2].evaluate(f.mask(c, taus), cascade=kind == "cascade")
+        res = self.view(params).choose.evaluate(f.mask(c, taus), cascade=kind == "cascade")
         return [{"kind": kind, "params": params_key(params), "tau": float(t),
                  **{k: float(v[i]) for k, v in res.items()}} for i, t in enumerate(taus)]
 
@@ -232,7 +241,7 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
             params = json.loads(sub.sort_values("apgr_search", ascending=False, na_position="last").iloc[0]["params"])
             f = plan.fitted(kind, params)
         lo, hi = min(cost_range), max(cost_range)
-        policies[kind] = plan.at(attempts(params))[1].policy(f, parts.held, opts.report_grid, b, (lo, hi))
+        policies[kind] = plan.view(params).held.policy(f, parts.held, opts.report_grid, b, (lo, hi))
         policies[kind].update(params=params, label=LABELS[kind], deployable=kind != "oracle" and _deployable(kind, table))
 
     front = trials[trials["pareto"]].sort_values("cost")
@@ -241,8 +250,8 @@ def tune_routing(table: PairedTable, out_dir: str, opts: TuneOptions | None = No
                "deployable": bool(r["deployable"]), "choose": {k: float(r[k]) for k in keys if k in r}}
               for _, r in front.iterrows()]
     for p in pareto[:60]:  # held-out figures for the front (capped: each may need a scorer fit)
-        ho = plan.at(attempts(p["params"]))[1].point(plan.held_mask(p["kind"], p["params"], p["tau"]),
-                                                     cascade=p["kind"] == "cascade")
+        ho = plan.view(p["params"]).held.point(plan.held_mask(p["kind"], p["params"], p["tau"]),
+                                               cascade=p["kind"] == "cascade")
         p["held_out"] = {k: v for k, v in ho.items() if not k.endswith("_ci")}
     policy_file = write_policy(chosen, table, out, plan.fitted)
     m = {"source": table.source, "rows": len(table), "split": {"unit": parts.unit, **parts.sizes,

@@ -160,7 +160,7 @@ def test_slm_attempts_searched_on_logged_retries_find_the_known_best_k():
             hits[key] += lo - 1e-9 <= measured[key] <= hi + 1e-9
         mask = p.held_mask("threshold", chosen["params"], chosen["tau"])
         if route == {"A", "B"}:  # the same routing costs more with B's retries than with one attempt
-            assert p.at(3)[1].point(mask)["cost"] > p.at(1)[1].point(mask)["cost"]
+            assert p.view({"slm_attempts": 3}).held.point(mask)["cost"] > p.view({}).held.point(mask)["cost"]
     assert chose >= 0.8 * seeds, chose
     assert hits["quality_episode"] >= 0.85 * seeds and hits["slm_share"] >= 0.85 * seeds, hits
 
