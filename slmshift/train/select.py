@@ -23,8 +23,8 @@ from slmshift.platform.errors import SlmshiftError
 from slmshift.train.candidates import Candidate
 from slmshift.train.evaluate import CallGrade, EvalResult, evaluate_parts
 
-__all__ = ["Selection", "score", "choose", "eligible", "select_candidates", "collected_answers", "RULE",
-           "PERMISSIVE_LICENSES"]
+__all__ = ["Selection", "score", "choose", "eligible", "select_candidates", "select_clusters", "collected_answers",
+           "RULE", "PERMISSIVE_LICENSES"]
 
 RULE = ("per cluster: licence in convert.licenses and memory <= convert.max_memory_mb (gates; default: any), then "
         "quality / cost, quality = accuracy + 0.1 x valid rate on the cluster's validation calls, "

@@ -164,7 +164,8 @@ def paired_from_run(run_dir: str, *, clusters_dir: str | None = None) -> PairedT
     if infra.any():
         notes.append(f"{int(infra.sum())} record(s) with an infrastructure error left out")
     doc = _config(run_dir)
-    rates, scenarios, caps = _shadow_rates(doc), _scenario_labels(doc), _attempt_caps(doc)
+    arms = _arms(doc)
+    rates, scenarios, caps = _shadow_rates(arms), _scenario_labels(doc), _attempt_caps(arms)
     by_id = df[~infra].set_index("id", drop=False)
     # main record id -> (slm record, llm record, tier the episode used, P(this pair is in the log))
     pairs: dict[str, tuple[pd.Series, pd.Series, str, float]] = {}
@@ -246,18 +247,20 @@ def _config(run_dir: str) -> dict:
         return {}
 
 
-def _shadow_rates(doc: dict) -> dict[str, float]:
-    """Policy label -> its shadow_rate, from the run's config (1.0 where it says none; every pair counts once
-    without a config)."""
+def _arms(doc: dict) -> dict[str, dict]:
+    """Policy label -> its settings, from the run's config (none without one)."""
     pols = ((doc.get("router") or {}).get("policies")) or []
-    return {str(p.get("name") or p.get("kind")): float(p.get("shadow_rate", 1.0)) for p in pols if isinstance(p, dict)}
+    return {str(p.get("name") or p.get("kind")): p for p in pols if isinstance(p, dict)}
 
 
-def _attempt_caps(doc: dict) -> dict[str, tuple[int, int]]:
-    """Policy label -> (slm_attempts, shadow_attempts), from the run's config (none without one)."""
-    pols = ((doc.get("router") or {}).get("policies")) or []
-    return {str(p.get("name") or p.get("kind")): (int(p.get("slm_attempts", 1)), int(p.get("shadow_attempts", 1)))
-            for p in pols if isinstance(p, dict)}
+def _shadow_rates(arms: dict[str, dict]) -> dict[str, float]:
+    """Policy label -> its shadow_rate (1.0 where it says none; every pair counts once without a config)."""
+    return {label: float(p.get("shadow_rate", 1.0)) for label, p in arms.items()}
+
+
+def _attempt_caps(arms: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """Policy label -> (slm_attempts, shadow_attempts)."""
+    return {label: (int(p.get("slm_attempts", 1)), int(p.get("shadow_attempts", 1))) for label, p in arms.items()}
 
 
 def _attempts(slm: pd.Series, by_id: pd.DataFrame) -> tuple[int, float]:

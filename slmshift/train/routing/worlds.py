@@ -60,9 +60,12 @@ class World:
         p = self.kinds[kind][0 if tier == "slm" else 1] * (self.upstream_penalty if upstream_wrong else 1.0)
         return bool(rng.random() < p)
 
-    def _slm_attempts(self, kind: str, upstream_wrong: bool, attempts: int, rng: np.random.Generator
-                      ) -> tuple[bool, bool, int]:
-        """(right, valid, the attempt it came from) for an SLM answering up to `attempts` times."""
+    def _draw(self, kind: str, tier: str, upstream_wrong: bool, attempts: int, rng: np.random.Generator
+              ) -> tuple[bool, bool | None, int]:
+        """(right, valid, the attempt it came from) for one answer of `tier`: the SLM's answers again while the
+        check fails, up to `attempts`, in a world with `invalid`; any other answer is one draw, validity unknown."""
+        if tier != "slm" or not self.invalid:
+            return self._answer(kind, tier, upstream_wrong, rng), None, 1
         inv = self.invalid.get(kind, 0.0)
         for n in range(1, attempts + 1):
             if rng.random() >= inv:
@@ -78,9 +81,7 @@ class World:
             wrong = False
             for k in shape:
                 tier = "slm" if k in to_slm else "llm"
-                right = self._slm_attempts(k, wrong, attempts, rng)[0] if tier == "slm" and self.invalid else \
-                    self._answer(k, tier, wrong, rng)
-                wrong |= not right
+                wrong |= not self._draw(k, tier, wrong, attempts, rng)[0]
                 slm_calls += tier == "slm"
                 calls += 1
             ok_eps += not wrong
@@ -102,10 +103,9 @@ class World:
                 paired = sampled_ep if unit == "episode" else rng.random() < shadow_rate
                 ok, valid, n = {}, None, 1
                 for tier in (obs, other) if paired else (obs,):  # the shadow sees the context the episode had
-                    if tier == "slm" and self.invalid:
-                        ok[tier], valid, n = self._slm_attempts(k, wrong, attempts, rng)
-                    else:
-                        ok[tier] = self._answer(k, tier, wrong, rng)
+                    ok[tier], v, m = self._draw(k, tier, wrong, attempts, rng)
+                    if tier == "slm":
+                        valid, n = v, m
                 if paired:
                     recs.append({"row": f"e{e}/{i}", "task": f"t{e}", "group": f"t{e}", "scenario": None,
                                  "episode": f"e{e}", "call_index": i, "call_kind": k, "prompt": None, "cluster": None,
