@@ -94,32 +94,38 @@ def cradle_cases(pages: int) -> list[tuple[str, LMRequest, object]]:
 METAGPT_KINDS = ("prd", "design", "tasks", "code", "tests", "debug", "summary")
 
 
-def metagpt_kind(engine, run_dir: str, kind: str, n: int, constrained: bool) -> tuple[dict, dict, int, int]:
-    """(valid, correct) by task for up to n curated calls of `kind` from a collect run, and tokens out, errors."""
+def metagpt_calls(run_dir: str) -> tuple[object, object]:
+    """(the run's MetaGPT calls as S2 keeps them, its grader as convert builds it): read once, used by every kind."""
     from slmshift.platform.log import read_interactions
     from slmshift.train.curate import curate
-    from slmshift.train.evaluate import evaluate, grader_for_run
+    from slmshift.train.evaluate import grader_for_run
 
     rows = curate(read_interactions(run_dir)).rows
-    rows = rows[(rows["scenario"] == "metagpt") & (rows["call_kind"] == kind)]
+    return rows[rows["scenario"] == "metagpt"], grader_for_run(run_dir)
+
+
+def metagpt_kind(engine, calls: tuple, kind: str, n: int, constrained: bool) -> tuple[dict, dict, int, int]:
+    """(valid, correct) by task for up to n of `metagpt_calls`' calls of `kind`, and tokens out, errors."""
+    import pandas as pd
+
+    from slmshift.scenarios.metagpt.schemas import constraint_for
+    from slmshift.train.evaluate import evaluate
+
+    rows, grader = calls
+    rows = rows[rows["call_kind"] == kind]
     tasks = sorted(rows["task_id"].unique())
     random.Random(0).shuffle(tasks)  # a fixed sample of tasks, the same for both runs of a kind
     keep, picked = [], 0
     for t in tasks:  # whole tasks until n calls
-        mine = rows[rows["task_id"] == t]
         if picked >= n:
             break
+        mine = rows[rows["task_id"] == t]
         keep.append(mine)
         picked += len(mine)
-    import pandas as pd
-
     sel = pd.concat(keep).head(n) if keep else rows.iloc[:0]
-    from slmshift.scenarios.metagpt.schemas import constraint_for
-
     # the kind's constraint as the scenario declares it today (a collect from before constraints logged none)
     sel = sel.assign(constraint=constraint_for(kind).model_dump_json())
-    ev = evaluate(sel, engine.spec, None, grader_for_run(run_dir), engine=engine, constrained=constrained,
-                  desc=f"metagpt {kind}")
+    ev = evaluate(sel, engine.spec, None, grader, engine=engine, constrained=constrained, desc=f"metagpt {kind}")
     valid: dict[str, list[bool]] = {}
     correct: dict[str, list[bool]] = {}
     for v in ev.verdicts:
@@ -157,6 +163,7 @@ def main() -> None:
     kinds = args.kinds.split(",")
     if any(k in METAGPT_KINDS for k in kinds) and not args.metagpt_run:
         ap.error("MetaGPT call kinds need --metagpt-run RUN_DIR (a collect run with MetaGPT calls)")
+    mg = metagpt_calls(args.metagpt_run) if any(k in METAGPT_KINDS for k in kinds) else None
     cases = (bfcl_cases(args.n) if {"intent", "function_call"} & set(kinds) else []) + \
         (cradle_cases(args.pages) if args.pages and "action_planning" in kinds else [])
     engine = HFEngine(ModelSpec(name="slm", tier="slm", backend="hf", source=SOURCE,
@@ -169,7 +176,7 @@ def main() -> None:
             valid: dict[str, list[bool]] = {}
             correct: dict[str, list[bool]] = {}
             if kind in METAGPT_KINDS:
-                valid, correct, tokens_out, errors = metagpt_kind(engine, args.metagpt_run, kind, args.n, constrained)
+                valid, correct, tokens_out, errors = metagpt_kind(engine, mg, kind, args.n, constrained)
             else:
                 reqs = [q.model_copy(update={"constrained": constrained}) for _, q, _ in mine]
                 out = asyncio.run(engine.generate(reqs))
