@@ -6,6 +6,11 @@ Per step, `mask_rows` sets every token the row's grammar forbids to -inf in a co
 constrained rows of a batch only; `RowMatcher.advance` feeds the chosen token back. Both schedulers use these, so a
 constrained row chooses its tokens exactly as an unconstrained one would among the tokens its grammar allows.
 
+A budget cut would leave a constrained answer open (a PRD cut mid-string at its 192 tokens), so each row also keeps
+its answer closable: in the last tokens of its budget, `RowMatcher.pick` keeps the model's token only if a
+completion still fits after it (`Closer.path`, a short completion searched over closing and single-character
+tokens), and otherwise emits that completion. An answer that ends within its budget anyway is untouched.
+
 Tool calls are written as the platform's tool-call text, the form the gateway prompts for and parses:
 `{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`; 'required' allows any declared tool (one or
 more calls), a named choice only that tool, and 'auto'/'none' are not enforced (the model may answer in text).
@@ -13,6 +18,7 @@ more calls), a named choice only that tool, and 'auto'/'none' are not enforced (
 
 from __future__ import annotations
 
+import string
 import threading
 import time
 from collections import OrderedDict
@@ -70,16 +76,116 @@ def grammar_of(c: OutputConstraint) -> str:
     raise ConstraintError(f"nothing to enforce in {c.kind or c.format!r}")
 
 
+# Tokens a completion tries first (closers, then the smallest values and openers), then every printable character.
+_FIRST = ['"]}', '"]', '"}', '"', '}]', ']}', ']', '}', ')]', ')', "'", "```", "\n", '""', "''", "[]", "{}", "0", "[", "{", "("]
+
+
+class Closer:
+    """Finds a short completion of a grammar from a matcher's state, for rows about to run out of budget.
+
+    Greedy, over `_FIRST` and then single printable characters:
+    - forced tokens (`compute_ff_tokens`: a JSON key) are taken whole;
+    - else a `_FIRST` string that completes the grammar;
+    - else the first token that leads somewhere new: its lookahead (which alphabet tokens, and how much of each
+      multi-token `_FIRST` string, fit next) differs from every state since the last forced run, so free text (a
+      string's body) is left rather than extended;
+    - a UTF-8 character cut mid-way is finished with any byte the grammar takes; when stuck, pairs of `_FIRST`.
+    The result is a valid completion, not always the shortest: tests/serve/test_constraints.py checks it on every
+    prefix of scenario references."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.ids: list[int] = []  # single tokens: _FIRST's, then printable characters'
+        self.first: list[list[int]] = []  # each _FIRST string's tokens, tried whole
+        for text in _FIRST + [c for c in string.printable if c not in "\r\x0b\x0c"]:
+            enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if text in _FIRST and enc not in self.first:
+                self.first.append(enc)
+            if len(enc) == 1 and enc[0] not in self.ids:
+                self.ids.append(enc[0])
+        self.probes = [f for f in self.first if len(f) > 1]  # looked ahead as sequences
+        self.closes = 0  # rows whose budget forced a completion
+
+    def _lookahead(self, m: Any) -> tuple[int, ...]:
+        return tuple(m.validate_tokens([i]) for i in self.ids) + tuple(m.validate_tokens(p) for p in self.probes)
+
+    @staticmethod
+    def _after(m: Any, tokens: list[int]) -> Any:
+        c = m.deep_copy()
+        return c if c.consume_tokens(tokens) else None
+
+    def _completes(self, m: Any, tokens: list[int]) -> Any:
+        if m.validate_tokens(tokens) < len(tokens):  # cheap: no copy
+            return None
+        c = self._after(m, tokens)
+        return c if c is not None and c.is_accepting() else None
+
+    def _allowed(self, m: Any) -> list[int]:
+        """Every token the grammar allows next, lowest id first (a byte-level vocabulary's single bytes: the rest of
+        a UTF-8 character cut mid-way)."""
+        return allowed_tokens([m], self.vocab_size)[0].nonzero()[:, 0].tolist()
+
+    def path(self, matcher: Any, limit: int) -> list[int] | None:
+        """Tokens that complete the grammar from `matcher`'s state (left unchanged), at most `limit` of them; None
+        when none is found."""
+        m, path, seen = matcher.deep_copy(), [], set()
+        while not m.is_accepting():
+            if len(path) > limit:
+                return None
+            if ff := m.compute_ff_tokens():
+                m.consume_tokens(ff)
+                path += ff
+                seen.clear()
+                continue
+            here = self._lookahead(m)
+            seen.add(here)
+            valid = [i for i, ok in zip(self.ids, here) if ok]
+            if not valid:  # a UTF-8 character cut mid-way: finish it with any byte the grammar takes
+                if not (allowed := self._allowed(m)):
+                    return None
+                m, path = self._after(m, allowed[:1]), path + allowed[:1]
+                continue
+            step = next(((c, f) for f in self.first if (c := self._completes(m, f))), None)
+            step = step or next(((c, [i]) for i in valid if self._lookahead(c := self._after(m, [i])) not in seen), None)
+            step = step or next(((c, a + b) for a in self.first for b in self.first
+                                 if (c := self._completes(m, a + b))), None)
+            if step is None:
+                return None
+            m, path = step[0], path + step[1]
+        return path if len(path) <= limit else None
+
+
 class RowMatcher:
     """One row's grammar state."""
 
-    def __init__(self, matcher: Any, eos_ids: frozenset[int]):
-        self.matcher, self.eos_ids = matcher, eos_ids
+    WINDOW = 64  # the budget's last tokens in which completions are checked
+    SLACK = 16  # ...and only while the remaining budget is within this of the last completion's length
 
-    def fill(self, bitmask: torch.Tensor, index: int) -> None:
-        from llguidance.torch import fill_next_token_bitmask
+    def __init__(self, matcher: Any, eos_ids: frozenset[int], closer: Closer | None = None):
+        self.matcher, self.eos_ids, self.closer = matcher, eos_ids, closer
+        self._plan: list[int] = []  # the completion being emitted, once the budget forced it
+        self._need = self.WINDOW - self.SLACK  # the last completion length found
+        self.closed = False  # the budget forced a completion
 
-        fill_next_token_bitmask(self.matcher, bitmask, index)
+    def pick(self, token: int, remaining: int) -> int:
+        """The token to emit: the model's `token` (which the grammar allows), or, when `remaining` tokens after it
+        would no longer fit a completion, the next token of one. Call before `advance`."""
+        if self._plan:
+            return self._plan.pop(0)
+        if self.closer is None or remaining > self._need + self.SLACK:
+            return token
+        probe = self.matcher.deep_copy()
+        if probe.consume_token(token):
+            after = self.closer.path(probe, remaining)
+            if after is not None:
+                self._need = len(after)
+                return token
+        plan = self.closer.path(self.matcher, remaining + 1)
+        if not plan:
+            return token  # no completion fits: the budget cuts the answer, as without this
+        self.closed, self._plan = True, plan[1:]
+        self.closer.closes += 1
+        return plan[0]
 
     def advance(self, token: int) -> str | None:
         """Feed the chosen token; returns an error when the grammar cannot take it (it never should)."""
@@ -90,18 +196,33 @@ class RowMatcher:
         return None
 
 
+_EXECUTOR: Any = None
+
+
+def allowed_tokens(matchers: list[Any], vocab: int) -> torch.Tensor:
+    """[rows, vocab] bool: the tokens each llguidance matcher allows next, the rows filled in parallel by
+    llguidance's thread pool (the cores are otherwise idle between forward passes). Called directly rather than
+    through `llguidance.torch`, whose import costs ~1.7 s (it sets up torch.compile) on a replica's first request."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from llguidance import LLExecutor
+
+        _EXECUTOR = LLExecutor(num_threads=max(1, torch.get_num_threads()))
+    words = (vocab + 31) // 32
+    bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    _EXECUTOR.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
+                                      len(matchers))
+    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.view(len(matchers), -1)[:, :vocab].bool()
+
+
 def mask_rows(scores: torch.Tensor, matchers: list[RowMatcher | None]) -> torch.Tensor:
     """`scores` [rows, vocab] with each constrained row's forbidden tokens at -inf (a copy; unconstrained rows are
     left as they are)."""
     idx = [i for i, m in enumerate(matchers) if m is not None]
     if not idx:
         return scores
-    vocab = scores.shape[1]
-    bitmask = torch.zeros((len(idx), (vocab + 31) // 32), dtype=torch.int32)
-    for j, i in enumerate(idx):
-        matchers[i].fill(bitmask, j)
-    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
-    allowed = bits.view(len(idx), -1)[:, :vocab].bool().to(scores.device)
+    allowed = allowed_tokens([matchers[i].matcher for i in idx], scores.shape[1]).to(scores.device)
     out = scores.clone()
     rows = torch.tensor(idx, device=scores.device)
     out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
@@ -114,6 +235,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int], max_cached: int = 256):
         self._hf_tok, self.vocab_size, self.eos_ids, self.max_cached = tokenizer, vocab_size, sorted(eos_ids), max_cached
         self._tok: Any = None
+        self._closer: Closer | None = None
         self._protos: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = self.hits = 0
@@ -125,6 +247,7 @@ class Grammars:
 
             t0 = time.perf_counter()
             self._tok = llguidance.hf.from_tokenizer(self._hf_tok, n_vocab=self.vocab_size, eos_token=self.eos_ids)
+            self._closer = Closer(self._hf_tok, self.vocab_size)
             self.tokenizer_s = time.perf_counter() - t0
         return self._tok
 
@@ -153,7 +276,7 @@ class Grammars:
                 self._protos[key] = proto
                 while len(self._protos) > self.max_cached:
                     self._protos.popitem(last=False)
-            return RowMatcher(proto.deep_copy(), frozenset(self.eos_ids))
+            return RowMatcher(proto.deep_copy(), frozenset(self.eos_ids), self._closer)
 
     def check(self, c: OutputConstraint, text: str) -> str | None:
         """Why `text` (tokenized as the tokenizer would) breaks the constraint `c`, or None when it satisfies it: how
@@ -166,4 +289,5 @@ class Grammars:
 
     def stats(self) -> dict[str, float]:
         return {"grammar_compiles": self.compiles, "grammar_cache_hits": self.hits,
-                "grammar_compile_s": round(self.compile_s, 4), "grammar_tokenizer_s": round(self.tokenizer_s, 3)}
+                "grammar_compile_s": round(self.compile_s, 4), "grammar_tokenizer_s": round(self.tokenizer_s, 3),
+                "grammar_budget_closes": self._closer.closes if self._closer else 0}

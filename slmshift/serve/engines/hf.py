@@ -17,7 +17,8 @@ groups, and loading another evicts the least recently used one.
 
 Output constraints (`LMRequest.enforced`: a JSON schema, regex, Lark grammar or forced tool call) are enforced per
 row by both schedulers with llguidance (constraints.py): compiled once per content, masked into each constrained
-row's logits before its token is chosen. Log-probs stay raw (before the mask).
+row's logits before its token is chosen, and closed before the budget cuts it (`RowMatcher.pick`). Log-probs
+stay raw (before the mask).
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ class _RowSampler:
             ]
         allowed = mask_rows(scores, self.matchers)
         chosen = allowed.argmax(dim=-1)
+        step = len(self.logprobs) + 1
         for i, (t, gen) in enumerate(zip(self.temperatures, self.generators)):
             if gen is not None:
                 probs = torch.softmax(allowed[i] / t, dim=-1)
                 chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
+            if self.matchers[i] is not None:  # near its budget, a constrained row keeps its answer closable
+                chosen[i] = self.matchers[i].pick(int(chosen[i]), self.max_tokens[i] - step)
         self.logprobs.append(torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0])
-        step = len(self.logprobs)
         for i, m in enumerate(self.matchers):
             if m is not None:
                 tok = int(chosen[i])

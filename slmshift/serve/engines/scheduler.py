@@ -474,6 +474,8 @@ class Scheduler:
             if row.generator is not None:
                 probs = torch.softmax(allowed[i] / row.temperature, dim=-1)
                 chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+            if row.matcher is not None:  # near its budget, a constrained row keeps its answer closable
+                chosen[i] = row.matcher.pick(int(chosen[i]), row.max_tokens - len(row.tokens) - 1)
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         flags = []
         for row, tok, lp in zip(rows, chosen.tolist(), logprobs):
