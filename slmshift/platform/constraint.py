@@ -71,6 +71,11 @@ class OutputConstraint(BaseModel):
             return self.tool_choice == "required" or self.forced_tool is not None
         return self.kind is not None
 
+    def calls_schema(self) -> dict[str, Any]:
+        """The JSON schema of the platform's tool-call text that an enforced `tools` constraint allows (the named
+        tool only, for a named choice; one call at most where `parallel_tool_calls` is False)."""
+        return tool_call_schema(self.tools or [], self.forced_tool, self.parallel_tool_calls is not False)
+
     def to_json(self) -> str:
         """Canonical JSON (None-valued fields left out): the S1 record's `constraint`."""
         return json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
@@ -82,3 +87,28 @@ class OutputConstraint(BaseModel):
 
 
 TEXT = OutputConstraint()
+
+
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool.get("function", tool) if tool.get("type", "function") == "function" else tool
+
+
+def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
+    """JSON schema of the platform's tool-call text, `{"tool_calls":[{"name":...,"arguments":{...}}, ...]}` (what the
+    gateway prompts for and parses), for `tools` (only the one named `only`, when given; one call at most unless
+    `parallel`). Both engines enforce tool calls as this schema."""
+    calls = []
+    for fn in map(_function, tools):
+        if only is not None and fn.get("name") != only:
+            continue
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        calls.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    if not calls:
+        raise ValueError(f"tool_choice names {only!r}, which is not among the declared tools")
+    item = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    calls_schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
+    if not parallel:
+        calls_schema["maxItems"] = 1
+    return {"type": "object", "properties": {"tool_calls": calls_schema},
+            "required": ["tool_calls"], "additionalProperties": False}

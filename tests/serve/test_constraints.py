@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from slmshift.platform.types import HFOptions, LMRequest, ModelSpec, OutputConstraint
-from slmshift.serve.engines.constraints import tool_call_schema
+from slmshift.platform.constraint import tool_call_schema
 from slmshift.serve.engines.hf import HFEngine
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "n": {"type": "integer"}},

@@ -302,7 +302,7 @@ def test_parallel_tool_calls_false_answers_and_judges_one_call():
     target for a client that forbade them."""
     from types import SimpleNamespace
 
-    from slmshift.serve.engines.constraints import tool_call_schema
+    from slmshift.platform.constraint import tool_call_schema
     from slmshift.serve.gateway.common import Call, answer_of, constraint_of, output_check
 
     tools = [{"name": "f", "parameters": {"type": "object"}}, {"name": "g"}]

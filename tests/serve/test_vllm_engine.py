@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,10 +69,9 @@ async def chat(request):
     message = {"role": "assistant", "content": text}
     if "structured_outputs" in body:  # echoed, so the test sees what reached vLLM
         message["content"] = text = json.dumps(body["structured_outputs"])
-    if body.get("tools"):  # vLLM answers a required/named tool_choice with tool_calls (no parser needed)
-        name = body["tool_choice"]["function"]["name"] if isinstance(body["tool_choice"], dict) else "first"
-        message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-            "name": name, "arguments": json.dumps({"n": len(body["tools"])})}}]}
+    if body.get("tools") and body.get("tool_choice") not in (None, "auto", "none"):  # as vLLM 0.32 does
+        return JSONResponse({"error": {"message": "tool_choice requires --tool-call-parser to be set"}},
+                            status_code=400)
     content = [{"token": t, "logprob": -0.25, "bytes": None, "top_logprobs": []} for t in text.split()]
     return JSONResponse({
         "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -278,7 +278,7 @@ def test_mapping_adapters_logprobs_and_server_args(tmp_path, fake_vllm, model_di
         engine.close()
 
 
-def test_constraints_go_as_structured_outputs_and_tool_choice(fake_vllm, model_dir):
+def test_constraints_and_tool_choice_go_as_structured_outputs(fake_vllm, model_dir):
     engine = VLLMEngine(ModelSpec(name="slm", tier="slm", backend="vllm", source=model_dir, vllm=fake_vllm()))
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
              {"name": "get_weather", "parameters": {"type": "object"}}]  # a bare function spec is wrapped
@@ -287,13 +287,14 @@ def test_constraints_go_as_structured_outputs_and_tool_choice(fake_vllm, model_d
         out = asyncio.run(engine.generate([
             req(json_schema=schema), req(constraint=OutputConstraint(regex=regex)),
             req(constraint=OutputConstraint(grammar=lark)), req(json_schema=schema, constrained=False),
-            req(constraint=OutputConstraint(tools=tools, tool_choice={"type": "function", "function": {
-                "name": "get_weather"}})),
+            req(constraint=(out_constraint := OutputConstraint(tools=tools, tool_choice={
+                "type": "function", "function": {"name": "get_weather"}}))),
             req(constraint=OutputConstraint(tools=tools, tool_choice="auto"))]))
         assert [json.loads(r.text) for r in out[:3]] == [{"json": schema}, {"regex": regex}, {"grammar": lark}]
         assert [r.constrained for r in out] == [True, True, True, False, True, False]
         assert not out[3].text.startswith("{")  # not constrained: nothing sent
-        assert json.loads(out[4].text) == {"tool_calls": [{"name": "get_weather", "arguments": {"n": 2}}]}
+        # a named or required tool_choice goes as the schema of the tool-call text (vLLM's own needs a parser)
+        assert json.loads(out[4].text) == {"json": out_constraint.calls_schema()}
         assert "tool_calls" not in out[5].text  # 'auto': no tools sent, the model answers in text
     finally:
         engine.close()
@@ -433,7 +434,8 @@ VLLM_MISSING = VLLMOptions().problem()
 @pytest.mark.skipif(VLLM_MISSING is not None, reason=f"no vLLM env: {VLLM_MISSING} (scripts/setup-vllm.sh makes one)")
 def test_real_vllm_behind_serve(ray_cluster, tmp_path):
     """vLLM from its own env behind a Serve deployment: SmolLM2-135M with a peft LoRA adapter, log-probs, prefix
-    caching; greedy tokens match the hf engine's; deleting the app stops the server."""
+    caching; greedy tokens match the hf engine's; each kind of output constraint holds; deleting the app stops the
+    server."""
     import torch
     from peft import LoraConfig, get_peft_model
     from ray import serve
@@ -468,6 +470,27 @@ def test_real_vllm_behind_serve(ray_cluster, tmp_path):
     assert again.text == out[0].text  # greedy
     assert tuned.adapter == "noisy" and tuned.text != out[1].text
     assert info["params"] == 134.5e6 and info["stats"]["prefix_hit_tokens"] >= 128
+
+    # Output constraints, enforced by vLLM's structured outputs: every kind holds its answer to the constraint
+    # (bounded grammars: vLLM does not close an answer its max_tokens would cut).
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                 "additionalProperties": False}}}]
+    constraints = [OutputConstraint(json_schema=schema), OutputConstraint(regex=r'click\((3|14)\)|press\("Enter"\)'),
+                   OutputConstraint(grammar='start: "[" NAME "(x=" /[0-9]{1,3}/ ")]"\nNAME: "f" | "g"'),
+                   OutputConstraint(tools=tools, tool_choice="required"),
+                   OutputConstraint(tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}})]
+    held = [handle.remote(req("Answer now.", max_tokens=60, constraint=c)).result(timeout_s=300) for c in constraints]
+    assert all(r.error is None and r.constrained for r in held), [r.error for r in held]
+    assert set(json.loads(held[0].text)) == {"city"}
+    assert re.fullmatch(r'click\((3|14)\)|press\("Enter"\)', held[1].text)
+    assert re.fullmatch(r"\[[fg]\(x=[0-9]{1,3}\)\]", held[2].text)
+    calls = [json.loads(r.text)["tool_calls"] for r in held[3:]]
+    assert calls[0] and {c["name"] for c in calls[0]} <= {"get_weather", "get_time"}
+    assert [c["name"] for c in calls[1]] == ["get_time"] * len(calls[1])
 
     # The hf engine, same weights, template and adapter, float32, greedy: the same tokens.
     hf = HFEngine(ModelSpec(name="smol-hf", tier="slm", backend="hf", source="packaged:smollm2-135m",

@@ -11,9 +11,10 @@ its answer closable: in the last tokens of its budget, `RowMatcher.pick` keeps t
 completion still fits after it (`Closer.path`, a short completion searched over closing and single-character
 tokens), and otherwise emits that completion. An answer that ends within its budget anyway is untouched.
 
-Tool calls are written as the platform's tool-call text, the form the gateway prompts for and parses:
-`{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`; 'required' allows any declared tool (one or
-more calls), a named choice only that tool, and 'auto'/'none' are not enforced (the model may answer in text).
+Tool calls are written as the platform's tool-call text (`OutputConstraint.calls_schema`), the form the gateway
+prompts for and parses: `{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`. 'required' allows any
+declared tool (one or more calls), a named choice only that tool; 'auto'/'none' are not enforced (the model may
+answer in text).
 """
 
 from __future__ import annotations
@@ -36,30 +37,6 @@ class ConstraintError(ValueError):
     """A constraint llguidance cannot compile; its request fails with this message."""
 
 
-def _function(tool: dict[str, Any]) -> dict[str, Any]:
-    return tool.get("function", tool) if tool.get("type", "function") == "function" else tool
-
-
-def tool_call_schema(tools: list[dict[str, Any]], only: str | None = None, parallel: bool = True) -> dict[str, Any]:
-    """JSON schema of the platform's tool-call text for `tools` (only the one named `only`, when given; one call at
-    most unless `parallel`)."""
-    calls = []
-    for fn in map(_function, tools):
-        if only is not None and fn.get("name") != only:
-            continue
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        calls.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                      "required": ["name", "arguments"], "additionalProperties": False})
-    if not calls:
-        raise ConstraintError(f"tool_choice names {only!r}, which is not among the declared tools")
-    item = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    calls_schema: dict[str, Any] = {"type": "array", "items": item, "minItems": 1}
-    if not parallel:
-        calls_schema["maxItems"] = 1
-    return {"type": "object", "properties": {"tool_calls": calls_schema},
-            "required": ["tool_calls"], "additionalProperties": False}
-
-
 def grammar_of(c: OutputConstraint) -> str:
     """The llguidance grammar (its JSON form) for an enforceable constraint."""
     from llguidance import LLMatcher
@@ -71,8 +48,7 @@ def grammar_of(c: OutputConstraint) -> str:
     if c.kind == "grammar":
         return LLMatcher.grammar_from_lark(c.grammar)
     if c.kind == "tools" and c.enforceable:
-        return LLMatcher.grammar_from_json_schema(tool_call_schema(c.tools, c.forced_tool,
-                                                                    c.parallel_tool_calls is not False), overrides=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(c.calls_schema(), overrides=JSON_OPTIONS)
     raise ConstraintError(f"nothing to enforce in {c.kind or c.format!r}")
 
 
@@ -158,8 +134,11 @@ class Closer:
 class RowMatcher:
     """One row's grammar state."""
 
-    WINDOW = 64  # the budget's last tokens in which completions are checked
-    SLACK = 16  # ...and only while the remaining budget is within this of the last completion's length
+    # Completions are checked in the budget's last WINDOW tokens, and there only while the remaining budget is within
+    # SLACK of the last completion's length: a completion that grows by more than SLACK between checks (several
+    # objects opened at once) can still be cut. Checking every step would cost ~0.5 ms per row and step.
+    WINDOW = 64
+    SLACK = 16
 
     def __init__(self, matcher: Any, eos_ids: frozenset[int], closer: Closer | None = None):
         self.matcher, self.eos_ids, self.closer = matcher, eos_ids, closer

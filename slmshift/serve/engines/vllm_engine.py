@@ -11,9 +11,10 @@ Prefix caching is on by default, and every response carries the mean log-prob th
 
 Output constraints go as vLLM 0.32's structured outputs (`structured_outputs` in the request body: `json`, `regex`,
 `grammar`), served by its `guidance` backend (llguidance, the hf engine's library, so a Lark grammar means the same
-on both engines) with compact JSON. `tool_choice` required or named goes as vLLM's own `tools` / `tool_choice`
-(enforced by the same backend, no tool-call parser needed); `auto` would need a tool-call parser and none fits
-SmolLM2, so the engine sends no tools then and the model answers in text, which the caller parses.
+on both engines) with compact JSON. `tool_choice` required or named goes as the JSON schema of the platform's
+tool-call text (`OutputConstraint.calls_schema`, what the hf engine enforces): vLLM 0.32 refuses its own `tools` with
+a required or named `tool_choice` unless the server has a `--tool-call-parser`, and none fits SmolLM2. `auto` sends
+no tools either, and the model answers in text, which the caller parses.
 
 The server runs under a watchdog (`_WATCHDOG`) in a process group of its own, with a pipe from the replica as its
 stdin: when the replica goes (closed, crashed, or SIGKILLed by Ray), the pipe reaches EOF and the watchdog takes the
@@ -42,7 +43,7 @@ from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
 from slmshift.platform.types import VLLM_FIX, LMRequest, LMResponse, ModelSpec, OutputConstraint
-from slmshift.serve.engines.openai_engine import ChatCompletionsEngine, openai_tools
+from slmshift.serve.engines.openai_engine import ChatCompletionsEngine
 
 # In old and new releases alike; 0.32 warns it is deprecated for `vllm serve` (a console script, harder to find in
 # an arbitrary env than `python -m`).
@@ -302,9 +303,8 @@ class VLLMEngine(ChatCompletionsEngine):
     def _structured(self, c: OutputConstraint, enforce: bool) -> dict[str, Any] | str:
         if not enforce:
             return {}  # 'auto' tools included: without a fitting tool-call parser the server would refuse them
-        if c.kind == "tools":
-            out = {"tools": openai_tools(c.tools), "tool_choice": c.tool_choice}
-            return out | ({"parallel_tool_calls": False} if c.parallel_tool_calls is False else {})
+        if c.kind == "tools":  # vLLM's own tool_choice needs a tool-call parser (none fits SmolLM2): the schema
+            return {"extra_body": {"structured_outputs": {"json": c.calls_schema()}}}
         field = {"json_schema": "json", "regex": "regex", "grammar": "grammar"}[c.kind]
         return {"extra_body": {"structured_outputs": {field: getattr(c, c.kind)}}}
 
