@@ -186,9 +186,14 @@ def gateway(
     storage: Optional[str] = typer.Option(None, "--storage", help="Where the S1 log goes (default experiment.storage)."),
 ) -> None:
     """Serve the router and models behind an OpenAI-compatible API; every call is written to the S1 log."""
+    import signal
+
     from slmshift.platform.config import GatewayConfig, load_config
     from slmshift.serve.gateway import serve_gateway
 
+    # Started in the background (`nohup ... &`, a CI job), the process inherits SIGINT ignored; `kill -INT` must
+    # still stop it the Ctrl-C way: the running shadows finish and the log is drained.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cfg = load_config(config, schema=GatewayConfig)
         opts = cfg.gateway.model_copy(update={k: v for k, v in {"port": port, "host": host}.items() if v is not None})

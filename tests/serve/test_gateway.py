@@ -45,8 +45,11 @@ def gateway(tmp_path_factory, tiny_model_dir):
     cfg = tmp / "gw.yaml"
     cfg.write_text(YAML.format(storage=tmp / "runs", tiny=tiny_model_dir, port=port))
     env = {k: v for k, v in os.environ.items() if k != "SLMSHIFT_GATEWAY_API_KEYS"}
+    # started with SIGINT ignored, as a background job (`nohup ... &`, some CI runners) starts it: Ctrl-C must still
+    # stop it cleanly (the last test)
     proc = subprocess.Popen([sys.executable, "-m", "slmshift.cli", "gateway", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     deadline = time.time() + 240
     while time.time() < deadline:
