@@ -53,7 +53,8 @@ def grammar_of(c: OutputConstraint) -> str:
 
 
 # Tokens a completion tries first (closers, then the smallest values and openers), then every printable character.
-_FIRST = ['"]}', '"]', '"}', '"', '}]', ']}', ']', '}', ')]', ')', "'", "```", "\n", '""', "''", "[]", "{}", "0", "[", "{", "("]
+_FIRST = ['"]}', '"]', '"}', '"', '}]', ']}', ']', '}', ')]', ')', "'", "```", "\n",
+          '""', "''", "[]", "{}", "0", "[", "{", "("]
 
 
 class Closer:
@@ -122,7 +123,8 @@ class Closer:
                 m, path = self._after(m, allowed[:1]), path + allowed[:1]
                 continue
             step = next(((c, f) for f in self.first if (c := self._completes(m, f))), None)
-            step = step or next(((c, [i]) for i in valid if self._lookahead(c := self._after(m, [i])) not in seen), None)
+            step = step or next(((c, [i]) for i in valid
+                                 if self._lookahead(c := self._after(m, [i])) not in seen), None)
             step = step or next(((c, a + b) for a in self.first for b in self.first
                                  if (c := self._completes(m, a + b))), None)
             if step is None:
@@ -144,7 +146,6 @@ class RowMatcher:
         self.matcher, self.eos_ids, self.closer = matcher, eos_ids, closer
         self._plan: list[int] = []  # the completion being emitted, once the budget forced it
         self._need = self.WINDOW - self.SLACK  # the last completion length found
-        self.closed = False  # the budget forced a completion
 
     def pick(self, token: int, remaining: int) -> int:
         """The token to emit: the model's `token` (which the grammar allows), or, when `remaining` tokens after it
@@ -162,7 +163,7 @@ class RowMatcher:
         plan = self.closer.path(self.matcher, remaining + 1)
         if not plan:
             return token  # no completion fits: the budget cuts the answer, as without this
-        self.closed, self._plan = True, plan[1:]
+        self._plan = plan[1:]
         self.closer.closes += 1
         return plan[0]
 
@@ -206,6 +207,23 @@ def mask_rows(scores: torch.Tensor, matchers: list[RowMatcher | None]) -> torch.
     rows = torch.tensor(idx, device=scores.device)
     out[rows] = out[rows].masked_fill(~allowed, float("-inf"))
     return out
+
+
+def choose_tokens(scores: torch.Tensor, matchers: list[RowMatcher | None], temperatures: list[float],
+                  generators: list[Any], remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token and its log-prob, for both schedulers: argmax, or a draw from the row's own generator,
+    among the tokens its grammar allows (`mask_rows`); a constrained row near its budget keeps its answer closable
+    (`RowMatcher.pick`, `remaining` tokens after this one). The log-prob is the raw logits' (temperature 1): the
+    model's own confidence, comparable across greedy, sampled and constrained calls."""
+    allowed = mask_rows(scores, matchers)
+    chosen = allowed.argmax(dim=-1)
+    for i, gen in enumerate(generators):
+        if gen is not None:
+            probs = torch.softmax(allowed[i] / temperatures[i], dim=-1)
+            chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
+        if matchers[i] is not None:
+            chosen[i] = matchers[i].pick(int(chosen[i]), remaining[i])
+    return chosen, torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]
 
 
 class Grammars:

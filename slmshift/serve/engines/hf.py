@@ -34,7 +34,7 @@ from slmshift.platform.errors import ModelLoadError, one_line_error
 from slmshift.platform.artifacts import chat_prompt, served_adapters
 from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.serve.engines.base import Engine
-from slmshift.serve.engines.constraints import ConstraintError, Grammars, RowMatcher, mask_rows
+from slmshift.serve.engines.constraints import ConstraintError, Grammars, RowMatcher, choose_tokens
 from slmshift.serve.engines.scheduler import Row, Scheduler
 from slmshift.serve.sources import load_model_and_tokenizer
 
@@ -48,14 +48,14 @@ class _RowSampler:
     has emitted EOS or its max_tokens (generate keeps calling for finished rows; they are padded anyway).
     """
 
-    def __init__(self, temperatures: list[float], seeds: list[int], matchers: list[RowMatcher | None] | None = None,
-                 max_tokens: list[int] | None = None, eos_ids: set[int] | None = None):
+    def __init__(self, temperatures: list[float], seeds: list[int], matchers: list[RowMatcher | None],
+                 max_tokens: list[int], eos_ids: set[int]):
         self.temperatures = temperatures
         self.seeds = seeds
         self.generators: list[Any] | None = None
         self.logprobs: list[Any] = []  # one (batch,) tensor per step
-        self.matchers = list(matchers or [None] * len(temperatures))
-        self.max_tokens, self.eos_ids = max_tokens, eos_ids or set()
+        self.matchers = list(matchers)
+        self.max_tokens, self.eos_ids = max_tokens, eos_ids
         self.errors: list[str | None] = [None] * len(temperatures)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -66,16 +66,10 @@ class _RowSampler:
                 torch.Generator(device=scores.device).manual_seed(s) if t > 0 else None
                 for t, s in zip(self.temperatures, self.seeds)
             ]
-        allowed = mask_rows(scores, self.matchers)
-        chosen = allowed.argmax(dim=-1)
         step = len(self.logprobs) + 1
-        for i, (t, gen) in enumerate(zip(self.temperatures, self.generators)):
-            if gen is not None:
-                probs = torch.softmax(allowed[i] / t, dim=-1)
-                chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
-            if self.matchers[i] is not None:  # near its budget, a constrained row keeps its answer closable
-                chosen[i] = self.matchers[i].pick(int(chosen[i]), self.max_tokens[i] - step)
-        self.logprobs.append(torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0])
+        chosen, logprobs = choose_tokens(scores, self.matchers, self.temperatures, self.generators,
+                                         [m - step for m in self.max_tokens])
+        self.logprobs.append(logprobs)
         for i, m in enumerate(self.matchers):
             if m is not None:
                 tok = int(chosen[i])

@@ -35,7 +35,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from slmshift.platform.errors import one_line_error
-from slmshift.serve.engines.constraints import mask_rows
+from slmshift.serve.engines.constraints import choose_tokens
 
 
 class PrefixCache:
@@ -465,18 +465,11 @@ class Scheduler:
         return self._choose_flags(rows, logits)[0]
 
     def _choose_flags(self, rows: list[Row], logits: torch.Tensor) -> list[bool]:
-        """Pick each row's next token (as the static engine's _RowSampler does), record it, and finish rows
-        that hit EOS or their max_tokens. Returns one 'finished' flag per row."""
-        scores = logits.float()
-        allowed = mask_rows(scores, [r.matcher for r in rows])
-        chosen = allowed.argmax(dim=-1)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                probs = torch.softmax(allowed[i] / row.temperature, dim=-1)
-                chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-            if row.matcher is not None:  # near its budget, a constrained row keeps its answer closable
-                chosen[i] = row.matcher.pick(int(chosen[i]), row.max_tokens - len(row.tokens) - 1)
-        logprobs = torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+        """Pick each row's next token (`choose_tokens`, as the static engine's _RowSampler does), record it, and
+        finish rows that hit EOS or their max_tokens. Returns one 'finished' flag per row."""
+        chosen, logprobs = choose_tokens(logits.float(), [r.matcher for r in rows], [r.temperature for r in rows],
+                                         [r.generator for r in rows], [r.max_tokens - len(r.tokens) - 1 for r in rows])
+        logprobs = logprobs.tolist()
         flags = []
         for row, tok, lp in zip(rows, chosen.tolist(), logprobs):
             row.tokens.append(tok)
