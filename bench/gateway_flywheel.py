@@ -199,10 +199,7 @@ def main() -> None:
         t0 = time.perf_counter()
         proc = subprocess.Popen(SLMSHIFT + ["gateway", args.config, "--port", str(port), "--storage",
                                             str(out / "runs")], cwd=ROOT, stdout=log.open("w"),
-                                stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"},
-                                # Ctrl-C stops the gateway (it drains its log): a shell's background job (nohup, &)
-                                # ignores SIGINT, and a child would inherit that
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
         try:
             wait_ready(url, proc)
             summary["wall_s"]["gateway_start"] = round(time.perf_counter() - t0, 1)
