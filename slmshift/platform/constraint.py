@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Expect = Literal["text", "json", "code", "action"]
 
+# One ```python block and nothing else (no ``` inside): the code answers' shape. With it, the hf engine also keeps
+# the block's program parseable (`OutputConstraint.python_block`).
+PYTHON_BLOCK = r"```python\n([^`]|`[^`]|``[^`])*\n```"
+
 
 def canonical_json(value: Any) -> str:
     """The one JSON serialisation of model answers: scenario references (the simulated teacher's), LoRA targets and
@@ -70,6 +74,12 @@ class OutputConstraint(BaseModel):
         if self.kind == "tools":
             return self.tool_choice == "required" or self.forced_tool is not None
         return self.kind is not None
+
+    @property
+    def python_block(self) -> bool:
+        """Is the answer one ```python block (`regex` is PYTHON_BLOCK)? The hf engine then closes the block, when the
+        budget runs out or the model ends it, with a program that parses where a short ending makes it parse."""
+        return self.regex == PYTHON_BLOCK
 
     def calls_schema(self) -> dict[str, Any]:
         """The JSON schema of the platform's tool-call text that an enforced `tools` constraint allows (the named

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from slmshift.platform.types import HFOptions, LMRequest, ModelSpec, OutputConstraint
-from slmshift.platform.constraint import tool_call_schema
+from slmshift.platform.constraint import PYTHON_BLOCK, tool_call_schema
 from slmshift.serve.engines.hf import HFEngine
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "n": {"type": "integer"}},
@@ -139,12 +139,15 @@ def test_a_budget_too_small_for_the_models_answer_still_ends_valid(engine, max_t
     """The tiny random model fills strings until its budget runs out; without the closer every answer is cut open."""
     before = engine.stats().get("grammar_budget_closes", 0)
     out = run(engine, [req(p, max_tokens=max_tokens, json_schema=NOTES) for p in ("a", "bb", "what now?")]
-              + [req("x", max_tokens=max_tokens, constraint=OutputConstraint(regex=r"```python\n([^`]|`[^`])*\n```"))])
+              + [req("x", max_tokens=max_tokens, constraint=OutputConstraint(regex=r"```python\n([^`]|`[^`])*\n```")),
+                 req("y", max_tokens=max_tokens, constraint=OutputConstraint(format="code", regex=PYTHON_BLOCK))])
     for r in out[:3]:
         doc = json.loads(r.text)
         assert set(doc) == {"notes", "n"} and doc["notes"] and isinstance(doc["n"], int)
         assert r.tokens_out <= max_tokens
     assert re.fullmatch(r"```python\n([^`]|`[^`])*\n```", out[3].text, re.S)
+    # random text is no Python: the python block's closer falls back to the fence (its code: the tests below)
+    assert re.fullmatch(PYTHON_BLOCK, out[4].text, re.S) and out[4].tokens_out <= max_tokens
     assert engine.stats()["grammar_budget_closes"] > before
 
 
@@ -189,3 +192,93 @@ def test_every_prefix_of_a_scenario_reference_has_a_completion():
             assert row.advance(token) is None
             checked += 1
     assert checked > 1000
+
+
+# --- python blocks: closed with a program that parses, not just a closed fence --------------------------------------
+
+def _as_the_row_emits(row, tok, text: str, budget: int) -> str:
+    """What a row emits where its model would write `text` and stop, within `budget` tokens: `pick` then `advance`,
+    as the schedulers call them. Once the row departs from `text`, only its forced tokens follow."""
+    ids, out = tok(text, add_special_tokens=False)["input_ids"], []
+    for model in ids[:budget]:
+        token = row.pick(model, budget - len(out) - 1)
+        assert row.advance(token) is None
+        out.append(token)
+        if token != model:
+            while row._plan:
+                out.append(row.pick(0, budget - len(out) - 1))
+                assert row.advance(out[-1]) is None
+            break
+    return tok.decode(out)
+
+
+@pytest.fixture(scope="module")
+def byte_grammars():
+    from slmshift.serve.engines.constraints import Grammars
+    from slmshift.serve.tiny import build_tokenizer
+
+    tok = build_tokenizer()  # byte-level: a fence is three tokens, so a block's end is reached a byte at a time
+    return tok, Grammars(tok, len(tok), {tok.eos_token_id})
+
+
+def _code(text: str) -> str:
+    from slmshift.platform.constraint import PYTHON_BLOCK
+
+    assert re.fullmatch(PYTHON_BLOCK, text, re.S), text[-80:]
+    return text[len("```python\n"):-len("\n```")]
+
+
+def test_a_python_block_cut_by_the_budget_ends_with_a_program_that_parses(byte_grammars):
+    import ast
+
+    from slmshift.scenarios.metagpt import teacher
+    from slmshift.scenarios.metagpt.data import load_problems
+    from slmshift.scenarios.metagpt.schemas import constraint_for
+
+    tok, grammars = byte_grammars
+    c, cut = constraint_for("code"), 0
+    assert c.python_block
+    for p in load_problems(n=12, seed=0):
+        answer = teacher.code_ref(p).answer
+        n = len(tok(answer, add_special_tokens=False)["input_ids"])
+        for budget in range(24, n + 8, 37):
+            text = _as_the_row_emits(grammars.matcher(c), tok, answer, budget)
+            ast.parse(_code(text))  # inside a docstring, mid-expression, before a body: all closed
+            cut += budget < n
+    assert cut > 100
+    # the same rows with a fence-only closer (a regex the engine does not read as python) end unparseable
+    fence_only = OutputConstraint(format="code", regex=c.regex.replace("(", "(?:"))  # the same language
+    assert not fence_only.python_block
+    p = load_problems(n=1, seed=0)[0]
+    with pytest.raises(SyntaxError):
+        ast.parse(_code(_as_the_row_emits(grammars.matcher(fence_only), tok, teacher.code_ref(p).answer, 60)))
+
+
+def test_a_block_the_model_ends_unparseable_gets_an_ending_that_parses(byte_grammars):
+    import ast
+
+    from slmshift.scenarios.metagpt.schemas import constraint_for
+
+    tok, grammars = byte_grammars
+    c = constraint_for("code")
+    fixes = grammars.stats()["grammar_code_fixes"]
+    for broken in ("def f(x):\n    return [v for", "def f(x):\n    '''doc", "def f(x):\n    return max(x,"):
+        text = _as_the_row_emits(grammars.matcher(c), tok, f"```python\n{broken}\n```", 400)
+        assert text.startswith(f"```python\n{broken}")
+        ast.parse(_code(text))
+    assert grammars.stats()["grammar_code_fixes"] > fixes
+    fine = "```python\ndef f(x):\n    return '`' + x  # a `tick` here\n```"
+    assert _as_the_row_emits(grammars.matcher(c), tok, fine, 400) == fine  # an answer that parses is untouched
+
+
+def test_a_closing_bracket_that_matches_nothing_gives_way_to_the_models_next_choice(byte_grammars):
+    tok, grammars = byte_grammars
+    row = grammars.matcher(OutputConstraint(format="code", regex=PYTHON_BLOCK))
+    for t in tok("```python\nx = [f(1", add_special_tokens=False)["input_ids"]:
+        assert row.pick(t, 100) == t and row.advance(t) is None
+    paren, square, brace = (tok(b, add_special_tokens=False)["input_ids"][0] for b in ")]}")
+    assert row.pick(paren, 100, lambda: [paren, square]) == paren  # closes f(
+    row.advance(paren)
+    swaps = grammars.stats()["grammar_bracket_swaps"]
+    assert row.pick(paren, 100, lambda: [paren, brace, square, paren]) == square  # `)` would close `[`
+    assert grammars.stats()["grammar_bracket_swaps"] == swaps + 1

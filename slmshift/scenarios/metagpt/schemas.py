@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slmshift.platform.types import OutputConstraint
+from slmshift.platform.constraint import PYTHON_BLOCK, OutputConstraint
 
 __all__ = ["PRD", "Design", "TaskList", "RunSummary", "Check", "parse_json", "check_json", "extract_code",
-           "check_tests", "SCHEMAS", "CODE_BLOCK", "constraint_for"]
+           "check_tests", "SCHEMAS", "constraint_for"]
 
 
 class _Out(BaseModel):
@@ -54,17 +54,16 @@ class RunSummary(_Out):
 
 
 SCHEMAS: dict[str, type[_Out]] = {"prd": PRD, "design": Design, "tasks": TaskList, "summary": RunSummary}
-# code, debug and tests: one ```python block and nothing else (no ``` inside), the shape the checkers read first
-CODE_BLOCK = r"```python\n([^`]|`[^`]|``[^`])*\n```"
 
 
 def constraint_for(kind: str) -> OutputConstraint:
     """A call kind's output constraint: its pydantic schema with no extra keys (the checkers ignore extras, so
-    forbidding them only saves tokens), or the code block."""
+    forbidding them only saves tokens), or, for code, debug and tests, one ```python block (the shape the checkers
+    read first)."""
     if kind in SCHEMAS:
         return OutputConstraint(format="json", json_schema={**SCHEMAS[kind].model_json_schema(),
                                                             "additionalProperties": False})
-    return OutputConstraint(format="code", regex=CODE_BLOCK)
+    return OutputConstraint(format="code", regex=PYTHON_BLOCK)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ A budget cut would leave a constrained answer open (a PRD cut mid-string at its 
 its answer closable: in the last tokens of its budget, `RowMatcher.pick` keeps the model's token only if a
 completion still fits after it (`Closer.path`, a short completion searched over closing and single-character
 tokens), and otherwise emits that completion. An answer that ends within its budget anyway is untouched.
+A ```python block (`OutputConstraint.python_block`) is held to more than its regex (`PythonCloser`): it is closed with
+a program that parses (endings from `pytail.tail`), not just a closed fence, also where the model itself ends the
+block; and a closing bracket that matches no open one gives way to the model's next choice. So for a python block,
+"already satisfies the constraint" includes matched brackets.
 
 Tool calls are written as the platform's tool-call text (`OutputConstraint.calls_schema`), the form the gateway
 prompts for and parses: `{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`. 'required' allows any
@@ -23,11 +27,12 @@ import string
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from slmshift.platform.types import OutputConstraint
+from slmshift.serve.engines.pytail import brackets_match, in_code, tail
 
 # Compact JSON (no free whitespace): fewer tokens, and the form scenario references and LoRA targets are written in.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -133,6 +138,60 @@ class Closer:
         return path if len(path) <= limit else None
 
 
+class PythonCloser:
+    """Completions of a ```python block (`OutputConstraint.python_block`) whose program parses: the row's text so
+    far, a `pytail.tail` ending for the code, then the fence. Falls back (None) where the fence is not open yet, a
+    UTF-8 character is cut, or no ending tried makes the code parse (~1% of the prefixes of HumanEval's solutions,
+    mostly mid-keyword: `from ty`)."""
+
+    OPEN = "```python\n"
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.fixes = 0  # blocks the model ended with code that did not parse, given an ending that does
+        self.swaps = 0  # closing brackets that matched nothing, replaced by the model's next choice
+        self._ticks: frozenset[int] = frozenset()  # tokens holding a backtick, and a closing bracket
+        self._closing: frozenset[int] = frozenset()
+
+    def _vocab(self) -> None:
+        if not self._ticks:
+            vocab = self.tokenizer.get_vocab().items()
+            self._ticks = frozenset(i for t, i in vocab if "`" in t)
+            self._closing = frozenset(i for t, i in vocab if any(b in t for b in ")]}"))
+
+    def _code(self, ids: list[int]) -> str | None:
+        text = self.tokenizer.decode(ids)
+        start = text.find(self.OPEN)
+        return None if start < 0 or text.endswith("\ufffd") else text[start + len(self.OPEN):]
+
+    def ends_block(self, matcher: Any, ids: list[int], token: int) -> bool:
+        """Does `token` (after the row's output `ids`, `matcher` in its state after them) start the block's closing
+        fence: a backtick in code (outside strings and comments: no Python), or one that completes the fence?"""
+        self._vocab()
+        if token not in self._ticks or (code := self._code(ids)) is None:
+            return False
+        after = matcher.deep_copy()
+        return in_code(code) or (after.consume_token(token) and after.is_accepting())
+
+    def unmatched(self, ids: list[int], token: int) -> bool:
+        """Would `token` close a bracket that is not open (`)` after `[`)? No ending can mend that afterwards."""
+        self._vocab()
+        return token in self._closing and (code := self._code(ids + [token])) is not None and not brackets_match(code)
+
+    def path(self, matcher: Any, ids: list[int], fix_only: bool = False) -> list[int] | None:
+        """Tokens that end the block from `matcher`'s state (after the row's output `ids`), its code parsing; with
+        `fix_only`, None as well where the code parses as it stands."""
+        if (code := self._code(ids)) is None:
+            return None
+        ending = tail(code)
+        if ending is None or (fix_only and not ending):
+            return None
+        ending += "```" if (code + ending).endswith("\n") else "\n```"
+        tokens = self.tokenizer(ending, add_special_tokens=False)["input_ids"]
+        done = matcher.deep_copy()
+        return tokens if done.consume_tokens(tokens) and done.is_accepting() else None
+
+
 class RowMatcher:
     """One row's grammar state."""
 
@@ -142,18 +201,39 @@ class RowMatcher:
     WINDOW = 64
     SLACK = 16
 
-    def __init__(self, matcher: Any, eos_ids: frozenset[int], closer: Closer | None = None):
-        self.matcher, self.eos_ids, self.closer = matcher, eos_ids, closer
+    def __init__(self, matcher: Any, eos_ids: frozenset[int], closer: Closer | None = None,
+                 python: PythonCloser | None = None):
+        self.matcher, self.eos_ids, self.closer, self.python = matcher, eos_ids, closer, python
+        self.ids: list[int] = []  # the row's output so far (read by `python`)
         self._plan: list[int] = []  # the completion being emitted, once the budget forced it
         self._need = self.WINDOW - self.SLACK  # the last completion length found
+        self._known: tuple[int, list[int] | None] = (-1, None)  # (len(ids), python ending) found by the last step
 
-    def pick(self, token: int, remaining: int) -> int:
+    def _emit(self, plan: list[int]) -> int:
+        self._plan = plan[1:]
+        return plan[0]
+
+    def pick(self, token: int, remaining: int, ranked: Callable[[], list[int]] | None = None) -> int:
         """The token to emit: the model's `token` (which the grammar allows), or, when `remaining` tokens after it
-        would no longer fit a completion, the next token of one. Call before `advance`."""
+        would no longer fit a completion, the next token of one. In a python block, a `token` that closes a bracket
+        not open is replaced by the first of `ranked` (the allowed tokens, the model's preference first) that does
+        not. Call before `advance`."""
         if self._plan:
             return self._plan.pop(0)
+        if self.python is not None and ranked is not None and self.python.unmatched(self.ids, token):
+            swap = next((t for t in ranked() if not self.python.unmatched(self.ids, t)), token)
+            self.python.swaps += swap != token
+            token = swap
+        if self.python is not None and self.python.ends_block(self.matcher, self.ids, token):  # the model ends the block...
+            fix = self.python.path(self.matcher, self.ids, fix_only=True)
+            if fix is not None and len(fix) <= remaining + 1:  # ...with code that does not parse: an ending
+                self.python.fixes += 1
+                return self._emit(fix)
+            return token
         if self.closer is None or remaining > self._need + self.SLACK:
             return token
+        if self.python is not None and (chosen := self._python_pick(token, remaining)) is not None:
+            return chosen
         probe = self.matcher.deep_copy()
         if probe.consume_token(token):
             after = self.closer.path(probe, remaining)
@@ -163,14 +243,30 @@ class RowMatcher:
         plan = self.closer.path(self.matcher, remaining + 1)
         if not plan:
             return token  # no completion fits: the budget cuts the answer, as without this
-        self._plan = plan[1:]
         self.closer.closes += 1
-        return plan[0]
+        return self._emit(plan)
+
+    def _python_pick(self, token: int, remaining: int) -> int | None:
+        """`pick` for a python block: the model's token while a parseable ending still fits after it, else that
+        ending; None where neither is found (mid-keyword, say), leaving the fence to the grammar's closer."""
+        after = self.matcher.deep_copy()
+        path = self.python.path(after, self.ids + [token]) if after.consume_token(token) else None
+        if path is not None and len(path) <= remaining:
+            self._need, self._known = len(path), (len(self.ids) + 1, path)
+            return token
+        known_at, now = self._known
+        if known_at != len(self.ids):  # the last step's ending is this state's: a tail search costs 0.3-30 ms
+            now = self.python.path(self.matcher, self.ids)
+        if now is not None and len(now) <= remaining + 1:
+            self.closer.closes += 1
+            return self._emit(now)
+        return None
 
     def advance(self, token: int) -> str | None:
         """Feed the chosen token; returns an error when the grammar cannot take it (it never should)."""
         if self.matcher.is_stopped():
             return None if token in self.eos_ids else "token after the grammar completed"
+        self.ids.append(token)
         if not self.matcher.consume_token(token):
             return f"grammar rejected token {token}: {self.matcher.get_error().splitlines()[0]}"
         return None
@@ -209,6 +305,12 @@ def mask_rows(scores: torch.Tensor, matchers: list[RowMatcher | None]) -> torch.
     return out
 
 
+def _ranked(scores: torch.Tensor, k: int = 32) -> list[int]:
+    """The row's `k` likeliest tokens among those its grammar allows, likeliest first."""
+    top = scores.topk(min(k, scores.shape[0]))
+    return [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if v != float("-inf")]
+
+
 def choose_tokens(scores: torch.Tensor, matchers: list[RowMatcher | None], temperatures: list[float],
                   generators: list[Any], remaining: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's next token and its log-prob, for both schedulers: argmax, or a draw from the row's own generator,
@@ -222,7 +324,7 @@ def choose_tokens(scores: torch.Tensor, matchers: list[RowMatcher | None], tempe
             probs = torch.softmax(allowed[i] / temperatures[i], dim=-1)
             chosen[i] = torch.multinomial(probs, 1, generator=gen)[0]
         if matchers[i] is not None:
-            chosen[i] = matchers[i].pick(int(chosen[i]), remaining[i])
+            chosen[i] = matchers[i].pick(int(chosen[i]), remaining[i], lambda i=i: _ranked(allowed[i]))
     return chosen, torch.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]
 
 
@@ -233,6 +335,7 @@ class Grammars:
         self._hf_tok, self.vocab_size, self.eos_ids, self.max_cached = tokenizer, vocab_size, sorted(eos_ids), max_cached
         self._tok: Any = None
         self._closer: Closer | None = None
+        self._python = PythonCloser(tokenizer)
         self._protos: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = self.hits = 0
@@ -273,7 +376,8 @@ class Grammars:
                 self._protos[key] = proto
                 while len(self._protos) > self.max_cached:
                     self._protos.popitem(last=False)
-            return RowMatcher(proto.deep_copy(), frozenset(self.eos_ids), self._closer)
+            return RowMatcher(proto.deep_copy(), frozenset(self.eos_ids), self._closer,
+                              self._python if c.python_block else None)
 
     def check(self, c: OutputConstraint, text: str) -> str | None:
         """Why `text` (tokenized as the tokenizer would) breaks the constraint `c`, or None when it satisfies it: how
@@ -287,4 +391,5 @@ class Grammars:
     def stats(self) -> dict[str, float]:
         return {"grammar_compiles": self.compiles, "grammar_cache_hits": self.hits,
                 "grammar_compile_s": round(self.compile_s, 4), "grammar_tokenizer_s": round(self.tokenizer_s, 3),
-                "grammar_budget_closes": self._closer.closes if self._closer else 0}
+                "grammar_budget_closes": self._closer.closes if self._closer else 0,
+                "grammar_code_fixes": self._python.fixes, "grammar_bracket_swaps": self._python.swaps}
