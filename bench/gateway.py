@@ -1,7 +1,8 @@
 """The gateway's overhead, measured side by side on one Ray instance: OpenAI chat completions and Responses calls
 through `slmshift gateway` (FastAPI ingress -> call pipeline: route, check, S1 record, metrics -> Serve -> a
 zero-latency simulated model) against the same HTTP requests to a bare Ray Serve echo app that returns a body of the
-same API's shape.
+same API's shape. The gateway runs twice: calling the model's own Serve deployment, and with the model served inside
+its ingress replica (`gateway.inline`).
 Target: gateway p50 latency <= 1.2x the bare echo's. Rounds alternate so machine noise hits both alike; the median of
 the per-round ratios is printed beside the pooled one (it holds up better on a shared machine).
 On a CPU-bound machine latency follows CPU per request, so the bench also prints where each path spends it: CPU
@@ -111,16 +112,20 @@ def main() -> None:
     serve.run(build_app([teacher], [policy_spec(kind="llm", name="all-llm")], handles, log, "bench",
                         GatewaySection(), [], scrub=False),
               name="gateway", route_prefix="/gw")
+    # the same gateway with the model served in its own replica (gateway.inline): one Serve request less per call
+    serve.run(build_app([teacher], [policy_spec(kind="llm", name="all-llm")], {}, log, "bench",
+                        GatewaySection(inline=["teacher"]), [], scrub=False),
+              name="gateway-inline", route_prefix="/gwi")
     serve.run(echo_app(), name="echo", route_prefix="/echo")
     base = f"http://127.0.0.1:{a.port}"
     for api in a.api:  # warm-up both
-        for path in ("/gw", "/echo"):
+        for path in ("/gw", "/gwi", "/echo"):
             asyncio.run(drive(f"{base}{path}{PATHS[api]}", BODIES[api], 40, 8))
     res: dict[tuple[str, str], list] = {}
     cpu: dict[tuple[str, str], dict[str, float]] = {}
     for _ in range(a.rounds):
         for api in a.api:
-            for name, path in (("echo", "/echo"), ("gateway", "/gw")):
+            for name, path in (("echo", "/echo"), ("gateway", "/gw"), ("inline", "/gwi")):
                 before = ray_cpu_s()
                 res.setdefault((api, name), []).append(
                     asyncio.run(drive(f"{base}{path}{PATHS[api]}", BODIES[api], a.requests, a.concurrency)))
@@ -141,14 +146,15 @@ def main() -> None:
         print(f"{api:9s} {name:8s} CPU ms/request in Ray processes: {sum(ms for ms, _ in busy):.2f} = "
               + ", ".join(f"{role} {ms:.2f}" for ms, role in busy[:5]))
     for api in a.api:
-        gw, echo = out[api, "gateway"], out[api, "echo"]
-        # Each round's echo and gateway runs are adjacent in time: their ratio sees the same machine load, so its
-        # median across rounds holds up on a shared machine where others' bursts hit one pooled side more.
-        paired = sorted(statistics.median(g[0]) / statistics.median(e[0])
-                        for e, g in zip(res[api, "echo"], res[api, "gateway"]))
-        print(f"{api:9s} gateway / bare Serve echo: p50 latency {gw['p50'] / echo['p50']:.2f}x, "
-              f"throughput {gw['rps'] / echo['rps']:.2f}x; per round p50 ratio median "
-              f"{statistics.median(paired):.2f}x [{paired[0]:.2f}-{paired[-1]:.2f}]  (target: latency <= 1.2x)")
+        for name, what in (("gateway", "gateway"), ("inline", "gateway, model inline")):
+            gw, echo = out[api, name], out[api, "echo"]
+            # Each round's runs are adjacent in time: their ratio sees the same machine load, so its median across
+            # rounds holds up on a shared machine where others' bursts hit one pooled side more.
+            paired = sorted(statistics.median(g[0]) / statistics.median(e[0])
+                            for e, g in zip(res[api, "echo"], res[api, name]))
+            print(f"{api:9s} {what} / bare Serve echo: p50 latency {gw['p50'] / echo['p50']:.2f}x, "
+                  f"throughput {gw['rps'] / echo['rps']:.2f}x; per round p50 ratio median "
+                  f"{statistics.median(paired):.2f}x [{paired[0]:.2f}-{paired[-1]:.2f}]  (target: latency <= 1.2x)")
     serve.shutdown()
     ray.shutdown()
 

@@ -198,6 +198,10 @@ class ExperimentConfig(_Strict):
 ExperimentConfig.model_rebuild(force=True)
 
 
+# Engines cheap enough to build in every ingress replica (no weights): an endpoint's client, a declared teacher.
+INLINE_BACKENDS = ("openai", "simulated", "workload")
+
+
 class GatewaySection(_Strict):
     """`slmshift gateway`'s own settings (all optional)."""
 
@@ -214,6 +218,10 @@ class GatewaySection(_Strict):
                                       "arm: a call of that workload (X-Workload-Id) that names any `router:` policy is "
                                       "routed by this arm instead, e.g. the policy `slmshift tune --workload ID` "
                                       "wrote for it. A call naming a deployed model directly stays pinned to it.")
+    inline: list[str] = Field(default_factory=list, description="Models (by name) each ingress replica serves "
+                              "itself, in-process, instead of calling their own Serve deployment: one Serve request "
+                              "less per call. Only engines that are clients or stand-ins, not model weights: "
+                              f"backends {', '.join(INLINE_BACKENDS)}. Such a model gets no deployment of its own.")
 
 
 class GatewayConfig(_Strict):
@@ -275,6 +283,14 @@ def _cross_checks(cfg: ExperimentConfig | GatewayConfig,
             problems.append((f"gateway.workloads.{wid}", f"no router.policies arm is named {label!r}; available: "
                              f"{', '.join(labels)}. Fix: name the arm (`name: {label}`) or map the workload to one "
                              "of those"))
+    backends = {m.name: m.backend for m in cfg.models}
+    for i, name in enumerate(cfg.gateway.inline if isinstance(cfg, GatewayConfig) else ()):
+        if name not in backends:
+            problems.append((f"gateway.inline[{i}]", f"no model is named {name!r}; models: {', '.join(names)}"))
+        elif backends[name] not in INLINE_BACKENDS:
+            problems.append((f"gateway.inline[{i}]", f"model {name!r} has backend {backends[name]!r}, which loads "
+                             f"weights: it needs its own deployment. Fix: drop it from gateway.inline (only "
+                             f"{', '.join(INLINE_BACKENDS)} run inline)"))
     for i, p in enumerate(cfg.router.policies):
         path = f"router.policies[{i}]"
         if labels.count(p.label) > 1 and labels.index(p.label) != i:

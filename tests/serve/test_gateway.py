@@ -28,8 +28,10 @@ router:
     - {{kind: llm, name: tuned-for-mapped}}
     - {{kind: llm, name: strict, constrain: all}}
     - {{kind: llm, name: paired, shadow: slm}}
-gateway: {{port: {port}, workloads: {{mapped-agent: tuned-for-mapped}}}}
+gateway: {{port: {port}, workloads: {{mapped-agent: tuned-for-mapped}}, inline: [teacher]}}
 """
+# The teacher is served inside the ingress replica (gateway.inline), the tiny SLM by its own deployment: the tests
+# below cross both paths.
 
 
 def free_port() -> int:
@@ -377,3 +379,17 @@ def test_ctrl_c_waits_for_running_shadows_so_every_shadowed_call_keeps_its_pair(
     calls, shadows = df[~df.shadow.astype(bool)], df[df.shadow.astype(bool)]
     assert len(calls) == 6 and set(calls.tier) == {"llm"}
     assert sorted(shadows.shadow_of) == sorted(calls.id) and set(shadows.tier) == {"slm"}
+
+
+def test_only_weightless_engines_run_inline_and_bad_names_say_so(tmp_path):
+    from slmshift.platform.config import GatewayConfig, load_config
+    from slmshift.platform.errors import ConfigError
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(YAML.format(storage=tmp_path, tiny=tmp_path, port=8000).replace("inline: [teacher]",
+                                                                                  "inline: [teacher, tiny, nope]"))
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg, schema=GatewayConfig)
+    msg = str(e.value)
+    assert "gateway.inline[1]" in msg and "backend 'hf', which loads weights" in msg
+    assert "gateway.inline[2]" in msg and "no model is named 'nope'" in msg and "gateway.inline[0]" not in msg

@@ -20,7 +20,8 @@ POLICY_PREFIX = "router:"
 
 def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, Any], log: Any, experiment_id: str,
               options: Any, api_keys: list[str], scrub: bool = True):
-    """The gateway's Serve application, bound to the model handles and the S1 log actor."""
+    """The gateway's Serve application, bound to the model handles and the S1 log actor. The models named in
+    `options.inline` have no handle: each ingress replica builds their engines itself."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
@@ -30,6 +31,7 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
     app = FastAPI(title="slmshift gateway", docs_url=None, redoc_url=None)
     # workload id -> the pipeline key of the policy arm chosen for it (gateway.workloads)
     workload_policies = {w: f"{POLICY_PREFIX}{label}" for w, label in (getattr(options, "workloads", None) or {}).items()}
+    inline = set(getattr(options, "inline", None) or ())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -50,13 +52,17 @@ def build_app(models: list[ModelSpec], policies: list[Any], handles: dict[str, A
             from slmshift.platform.log import LogClient, ScrubbingLog
             from slmshift.platform.policies import policy_spec
             from slmshift.serve.handle_batching import wrap_handles
-            from slmshift.serve.pipeline import CallPipeline
+            from slmshift.serve.engines import get_engine_class
+            from slmshift.serve.pipeline import CallPipeline, LocalHandle
 
             self.log = LogClient(log, flush_every=16)
             sink = ScrubbingLog(self.log) if scrub else self.log
             self.models = {m.name: m for m in models}
             params = {m.name: m.params for m in models}
             handles_ = wrap_handles(handles, models)
+            for m in models:  # gateway.inline: served here, in-process (no Serve request to a model replica)
+                if m.name in inline:
+                    handles_[m.name] = LocalHandle(get_engine_class(m.backend)(m))
             common = {"models": models, "handles": handles_, "params": params, "log": sink,
                       "detached_shadows": options.detached_shadows}
             self.pipelines = {f"{POLICY_PREFIX}{p.label}": CallPipeline(policy=p, **common) for p in policies}
@@ -207,7 +213,7 @@ def serve_gateway(cfg: Any, options: Any, console: Any, storage: str | None = No
         serve.start(http_options={"host": options.host, "port": options.port}, proxy_location="HeadOnly",
                     logging_config={"log_level": "WARNING"})
         with console.status(f"deploying {len(cfg.models)} model(s) and the gateway"):
-            handles = deploy_models(cfg.models, cluster_cpus())
+            handles = deploy_models([m for m in cfg.models if m.name not in options.inline], cluster_cpus())
             log = start_log_actor(run_dir, name=f"gateway-log-{exp_id}")
             app = build_app(cfg.models, list(cfg.router.policies), handles, log, exp_id, options, keys,
                             scrub=cfg.log.scrub)
