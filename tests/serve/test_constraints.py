@@ -282,3 +282,17 @@ def test_a_closing_bracket_that_matches_nothing_gives_way_to_the_models_next_cho
     swaps = grammars.stats()["grammar_bracket_swaps"]
     assert row.pick(paren, 100, lambda: [paren, brace, square, paren]) == square  # `)` would close `[`
     assert grammars.stats()["grammar_bracket_swaps"] == swaps + 1
+
+
+def test_code_no_ending_mends_is_not_searched_every_step(byte_grammars, monkeypatch):
+    """A search that finds nothing costs up to ~0.3 s: after one, the row goes PYTHON_RETRY tokens without."""
+    from slmshift.serve.engines import constraints
+
+    tok, grammars = byte_grammars
+    calls, search = [], constraints.tail
+    monkeypatch.setattr(constraints, "tail", lambda code: calls.append(code) or search(code))
+    broken = "```python\nx = [a if b : c" + " + c" * 90
+    text = _as_the_row_emits(grammars.matcher(OutputConstraint(format="code", regex=PYTHON_BLOCK)), tok, broken, 100)
+    assert text.endswith("\n```")  # the fence at least
+    window = constraints.RowMatcher.WINDOW
+    assert 0 < len(calls) <= 2 * (window // constraints.RowMatcher.PYTHON_RETRY + 2), len(calls)

@@ -60,8 +60,9 @@ def test_every_prefix_of_humaneval_solutions():
             if ending is not None:
                 assert parses(prefix + ending), (p.id, prefix[-60:], ending)
                 found += 1
-    # the rest are mid-keyword (`from ty`): the engine keeps the model's tokens there or closes a token earlier
-    assert found / total > 0.985, found / total
+    # the rest: a conditional expression inside brackets (`[(g[1:]) if len(g) ==`); the engine keeps the model's
+    # tokens there, or closes a token earlier
+    assert found / total > 0.998, found / total
 
 
 def test_in_code_tells_code_from_strings_and_comments():
