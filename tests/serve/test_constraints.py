@@ -222,8 +222,6 @@ def byte_grammars():
 
 
 def _code(text: str) -> str:
-    from slmshift.platform.constraint import PYTHON_BLOCK
-
     assert re.fullmatch(PYTHON_BLOCK, text, re.S), text[-80:]
     return text[len("```python\n"):-len("\n```")]
 
