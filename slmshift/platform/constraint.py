@@ -40,7 +40,7 @@ class OutputConstraint(BaseModel):
                                 "match; `%json {...}` embeds a JSON schema.")
     tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function tools the call may use.")
     tool_choice: str | dict[str, Any] | None = Field(
-        default=None, description="With `tools`: 'auto' (free answer or call; not enforced), 'none', 'required' "
+        default=None, description="With `tools`: 'auto' (text or a call: `optional_calls`), 'none', 'required' "
         "(some tool call) or {'type': 'function', 'function': {'name': ...}} (that tool).")
     parallel_tool_calls: bool | None = Field(default=None, description="With `tools`: False allows at most one tool "
                                              "call in the answer (OpenAI's parallel_tool_calls: false); None or True "
@@ -74,6 +74,13 @@ class OutputConstraint(BaseModel):
         if self.kind == "tools":
             return self.tool_choice == "required" or self.forced_tool is not None
         return self.kind is not None
+
+    @property
+    def optional_calls(self) -> bool:
+        """Tools under 'auto' (or no choice): the model may answer in text or call. Nothing here demands enforcing
+        (`enforceable` is False, so no engine is refused for it); an engine that can hold it (hf) keeps a call, once
+        the answer starts one, to the declared tools' schema, and leaves text free (`LMRequest.held`)."""
+        return self.kind == "tools" and self.tool_choice in (None, "auto")
 
     @property
     def python_block(self) -> bool:

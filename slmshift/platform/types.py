@@ -107,6 +107,13 @@ class LMRequest(BaseModel):
         return self.constraint if self.constrained and self.constraint.enforceable else None
 
     @property
+    def held(self) -> OutputConstraint | None:
+        """What an engine that constrains by itself (hf) holds this request to: `enforced`, or under tools 'auto' a
+        call of a declared tool in its schema, if the answer is a call (`OutputConstraint.optional_calls`)."""
+        c = self.constraint
+        return c if self.constrained and (c.enforceable or c.optional_calls) else None
+
+    @property
     def record_id(self) -> str:
         return record_id(self.experiment_id, self.episode_id, self.call_index)
 

@@ -72,7 +72,36 @@ def test_tool_choice_required_named_and_auto(engine):
     assert calls and {c["name"] for c in calls} <= {"get_weather", "get_time"}
     assert [c["name"] for c in json.loads(named.text)["tool_calls"]] == ["get_time"] * len(
         json.loads(named.text)["tool_calls"])
-    assert not auto.constrained  # 'auto' leaves the model free
+    # 'auto' leaves the model free to answer or call, and holds a call it starts to the tools' schema
+    assert auto.constrained
+    if auto.text.startswith("{"):
+        assert {c["name"] for c in json.loads(auto.text)["tool_calls"]} <= {"get_weather", "get_time"}
+    else:
+        assert auto.text[:1] not in "[` \n"
+
+
+def test_auto_tool_choice_allows_text_or_a_well_formed_call_only(byte_grammars):
+    """The shapes SmolLM2 wrote under 'auto' on gateway traffic: the prompt's `{<arguments>}` copied, an argument
+    named with a stray escape, spaced JSON. Each is cut where it leaves the schema; text and well-formed calls pass,
+    and a call the budget cuts is closed into one that parses."""
+    from slmshift.serve.gateway.common import parse_tool_calls
+
+    tok, grammars = byte_grammars
+    auto = OutputConstraint(tools=TOOLS, tool_choice="auto")
+    one = OutputConstraint(tools=TOOLS, parallel_tool_calls=False)
+    assert grammars.check(auto, '{"tool_calls":[{"name":"get_time","arguments":{"zone":"CET"}}]}') is None
+    assert grammars.check(auto, "It is sunny in Paris {today}.") is None
+    for bad in ('{"tool_calls":[{"name":"get_weather","arguments":{<arguments>}}]}',
+                '{"tool_calls":[{"name":"get_weather","arguments":{"city\\":"Paris"}}]}',
+                '{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}}]}',
+                '{"tool_calls":[{"name":"get_date","arguments":{}}]}', ' {"tool_calls":[]}', "```json\n{}\n```"):
+        assert grammars.check(auto, bad), bad
+    two = '{"tool_calls":[{"name":"get_time","arguments":{"zone":"UTC"}},{"name":"get_time","arguments":{"zone":"CET"}}]}'
+    assert grammars.check(auto, two) is None and grammars.check(one, two)
+    # a call cut by the budget is closed into one that parses
+    row = grammars.matcher(auto)
+    out = _as_the_row_emits(row, tok, '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}', 40)
+    assert parse_tool_calls(out, TOOLS) is not None, out
 
 
 def test_unconstrained_request_ignores_its_constraint_and_bad_grammar_fails_only_its_row(engine):

@@ -17,12 +17,15 @@ block; and a closing bracket that matches no open one gives way to the model's n
 
 Tool calls are written as the platform's tool-call text (`OutputConstraint.calls_schema`), the form the gateway
 prompts for and parses: `{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`. 'required' allows any
-declared tool (one or more calls), a named choice only that tool; 'auto'/'none' are not enforced (the model may
-answer in text).
+declared tool (one or more calls), a named choice only that tool. 'auto' leaves the model free to answer or call,
+but a call it makes is well-formed (`OPTIONAL_CALLS`): an answer that opens with `{` is a call in that schema, and
+text is anything else (it may not open with `{`, `[`, a backtick or a space, the shapes of a botched call, such as
+SmolLM2 copying the prompt's `{<arguments>}`). 'none' is not enforced.
 """
 
 from __future__ import annotations
 
+import json
 import string
 import threading
 import time
@@ -38,12 +41,17 @@ from slmshift.serve.engines.pytail import brackets_match, in_code, tail
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
+# Tools under 'auto': a call in the platform's tool-call text, or text that does not open like one. The call's schema
+# is embedded as `%json` with the compact separators (`x-guidance`, llguidance's in-schema options).
+OPTIONAL_CALLS = "start: calls | TEXT\ncalls: %json {schema}\nTEXT: /[^\\s{{\\[`][\\s\\S]*/\n"
+
+
 class ConstraintError(ValueError):
     """A constraint llguidance cannot compile; its request fails with this message."""
 
 
 def grammar_of(c: OutputConstraint) -> str:
-    """The llguidance grammar (its JSON form) for an enforceable constraint."""
+    """The llguidance grammar (its JSON form) for a constraint an engine holds (`LMRequest.held`)."""
     from llguidance import LLMatcher
 
     if c.kind == "json_schema":
@@ -54,6 +62,9 @@ def grammar_of(c: OutputConstraint) -> str:
         return LLMatcher.grammar_from_lark(c.grammar)
     if c.kind == "tools" and c.enforceable:
         return LLMatcher.grammar_from_json_schema(c.calls_schema(), overrides=JSON_OPTIONS)
+    if c.optional_calls:
+        return LLMatcher.grammar_from_lark(OPTIONAL_CALLS.format(schema=json.dumps(c.calls_schema()
+                                                                               | {"x-guidance": JSON_OPTIONS})))
     raise ConstraintError(f"nothing to enforce in {c.kind or c.format!r}")
 
 

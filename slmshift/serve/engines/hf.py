@@ -15,8 +15,8 @@ mixed-batch inference: requests for different adapters and for the base model sh
 `adapter_names=[...]`. At most `hf.max_resident_adapters` are loaded; a batch that needs more is split into
 groups, and loading another evicts the least recently used one.
 
-Output constraints (`LMRequest.enforced`: a JSON schema, regex, Lark grammar or forced tool call) are enforced per
-row by both schedulers with llguidance (constraints.py): compiled once per content, masked into each constrained
+Output constraints (`LMRequest.held`: a JSON schema, regex, Lark grammar, forced tool call, or under tools 'auto' a
+well-formed call if the answer is one) are enforced per row by both schedulers with llguidance (constraints.py): compiled once per content, masked into each constrained
 row's logits before its token is chosen, and closed before the budget cuts it (`RowMatcher.pick`). Log-probs
 stay raw (before the mask).
 """
@@ -224,12 +224,12 @@ class HFEngine(Engine):
     async def _matcher(self, req: LMRequest) -> RowMatcher | LMResponse | None:
         """The row's grammar matcher when the request must be constrained, None when not, or the error response
         for a constraint that does not compile."""
-        if req.enforced is None:
+        if req.held is None:
             return None
         if self._grammars is None:
             self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
         try:  # a cache hit is microseconds; a compile (or the first, tokenizer-scanning use) is not
-            return await asyncio.to_thread(self._grammars.matcher, req.enforced)
+            return await asyncio.to_thread(self._grammars.matcher, req.held)
         except ConstraintError as exc:
             return self._response(req, text="", error=str(exc))
 
