@@ -121,14 +121,17 @@ def _near_dup_mask(texts: list[str], threshold: float, seed: int) -> list[bool]:
 
 
 def _canonical_target(target: str, constraint: str | None) -> str:
-    """A JSON answer to a call with a JSON-schema constraint, re-serialised canonically (the form the constraint
-    enforces, so a LoRA target never teaches whitespace the constrained SLM may not write); anything else as is."""
-    if not isinstance(constraint, str) or '"json_schema"' not in constraint:
+    """A JSON answer to a call with a JSON-schema constraint, or a tool call (`{"tool_calls": ...}`) to a call that
+    offered tools, re-serialised canonically (the form the constraint enforces, so a LoRA target never teaches
+    whitespace the constrained SLM may not write); anything else as is."""
+    schema = isinstance(constraint, str) and '"json_schema"' in constraint
+    if not (schema or isinstance(constraint, str) and '"tools"' in constraint):
         return target
     try:
-        return canonical_json(json.loads(target))
+        doc = json.loads(target)
     except ValueError:
         return target
+    return canonical_json(doc) if schema or (isinstance(doc, dict) and "tool_calls" in doc) else target
 
 
 def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResult:

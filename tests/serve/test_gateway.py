@@ -341,6 +341,27 @@ def test_every_call_gets_a_validity_verdict():
         assert output_check(Call(model="m", messages=[], **kwargs))(text).valid is valid, (kwargs, text)
 
 
+def test_earlier_tool_calls_read_as_the_model_writes_them():
+    """The APIs send a call's arguments as a JSON string; the model reads its earlier calls in the one form the
+    teacher answers and LoRA targets use (canonical JSON, arguments as values), so a tuned SLM is not shown a second
+    form in its context. Arguments that are not JSON stay as they were sent."""
+    from slmshift.platform.types import canonical_json
+    from slmshift.serve.engines.workload import TOOL_RESULT
+    from slmshift.serve.gateway.common import to_messages
+
+    tools = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    msgs = to_messages([
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "Oslo, Norway"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'}], tools, None, False)
+    assert msgs[2]["content"] == canonical_json({"tool_calls": [
+        {"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_weather", "arguments": "Oslo, Norway"}]})
+    assert TOOL_RESULT.match(msgs[3]["content"]).group(1) == '{"temp": 3}'
+    assert '{"tool_calls":[{"name":"<function name>"' in msgs[0]["content"]  # the prompt's example, compact too
+
+
 def test_a_shed_call_is_a_429_whose_retry_after_is_the_models():
     """The gateway's Retry-After for a call the pipeline gave up on under load is the wait the model's deployment
     states (`retry_after_s`, rounded up to whole seconds), not a number of its own."""

@@ -122,6 +122,25 @@ def test_json_targets_follow_the_calls_constraint_in_canonical_form(log_df):
     assert rows.drop(index=kept.iloc[0])["constraint"].isna().all()
 
 
+def test_tool_call_targets_are_canonical_and_text_answers_untouched(log_df):
+    """A logged tool call (an older teacher's spaced JSON) becomes the canonical form the SLM is held to under
+    'auto'; a text answer to a call that offered tools stays as written, even one that is JSON."""
+    from slmshift.platform.types import OutputConstraint
+
+    df = log_df.copy()
+    kept = curate(df).rows["record_id"]
+    c = OutputConstraint(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto").to_json()
+    a, b, t = (df.index[df["id"] == kept.iloc[k]][0] for k in range(3))
+    df.loc[a, "output"] = '{"tool_calls": [{"name": "f", "arguments": {"x": 1, "y": "é"}}]}'
+    df.loc[b, "output"] = '{"answer": 42}'
+    df.loc[t, "output"] = "It is 3 degrees."
+    df.loc[[a, b, t], "constraint"] = c
+    rows = curate(df).rows.set_index("record_id")
+    assert rows.loc[kept.iloc[0], "target"] == '{"tool_calls":[{"name":"f","arguments":{"x":1,"y":"é"}}]}'
+    assert rows.loc[kept.iloc[1], "target"] == '{"answer": 42}'
+    assert rows.loc[kept.iloc[2], "target"] == "It is 3 degrees."
+
+
 def test_a_simulated_placeholder_is_never_a_training_target(log_df):
     """A simulated model's labelled non-answer (a gateway call without a scenario reference) is dropped under every
     rule, even in a log whose record marked it valid (written before the gateway's check)."""

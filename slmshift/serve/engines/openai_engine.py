@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, OutputConstraint
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, OutputConstraint, canonical_json
 from slmshift.serve.engines.base import Engine
 
 
@@ -80,8 +80,8 @@ class ChatCompletionsEngine(Engine):
         calls = choice.message.tool_calls or []
         text = choice.message.content or ""
         if calls:  # the platform's tool-call text; arguments that are not JSON stay as the string the model wrote
-            text = json.dumps({"tool_calls": [{"name": c.function.name, "arguments": _json_or_str(c.function.arguments)}
-                                              for c in calls]}, separators=(",", ":"))
+            text = canonical_json({"tool_calls": [{"name": c.function.name,
+                                                   "arguments": _json_or_str(c.function.arguments)} for c in calls]})
         return LMResponse(
             text=text, constrained=req.enforced is not None, model=self.spec.name, tier=self.spec.tier,
             backend=self.backend,

@@ -13,11 +13,10 @@ figure it shapes. It is not a model: its answers are right by construction, as f
 
 from __future__ import annotations
 
-import json
 import re
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, canonical_json
 from slmshift.platform.workload import WorkloadSession, norm_question, read_workload, resolve
 from slmshift.serve.engines.base import Engine
 
@@ -66,7 +65,7 @@ class WorkloadEngine(Engine):
                               f"the conversation holds {k} tool results")
         if k < len(s.steps):
             step = s.steps[k]
-            return json.dumps({"tool_calls": [{"name": step.tool, "arguments": resolve(step.arguments, results)}]})
+            return canonical_json({"tool_calls": [{"name": step.tool, "arguments": resolve(step.arguments, results)}]})
         return resolve(s.answer, results)
 
     def _answer(self, req: LMRequest) -> LMResponse:
