@@ -9,7 +9,7 @@
 Prints one JSON summary (calls logged, kept by S2, clusters, adapter gain in agreement with intervals by session,
 the tuned policy's predicted SLM share, wall time per stage) and writes it to OUT/summary.json.
 
-    .venv/bin/python bench/gateway_flywheel.py --out /tmp/flywheel [--sessions 72] [--steps 10]
+    .venv/bin/python bench/gateway_flywheel.py --out /tmp/flywheel [--sessions 72] [--steps N]
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=0, help="Sessions to run (default: every one in the file).")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
-    ap.add_argument("--steps", type=int, default=16, help="LoRA steps per cluster for convert.")
+    ap.add_argument("--steps", type=int, default=0, help="LoRA steps per cluster for convert (0, the default: "
+                    "convert's own choice by the cluster's rows and tokens).")
     ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
                     "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
     ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")
@@ -220,7 +221,7 @@ def main() -> None:
     if "convert" in stages:
         # gateway calls carry no episode outcome or grade: S2 keeps the valid ones (never a placeholder)
         summary["wall_s"]["convert"] = round(timed(SLMSHIFT + ["convert", run_dir, "--rule", "valid",
-                                                               "--steps", str(args.steps),
+                                                               *(["--steps", str(args.steps)] if args.steps else []),
                                                                "--batch-size", str(args.batch_size),
                                                                "--no-progress"], out / "convert.log"), 1)
     if "tune" in stages:

@@ -93,9 +93,9 @@ class Selection:
 
 
 def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
-    """The SLM answers collect already gave and graded, by the id of the call they answer: shadows (`shadow_of`),
-    a cascade's rejected attempts (`<id>:cascade`) and calls the SLM served. They are the served SLM's answers to
-    real calls at the served budget, graded by the scenario: S4 uses them for the held-out calls they cover instead
+    """The SLM answers collect already gave, by the id of the call they answer: shadows (`shadow_of`), a cascade's
+    rejected attempts (`<id>:cascade`) and calls the SLM served. They are the served SLM's answers to real calls at
+    the served budget and constraint, graded by the scenario where one could (else `correct` is missing): S4 uses them for the held-out calls they cover instead
     of generating those again. `df`: the run's log with its shadows (`read_interactions(run_dir,
     include_shadow=True)`); `run_dir`'s config names each model's source. Columns: call_id, model, source, adapter,
     output, valid, correct, tokens_in/out."""
@@ -106,8 +106,9 @@ def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
     cols = ["call_id", "model", "source", "adapter", "output", "valid", "correct", "tokens_in", "tokens_out"]
     if df.empty:
         return pd.DataFrame(columns=cols)
-    slm = df[(df["tier"] == "slm") & ~df["infra_error"].fillna(False).astype(bool)
-             & df["correct"].notna() & df["valid"].notna()].copy()
+    # `correct` may be missing: no scenario graded the call (gateway traffic); S4 grades it as it grades a generated
+    # answer (`_merge`), by agreement with the held-out row's logged answer
+    slm = df[(df["tier"] == "slm") & ~df["infra_error"].fillna(False).astype(bool) & df["valid"].notna()].copy()
     # S4 grades one answer per call: where the SLM answered again (slm_attempts, shadow_attempts), its first attempt
     # ('<id>:try1'), not the answer a retry ended with
     ids = slm["id"].astype(str)
@@ -134,8 +135,9 @@ def _reused(answers: pd.DataFrame | None, c: Candidate, val_rows: pd.DataFrame) 
 
 
 def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated: EvalResult | None,
-           name: str) -> EvalResult:
-    """One evaluation over every validation row, in row order: collect's answer where there is one."""
+           name: str, grader: Callable[[dict[str, Any], str], CallGrade]) -> EvalResult:
+    """One evaluation over every validation row, in row order: collect's answer where there is one, graded by the
+    scenario in collect, or here by `grader` (agreement with the row's logged answer) where nothing graded it."""
     gen = iter(generated.verdicts if generated else [])
     verdicts, t_in, t_out = [], 0, 0
     for r in val_rows.to_dict("records"):
@@ -143,9 +145,13 @@ def _merge(val_rows: pd.DataFrame, reused: dict[str, dict[str, Any]], generated:
         if a is None:
             verdicts.append({**next(gen), "source": "generated"})
             continue
+        if pd.isna(a["correct"]):
+            g = grader(r, str(a["output"] or ""))
+            grade = {"valid": g.valid, "correct": g.correct, "reason": g.reason, "by": g.by}
+        else:
+            grade = {"valid": bool(a["valid"]), "correct": bool(a["correct"]), "reason": "", "by": "scenario"}
         verdicts.append({"record_id": r.get("record_id"), "task_id": str(r.get("task_id") or ""),
-                         "output": a["output"], "valid": bool(a["valid"]), "correct": bool(a["correct"]),
-                         "reason": "", "source": "collect"})
+                         "output": a["output"], **grade, "source": "collect"})
         t_in, t_out = t_in + int(a["tokens_in"] or 0), t_out + int(a["tokens_out"] or 0)
     n = len(verdicts)
     return EvalResult(model=name, adapter=None, n=n, valid_rate=sum(v["valid"] for v in verdicts) / max(n, 1),
@@ -193,7 +199,7 @@ def select_clusters(vals: dict[int, pd.DataFrame], cands: list[Candidate],
         for cid, v in vals.items():
             g = generated.get(cid)
             results[cid].append((c, _merge(v, reused[cid], g if g is not None and g.n else None,
-                                           c.model_spec(threads=threads).name)))
+                                           c.model_spec(threads=threads).name, grader)))
     out = {}
     for cid, res in results.items():
         chosen, before = choose(res)

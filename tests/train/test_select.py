@@ -176,6 +176,38 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
     assert sel.before.n == 4 and sel.before.tokens_in >= 14  # collect's tokens count in the candidate's cost
 
 
+def test_ungraded_shadows_are_reused_graded_by_agreement(two_candidates, tmp_path):
+    """Gateway traffic: no scenario graded the SLM's shadows in collect (`correct` missing). S4 still reuses them and
+    grades each as it grades a generated answer, by agreement with the held-out row's logged answer, labelled so."""
+    from slmshift.platform.log import LogWriter, read_interactions
+    from slmshift.platform.types import Interaction
+    from slmshift.train.select import collected_answers
+
+    random_c, _ = two_candidates
+    rows = _rows()
+    (tmp_path / "config.yaml").write_text(f"models:\n  - {{name: small, source: {random_c.source}}}\n")
+    base = dict(experiment_id="x", call_index=0, scenario="desk", policy="p", role="agent", call_kind="tool_call",
+                category="template", expect="text", route_kind="llm", route_reason="", latency_s=0.1,
+                engine_latency_s=0.1, cost_usd=0.0, flops=0.0, valid=True, correct=None)
+    log = LogWriter(str(tmp_path), flush_every=10_000, flush_interval_s=3600)
+    log.add([Interaction(**base, id=rows.record_id[i], episode_id=rows.episode_id[i], task_id=rows.task_id[i],
+                         prompt=rows.messages[i], output=rows.target[i], model="teacher", tier="llm",
+                         backend="workload", tokens_in=10, tokens_out=2) for i in range(4)] + [
+        Interaction(**{**base, "valid": ok}, id=f"{rows.record_id[i]}:shadow", episode_id=rows.episode_id[i],
+                    task_id=rows.task_id[i], prompt=rows.messages[i], output=out, model="small", tier="slm",
+                    backend="hf", tokens_in=7, tokens_out=3, shadow=True, shadow_of=rows.record_id[i])
+        for i, out, ok in [(0, rows.target[0], True), (1, "no idea", True), (2, "", False)]])
+    log.close()
+    answers = collected_answers(read_interactions(str(tmp_path), include_shadow=True), str(tmp_path))
+    assert sorted(answers["call_id"]) == ["r0", "r1", "r2"] and answers["correct"].isna().all()
+    sel = select_candidates(rows.assign(scenario="desk"), 0, [random_c], ScenarioGrader(), threads=1, answers=answers)
+    got = {v["record_id"]: v for v in sel.before.verdicts}
+    assert {r: v["source"] for r, v in got.items()} == {"r0": "collect", "r1": "collect", "r2": "collect",
+                                                       "r3": "generated"}
+    assert got["r0"]["correct"] and not got["r1"]["correct"] and not got["r2"]["valid"]
+    assert {v["by"] for v in got.values()} == {"agreement"} and sel.before.measure == "agreement"
+
+
 def test_packaged_gemma3_is_registered_under_its_own_terms():
     g, s = get_candidate("gemma3-270m"), get_candidate("smollm2-135m")
     assert g.source == "packaged:gemma3-270m" and g.license == "Gemma Terms of Use" and g.context_length == 32768
