@@ -17,7 +17,10 @@ whose rows fit (the small profile's intents do) is unaffected.
 Prints each arm's S4 and S5+grading wall time, their ratio (target: after <= 1/4 of before), and each arm's held-out
 gain with its task-bootstrap interval (target: no drop). S2/S3 are timed too but are the same work in both arms.
 
-Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--batch-size 8] [--out /tmp/convert-cost]
+A third arm, **fast**, is "after" at a higher learning rate over fewer passes (`--fast-lr`, `--fast-epochs`): the
+tokens LoRA spends are most of the cost, so `--arms after,fast` asks whether they buy the gain.
+
+Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--batch-size 8] [--arms before,after] [--out /tmp/convert-cost]
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
-def arm(run_dir: str, out: Path, before: bool, batch_size: int, seed: int, candidate: str) -> dict:
+def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidate: str,
+        fast: dict | None = None) -> dict:
     from slmshift.train.convert import ConvertOptions, convert
 
+    before = name == "before"
     d = ConvertOptions()
     lora = d.lora.model_copy(update={"batch_size": batch_size, "seed": seed,
-                                     **({"steps": 40, "bucket_by_length": False} if before else {})})
+                                     **({"steps": 40, "bucket_by_length": False} if before else {}),
+                                     **(fast if name == "fast" else {})})
     opts = d.model_copy(update={"max_clusters": 1, "progress": False, "lora": lora, "candidates": [candidate],
                                 "curate": d.curate.model_copy(update={"seed": seed}),
                                 "cluster": d.cluster.model_copy(update={"seed": seed}),
@@ -50,7 +56,7 @@ def arm(run_dir: str, out: Path, before: bool, batch_size: int, seed: int, candi
     trained = [c for c in report.clusters if c.get("train")]
     c = trained[0] if trained else {}
     ci = c.get("interval") or {}
-    return {"arm": "before" if before else "after", "cluster": c.get("label"), "train_rows": c.get("n_train"),
+    return {"arm": name, "lr": lora.learning_rate, "epochs": lora.epochs, "cluster": c.get("label"), "train_rows": c.get("n_train"),
             "held_out_calls": c.get("n_val"), "steps": (c.get("train") or {}).get("steps"),
             "s4_from_collect": (c.get("before_source") or {}).get("collect"),
             "s2_s3_s": round(report.timings.get("curate_s", 0) + report.timings.get("cluster_s", 0), 1),
@@ -69,19 +75,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--candidate", default="smollm2-135m", help="the SLM (a registered name or a model dir)")
     ap.add_argument("--out", default="/tmp/convert-cost")
+    ap.add_argument("--arms", default="before,after", help="arms in order, the first the baseline: before, after, "
+                    "fast (after with --fast-lr and --fast-epochs: fewer tokens at a higher learning rate)")
+    ap.add_argument("--fast-lr", type=float, default=1e-3)
+    ap.add_argument("--fast-epochs", type=float, default=1.0)
     args = ap.parse_args()
     print(f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {args.run_dir}", flush=True)
+    fast = {"learning_rate": args.fast_lr, "epochs": args.fast_epochs}
     rows = []
-    for before in (True, False):
-        rows.append(arm(args.run_dir, Path(args.out) / ("before" if before else "after"), before, args.batch_size,
-                        args.seed, args.candidate))
+    for name in args.arms.split(","):
+        rows.append(arm(args.run_dir, Path(args.out) / name, name, args.batch_size, args.seed, args.candidate, fast))
         print(json.dumps(rows[-1]), flush=True)
-    b, a = rows
-    cost_b, cost_a = b["s4_s"] + b["s5_and_grading_s"], a["s4_s"] + a["s5_and_grading_s"]
-    print(f"S4 + S5 + grading: after / before = {cost_a / cost_b:.2f}x ({cost_a:.0f} s vs {cost_b:.0f} s; target <= 0.25x)")
-    print(f"  S4 {a['s4_s'] / max(b['s4_s'], 1e-9):.2f}x, S5 + grading {a['s5_and_grading_s'] / max(b['s5_and_grading_s'], 1e-9):.2f}x")
-    print(f"held-out gain: before {b['gain']} {b['gain_ci']} vs after {a['gain']} {a['gain_ci']}")
-
+    b = rows[0]
+    cost_b = b["s4_s"] + b["s5_and_grading_s"]
+    for a in rows[1:]:
+        cost_a = a["s4_s"] + a["s5_and_grading_s"]
+        print(f"S4 + S5 + grading: {a['arm']} / {b['arm']} = {cost_a / cost_b:.2f}x ({cost_a:.0f} s vs {cost_b:.0f} s; "
+              "target <= 0.25x)")
+        print(f"  S4 {a['s4_s'] / max(b['s4_s'], 1e-9):.2f}x, S5 + grading "
+              f"{a['s5_and_grading_s'] / max(b['s5_and_grading_s'], 1e-9):.2f}x")
+        print(f"held-out gain: {b['arm']} {b['gain']} {b['gain_ci']} vs {a['arm']} {a['gain']} {a['gain_ci']}")
 
 if __name__ == "__main__":
     main()
