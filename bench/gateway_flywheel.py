@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
     ap.add_argument("--steps", type=int, default=0, help="LoRA steps per cluster for convert (0, the default: "
                     "convert's own choice by the cluster's rows and tokens).")
+    ap.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate for convert (0: convert's default, "
+                    "2e-4; 1e-3 is what made adapters agree on this workload, BENCHMARKS.md 2026-12-06).")
     ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
                     "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
     ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")
@@ -222,6 +224,7 @@ def main() -> None:
         # gateway calls carry no episode outcome or grade: S2 keeps the valid ones (never a placeholder)
         summary["wall_s"]["convert"] = round(timed(SLMSHIFT + ["convert", run_dir, "--rule", "valid",
                                                                *(["--steps", str(args.steps)] if args.steps else []),
+                                                               *(["--lr", str(args.lr)] if args.lr else []),
                                                                "--batch-size", str(args.batch_size),
                                                                "--no-progress"], out / "convert.log"), 1)
     if "tune" in stages:
