@@ -103,7 +103,7 @@ def convert(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="LoRA optimiser steps per cluster (default: by the cluster's rows and tokens, at least 20)."),
     rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default 8)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, help="LoRA alpha (default 16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Learning rate (default 2e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Learning rate (default 1e-3)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per step (default 8)."),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Comma-separated, e.g. q_proj,v_proj."),
     rule: Optional[str] = typer.Option(None, "--rule", help="Keep rule: episode_or_call (default), episode, call, "

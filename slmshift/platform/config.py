@@ -133,7 +133,7 @@ class LoopConvert(_Strict):
     lora_alpha: float = Field(default=16.0, gt=0, description="LoRA alpha.")
     lora_steps: PositiveInt | Literal["auto"] = Field(default="auto", description="LoRA optimiser steps per cluster, or auto: "
                                               "two passes over its train rows within a token budget, at least 20.")
-    lora_lr: float = Field(default=2e-4, gt=0, description="LoRA learning rate.")
+    lora_lr: float = Field(default=1e-3, gt=0, description="LoRA learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Examples per LoRA step.")
     activation_checkpointing: bool = Field(default=True, description="Recompute activations in the LoRA backward "
                                            "pass: under half the memory, no slower on CPU; turn off on a GPU.")
