@@ -106,6 +106,24 @@ class OutputConstraint(BaseModel):
 TEXT = OutputConstraint()
 
 
+def call_arguments(raw: Any) -> Any:
+    """A tool call's arguments as values: the OpenAI APIs send them as a JSON string ('' for none); a string that is
+    not JSON stays as it was written."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return raw
+
+
+def tool_call_text(calls: list[tuple[str, Any]]) -> str:
+    """The platform's tool-call text for (name, arguments) pairs, `{"tool_calls":[{"name":...,"arguments":...}]}`
+    in the one serialisation (`canonical_json`): what the gateway prompts for and parses, the constraint enforces,
+    and teachers, providers and earlier turns in context are written in."""
+    return canonical_json({"tool_calls": [{"name": name, "arguments": args} for name, args in calls]})
+
+
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
     return tool.get("function", tool) if tool.get("type", "function") == "function" else tool
 

@@ -12,14 +12,14 @@ a hosted OpenAI API cannot enforce it. Tool calls the endpoint returns come back
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import time
 from typing import Any
 
 from slmshift.platform.errors import ModelLoadError
-from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, OutputConstraint, canonical_json
+from slmshift.platform.constraint import call_arguments, tool_call_text
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, OutputConstraint
 from slmshift.serve.engines.base import Engine
 
 
@@ -80,8 +80,7 @@ class ChatCompletionsEngine(Engine):
         calls = choice.message.tool_calls or []
         text = choice.message.content or ""
         if calls:  # the platform's tool-call text; arguments that are not JSON stay as the string the model wrote
-            text = canonical_json({"tool_calls": [{"name": c.function.name,
-                                                   "arguments": _json_or_str(c.function.arguments)} for c in calls]})
+            text = tool_call_text([(c.function.name, call_arguments(c.function.arguments)) for c in calls])
         return LMResponse(
             text=text, constrained=req.enforced is not None, model=self.spec.name, tier=self.spec.tier,
             backend=self.backend,
@@ -93,13 +92,6 @@ class ChatCompletionsEngine(Engine):
 def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tools in the API's shape ({"type": "function", "function": {...}}), bare function specs wrapped."""
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
-
-
-def _json_or_str(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
 
 
 class OpenAIEngine(ChatCompletionsEngine):

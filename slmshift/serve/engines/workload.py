@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.platform.types import LMRequest, LMResponse, ModelSpec, canonical_json
+from slmshift.platform.constraint import tool_call_text
+from slmshift.platform.types import LMRequest, LMResponse, ModelSpec
 from slmshift.platform.workload import WorkloadSession, norm_question, read_workload, resolve
 from slmshift.serve.engines.base import Engine
 
@@ -65,7 +66,7 @@ class WorkloadEngine(Engine):
                               f"the conversation holds {k} tool results")
         if k < len(s.steps):
             step = s.steps[k]
-            return canonical_json({"tool_calls": [{"name": step.tool, "arguments": resolve(step.arguments, results)}]})
+            return tool_call_text([(step.tool, resolve(step.arguments, results))])
         return resolve(s.answer, results)
 
     def _answer(self, req: LMRequest) -> LMResponse:

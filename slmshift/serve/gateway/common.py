@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slmshift.platform.types import TEXT, OutputConstraint, canonical_json
+from slmshift.platform.constraint import call_arguments, tool_call_text
+from slmshift.platform.types import TEXT, OutputConstraint
 # What the simulated engine answers a call that has no scenario reference (every gateway call): labelled, never a
 # real answer (its wording and pattern live in serve/engines/simulated.py).
 from slmshift.serve.engines.simulated import PLACEHOLDER
@@ -130,22 +131,11 @@ def tools_prompt(tools: list[dict[str, Any]]) -> str:
             '{"tool_calls":[{"name":"<function name>","arguments":{<arguments>}}]}. Otherwise answer in text.')
 
 
-def _arguments(fn: dict[str, Any]) -> Any:
-    """A call's arguments as values: the APIs send them as a JSON string (kept as it is when it does not parse)."""
-    args = fn.get("arguments")
-    if isinstance(args, str):
-        try:
-            return json.loads(args) if args.strip() else {}
-        except ValueError:
-            return args
-    return args
-
-
 def to_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]], json_schema: dict | None,
                 wants_json: bool) -> list[dict[str, str]]:
     """Chat-shaped messages (role, content, tool_calls, tool_call_id) -> slmshift's plain chat messages: the tools
     as a system prompt, earlier tool calls and tool results as text the model reads. An earlier call reads as the
-    model would write it (`canonical_json`, arguments as values, not the API's JSON string): the form of the
+    model would write it (`tool_call_text`, arguments as values, not the API's JSON string): the form of the
     teacher's logged answers, so a model trained on them sees its own calls in its context, not another form."""
     out: list[dict[str, str]] = []
     if tools:
@@ -153,9 +143,9 @@ def to_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]], jso
     for m in messages:
         text = text_of(m.get("content"))
         if m.get("tool_calls"):
-            calls = [{"name": c.get("function", {}).get("name"), "arguments": _arguments(c.get("function", {}))}
-                     for c in m["tool_calls"]]
-            text = (text + "\n" if text else "") + canonical_json({"tool_calls": calls})
+            fns = [c.get("function", {}) for c in m["tool_calls"]]
+            text = (text + "\n" if text else "") + tool_call_text([(f.get("name"), call_arguments(f.get("arguments")))
+                                                                    for f in fns])
         if m["role"] == "tool":
             out.append({"role": "user", "content": f"Result of tool call {m.get('tool_call_id') or ''}: {text}"})
         else:
