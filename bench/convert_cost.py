@@ -56,8 +56,9 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
     trained = [c for c in report.clusters if c.get("train")]
     c = trained[0] if trained else {}
     ci = c.get("interval") or {}
-    return {"arm": name, "lr": lora.learning_rate, "epochs": lora.epochs, "cluster": c.get("label"), "train_rows": c.get("n_train"),
-            "held_out_calls": c.get("n_val"), "steps": (c.get("train") or {}).get("steps"),
+    return {"arm": name, "lr": lora.learning_rate, "epochs": lora.epochs, "cluster": c.get("label"),
+            "train_rows": c.get("n_train"), "held_out_calls": c.get("n_val"),
+            "steps": (c.get("train") or {}).get("steps"),
             "s4_from_collect": (c.get("before_source") or {}).get("collect"),
             "s2_s3_s": round(report.timings.get("curate_s", 0) + report.timings.get("cluster_s", 0), 1),
             "s4_s": round(report.timings.get("select_s", 0), 1),
@@ -95,6 +96,7 @@ def main() -> None:
         print(f"  S4 {a['s4_s'] / max(b['s4_s'], 1e-9):.2f}x, S5 + grading "
               f"{a['s5_and_grading_s'] / max(b['s5_and_grading_s'], 1e-9):.2f}x")
         print(f"held-out gain: {b['arm']} {b['gain']} {b['gain_ci']} vs {a['arm']} {a['gain']} {a['gain_ci']}")
+
 
 if __name__ == "__main__":
     main()

@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="LoRA steps per cluster for convert (0, the default: "
                     "convert's own choice by the cluster's rows and tokens).")
     ap.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate for convert (0: convert's default, "
-                    "2e-4; 1e-3 is what made adapters agree on this workload, BENCHMARKS.md 2026-12-06).")
+                    "1e-3; the old 2e-4 left this workload's adapters undertrained, BENCHMARKS.md 2026-12-06).")
     ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
                     "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
     ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")

@@ -95,10 +95,10 @@ class Selection:
 def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
     """The SLM answers collect already gave, by the id of the call they answer: shadows (`shadow_of`), a cascade's
     rejected attempts (`<id>:cascade`) and calls the SLM served. They are the served SLM's answers to real calls at
-    the served budget and constraint, graded by the scenario where one could (else `correct` is missing): S4 uses them for the held-out calls they cover instead
-    of generating those again. `df`: the run's log with its shadows (`read_interactions(run_dir,
-    include_shadow=True)`); `run_dir`'s config names each model's source. Columns: call_id, model, source, adapter,
-    output, valid, correct, tokens_in/out."""
+    the served budget and constraint, graded by the scenario where one could (else `correct` is missing): S4 uses
+    them for the held-out calls they cover instead of generating those again. `df`: the run's log with its shadows
+    (`read_interactions(run_dir, include_shadow=True)`); `run_dir`'s config names each model's source. Columns:
+    call_id, model, source, adapter, output, valid, correct, tokens_in/out."""
     import yaml
 
     from slmshift.platform.storage import join, read_text

@@ -16,9 +16,9 @@ mixed-batch inference: requests for different adapters and for the base model sh
 groups, and loading another evicts the least recently used one.
 
 Output constraints (`LMRequest.held`: a JSON schema, regex, Lark grammar, forced tool call, or under tools 'auto' a
-well-formed call if the answer is one) are enforced per row by both schedulers with llguidance (constraints.py): compiled once per content, masked into each constrained
-row's logits before its token is chosen, and closed before the budget cuts it (`RowMatcher.pick`). Log-probs
-stay raw (before the mask).
+well-formed call if the answer is one) are enforced per row by both schedulers with llguidance (constraints.py):
+compiled once per content, masked into each constrained row's logits before its token is chosen, and closed before
+the budget cuts it (`RowMatcher.pick`). Log-probs stay raw (before the mask).
 """
 
 from __future__ import annotations
