@@ -202,9 +202,11 @@ def verify_config(cfg: ExperimentConfig, loop: LoopSection, seen: dict[str, set[
 
 
 def tuned_policy(policy_file: str, registry: str | None) -> Any:
-    """The tuned point as a policy spec; scored kinds also serve their cluster's promoted adapter."""
+    """The tuned point as a policy spec whose SLM calls, and the SLM side of its shadows, serve their cluster's
+    promoted adapter: whatever kind tune chose (random or llm too), the next collect's shadows are the adapters in
+    force, so the next tune learns from them rather than from the base SLM again."""
     data = read_policy_file({"file": policy_file})
-    if registry and data.get("kind") in ("threshold", "learned", "cascade"):
+    if registry:
         data["registry"] = registry
     return policy_spec(data)
 

@@ -47,6 +47,9 @@ def test_verify_measures_before_conversion_on_the_same_tasks(tmp_path):
     assert [a.name for a in arms] == ["all-llm", "tuned", BEFORE_ARM]
     assert arms[1].registry == registry and arms[2].registry is None and arms[2].tau == arms[1].tau == 0.4
     assert [a.name for a in verify_config(cfg, cfg.loop, seen, tuned, registry).router.policies] == ["all-llm", "tuned"]
+    # whatever kind tune chose, the next collect's SLM side (its shadows) is the adapter in force, not the base SLM
+    policy_file.write_text("kind: random\nslm_share: 0.03\n")
+    assert tuned_policy(str(policy_file), registry).registry == registry
 
 
 @pytest.mark.parametrize("constrain", ["slm", "none", "all"])

@@ -149,8 +149,19 @@ def _tau(field: str = "tau", default: float = 0.5, what: str = "route to the SLM
     return Field(default=default, ge=0, le=1, description=f"Threshold in [0, 1]: {what}.")
 
 
+class _WithRegistry(PolicySpec):
+    """Options shared by policies whose SLM calls may carry their cluster's promoted LoRA adapter."""
+
+    registry: AbsolutePath | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): "
+                                          "SLM calls, and the SLM side of shadows, use their cluster's promoted "
+                                          "adapter (placed by the registry's S3 cluster index).")
+
+    def check(self, path: str, models: list[ModelSpec]) -> Problems:
+        return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
+
+
 @register_policy_options
-class LLMPolicy(PolicySpec):
+class LLMPolicy(_WithRegistry):
     kind: Literal["llm"] = Field(description="Always the LLM.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm"})
 
@@ -159,7 +170,7 @@ class LLMPolicy(PolicySpec):
 
 
 @register_policy_options
-class SLMPolicy(PolicySpec):
+class SLMPolicy(_WithRegistry):
     kind: Literal["slm"] = Field(description="Always the SLM.")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"slm"})
 
@@ -168,7 +179,7 @@ class SLMPolicy(PolicySpec):
 
 
 @register_policy_options
-class CallKindPolicy(PolicySpec):
+class CallKindPolicy(_WithRegistry):
     kind: Literal["call_kind"] = Field(description="A fixed map call kind -> tier (a per-role routing).")
     map: dict[str, Tier] = Field(default_factory=dict, description="call kind -> 'llm' | 'slm'; other kinds go to "
                                  "`default`.")
@@ -178,21 +189,11 @@ class CallKindPolicy(PolicySpec):
 
 
 @register_policy_options
-class RandomPolicy(PolicySpec):
+class RandomPolicy(_WithRegistry):
     kind: Literal["random"] = Field(description="The baseline: each call goes to the SLM with probability slm_share.")
     slm_share: float = Field(default=0.5, ge=0, le=1, description="Target share of calls sent to the SLM.")
     seed: int = Field(default=0, description="Seeds the draw (keyed by record id, so arms and relaunches repeat).")
     tiers_used: ClassVar[frozenset[str]] = frozenset({"llm", "slm"})
-
-
-class _WithRegistry(PolicySpec):
-    """Options shared by policies whose SLM calls may carry their cluster's promoted LoRA adapter."""
-
-    registry: AbsolutePath | None = Field(default=None, description="An adapter registry.json (`slmshift convert`): "
-                                          "SLM calls use their cluster's promoted adapter.")
-
-    def check(self, path: str, models: list[ModelSpec]) -> Problems:
-        return registry_problems(path, self.registry, self.slm_model, models) if self.registry else []
 
 
 class _ClusterPaths(_WithRegistry):

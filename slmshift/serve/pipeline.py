@@ -260,8 +260,8 @@ class CallPipeline:
     async def _shadow(self, request: LMRequest, primary: RouteDecision, tier: Tier, check: Any, context: Any) -> None:
         """The same request on the other tier, graded, logged as '<id>:shadow'; never returned to the episode."""
         # the SLM side serves the adapter the policy would use for this call's cluster, where it has one, on the
-        # model of that adapter's base
-        adapter = (primary.adapter or self.policy.adapter_for(primary.cluster)) if tier == "slm" else None
+        # model of that adapter's base (a policy that routed without placing the call places it here, off the loop)
+        adapter = await asyncio.to_thread(self.policy.adapter_of, request, primary) if tier == "slm" else None
         model = self.policy.model_for(tier, adapter)
         decision = self.policy.decision(tier, f"shadow of {primary.tier} call", adapter=adapter)
         req = request.model_copy(update={"adapter": adapter}) if adapter else request

@@ -212,9 +212,9 @@ def test_a_registry_of_two_bases_needs_a_model_per_base(tmp_path):
 
 
 def test_adapter_policy_keys_rejected_elsewhere(tmp_path):
-    msg = problems(tmp_path, GOOD.replace("{kind: slm}", "{kind: slm, registry: r.json, min_similarity: 0.5}"))
+    msg = problems(tmp_path, GOOD.replace("{kind: slm}", "{kind: slm, tau: 0.5, min_similarity: 0.5}"))
     # each kind has its own options model: another kind's keys are unknown there, and the error lists the allowed ones
-    assert "router.policies[1].registry (line 6): unknown key; allowed keys here: kind, name, default" in msg
+    assert "router.policies[1].tau (line 6): unknown key; allowed keys here: kind, name, default" in msg
     assert "router.policies[1].min_similarity (line 6): unknown key" in msg
 
 

@@ -173,6 +173,44 @@ def test_each_cluster_goes_to_the_model_of_its_chosen_base(convert_dir, tmp_path
     assert (d3.model, d3.adapter) == ("smol", "planner-intent")  # its adapter's base, not the policy's slm_model
 
 
+def test_fixed_policies_with_a_registry_serve_and_shadow_with_the_clusters_adapter(convert_dir):
+    """The next iteration's collect: a fixed policy (what tune may choose) given the registry in force. Its own SLM
+    calls and the SLM side of its LLM calls' shadows carry their cluster's promoted adapter, so tune learns from the
+    adapter rather than the base SLM again; a cluster without one, and a policy without a registry, use the base."""
+    import asyncio
+
+    from slmshift.agents.client import Session
+    from slmshift.serve.engines.scripted import ScriptedEngine
+    from slmshift.serve.pipeline import CallPipeline, LocalHandle, MemoryLog
+
+    registry = str(convert_dir / "registry.json")
+    intent = "Identify which functions the user request needs. Request: book a hotel in Lyon"
+    other = "Call the function with JSON arguments. Function get_time(zone). Input: time in Tokyo"
+    for kind, kw in [("slm", {}), ("random", {"slm_share": 1.0}), ("call_kind", {"map": {"k": "slm"}})]:
+        p = build_policy(policy_spec(kind=kind, registry=registry, **kw), MODELS)
+        d = p.route(call(intent))
+        assert (d.tier, d.model, d.adapter, d.cluster) == ("slm", "small", "planner-intent", 0), kind
+        assert p.route(call(other)).adapter is None and "cluster 1" in p.route(call(other)).reason
+    assert build_policy(policy_spec(kind="random", slm_share=0.0, registry=registry), MODELS).route(
+        call(intent)).tier == "llm"
+
+    teacher, student = MODELS[:2]
+    for spec, want in [(policy_spec(kind="llm", shadow="slm", registry=registry), ["planner-intent", None]),
+                       (policy_spec(kind="llm", shadow="slm"), [None, None])]:
+        engines = {"big": ScriptedEngine(teacher, {"k": ["teacher says"]}),
+                   "small": ScriptedEngine(student, {"k": ["student says"]})}
+        log = MemoryLog()
+        pipeline = CallPipeline(policy=spec, models=[teacher, student], log=log, params={},
+                                handles={n: LocalHandle(e) for n, e in engines.items()})
+        session = Session(pipeline, experiment_id="e", scenario="s", episode_id="ep", task_id="t")
+        for text in (intent, other):
+            asyncio.run(session.call(role="r", call_kind="k", messages=msgs(text)))
+        assert [r.adapter for r in engines["small"].requests] == want
+        shadows = [r for r in log.records if r["shadow"]]
+        assert [r["adapter"] for r in shadows] == want and {r["tier"] for r in shadows} == {"slm"}
+        assert [r.adapter for r in engines["big"].requests] == [None, None]
+
+
 # --- scored policies: threshold, learned, random; failures fall back to `default` ------------------------------
 
 

@@ -31,5 +31,5 @@ class ScriptedEngine(Engine):
 
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
         self.requests += requests
-        return [LMResponse(text=self._text(r), model=self.spec.name, tier=self.spec.tier, backend=self.backend)
-                for r in requests]
+        return [LMResponse(text=self._text(r), model=self.spec.name, tier=self.spec.tier, backend=self.backend,
+                           adapter=r.adapter) for r in requests]

@@ -62,6 +62,10 @@ class RouterPolicy(abc.ABC):
         """The LoRA adapter the SLM serves for calls of this cluster, if the policy has one (shadow calls use it)."""
         return None
 
+    def adapter_of(self, request: LMRequest, decision: RouteDecision) -> str | None:
+        """The adapter the SLM side of this call uses (its own SLM call, or the shadow of an LLM call)."""
+        return decision.adapter or self.adapter_for(decision.cluster)
+
     def other_model(self, tier: Tier) -> str | None:
         """The model of the other tier, for shadow calls."""
         return self.models["slm" if tier == "llm" else "llm"]

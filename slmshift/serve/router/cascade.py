@@ -7,19 +7,11 @@ from __future__ import annotations
 
 from slmshift.platform.types import LMRequest, RouteDecision
 from slmshift.serve.router.base import register_policy
-from slmshift.serve.router.scored import WithAdapters
+from slmshift.serve.router.placement import WithAdapters
 
 
 @register_policy("cascade")
 class Cascade(WithAdapters):
     def route(self, request: LMRequest) -> RouteDecision:
-        why = f"cascade: SLM first, accept at confidence >= {self.spec.tau}"
-        if not self.adapters:
-            return self.decision("slm", why, accept_confidence=self.spec.tau)
-        try:
-            _, cluster, _ = self.placement.place(request)
-        except Exception as e:  # no cluster, no adapter: the base SLM still answers first
-            return self.decision("slm", f"{why} (base model: {e})", accept_confidence=self.spec.tau)
-        adapter = self.adapter_for(cluster)
-        return self.decision("slm", f"cluster {cluster} {why}" + (f" -> adapter {adapter!r}" if adapter else ""),
-                             cluster=cluster, adapter=adapter, accept_confidence=self.spec.tau)
+        return self.slm_decision(request, f"cascade: SLM first, accept at confidence >= {self.spec.tau}",
+                                 accept_confidence=self.spec.tau)
