@@ -5,11 +5,15 @@
 2. The OpenAI Agents SDK (Responses API, its default) runs every session of the workload file as an agent with real
    Python tools: each session is a question, two dependent tool calls and a final answer (3 model calls).
 3. `slmshift convert RUN_DIR` (S2-S5) and `slmshift tune RUN_DIR` (S6) on that run alone.
+4. With `--iterations 2`, the flywheel turns once more on sessions the first iteration never saw (each workload's
+   next `--per-workload` sessions): the gateway serves the first tune's policy with the promoted adapters in force
+   (`registry:`), every call shadowed on the other tier, so the SLM side of each call is its cluster's adapter; then
+   `slmshift convert --incumbent` (a new adapter must beat the one in force) and `slmshift tune` on that run alone.
 
-Prints one JSON summary (calls logged, kept by S2, clusters, adapter gain in agreement with intervals by session,
-the tuned policy's predicted SLM share, wall time per stage) and writes it to OUT/summary.json.
+Prints one JSON summary per iteration (calls logged, kept by S2, clusters, adapter gain in agreement with intervals
+by session, the tuned policy's predicted SLM share, wall time per stage) and writes them to OUT/summary.json.
 
-    .venv/bin/python bench/gateway_flywheel.py --out /tmp/flywheel [--sessions 72] [--steps N]
+    .venv/bin/python bench/gateway_flywheel.py --out /tmp/flywheel [--iterations 2] [--per-workload 24]
 """
 
 from __future__ import annotations
@@ -166,7 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Where the run, convert, tune and summary go.")
     ap.add_argument("--config", default=str(ROOT / "scenarios/gateway-flywheel.yaml"))
-    ap.add_argument("--sessions", type=int, default=0, help="Sessions to run (default: every one in the file).")
+    ap.add_argument("--per-workload", type=int, default=24, help="Sessions per workload id in each iteration: "
+                    "iteration k runs each workload's sessions (k-1)*N+1 .. k*N of the file.")
+    ap.add_argument("--iterations", type=int, default=1, choices=[1, 2])
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
     ap.add_argument("--steps", type=int, default=0, help="LoRA steps per cluster for convert (0, the default: "
@@ -175,7 +181,7 @@ def main() -> None:
                     "1e-3; the old 2e-4 left this workload's adapters undertrained, BENCHMARKS.md 2026-12-06).")
     ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
                     "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
-    ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it.")
+    ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it (as iteration 1).")
     ap.add_argument("--stages", default="convert,tune,tune-workloads",
                     help="What follows the run: convert, tune (one policy), tune-workloads (one per workload id).")
     args = ap.parse_args()
@@ -185,22 +191,72 @@ def main() -> None:
 
     cfg = yaml.safe_load(Path(args.config).read_text())
     wfile = ROOT / next(m["source"] for m in cfg["models"] if m["backend"] == "workload")
-    sessions = [json.loads(line) for line in wfile.read_text().splitlines() if line.strip() and line[0] != "#"]
-    if args.sessions:  # round-robin over workloads so that every workload is represented
-        by: dict[str, list] = {}
-        for s in sessions:
+    by: dict[str, list] = {}
+    for line in wfile.read_text().splitlines():
+        if line.strip() and line[0] != "#":
+            s = json.loads(line)
             by.setdefault(s["workload"], []).append(s)
-        sessions = [s for group in zip(*by.values()) for s in group][:args.sessions]
     summary: dict = {"teacher": "desk-teacher (workload-file teacher: scenarios/workloads/agent-desk.jsonl)",
-                     "slm": "smollm2-135m (packaged, hf, CPU)", "wall_s": {}}
-    if args.skip_run:
-        run_dir = args.skip_run
+                     "slm": "smollm2-135m (packaged, hf, CPU)", "iterations": []}
+    registry = policy = None
+    for it in range(1, args.iterations + 1):
+        part = {w: ss[(it - 1) * args.per_workload:it * args.per_workload] for w, ss in by.items()}
+        if any(len(ss) < args.per_workload for ss in part.values()):
+            raise SystemExit(f"{wfile} has fewer than {it * args.per_workload} sessions per workload for iteration "
+                             f"{it}; lower --per-workload")
+        sessions = [s for group in zip(*part.values()) for s in group]  # round-robin over workloads
+        idir = out / f"iter-{it}"
+        idir.mkdir(exist_ok=True)
+        done = idir / "summary.json"
+        if done.is_file():  # an iteration that finished in an earlier launch is not run again
+            summ = json.loads(done.read_text())
+        else:
+            icfg = args.config if it == 1 else next_config(cfg, registry, policy, idir)
+            summ = iteration(args, icfg, sessions, idir, incumbent=registry,
+                             skip_run=args.skip_run if it == 1 else None)
+            done.write_text(json.dumps(summ, indent=1, default=str))
+        summary["iterations"].append(summ)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        run_dir = Path(summ["run_dir"])
+        registry = run_dir / "convert" / "registry.json"
+        if it < args.iterations:
+            if not registry.is_file() or not any(e.get("promoted") for e in
+                                                 json.loads(registry.read_text()).get("entries", [])):
+                raise SystemExit(f"iteration {it} promoted no adapter: nothing for iteration {it + 1} to serve")
+            policy = run_dir / "tune" / "policy.yaml"
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def next_config(cfg: dict, registry: Path, policy_file: Path, idir: Path) -> str:
+    """The next iteration's gateway config: the SLM serves the promoted adapters (`registry:`); the `agent` policy
+    is the one tune chose, with the registry (its SLM calls and its shadows' SLM side use their cluster's adapter)
+    and every call shadowed on the other tier, so the next tune learns from the adapter in force."""
+    import yaml
+
+    from slmshift.platform.config import read_policy_file
+
+    pol = read_policy_file({"file": str(policy_file)})
+    pol.update(name="agent", registry=str(registry), shadow="both")
+    doc = {**cfg, "models": [{**m, "registry": str(registry)} if m.get("tier") == "slm" else m
+                             for m in cfg["models"]],
+           "router": {**cfg["router"], "policies": [pol]}}
+    path = idir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def iteration(args: argparse.Namespace, config: str, sessions: list[dict], out: Path, incumbent: Path | None,
+              skip_run: str | None) -> dict:
+    summary: dict = {"config": config, "sessions_run": f"{sessions[0]['session']}..{sessions[-1]['session']}"
+                     if sessions else "", "wall_s": {}}
+    if skip_run:
+        run_dir = skip_run
     else:
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
         log = out / "gateway.log"
         t0 = time.perf_counter()
-        proc = subprocess.Popen(SLMSHIFT + ["gateway", args.config, "--port", str(port), "--storage",
+        proc = subprocess.Popen(SLMSHIFT + ["gateway", config, "--port", str(port), "--storage",
                                             str(out / "runs")], cwd=ROOT, stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "400"})
         try:
@@ -225,6 +281,7 @@ def main() -> None:
         summary["wall_s"]["convert"] = round(timed(SLMSHIFT + ["convert", run_dir, "--rule", "valid",
                                                                *(["--steps", str(args.steps)] if args.steps else []),
                                                                *(["--lr", str(args.lr)] if args.lr else []),
+                                                               *(["--incumbent", str(incumbent)] if incumbent else []),
                                                                "--batch-size", str(args.batch_size),
                                                                "--no-progress"], out / "convert.log"), 1)
     if "tune" in stages:
@@ -236,8 +293,7 @@ def main() -> None:
                 SLMSHIFT + ["tune", run_dir, "--workload", wid, "--no-progress", "--time-budget", "60"],
                 out / f"tune-{wid}.log"), 1)
     summary.update(collect(run_dir))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps(summary, indent=1, default=str))
+    return summary
 
 
 def collect(run_dir: str) -> dict:
