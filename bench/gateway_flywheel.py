@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,17 +308,49 @@ def collect(run_dir: str) -> dict:
                  "sessions": int(df.loc[~shadow, "episode_id"].nunique()),
                  "valid_teacher": float(df.loc[~shadow, "valid"].eq(True).mean()),
                  "valid_slm_shadow": float(df.loc[shadow, "valid"].eq(True).mean()) if shadow.any() else None}
+    out["slm_agreement"] = agreement_by(df)
     rep = Path(run_dir) / "convert" / "report.json"
     if rep.is_file():
         r = json.loads(rep.read_text())
         out["convert"] = {k: r.get(k) for k in ("counts", "grading", "timings", "promoted")}
-        out["clusters"] = [{k: c.get(k) for k in ("cluster", "label", "train_rows", "val_rows", "base", "adapter",
-                                                  "gain", "gain_ci", "promoted", "unit") if k in c}
-                           for c in r.get("clusters", [])]
+        out["clusters"] = [{"label": c.get("label"), "size": c.get("size"), "train/val": f"{c.get('n_train')}/"
+                            f"{c.get('n_val')}", "sessions": dict(Counter(str(v.get("task_id", "")).split("-")[0]
+                                                                          for v in c.get("before_verdicts") or [])),
+                            "before": (c.get("before") or {}).get("correct_rate"),
+                            "after": (c.get("after") or {}).get("correct_rate"), "status": c.get("status"),
+                            "promoted": c.get("promoted")} for c in r.get("clusters", [])]
     for tune in sorted(Path(run_dir).glob("tune*/metrics.json")):
         t = json.loads(tune.read_text())
         out[tune.parent.name] = {k: t.get(k) for k in ("chosen", "quality", "rows", "split", "notes") if k in t}
     return out
+
+
+def agreement_by(df) -> dict:
+    """Each call's SLM answer (primary or shadow) graded by agreement with the teacher's answer to the same call, by
+    workload and adapter, with a 95% interval resampling sessions: on a second iteration, the adapters in force on
+    sessions they never saw."""
+    from slmshift.train.evaluate import agreement
+    from slmshift.train.promotion import paired_interval
+
+    df = df[~df["id"].astype(str).str.contains(r":try\d+$")]
+    call = df["shadow_of"].where(df["shadow"].astype(bool), df["id"]).astype(str)
+    out: dict = {}
+    for _, g in df.assign(call=call).groupby("call"):
+        llm, slm = g[g["tier"] == "llm"], g[g["tier"] == "slm"]
+        if llm.empty or slm.empty:
+            continue
+        t, s = llm.iloc[0], slm.iloc[0]
+        if t["valid"] != True:  # noqa: E712  (a missing verdict is not a reference either)
+            continue
+        key = f"{t['scenario']} / {s['adapter'] if isinstance(s['adapter'], str) and s['adapter'] else 'base'}"
+        ok = bool(s["valid"]) and agreement(str(t["output"]), str(s["output"]), str(t["expect"])).correct
+        out.setdefault(key, []).append((str(t["episode_id"]), ok))
+    res = {}
+    for key, calls in out.items():
+        mean, low, high = paired_interval([False] * len(calls), [ok for _, ok in calls], [e for e, _ in calls])
+        res[key] = {"calls": len(calls), "agree": sum(ok for _, ok in calls),
+                    "agreement": f"{mean:.2f} [{low:.2f}, {high:.2f}]", "sessions": len({e for e, _ in calls})}
+    return res
 
 
 if __name__ == "__main__":
