@@ -6,7 +6,8 @@ prompts are embedded with the packaged all-MiniLM-L6-v2 (`platform.embeddings.em
 spherical k-means, k chosen by the highest cosine silhouette over k in [k_min, k_max] (`cluster_calls`); the group
 is split only where that shows sub-tasks: silhouette >= `split_min_silhouette` and every part at least `min_size`
 calls. Clusters are labelled by role and call kind (`planner-intent`, `-2` for a sub-task), unique per run, with
-their purity by call kind.
+their purity by call kind. With an adapter registry in force, the calls the router would send to one of its promoted
+adapters stay one task, that adapter's (`incumbent_tasks`), and only the rest are clustered anew.
 
 Persisted under `clusters/`: `centroids.npy` (k x 384 float32, normalised), `index.faiss` (an
 `IndexFlatIP` over the centroids, so inner product = cosine similarity) and `clusters.json`.
@@ -26,7 +27,7 @@ from slmshift.platform.artifacts import ClusterIndex, normalise as _normalise, p
 from slmshift.platform.embeddings import DIM, embed
 
 __all__ = ["ClusterOptions", "Clustering", "ClusterIndex", "prompt_text", "embed_texts", "cluster_calls",
-           "cluster_tasks", "label_clusters"]
+           "cluster_tasks", "incumbent_tasks", "label_clusters"]
 
 
 class ClusterOptions(BaseModel):
@@ -115,9 +116,10 @@ def cluster_calls(x: np.ndarray, opts: ClusterOptions | None = None, *, progress
 
 
 def cluster_tasks(x: np.ndarray, groups: list[tuple[str, ...]], opts: ClusterOptions | None = None, *,
-                  progress: Any = None) -> Clustering:
+                  progress: Any = None, whole: frozenset = frozenset()) -> Clustering:
     """Task-grain S3 over `x` (normalised rows) with one (role, call kind, output format) key per row: each key's
-    calls are one cluster, split further where `cluster_calls` finds sub-tasks (see the module doc)."""
+    calls are one cluster, split further where `cluster_calls` finds sub-tasks (see the module doc). Keys in
+    `whole` are kept as one cluster, never split (a task already in force: `incumbent_tasks`)."""
     opts = opts or ClusterOptions()
     x = np.ascontiguousarray(x, dtype=np.float32)
     labels = np.zeros(len(x), dtype=np.int64)
@@ -129,7 +131,7 @@ def cluster_tasks(x: np.ndarray, groups: list[tuple[str, ...]], opts: ClusterOpt
         if progress else None
     for key in keys:
         idx = np.flatnonzero([g == key for g in groups])
-        sub = cluster_calls(x[idx], opts) if len(idx) >= 2 * opts.min_size else None
+        sub = cluster_calls(x[idx], opts) if len(idx) >= 2 * opts.min_size and key not in whole else None
         best = max(sub.scores.values(), default=-1.0) if sub else -1.0
         name = "/".join(str(k) for k in key)
         if sub and sub.k > 1:
@@ -147,6 +149,18 @@ def cluster_tasks(x: np.ndarray, groups: list[tuple[str, ...]], opts: ClusterOpt
     crit = (f"k={len(cents)}: {len(keys)} role/call-kind/format group(s), {split} split into sub-tasks (cosine "
             f"silhouette >= {opts.split_min_silhouette}, parts of >= {opts.min_size} calls)")
     return Clustering(labels, np.stack(cents) if cents else np.zeros((0, DIM), np.float32), len(cents), scores, crit)
+
+
+def incumbent_tasks(x: np.ndarray, call_kinds: list[str], registry: Any) -> list[str | None]:
+    """Per row, the label of the promoted adapter (of `registry`, the one in force) whose task the router places
+    the call in, else None. A later iteration's S3 keeps those calls together as that task, so the new adapter is
+    judged against the one in force on the same task: re-clustering from scratch may pair the calls otherwise
+    (three similar gateway workloads made two clusters, paired differently in two iterations)."""
+    promoted = {e.cluster: e.label for e in registry.promoted()}
+    if not promoted or len(x) == 0:
+        return [None] * len(x)
+    index = ClusterIndex.load(registry.clusters_dir)
+    return [promoted.get(c) for c, _ in index.assign_vectors(x, list(call_kinds))]
 
 
 def _slug(text: str) -> str:

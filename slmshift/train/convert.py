@@ -26,7 +26,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmshift.platform.errors import SlmshiftError
-from slmshift.train.cluster import ClusterIndex, ClusterOptions, cluster_tasks, embed_texts, label_clusters, prompt_text
+from slmshift.train.cluster import (ClusterIndex, ClusterOptions, cluster_tasks, embed_texts, incumbent_tasks,
+                                    label_clusters, prompt_text)
 from slmshift.train.curate import CurateOptions, curate, split_by_group
 from slmshift.train.convert_report import ConvertReport, write_report
 from slmshift.train.finetune import LoraOptions
@@ -170,9 +171,9 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     from slmshift.platform.storage import check, is_uri, join, mirror_dir, normalize, upload
 
     run_dir = check(str(run_dir), "RUN_DIR", write=False)
-    if o.incumbent:  # fail before S2-S4's minutes, not after them
-        from slmshift.train.registry import AdapterRegistry
+    from slmshift.train.registry import AdapterRegistry
 
+    if o.incumbent:  # fail before S2-S4's minutes, not after them
         AdapterRegistry.load(o.incumbent)
     out_uri = normalize(out_dir, "--out") if out_dir else join(run_dir, "convert")
     out = Path(out_uri)
@@ -211,10 +212,18 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         x = embed_texts([prompt_text(m) for m in rows["messages"]], progress=prog)
         # a sub-task must stay trainable: min_train_rows once its held-out share is set aside
         min_size = max(o.cluster.min_size, math.ceil(o.min_train_rows / (1 - o.curate.val_fraction)))
-        clus = cluster_tasks(x, list(zip(rows["role"], rows["call_kind"], rows["expect"])),
-                             o.cluster.model_copy(update={"min_size": min_size}), progress=prog)
+        keys = list(zip(rows["role"], rows["call_kind"], rows["expect"]))
+        task_of = incumbent_tasks(x, rows["call_kind"].tolist(), AdapterRegistry.load(o.incumbent)) \
+            if o.incumbent else [None] * len(rows)
+        keys = [k + (f"task of {t}",) if t else k for k, t in zip(keys, task_of)]
+        clus = cluster_tasks(x, keys, o.cluster.model_copy(update={"min_size": min_size}), progress=prog,
+                             whole=frozenset(k for k in keys if len(k) == 4))
     rows["cluster"] = clus.labels
     info = label_clusters(clus.labels, rows["role"].tolist(), rows["call_kind"].tolist())
+    for c in info:  # the adapter in force whose task S3 kept: it is this cluster's incumbent in S5
+        kept = {t for t, lab in zip(task_of, clus.labels) if lab == c["id"]}
+        if len(kept) == 1 and None not in kept:
+            c["task_of"] = kept.pop()
     rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by)
     out.mkdir(parents=True, exist_ok=True)
     ClusterIndex(clus.centroids, info).save(out / "clusters")
@@ -330,6 +339,9 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
     in_force = AdapterRegistry.load(o.incumbent) if o.incumbent else None
     incumbents = same_task_adapters(in_force, out / "clusters") if in_force else {}
+    for e in todo:  # S3 kept an adapter's task whole: that adapter is its incumbent, whatever the centroids say
+        if e.get("task_of"):
+            incumbents[e["id"]] = next(x for x in in_force.promoted() if x.label == e["task_of"])
     by_label = {e["label"]: e for e in todo}
     jobs = []
     for e in todo:

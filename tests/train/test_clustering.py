@@ -121,6 +121,33 @@ def test_task_grain_separates_kinds_and_splits_only_where_embeddings_show_sub_ta
     # too few calls for a sub-task to be trained on: the group stays one task
     whole = cluster_tasks(x, groups, ClusterOptions(k_max=4, min_size=11))
     assert whole.k == 3 and "0 split" in whole.criterion
+    # a task already in force (its adapter's) is kept whole, however its embeddings would split
+    kept = cluster_tasks(x, groups, ClusterOptions(k_max=4, min_size=4), whole=frozenset({groups[0]}))
+    assert kept.k == 3 and "0 split" in kept.criterion
+
+
+def test_a_later_iteration_keeps_the_tasks_of_the_adapters_in_force(planted, tmp_path):
+    """The calls the router would send to a promoted adapter are that adapter's task in the next S3, whatever a new
+    clustering would pair; calls of a cluster without a promoted adapter are clustered anew."""
+    from slmshift.train.cluster import incumbent_tasks
+    from slmshift.train.registry import AdapterEntry, AdapterRegistry
+
+    msgs, roles, kinds, truth, x = planted
+    res = cluster_calls(x, ClusterOptions(k_min=3, k_max=3))
+    info = label_clusters(res.labels, roles, kinds)
+    ClusterIndex(res.centroids, info).save(tmp_path / "clusters")
+    reg = AdapterRegistry.create(tmp_path / "registry.json", tmp_path / "clusters")
+    promoted = int(res.labels[0])
+    for c in info:
+        reg.add(AdapterEntry(cluster=c["id"], label=c["label"], base_model="packaged:smollm2-135m",
+                             adapter_dir=str(tmp_path / c["label"]), promoted=c["id"] == promoted))
+    reg.save()
+    tasks = incumbent_tasks(x, kinds, AdapterRegistry.load(tmp_path / "registry.json"))
+    label = info[promoted]["label"]
+    assert [t == label for t in tasks] == [lab == promoted for lab in res.labels]
+    assert set(tasks) == {label, None}
+    empty = AdapterRegistry.create(tmp_path / "none.json", tmp_path / "clusters")
+    assert incumbent_tasks(x, kinds, empty) == [None] * len(x)
 
 
 def test_a_call_is_placed_among_its_own_kind_only(planted, tmp_path):

@@ -147,6 +147,7 @@ def test_convert_with_an_incumbent_measures_it_on_the_same_held_out_calls(conver
     for c in rep["clusters"]:
         inc = c["incumbent"]
         assert inc["label"] == c["label"] and inc["interval"]["calls"] == c["n_val"]
+        assert c["task_of"] == inc["label"]  # S3 kept each adapter's task whole: judged against it by name
         assert "adapter in force" in c["status"] and (c["promoted"] is False or inc["beats"])
     res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--out", str(tmp_path / "x"),
                                    "--incumbent", str(tmp_path / "nope.json")])
