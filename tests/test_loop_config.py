@@ -1,6 +1,7 @@
 """`slmshift loop`'s input checks (exit 2 with the field, before Ray starts) and the configs it derives for verify:
 the tuned router with the promoted adapters, and its "before conversion" twin on the base SLM."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,13 @@ def test_an_iteration_keeps_earlier_adapters_it_promoted_none_for(tmp_path):
     it5 = _convert_dir(tmp_path / "iter-5" / "convert", [("planner-intent", "function_call", 0), ("x", "intent", 9)])
     assert carry_adapters(path3, it5, tmp_path / "iter-5" / "registry.json") == (None, [])
     assert carry_adapters(None, it4, tmp_path / "r.json") == (str(it4 / "registry.json"), [])
+    # S3 kept the task in force (`task_of`, convert --incumbent): it is that adapter's whatever the centroids say
+    it6 = _convert_dir(tmp_path / "iter-6" / "convert", [("other", "function_call", 1), ("agent-x", "intent", 9)])
+    info = json.loads((it6 / "clusters" / "clusters.json").read_text())
+    info[1]["task_of"] = "planner-intent"
+    (it6 / "clusters" / "clusters.json").write_text(json.dumps(info))
+    path6, carried6 = carry_adapters(path3, it6, tmp_path / "iter-6" / "registry.json")
+    assert carried6 == ["planner-intent"] and AdapterRegistryFile.read(path6).entries[-1].cluster == 1
 
 
 def _verify_log(run, arms):

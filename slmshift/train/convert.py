@@ -339,9 +339,6 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
     registry = AdapterRegistry.create(out / "registry.json", out / "clusters")
     in_force = AdapterRegistry.load(o.incumbent) if o.incumbent else None
     incumbents = same_task_adapters(in_force, out / "clusters") if in_force else {}
-    for e in todo:  # S3 kept an adapter's task whole: that adapter is its incumbent, whatever the centroids say
-        if e.get("task_of"):
-            incumbents[e["id"]] = next(x for x in in_force.promoted() if x.label == e["task_of"])
     by_label = {e["label"]: e for e in todo}
     jobs = []
     for e in todo:

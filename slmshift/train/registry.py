@@ -103,15 +103,20 @@ class AdapterRegistry:
 def same_task_adapters(prev: AdapterRegistry, clusters_dir: str | Path) -> dict[int, AdapterEntry]:
     """`prev`'s promoted adapters by the cluster of a new clustering (`clusters_dir`) that holds the same task.
 
-    Each iteration re-clusters, so an old adapter's task is the new cluster whose centroid is nearest its own, of the
-    same call kind, with cosine >= SAME_TASK_MIN_SIMILARITY; where two old adapters fall on one new cluster, the
-    nearer one wins. An old task with no such cluster is left out."""
+    A new cluster that S3 kept as an old adapter's task (`task_of`, when convert had `--incumbent`) is that
+    adapter's. Otherwise an old adapter's task is the new cluster whose centroid is nearest its own, of the same call
+    kind, with cosine >= SAME_TASK_MIN_SIMILARITY; where two old adapters fall on one new cluster, the nearer one
+    wins. An old task with no such cluster is left out."""
     from slmshift.platform.artifacts import ClusterIndex
 
     old_index, new_index = ClusterIndex.load(prev.clusters_dir), ClusterIndex.load(clusters_dir)
     kinds = [c.get("call_kind") for c in new_index.clusters]
+    kept = {c["task_of"]: j for j, c in enumerate(new_index.clusters) if c.get("task_of")}
     best: dict[int, tuple[float, AdapterEntry]] = {}
     for e in prev.promoted():
+        if e.label in kept:
+            best[kept[e.label]] = (2.0, e)  # above any cosine: S3 kept this very task
+            continue
         sims = new_index.centroids @ old_index.centroids[e.cluster]
         j = max((j for j in range(len(sims)) if kinds[j] == e.call_kind), key=lambda j: sims[j], default=None)
         if j is not None and sims[j] >= SAME_TASK_MIN_SIMILARITY and float(sims[j]) > best.get(j, (-2.0, None))[0]:
