@@ -5,10 +5,11 @@
 2. The OpenAI Agents SDK (Responses API, its default) runs every session of the workload file as an agent with real
    Python tools: each session is a question, two dependent tool calls and a final answer (3 model calls).
 3. `slmshift convert RUN_DIR` (S2-S5) and `slmshift tune RUN_DIR` (S6) on that run alone.
-4. With `--iterations 2`, the flywheel turns once more on sessions the first iteration never saw (each workload's
-   next `--per-workload` sessions): the gateway serves the first tune's policy with the promoted adapters in force
-   (`registry:`), every call shadowed on the other tier, so the SLM side of each call is its cluster's adapter; then
-   `slmshift convert --incumbent` (a new adapter must beat the one in force) and `slmshift tune` on that run alone.
+4. With `--iterations 2` (or more), the flywheel turns again on sessions no earlier iteration saw (each workload's
+   next `--per-workload` sessions): the gateway serves the last tune's policy with the adapters in force
+   (`registry:`; an earlier adapter stays for a task the last convert promoted none for, as in `slmshift loop`),
+   every call shadowed on the other tier, so the SLM side of each call is its cluster's adapter; then
+   `slmshift convert --incumbent` (a new adapter must beat the one in force on its task) and `slmshift tune`.
 
 Prints one JSON summary per iteration (calls logged, kept by S2, clusters, adapter gain in agreement with intervals
 by session, the tuned policy's predicted SLM share, wall time per stage) and writes them to OUT/summary.json.
@@ -173,7 +174,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "scenarios/gateway-flywheel.yaml"))
     ap.add_argument("--per-workload", type=int, default=24, help="Sessions per workload id in each iteration: "
                     "iteration k runs each workload's sessions (k-1)*N+1 .. k*N of the file.")
-    ap.add_argument("--iterations", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--iterations", type=int, default=1, help="Turns of the flywheel, each on new sessions (the "
+                    "file has 48 per workload: 2 turns at the default --per-workload).")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96, help="The agent's max_tokens (the SLM shadow's budget).")
     ap.add_argument("--steps", type=int, default=0, help="LoRA steps per cluster for convert (0, the default: "
@@ -186,6 +188,8 @@ def main() -> None:
     ap.add_argument("--stages", default="convert,tune,tune-workloads",
                     help="What follows the run: convert, tune (one policy), tune-workloads (one per workload id).")
     args = ap.parse_args()
+    from slmshift.loop import carry_adapters
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     import yaml
@@ -219,10 +223,14 @@ def main() -> None:
         summary["iterations"].append(summ)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         run_dir = Path(summ["run_dir"])
-        registry = run_dir / "convert" / "registry.json"
+        # in force next: this convert's promoted adapters, plus earlier ones for tasks it promoted none for (the loop's
+        # rule: an adapter that lost, or was not retrained, stays served)
+        in_force, carried = carry_adapters(str(registry) if registry else None, run_dir / "convert",
+                                           idir / "registry.json")
+        summ["in_force"], summ["carried"] = in_force, carried
+        registry = Path(in_force) if in_force else None
         if it < args.iterations:
-            if not registry.is_file() or not any(e.get("promoted") for e in
-                                                 json.loads(registry.read_text()).get("entries", [])):
+            if registry is None:
                 raise SystemExit(f"iteration {it} promoted no adapter: nothing for iteration {it + 1} to serve")
             policy = run_dir / "tune" / "policy.yaml"
     print(json.dumps(summary, indent=1, default=str))
