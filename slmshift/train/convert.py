@@ -173,8 +173,7 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     run_dir = check(str(run_dir), "RUN_DIR", write=False)
     from slmshift.train.registry import AdapterRegistry
 
-    if o.incumbent:  # fail before S2-S4's minutes, not after them
-        AdapterRegistry.load(o.incumbent)
+    in_force = AdapterRegistry.load(o.incumbent) if o.incumbent else None  # fail before S2-S4's minutes, not after
     out_uri = normalize(out_dir, "--out") if out_dir else join(run_dir, "convert")
     out = Path(out_uri)
     if is_uri(out_uri):
@@ -213,11 +212,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         # a sub-task must stay trainable: min_train_rows once its held-out share is set aside
         min_size = max(o.cluster.min_size, math.ceil(o.min_train_rows / (1 - o.curate.val_fraction)))
         keys = list(zip(rows["role"], rows["call_kind"], rows["expect"]))
-        task_of = incumbent_tasks(x, rows["call_kind"].tolist(), AdapterRegistry.load(o.incumbent)) \
-            if o.incumbent else [None] * len(rows)
+        task_of = incumbent_tasks(x, rows["call_kind"].tolist(), in_force) if in_force else [None] * len(rows)
         keys = [k + (f"task of {t}",) if t else k for k, t in zip(keys, task_of)]
         clus = cluster_tasks(x, keys, o.cluster.model_copy(update={"min_size": min_size}), progress=prog,
-                             whole=frozenset(k for k in keys if len(k) == 4))
+                             whole=frozenset(k for k, t in zip(keys, task_of) if t))
     rows["cluster"] = clus.labels
     info = label_clusters(clus.labels, rows["role"].tolist(), rows["call_kind"].tolist())
     for c in info:  # the adapter in force whose task S3 kept: it is this cluster's incumbent in S5
