@@ -55,7 +55,7 @@ def test_the_teacher_follows_the_tool_results_it_is_sent(tmp_path):
     second = json.loads(ask(eng, chat))
     assert second["tool_calls"][0] == {"name": "track", "arguments": {"tracking": "TR-77", "n": 3}}  # 3 stays a number
     chat += [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c2", "type": "function", "function": {"name": "track", "arguments": "{}"}}]},
+        {"id": "c2", "type": "function", "function": {"name": "track", "arguments": '{"tracking": "TR-77", "n": 3}'}}]},
         {"role": "tool", "tool_call_id": "c2", "content": '{"city": "Leipzig"}'}]
     assert ask(eng, chat) == 'Order A1 is in Leipzig (code {"tracking": "TR-77", "n": 3}).'
 
@@ -64,9 +64,42 @@ def test_unknown_questions_and_bad_results_are_errors_not_answers(tmp_path):
     eng = engine(write(tmp_path, SESSION))
     out = ask(eng, [{"role": "user", "content": "What is the weather?"}])
     assert "workload-file teacher 'desk'" in out and "no session" in out and "Fix: add a session" in out
-    chat = [{"role": "user", "content": "Where is order A1?"}, {"role": "tool", "tool_call_id": "c1",
-                                                                "content": "not json"}]
+    chat = [{"role": "user", "content": "Where is order A1?"}, call("lookup_order", {"order_id": "A1"}),
+            {"role": "tool", "tool_call_id": "c1", "content": "not json"}]
     assert "results[0] is not JSON" in ask(eng, chat)
+
+
+def call(*calls_and_args) -> dict:
+    """An assistant turn in the chat API's shape: call(name, args[, name, args...])."""
+    pairs = zip(calls_and_args[::2], calls_and_args[1::2])
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+        for i, (n, a) in enumerate(pairs)]}
+
+
+def result(text: str) -> dict:
+    return {"role": "tool", "tool_call_id": "c", "content": text}
+
+
+def test_off_the_file_the_teacher_makes_the_right_call_and_never_quotes_a_wrong_ones_result(tmp_path):
+    """Another model (the SLM a policy routed a turn to) called a tool wrongly, made an extra call or answered in
+    prose: the teacher goes on from the file's own calls, as a hosted model would recover, instead of failing."""
+    eng = engine(write(tmp_path, SESSION))
+    q = {"role": "user", "content": "Where is order A1?"}
+    wrong_id = [q, call("lookup_order", {"order_id": "B9"}), result('{"error": "no such order"}')]
+    assert json.loads(ask(eng, wrong_id)) == {"tool_calls": [{"name": "lookup_order", "arguments": {"order_id": "A1"}}]}
+    good = wrong_id + [call("lookup_order", {"order_id": "A1"}), result('{"tracking": "TR-77", "n": 3}')]
+    assert json.loads(ask(eng, good))["tool_calls"] == [{"name": "track", "arguments": {"tracking": "TR-77", "n": 3}}]
+    # a wrong second call, an extra call, and a parallel pair whose first call is unasked and second is the file's
+    off = good + [call("track", {"tracking": "TR-77"}), result('{"city": "Nowhere"}'),
+                  {"role": "assistant", "content": "Let me think."},
+                  call("lookup_order", {"order_id": "A2"}, "track", {"tracking": "TR-77", "n": 3}),
+                  result('{"tracking": "TR-00"}'), result('{"city": "Leipzig"}')]
+    assert ask(eng, off) == 'Order A1 is in Leipzig (code {"tracking": "TR-77", "n": 3}).'
+    # the extra results never shift which result a reference quotes
+    assert ask(eng, good + [call("track", {"tracking": "TR-77", "n": 3}), result('{"city": "Leipzig"}'),
+                            call("track", {"tracking": "TR-77", "n": 3}), result('{"city": "Kassel"}')]) \
+        == 'Order A1 is in Leipzig (code {"tracking": "TR-77", "n": 3}).'
 
 
 def test_resolve_fills_references_and_keeps_types():

@@ -3,9 +3,15 @@ answers a tool-using agent's calls from a file of sessions (platform/workload.py
 on real agent traffic with a named teacher and no hosted model.
 
 Given the conversation so far, the teacher finds the session by the agent's question (its first user message that is
-not a tool result), counts the tool results the agent already sent back, and emits the next tool call with its
-arguments filled from those results, or the final answer once every step has its result. So each call after the
-first depends on what the client's tools returned: a teacher that never saw those results could not produce it.
+not a tool result), then walks the file's steps: a step is done when the conversation holds a call to its tool with
+its arguments (filled from the results of the steps before it, compared as values) and that call's result. It emits
+the first step not done, or the final answer once every step is. So each call after the first depends on what the
+client's tools returned: a teacher that never saw those results could not produce it.
+
+Off the file: when another model answered a turn (a policy routed it to the SLM) with a wrong call, an extra call or
+a call in a different order, the teacher ignores that call's result and makes the right call, as a strong model
+recovers from a bad step; it never quotes a result of a call the file did not ask for. It fails (a recorded error,
+never an invented answer) only when a result of the file's own call cannot be read as the file says.
 
 Reports label it: backend `workload` in every S1 record and the run's tables, "workload-file teacher" beside every
 figure it shapes. It is not a model: its answers are right by construction, as far as the file is.
@@ -13,6 +19,7 @@ figure it shapes. It is not a model: its answers are right by construction, as f
 
 from __future__ import annotations
 
+import json
 import re
 
 from slmshift.platform.errors import SlmshiftError
@@ -52,7 +59,6 @@ class WorkloadEngine(Engine):
 
     def _text(self, req: LMRequest) -> str:
         users = [m.get("content") or "" for m in req.messages if m.get("role") == "user"]
-        results = [m.group(1) for m in map(TOOL_RESULT.match, users) if m]
         question = next((u for u in users if not TOOL_RESULT.match(u)), None)
         if question is None:
             raise LookupError("the conversation has no user question")
@@ -60,13 +66,14 @@ class WorkloadEngine(Engine):
         if s is None:
             raise LookupError(f"no session of {self.path} asks {question[:120]!r}. Fix: add a session with this "
                               "question to the workload file, or send one of its questions")
-        k = len(results)
-        if k > len(s.steps):
-            raise LookupError(f"session {s.session!r} of workload {s.workload!r} has {len(s.steps)} tool call(s) but "
-                              f"the conversation holds {k} tool results")
-        if k < len(s.steps):
-            step = s.steps[k]
-            return tool_call_text([(step.tool, resolve(step.arguments, results))])
+        made = made_calls(req.messages)
+        results: list[str] = []  # the results of the file's steps, in the file's order
+        for step in s.steps:
+            want = (step.tool, resolve(step.arguments, results))
+            found = next((i for i, (call, _) in enumerate(made) if call == want), None)
+            if found is None:
+                return tool_call_text([want])
+            results.append(made.pop(found)[1])
         return resolve(s.answer, results)
 
     def _answer(self, req: LMRequest) -> LMResponse:
@@ -81,3 +88,27 @@ class WorkloadEngine(Engine):
 
     async def generate(self, requests: list[LMRequest]) -> list[LMResponse]:
         return [self._answer(r) for r in requests]
+
+
+def made_calls(messages: list[dict]) -> list[tuple[tuple[str, object], str]]:
+    """((tool, arguments), result) for each call in the conversation that has a result, in order. The plain messages
+    (gateway/common.to_messages) write an assistant's calls as `tool_call_text` and each result after them, in the
+    calls' order; a result with no call before it, or an assistant turn that is not a tool call, pairs with nothing."""
+    pairs: list[tuple[tuple[str, object], str]] = []
+    waiting: list[tuple[str, object]] = []
+    for m in messages:
+        text = m.get("content") or ""
+        if m.get("role") == "assistant":
+            waiting = _calls_in(text)
+        elif m.get("role") == "user" and (r := TOOL_RESULT.match(text)) and waiting:
+            pairs.append((waiting.pop(0), r.group(1)))
+    return pairs
+
+
+def _calls_in(text: str) -> list[tuple[str, object]]:
+    start = text.find('{"tool_calls"')
+    try:
+        doc = json.loads(text[start:]) if start >= 0 else {}
+    except ValueError:
+        return []
+    return [(c.get("name"), c.get("arguments", {})) for c in doc.get("tool_calls", []) if isinstance(c, dict)]
