@@ -222,7 +222,8 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         kept = {t for t, lab in zip(task_of, clus.labels) if lab == c["id"]}
         if len(kept) == 1 and None not in kept:
             c["task_of"] = kept.pop()
-    rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by)
+    rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by,
+                                   min_val=o.min_promotion_tasks)
     out.mkdir(parents=True, exist_ok=True)
     ClusterIndex(clus.centroids, info).save(out / "clusters")
     curated_path = out / "curated.parquet"

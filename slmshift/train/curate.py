@@ -184,12 +184,14 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
 
 
 def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: str = "task",
-                   strata: str = "cluster") -> pd.Series:
+                   strata: str = "cluster", min_val: int = 0) -> pd.Series:
     """'train' / 'val' per row, whole groups (tasks or episodes) on one side, so no episode leaks.
 
     Stratified: clusters are visited smallest first; each gets round(val_fraction x its groups) validation
     groups (at least one when it has two or more groups), counting groups already held out for an earlier
-    cluster. Deterministic for `seed`.
+    cluster. A cluster with at least 2 x `min_val` groups holds out at least `min_val` (S5 passes the held-out tasks
+    promotion asks for: below that an adapter is trained but can never be promoted, however large its gain), never
+    more than half. Deterministic for `seed`.
     """
     if rows.empty:
         return pd.Series([], dtype=str, index=rows.index)
@@ -213,6 +215,8 @@ def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: st
             if len(groups) < 2:
                 continue
             want = min(max(1, round(val_fraction * len(groups))), len(groups) - 1)
+            if want < min_val <= len(groups) // 2:
+                want = min_val
             free = [g for g in groups if g not in val]
             rng.shuffle(free)
             for g in free:

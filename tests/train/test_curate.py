@@ -106,6 +106,20 @@ def test_a_cluster_with_one_group_stays_in_train():
     assert split[rows["cluster"] == 0].tolist() == ["train"]  # nothing left to train on otherwise
 
 
+def test_a_cluster_holds_out_the_tasks_promotion_needs_when_it_has_twice_as_many():
+    """At the 0.25 share a 24-session workload held out 6 sessions, and its adapter could never be promoted (10 needed)
+    whatever its gain: it now holds out 10, while a cluster too small to spare them keeps the share."""
+    def cluster(c: int, n: int) -> pd.DataFrame:
+        return pd.DataFrame({"episode_id": [f"{c}-{i}" for i in range(n) for _ in range(3)],
+                             "task_id": [f"{c}-{i}" for i in range(n) for _ in range(3)], "cluster": c})
+    rows = pd.concat([cluster(0, 24), cluster(1, 19), cluster(2, 80)], ignore_index=True)
+    held = lambda split, c: rows.loc[(rows["cluster"] == c) & (split == "val"), "task_id"].nunique()  # noqa: E731
+    plain, promotable = split_by_group(rows, 0.25, seed=0), split_by_group(rows, 0.25, seed=0, min_val=10)
+    assert [held(plain, c) for c in (0, 1, 2)] == [6, 5, 20]
+    assert [held(promotable, c) for c in (0, 1, 2)] == [10, 5, 20]  # 19 < 2 x 10: the share stands
+    assert (promotable.groupby(rows["task_id"]).nunique() == 1).all()  # whole tasks on one side
+
+
 def test_json_targets_follow_the_calls_constraint_in_canonical_form(log_df):
     """A JSON answer to a call with a JSON-schema constraint becomes the canonical serialisation the constrained SLM
     is held to; the constraint travels with the row (held-out evaluation enforces it)."""
