@@ -6,10 +6,13 @@ the same clusters, the same train/held-out split and the same rows:
 
 - **before**, the conversion as issue 22 found it: S4 generates every held-out call (`reuse_collected` off), held-out
   grading on the static scheduler in batches of 16, each waiting for its slowest row (`eval_scheduler: static`),
-  40 LoRA steps, rows batched in random order (no length buckets);
+  40 LoRA steps, rows batched in random order (no length buckets), the val loss on every held-out row;
 - **after**, today's defaults: S4 takes collect's own graded SLM answers for the calls they cover, grading submits
   every held-out call at once to the continuous scheduler, steps sized by the cluster's rows and tokens, batches of
-  rows of similar length.
+  rows of similar length, the val loss (a diagnostic) on a sample of `lora.val_loss_rows` held-out rows.
+
+Each arm also prints where S5's wall went (`s5_phases_s`): start-up (Ray Data, Ray Train's controller and worker),
+the worker's set-up (model load), the steps, the val loss.
 
 What the "before" arm cannot reproduce: rows over `max_length` then lost their start (now their middle); a cluster
 whose rows fit (the small profile's intents do) is unaffected.
@@ -43,7 +46,8 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
     before = name == "before"
     d = ConvertOptions()
     lora = d.lora.model_copy(update={"batch_size": batch_size, "seed": seed,
-                                     **({"steps": 40, "bucket_by_length": False} if before else {}),
+                                     **({"steps": 40, "bucket_by_length": False, "val_loss_rows": 10 ** 6}
+                                        if before else {}),
                                      **(fast if name == "fast" else {})})
     opts = d.model_copy(update={"max_clusters": 1, "progress": False, "lora": lora, "candidates": [candidate],
                                 "curate": d.curate.model_copy(update={"seed": seed}),
@@ -59,6 +63,8 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
     return {"arm": name, "lr": lora.learning_rate, "epochs": lora.epochs, "cluster": c.get("label"),
             "train_rows": c.get("n_train"), "held_out_calls": c.get("n_val"),
             "steps": (c.get("train") or {}).get("steps"),
+            "s5_phases_s": {k: round((c.get("train") or {}).get(k) or 0, 1)
+                            for k in ("wall_s", "start_s", "setup_s", "train_s", "val_loss_s")},
             "s4_from_collect": (c.get("before_source") or {}).get("collect"),
             "s2_s3_s": round(report.timings.get("curate_s", 0) + report.timings.get("cluster_s", 0), 1),
             "s4_s": round(report.timings.get("select_s", 0), 1),

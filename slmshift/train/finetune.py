@@ -48,6 +48,8 @@ class LoraOptions(BaseModel):
     max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; a longer prompt loses its "
                             "middle, keeping its instructions and its end.")
     seed: int = Field(default=0, description="Seeds LoRA init, dropout and data order.")
+    val_loss_rows: int = Field(default=16, ge=0, description="Held-out rows the base and adapter val loss is measured "
+                               "on after training (a diagnostic: S5 grades every held-out call); 0 skips it.")
     report_every: int = Field(default=10, ge=1, description="Steps between `ray.train.report` metrics.")
     bucket_by_length: bool = Field(default=True, description="Batch rows of similar length together (within pools "
                                    "of 16 batches) so little compute goes to padding.")

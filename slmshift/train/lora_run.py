@@ -19,6 +19,7 @@ fail).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -60,6 +61,13 @@ class TrainResult(BaseModel):
     target_tokens_per_s: float = Field(default=0.0, description="Completion tokens per second of training loop.")
     pad_share: float = Field(default=0.0, description="Share of batch positions that were padding.")
     wall_s: float = Field(description="Whole call: Ray Data read, Ray Train start-up, training, evaluation, save.")
+    # where wall_s goes (the last attempt's, for a resumed run); the rest is checkpoints and the driver's own work
+    start_s: float = Field(default=0.0, description="From the call to its worker's first line: Ray Data's read and "
+                           "materialise, the step plan, Ray Train's controller and worker start.")
+    setup_s: float = Field(default=0.0, description="In the worker: model load, checkpoint restore, data shards.")
+    train_s: float = Field(default=0.0, description="The training steps (batch fetch included).")
+    val_loss_s: float = Field(default=0.0, description="The val loss, base and adapter, on `val_loss_rows` rows.")
+    val_loss_rows: int = Field(default=0, description="Held-out rows the val loss was measured on.")
     resumed_from_step: int = Field(default=0, description="The checkpoint's step the last attempt started from "
                                    "(0: it ran from the start).")
     node_id: str = Field(default="", description="Ray node of the rank-0 worker that finished the run.")
@@ -93,6 +101,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    entered = time.time()  # wall clock, as the driver's `started` (one node's clock, or synced ones)
     options = LoraOptions.model_validate(config["options"])
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
@@ -109,7 +118,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         import ray.train.torch
 
         trained = ray.train.torch.prepare_model(model, move_to_device=False)
-    val_rows = [r for r in ray.train.get_dataset_shard("val").iter_rows()] if config["n_val"] else []
+    # the val loss is a diagnostic beside S5's held-out grading: a sample of the rows says it, and the whole split
+    # cost two forward passes over every held-out call per cluster
+    val_rows = list(itertools.islice(ray.train.get_dataset_shard("val").iter_rows(), options.val_loss_rows)) \
+        if config["n_val"] and options.val_loss_rows else []
     shard = ray.train.get_dataset_shard("train")
     pool = options.batch_size * (BUCKET_POOL if options.bucket_by_length else 1)
 
@@ -122,8 +134,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_out = config.get("steps_out") if rank == 0 else None
     node = ray.get_runtime_context().get_node_id()
 
+    phases = {"start_s": entered - config["started"], "setup_s": time.time() - entered}
+
     def metrics(step: int, loss: float, stats: dict[str, float]) -> dict[str, Any]:
-        return {"step": step, "loss": loss, "resumed_from_step": resumed_from, "node_id": node, **stats}
+        return {"step": step, "loss": loss, "resumed_from_step": resumed_from, "node_id": node, **phases, **stats}
 
     def on_step(step: int, loss: float, stats: dict[str, float]) -> None:
         if steps_out is not None:
@@ -138,9 +152,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         m = metrics(step, state.losses[-1], state.stats())
         if step == options.steps:
             tail = state.losses[-max(1, len(state.losses) // 10):]  # as lora_loop's own summary
+            t = time.perf_counter()
             m.update(val_loss_base=eval_loss(model, tokenizer, val_rows, options, dev, base=True),
                      val_loss_adapter=eval_loss(model, tokenizer, val_rows, options, dev),
-                     train_loss_first=state.losses[0], train_loss_last=sum(tail) / len(tail))
+                     train_loss_first=state.losses[0], train_loss_last=sum(tail) / len(tail), val_rows=len(val_rows))
+            m["val_loss_s"] = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 model.save_pretrained(tmp)
@@ -261,19 +277,20 @@ def train_adapter(curated_path: str, cluster: int, label: str, base_source: str,
     if not Path(curated_path).exists():
         raise SlmshiftError(f"{curated_path}: curated data not found. Fix: run S2 (`slmshift convert`) first.")
     t_start = time.perf_counter()
+    started = time.time()
     # The split coordinator would draw a Ray Data bar per epoch; the caller's step progress says more.
     data_ctx = ray.data.DataContext.get_current()
     bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     try:
         return _fit(curated_path, cluster, label, base_source, out_dir, options, num_workers, cpus_per_worker,
-                    use_gpu, on_step, t_start)
+                    use_gpu, on_step, t_start, started)
     finally:
         data_ctx.enable_progress_bars = bars
 
 
 def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir: str, options: LoraOptions,
          num_workers: int, cpus_per_worker: int | None, use_gpu: bool | None,
-         on_step: Callable[[int, float], None] | None, t_start: float) -> TrainResult:
+         on_step: Callable[[int, float], None] | None, t_start: float, started: float) -> TrainResult:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -302,7 +319,7 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
         if stale.name != name and stale.name[len(label) + 1:].isalnum():
             shutil.rmtree(stale, ignore_errors=True)
     loop_config = {"options": options.model_dump(), "base_source": base_source, "label": label,
-                   "threads": cpus_per_worker, "use_gpu": use_gpu, "n_val": n_val}
+                   "threads": cpus_per_worker, "use_gpu": use_gpu, "n_val": n_val, "started": started}
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     try:
@@ -331,7 +348,10 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
                        tokens=int(m["tokens"]), tokens_per_s=float(m["tokens_per_s"]),
                        target_tokens=int(m["target_tokens"]), target_tokens_per_s=float(m["target_tokens_per_s"]),
                        pad_share=float(m["pad_share"]),
-                       wall_s=time.perf_counter() - t_start, resumed_from_step=int(m.get("resumed_from_step", 0)),
+                       wall_s=time.perf_counter() - t_start, train_s=float(m.get("train_s", 0.0)),
+                       start_s=float(m.get("start_s", 0.0)), setup_s=float(m.get("setup_s", 0.0)),
+                       val_loss_s=float(m.get("val_loss_s", 0.0)), val_loss_rows=int(m.get("val_rows", 0)),
+                       resumed_from_step=int(m.get("resumed_from_step", 0)),
                        node_id=str(m.get("node_id", "")))
 
 

@@ -131,6 +131,9 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     # throughput is also counted in what the loss learns from: completion tokens only, not the prompts
     assert 0 < trained.target_tokens < trained.tokens and 0 < trained.target_tokens_per_s < trained.tokens_per_s
     assert 0 <= trained.pad_share < 1
+    # where the wall went, so that a slow conversion says which part was slow
+    phases = [trained.start_s, trained.setup_s, trained.train_s, trained.val_loss_s]
+    assert all(p > 0 for p in phases) and sum(phases) <= trained.wall_s and trained.val_loss_rows == 8
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
     ckpts = [c for c in (convert_dir / "checkpoints").glob("planner-intent-*/checkpoint_*") if c.is_dir()]
     assert len(ckpts) == 2 and all((c / "adapter_config.json").is_file() and (c / STATE_FILE).is_file()
@@ -168,8 +171,9 @@ def test_a_finished_run_is_resumed_not_redone_and_other_options_start_afresh(tra
         str(Path(first.checkpoint_dir).parent))
     assert again.val_loss_adapter == pytest.approx(first.val_loss_adapter, rel=1e-5)
     other = train_adapter(str(convert_dir / "curated.parquet"), 0, "planner-intent", tiny_model_dir,
-                          str(convert_dir), TRAINED_OPTS.model_copy(update={"steps": 2}))
+                          str(convert_dir), TRAINED_OPTS.model_copy(update={"steps": 2, "val_loss_rows": 3}))
     assert other.resumed_from_step == 0 and other.steps == 2
+    assert other.val_loss_rows == 3  # a sample of the held-out rows: the loss is a diagnostic beside S5's grading
     assert [d.name for d in (convert_dir / "checkpoints").glob("planner-intent-*")] == [
         Path(other.checkpoint_dir).parent.name]
 
