@@ -128,8 +128,8 @@ async def run_agents(url: str, sessions: list[dict], concurrency: int, max_token
     import openai
 
     agents.set_tracing_disabled(True)  # its exporter would call api.openai.com
-    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2),
-                                     use_for_tracing=False)
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=2)
+    agents.set_default_openai_client(client, use_for_tracing=False)
     sem = asyncio.Semaphore(concurrency)
     stats = {"sessions": 0, "turns": 0, "tool_calls": 0, "errors": [], "answers_with_tool_results": 0}
 
@@ -156,6 +156,7 @@ async def run_agents(url: str, sessions: list[dict], concurrency: int, max_token
         stats["answers_with_tool_results"] += all(v in str(res.final_output) for v in vals if v)
 
     await asyncio.gather(*(one(s) for s in sessions))
+    await client.close()  # inside the loop: closed by the loop's end instead, it printed "Event loop is closed"
     return stats
 
 
