@@ -121,6 +121,9 @@ def convert(
     incumbent: Optional[str] = typer.Option(None, "--incumbent", help="The adapter registry in force (an earlier "
                                             "convert's registry.json): a new adapter must also beat its adapter for "
                                             "the same task, paired by task on the same held-out calls."),
+    train_also: Optional[list[str]] = typer.Option(None, "--train-also", help="An earlier run (a flywheel's earlier "
+                                                   "turn) whose calls are training rows only, never held out; "
+                                                   "repeat for several."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show Ray Train / Ray Data workers' own output."),
@@ -144,7 +147,8 @@ def convert(
         defaults = ConvertOptions()
         opts = ConvertOptions.model_validate({
             **pick(candidates=list(base) if base else None, min_train_rows=min_train_rows, num_cpus=num_cpus,
-                   min_promotion_tasks=min_promotion_tasks, incumbent=incumbent),
+                   min_promotion_tasks=min_promotion_tasks, incumbent=incumbent,
+                   train_also=list(train_also) if train_also else None),
             "progress": not no_progress, "verbose": verbose,
             "lora": {**defaults.lora.model_dump(), **lora, "activation_checkpointing": not keep_activations},
             "curate": {**defaults.curate.model_dump(), **cur},

@@ -77,6 +77,10 @@ class ConvertOptions(BaseModel):
         "The adapter registry in force (an earlier iteration's): where one of its promoted adapters serves a task "
         "this convert trains, the new adapter is promoted only if it also beats that one, paired by task on the "
         "same held-out calls (the rule that promotes over the base)."))
+    train_also: list[str] = Field(default_factory=list, description=(
+        "Earlier runs (a flywheel's earlier turns) whose calls are training rows only: curated and clustered with "
+        "RUN_DIR's, never held out, and dropped for any task RUN_DIR holds out, so no held-out call's task was trained "
+        "on. S4's reused answers and every held-out call come from RUN_DIR alone."))
     constrain: bool = Field(default=True, description="Held-out grading (S4, S5) holds each call to its output "
                             "constraint, as the SLM tier is served under a router arm's `constrain: slm` (the default); "
                             "off for a router that serves the SLM free (`constrain: none`).")
@@ -186,11 +190,19 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             upload(out, out_uri)
 
     log = _read_log(run_dir)  # read once: S2 curates the episodes' own calls, S4 reuses the shadows as well
+    earlier = [_read_log(check(str(r), "--train-also", write=False)) for r in o.train_also]
+    for r, e in zip(o.train_also, earlier):
+        if set(e["id"]) & set(log["id"]):
+            raise SlmshiftError(f"--train-also {r}: holds calls of RUN_DIR {run_dir} itself, whose calls are held out. "
+                                "Fix: name only earlier runs (a flywheel's earlier turns).")
     cands = _resolve_candidates(o.candidates)
 
     # S2 --------------------------------------------------------------------------------------------
-    cur = curate(log[~log["shadow"].astype(bool)].reset_index(drop=True), o.curate)
+    # RUN_DIR's calls first: a near-duplicate keeps the first, so an earlier turn's copy never displaces a new call
+    calls = pd.concat([log, *earlier], ignore_index=True) if earlier else log
+    cur = curate(calls[~calls["shadow"].astype(bool)].reset_index(drop=True), o.curate)
     rows = cur.rows
+    earlier_ids = set().union(*(set(e["id"]) for e in earlier))
     timings["curate_s"] = time.perf_counter() - t
     if rows.empty:
         c = cur.counts
@@ -198,8 +210,10 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             f"{run_dir}: the curated set is empty: of {c['logged']} logged calls, {c['dropped_invalid']} had invalid "
             f"output and {c['dropped_by_rule']} failed the keep rule {o.curate.rule!r}. Fix: run more episodes, use a "
             "stronger teacher, or loosen the rule (e.g. --rule valid).")
-    console.print(f"S2 curate: kept {len(rows)} of {cur.counts['logged']} calls; scrubbed "
-                  f"{sum(cur.scrub_counts.values())} secrets/PII")
+    from_earlier = rows["record_id"].isin(earlier_ids)
+    console.print(f"S2 curate: kept {len(rows)} of {cur.counts['logged']} calls"
+                  + (f" ({int(from_earlier.sum())} from {len(earlier)} earlier run(s), training only)" if earlier else "")
+                  + f"; scrubbed {sum(cur.scrub_counts.values())} secrets/PII")
     from slmshift.train.evaluate import grader_for_run, served_max_tokens
 
     grader = grader_for_run(run_dir)  # the run's scenarios: they grade held-out calls and know each kind's budget
@@ -222,8 +236,15 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         kept = {t for t, lab in zip(task_of, clus.labels) if lab == c["id"]}
         if len(kept) == 1 and None not in kept:
             c["task_of"] = kept.pop()
-    rows["split"] = split_by_group(rows, o.curate.val_fraction, o.curate.seed, by=o.curate.split_by,
-                                   min_val=o.min_promotion_tasks)
+    rows["split"] = "train"
+    rows.loc[~from_earlier, "split"] = split_by_group(rows[~from_earlier], o.curate.val_fraction, o.curate.seed,
+                                                      by=o.curate.split_by, min_val=o.min_promotion_tasks)
+    if from_earlier.any():  # an earlier turn's rows of a task held out now would train on what S5 judges
+        held = set(rows.loc[rows["split"] == "val", "task_id"]) - {""}
+        leak = from_earlier & rows["task_id"].isin(held)
+        rows = rows[~leak].reset_index(drop=True)
+        console.print(f"S2 curate: {int(from_earlier.sum() - leak.sum())} earlier rows train; {int(leak.sum())} "
+                      "dropped (their task is held out in this run)")
     out.mkdir(parents=True, exist_ok=True)
     ClusterIndex(clus.centroids, info).save(out / "clusters")
     curated_path = out / "curated.parquet"

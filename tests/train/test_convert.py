@@ -155,6 +155,38 @@ def test_convert_with_an_incumbent_measures_it_on_the_same_held_out_calls(conver
     assert not (tmp_path / "x" / "curated.parquet").exists()
 
 
+def test_an_earlier_turns_calls_train_but_are_never_held_out(converted, synthetic_log, tmp_path, tiny_model_dir):
+    """`--train-also`: a flywheel's earlier turn adds training rows; every held-out call is this run's, and an earlier
+    row of a task this run holds out is dropped (S5 would otherwise judge an adapter on a task it trained on)."""
+    import glob
+    import shutil
+
+    early = tmp_path / "early"
+    shutil.copytree(synthetic_log.run_dir, early, ignore=shutil.ignore_patterns("convert"))
+    for f in glob.glob(str(early / "interactions" / "*.parquet")):  # the same tasks, asked in other words
+        df = pd.read_parquet(f)
+        df["id"] = "early-" + df["id"]
+        msgs = [json.loads(p) for p in df["prompt"]]
+        for i, m in enumerate(msgs):
+            m[-1]["content"] = f"Earlier turn {i}: " + " ".join(reversed(m[-1]["content"].split()))
+        df["prompt"] = [json.dumps(m) for m in msgs]
+        df.to_parquet(f, index=False)
+    res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--out", str(tmp_path / "both"), "--base",
+                                   tiny_model_dir, "--steps", "2", "--batch-size", "4", "--min-train-rows", "2",
+                                   "--no-progress", "--train-also", str(early)])
+    assert res.exit_code == 0, res.output
+    assert "from 1 earlier run(s), training only" in res.output
+    rows = pd.read_parquet(tmp_path / "both" / "curated.parquet")
+    earlier = rows["record_id"].str.startswith("early-")
+    held = set(rows.loc[rows["split"] == "val", "task_id"])
+    assert earlier.any() and held and (rows.loc[earlier, "split"] == "train").all()
+    assert not (earlier & rows["task_id"].isin(held)).any()  # dropped: "(their task is held out in this run)"
+    assert "dropped (their task is held out in this run)" in res.output
+    res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--out", str(tmp_path / "self"),
+                                   "--train-also", synthetic_log.run_dir])
+    assert res.exit_code != 0 and "holds calls of RUN_DIR" in res.output and "Traceback" not in res.output
+
+
 def _correlated(per_task: list[int], calls: int) -> tuple[list[int], list[int], list[str]]:
     """Held-out calls where each task's `calls` calls are identical: base always wrong, the adapter's verdict on
     task i is per_task[i] (1 right, -1: base right and adapter wrong, 0 both wrong)."""
