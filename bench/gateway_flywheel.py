@@ -185,6 +185,8 @@ def main() -> None:
                     "1e-3; the old 2e-4 left this workload's adapters undertrained, BENCHMARKS.md 2026-12-06).")
     ap.add_argument("--batch-size", type=int, default=4, help="LoRA examples per step (4: two clusters' workers "
                     "side by side fit a 2-core, 23 GB machine shared with other work; 8 was killed for memory).")
+    ap.add_argument("--accumulate", action="store_true", help="Each iteration's convert also trains on every "
+                    "earlier iteration's calls (`convert --train-also`; held-out calls stay the iteration's own).")
     ap.add_argument("--skip-run", help="An existing gateway run dir: only convert and tune it (as iteration 1).")
     ap.add_argument("--stages", default="convert,tune,tune-workloads",
                     help="What follows the run: convert, tune (one policy), tune-workloads (one per workload id).")
@@ -205,6 +207,7 @@ def main() -> None:
     summary: dict = {"teacher": "desk-teacher (workload-file teacher: scenarios/workloads/agent-desk.jsonl)",
                      "slm": "smollm2-135m (packaged, hf, CPU)", "iterations": []}
     registry = policy = None
+    earlier: list[str] = []  # earlier iterations' run dirs: training rows for --accumulate
     for it in range(1, args.iterations + 1):
         part = {w: ss[(it - 1) * args.per_workload:it * args.per_workload] for w, ss in by.items()}
         if any(len(ss) < args.per_workload for ss in part.values()):
@@ -219,11 +222,13 @@ def main() -> None:
         else:
             icfg = args.config if it == 1 else next_config(cfg, registry, policy, idir)
             summ = iteration(args, icfg, sessions, idir, incumbent=registry,
-                             skip_run=args.skip_run if it == 1 else None)
+                             skip_run=args.skip_run if it == 1 else None,
+                             train_also=earlier if args.accumulate else [])
             done.write_text(json.dumps(summ, indent=1, default=str))
         summary["iterations"].append(summ)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         run_dir = Path(summ["run_dir"])
+        earlier.append(str(run_dir))
         # in force next: this convert's promoted adapters, plus earlier ones for tasks it promoted none for (the loop's
         # rule: an adapter that lost, or was not retrained, stays served)
         in_force, carried = carry_adapters(str(registry) if registry else None, run_dir / "convert",
@@ -256,7 +261,7 @@ def next_config(cfg: dict, registry: Path, policy_file: Path, idir: Path) -> str
 
 
 def iteration(args: argparse.Namespace, config: str, sessions: list[dict], out: Path, incumbent: Path | None,
-              skip_run: str | None) -> dict:
+              skip_run: str | None, train_also: list[str]) -> dict:
     summary: dict = {"config": config, "sessions_run": f"{sessions[0]['session']}..{sessions[-1]['session']}"
                      if sessions else "", "wall_s": {}}
     if skip_run:
@@ -292,6 +297,7 @@ def iteration(args: argparse.Namespace, config: str, sessions: list[dict], out: 
                                                                *(["--steps", str(args.steps)] if args.steps else []),
                                                                *(["--lr", str(args.lr)] if args.lr else []),
                                                                *(["--incumbent", str(incumbent)] if incumbent else []),
+                                                               *[a for r in train_also for a in ("--train-also", r)],
                                                                "--batch-size", str(args.batch_size),
                                                                "--no-progress"], out / "convert.log"), 1)
     if "tune" in stages:
