@@ -247,6 +247,13 @@ def carry_adapters(previous: str | None, convert_dir: Path, out: Path) -> tuple[
     return str(reg.save()), carried
 
 
+def earlier_collects(loop: LoopSection, state: LoopState, it: int) -> list[str]:
+    """The earlier iterations' collect runs that iteration `it`'s convert also trains on (`convert.accumulate`)."""
+    if not loop.convert.accumulate:
+        return []
+    return [r for k in range(1, it) if (r := state.stage(k, "collect").get("run_dir"))]
+
+
 def convert_options(loop: LoopSection) -> Any:
     """The loop's typed `convert:` section as ConvertOptions."""
     from slmshift.train.convert import ConvertOptions
@@ -442,7 +449,9 @@ def _stage(stage: str, it: int, cfg: ExperimentConfig, loop: LoopSection, split:
 
         # a new adapter must beat the one in force for its task, not just the base
         rep = convert(state.stage(it, "collect")["run_dir"], str(idir / "convert"),
-                      convert_options(loop).model_copy(update={"incumbent": registry}), console=console)
+                      convert_options(loop).model_copy(update={"incumbent": registry,
+                                                               "train_also": earlier_collects(loop, state, it)}),
+                      console=console)
         # A convert dir's registry is relative to it; the one in force (with carried adapters) is iter-N/registry.json.
         in_force, carried = carry_adapters(registry, Path(rep.local_dir or rep.out_dir), idir / "registry.json")
         if carried:

@@ -339,3 +339,19 @@ def test_perfect_teacher_is_the_conservative_bound():
     r = subprocess.run([sys.executable, "-m", "slmshift.cli", "loop", str(SMALL), "--teacher", "oracle"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--teacher oracle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_accumulate_trains_each_convert_on_every_earlier_collect(tmp_path):
+    """loop.convert.accumulate: iteration 3's convert also trains on iterations 1 and 2's collect runs (off by
+    default: each iteration's own collect alone); an iteration whose collect left no run adds nothing."""
+    from slmshift.loop import LoopState, earlier_collects
+
+    loop = load_config(SMALL).loop
+    state = LoopState(tmp_path)
+    state.update(1, "collect", status="done", run_dir="/runs/c1")
+    state.update(2, "collect", status="done", run_dir="/runs/c2")
+    state.update(4, "collect", status="failed")
+    assert earlier_collects(loop, state, 3) == []
+    on = loop.model_copy(update={"convert": loop.convert.model_copy(update={"accumulate": True})})
+    assert earlier_collects(on, state, 1) == [] and earlier_collects(on, state, 3) == ["/runs/c1", "/runs/c2"]
+    assert earlier_collects(on, state, 5) == ["/runs/c1", "/runs/c2"]

@@ -135,6 +135,9 @@ class LoopConvert(_Strict):
                                               "two passes over its train rows within a token budget, at least 20.")
     lora_lr: float = Field(default=1e-3, gt=0, description="LoRA learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Examples per LoRA step.")
+    accumulate: bool = Field(default=False, description="Each iteration's convert also trains on every earlier "
+                             "iteration's collect (`convert --train-also`): training rows only, dropped for a task the "
+                             "iteration holds out.")
     activation_checkpointing: bool = Field(default=True, description="Recompute activations in the LoRA backward "
                                            "pass: under half the memory, no slower on CPU; turn off on a GPU.")
 
