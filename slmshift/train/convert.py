@@ -385,8 +385,8 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                     continue
                 if tr.resumed_from_step:
                     console.print(f"S5 LoRA {job.label!r}: resumed from its step-{tr.resumed_from_step} checkpoint")
-                console.print(f"S5 LoRA {job.label!r}: {tr.steps} steps in {tr.wall_s:.0f} s (start-up "
-                              f"{tr.start_s:.0f} s, worker set-up {tr.setup_s:.0f} s, steps {tr.train_s:.0f} s at "
+                console.print(f"S5 LoRA {job.label!r}: {tr.steps} steps in {tr.wall_s:.0f} s (start-up, waiting "
+                              f"for CPUs included, {tr.start_s:.0f} s, worker set-up {tr.setup_s:.0f} s, steps {tr.train_s:.0f} s at "
                               f"{tr.target_tokens_per_s:.0f} completion tok/s, val loss {tr.val_loss_s:.0f} s on "
                               f"{tr.val_loss_rows} rows)")
                 done.append((e, sel, tr))

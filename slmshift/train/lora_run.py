@@ -63,7 +63,8 @@ class TrainResult(BaseModel):
     wall_s: float = Field(description="Whole call: Ray Data read, Ray Train start-up, training, evaluation, save.")
     # where wall_s goes (the last attempt's, for a resumed run); the rest is checkpoints and the driver's own work
     start_s: float = Field(default=0.0, description="From the call to its worker's first line: Ray Data's read and "
-                           "materialise, the step plan, Ray Train's controller and worker start.")
+                           "materialise, Ray Train's controller and worker start, and any wait for CPUs (clusters "
+                           "started together on one small machine train in turn).")
     setup_s: float = Field(default=0.0, description="In the worker: model load, checkpoint restore, data shards.")
     train_s: float = Field(default=0.0, description="The training steps (batch fetch included).")
     val_loss_s: float = Field(default=0.0, description="The val loss, base and adapter, on `val_loss_rows` rows.")

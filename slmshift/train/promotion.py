@@ -79,6 +79,7 @@ def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: An
     promoted only if it beats the base (`promoted`, `reason`) and the adapter in force, by the same paired
     task-bootstrap rule. Returns (promoted, reason, the incumbent's figures for the report)."""
     beats, why, interval = promotion(incumbent, after, min_tasks, seed)
+    why = why.replace("worse than the base", "worse than the adapter in force")  # promotion() names its `before`
     figures = {"label": label, "correct_rate": incumbent.correct_rate, "interval": interval, "beats": beats}
     if not promoted:
         return False, f"{reason}; against the adapter in force {label!r}: {why}", figures

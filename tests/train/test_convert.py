@@ -127,6 +127,8 @@ def test_a_new_adapter_must_also_beat_the_one_in_force():
     assert fig["interval"]["n"] == 40  # ... but paired with the incumbent by task, the +1 is noise
     lost, why_lost, _ = challenge(False, "interval includes zero", "planner-intent", incumbent, base)
     assert not lost and why_lost.startswith("interval includes zero; against the adapter in force")
+    worse, why_worse, _ = challenge(ok, why, "planner-intent", _ev([1] * 40), same)  # beats the base only
+    assert not worse and why_worse.endswith("worse than the adapter in force") and "than the base" not in why_worse
 
 
 def test_convert_with_an_incumbent_measures_it_on_the_same_held_out_calls(converted, synthetic_log, tmp_path,
