@@ -212,7 +212,8 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
             "stronger teacher, or loosen the rule (e.g. --rule valid).")
     from_earlier = rows["record_id"].isin(earlier_ids)
     console.print(f"S2 curate: kept {len(rows)} of {cur.counts['logged']} calls"
-                  + (f" ({int(from_earlier.sum())} from {len(earlier)} earlier run(s), training only)" if earlier else "")
+                  + (f" ({int(from_earlier.sum())} from {len(earlier)} earlier run(s), training only)"
+                     if earlier else "")
                   + f"; scrubbed {sum(cur.scrub_counts.values())} secrets/PII")
     from slmshift.train.evaluate import grader_for_run, served_max_tokens
 
