@@ -111,8 +111,9 @@ def convert(
     tiers: Optional[str] = typer.Option(None, "--tiers", help="Comma-separated tiers to learn from (default llm,slm)."),
     call_kinds: Optional[str] = typer.Option(None, "--call-kinds", help="Comma-separated call kinds to convert, e.g. "
                                              "function_call (default: all)."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out share per cluster (0.25; at "
-                                                 "least --min-promotion-tasks tasks where a cluster has twice as many)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Held-out share per cluster (0.25; "
+                                                 "at least --min-promotion-tasks tasks where a cluster has twice "
+                                                 "as many)."),
     k_max: Optional[int] = typer.Option(None, "--k-max", min=1, help="Largest number of clusters tried (8)."),
     min_train_rows: Optional[int] = typer.Option(None, "--min-train-rows", min=1, help="Rows a cluster needs (4)."),
     min_promotion_tasks: Optional[int] = typer.Option(None, "--min-promotion-tasks", min=1, help="Distinct held-out "
