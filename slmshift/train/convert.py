@@ -191,8 +191,11 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
 
     log = _read_log(run_dir)  # read once: S2 curates the episodes' own calls, S4 reuses the shadows as well
     earlier = [_read_log(check(str(r), "--train-also", write=False)) for r in o.train_also]
+    earlier_ids: set[str] = set()
     for r, e in zip(o.train_also, earlier):
-        if set(e["id"]) & set(log["id"]):
+        ids = set(e["id"])
+        earlier_ids |= ids
+        if ids & set(log["id"]):
             raise SlmshiftError(f"--train-also {r}: holds calls of RUN_DIR {run_dir} itself, whose calls are held out. "
                                 "Fix: name only earlier runs (a flywheel's earlier turns).")
     cands = _resolve_candidates(o.candidates)
@@ -202,7 +205,6 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     calls = pd.concat([log, *earlier], ignore_index=True) if earlier else log
     cur = curate(calls[~calls["shadow"].astype(bool)].reset_index(drop=True), o.curate)
     rows = cur.rows
-    earlier_ids = set().union(*(set(e["id"]) for e in earlier))
     timings["curate_s"] = time.perf_counter() - t
     if rows.empty:
         c = cur.counts

@@ -156,7 +156,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             t = time.perf_counter()
             m.update(val_loss_base=eval_loss(model, tokenizer, val_rows, options, dev, base=True),
                      val_loss_adapter=eval_loss(model, tokenizer, val_rows, options, dev),
-                     train_loss_first=state.losses[0], train_loss_last=sum(tail) / len(tail), val_rows=len(val_rows))
+                     train_loss_first=state.losses[0], train_loss_last=sum(tail) / len(tail),
+                     val_loss_rows=len(val_rows))
             m["val_loss_s"] = time.perf_counter() - t
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
@@ -351,7 +352,7 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
                        pad_share=float(m["pad_share"]),
                        wall_s=time.perf_counter() - t_start, train_s=float(m.get("train_s", 0.0)),
                        start_s=float(m.get("start_s", 0.0)), setup_s=float(m.get("setup_s", 0.0)),
-                       val_loss_s=float(m.get("val_loss_s", 0.0)), val_loss_rows=int(m.get("val_rows", 0)),
+                       val_loss_s=float(m.get("val_loss_s", 0.0)), val_loss_rows=int(m.get("val_loss_rows", 0)),
                        resumed_from_step=int(m.get("resumed_from_step", 0)),
                        node_id=str(m.get("node_id", "")))
 

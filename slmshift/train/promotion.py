@@ -47,7 +47,8 @@ def task_groups(verdicts: list[dict[str, Any]]) -> tuple[list[str], int, int]:
     return groups, len(set(groups)) - untasked, untasked
 
 
-def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tuple[bool, str, dict[str, Any]]:
+def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0, against: str = "the base"
+              ) -> tuple[bool, str, dict[str, Any]]:
     """Apply PROMOTION_RULE to two evaluations of the same held-out calls; returns (promoted, reason, interval).
 
     The interval dict: diff, low, high, n (tasks resampled, a call without a task id counting as one) and calls.
@@ -70,7 +71,7 @@ def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0) -> tu
         return False, f"{acc}: fewer than {min_tasks} held-out tasks, not enough evidence to promote", ci
     if low > 0:
         return True, f"{acc}: interval above zero", ci
-    return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than the base", ci
+    return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than {against}", ci
 
 
 def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: Any, min_tasks: int = 10,
@@ -78,8 +79,7 @@ def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: An
     """The new adapter against the adapter in force for its task (`incumbent`'s evaluation, same held-out calls):
     promoted only if it beats the base (`promoted`, `reason`) and the adapter in force, by the same paired
     task-bootstrap rule. Returns (promoted, reason, the incumbent's figures for the report)."""
-    beats, why, interval = promotion(incumbent, after, min_tasks, seed)
-    why = why.replace("worse than the base", "worse than the adapter in force")  # promotion() names its `before`
+    beats, why, interval = promotion(incumbent, after, min_tasks, seed, against="the adapter in force")
     figures = {"label": label, "correct_rate": incumbent.correct_rate, "interval": interval, "beats": beats}
     if not promoted:
         return False, f"{reason}; against the adapter in force {label!r}: {why}", figures
