@@ -380,3 +380,23 @@ def test_a_caller_that_gives_up_frees_its_row(tiny_dir):
     assert engine.stats()["cancelled"] == 1 and engine.stats()["steps"] == steps  # it stopped decoding
     assert engine._scheduler._decoding == [] and engine._scheduler.pool.rows == 0
     assert gen(engine, [req("hi", max_tokens=3)])[0].error is None
+
+
+def test_a_caller_that_gives_up_beside_others_leaves_them_their_answers(tiny_dir):
+    """The row that gives up holds slot 0 while another decodes: the last row moves into its slot (the KV cache is
+    copied in place) and its answer is the one it gives alone."""
+    engine = make(tiny_dir)
+    alone = gen(engine, [req(PROMPTS[0], max_tokens=400)])[0]
+
+    async def both():
+        impatient = asyncio.ensure_future(asyncio.wait_for(engine.submit(req(PROMPTS[1], max_tokens=1000)),
+                                                           timeout=0.2))
+        await asyncio.sleep(0.05)  # the impatient row is admitted first (slot 0)
+        patient = asyncio.ensure_future(engine.submit(req(PROMPTS[0], max_tokens=400)))
+        with pytest.raises(asyncio.TimeoutError):
+            await impatient
+        return await asyncio.wait_for(patient, timeout=60)  # a dead step loop would never answer it
+
+    res = asyncio.run(both())
+    assert engine.stats()["cancelled"] == 1 and engine._scheduler._thread.is_alive()
+    assert res.error is None and res.text == alone.text and res.tokens_out == 400

@@ -331,7 +331,8 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     return
-                self._drop_cancelled()
+                with self.lock, torch.inference_mode():  # a row leaving moves another's KV cache in place
+                    self._drop_cancelled()
                 self._admit()
             with self.lock, torch.inference_mode():
                 self._prefill_one()
