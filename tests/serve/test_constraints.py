@@ -298,17 +298,28 @@ def test_a_block_the_model_ends_unparseable_gets_an_ending_that_parses(byte_gram
     assert _as_the_row_emits(grammars.matcher(c), tok, fine, 400) == fine  # an answer that parses is untouched
 
 
-def test_a_closing_bracket_that_matches_nothing_gives_way_to_the_models_next_choice(byte_grammars):
+def test_a_token_no_program_could_follow_gives_way_to_the_models_next_choice(byte_grammars):
+    """No ending mends a syntax error written before the end, so the row refuses the token that makes it."""
     tok, grammars = byte_grammars
-    row = grammars.matcher(OutputConstraint(format="code", regex=PYTHON_BLOCK))
-    for t in tok("```python\nx = [f(1", add_special_tokens=False)["input_ids"]:
-        assert row.pick(t, 100) == t and row.advance(t) is None
-    paren, square, brace = (tok(b, add_special_tokens=False)["input_ids"][0] for b in ")]}")
+
+    def fed(text):
+        row = grammars.matcher(OutputConstraint(format="code", regex=PYTHON_BLOCK))
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            assert row.pick(t, 100, lambda t=t: [t]) == t and row.advance(t) is None
+        return row
+
+    paren, square, brace, colon, space = (tok(b, add_special_tokens=False)["input_ids"][0] for b in ")]}: ")
+    row = fed("```python\nx = [f(1")
     assert row.pick(paren, 100, lambda: [paren, square]) == paren  # closes f(
     row.advance(paren)
-    swaps = grammars.stats()["grammar_bracket_swaps"]
+    swaps = grammars.stats()["grammar_code_swaps"]
     assert row.pick(paren, 100, lambda: [paren, brace, square, paren]) == square  # `)` would close `[`
-    assert grammars.stats()["grammar_bracket_swaps"] == swaps + 1
+    # HumanEval/47's error: `if … :` inside a conditional expression
+    row = fed("```python\ndef median(l):\n    return l[len(l) // 2] if len(l) % 2 == 1")
+    assert row.pick(colon, 100, lambda: [colon, space]) == space
+    assert grammars.stats()["grammar_code_swaps"] == swaps + 2
+    row = fed("```python\ndef f(x):\n    return x if x")
+    assert row.pick(space, 100, lambda: [colon, space]) == space  # ` else` may follow: kept
 
 
 def test_code_no_ending_mends_is_not_searched_every_step(byte_grammars, monkeypatch):

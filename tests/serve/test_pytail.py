@@ -8,7 +8,7 @@ import ast
 
 import pytest
 
-from slmshift.serve.engines.pytail import brackets_match, in_code, tail
+from slmshift.serve.engines.pytail import in_code, tail
 
 
 def parses(src: str) -> bool:
@@ -21,7 +21,7 @@ def parses(src: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("src", [
+CUT = [
     'def count_up_to(n):\n    """Return primes below n.\n    count_up_to(5) -> [2,3] count_up_to(',  # docstring
     "def f(arr):\n    return arr[0] * arr[1] *",  # a dangling operator
     "def f(n):\n    return [n * n for n in",  # a comprehension cut at `in`
@@ -32,7 +32,10 @@ def parses(src: str) -> bool:
     "def f(x):\n    if x:  # positive",  # a comment, then a body
     "    total = 0\n    for v in values:\n        total +=",  # a reply holding only the body
     "def f(x):\n    '''doc\n    \"",  # a docstring ending in a lone quote
-])
+]
+
+
+@pytest.mark.parametrize("src", CUT)
 def test_tail_makes_the_cut_program_parse(src):
     assert not parses(src)
     ending = tail(src)
@@ -71,7 +74,3 @@ def test_in_code_tells_code_from_strings_and_comments():
     assert not in_code("x = 1  # note")
     assert in_code("x = f'{a}' + r'\\'' + 'b'\n")
 
-
-def test_brackets_match_reads_code_not_strings():
-    assert brackets_match("f(a[1], {2: (3)})") and brackets_match("s = ')' + \"]\"  # )")
-    assert not brackets_match("f(a[1)") and not brackets_match("x = 1)")

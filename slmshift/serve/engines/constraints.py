@@ -12,8 +12,9 @@ completion still fits after it (`Closer.path`, a short completion searched over 
 tokens), and otherwise emits that completion. An answer that ends within its budget anyway is untouched.
 A ```python block (`OutputConstraint.python_block`) is held to more than its regex (`PythonCloser`): it is closed with
 a program that parses (endings from `pytail.tail`), not just a closed fence, also where the model itself ends the
-block; and a closing bracket that matches no open one gives way to the model's next choice. So for a python block,
-"already satisfies the constraint" includes matched brackets.
+block; and a token after which no program could parse (a syntax error: `)` closing a `[`, `if … :` inside an
+expression; `pyprefix.viable`) gives way to the model's next choice. So for a python block, "already satisfies the
+constraint" means code that could be the start of a program.
 
 Tool calls are written as the platform's tool-call text (`OutputConstraint.calls_schema`), the form the gateway
 prompts for and parses: `{"tool_calls":[{"name":"<function>","arguments":{...}}, ...]}`. 'required' allows any
@@ -35,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from slmshift.platform.types import OutputConstraint
-from slmshift.serve.engines.pytail import brackets_match, in_code, tail
+from slmshift.serve.engines.pyprefix import viable
+from slmshift.serve.engines.pytail import in_code, tail
 
 # Compact JSON (no free whitespace): fewer tokens, and the form scenario references and LoRA targets are written in.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -160,15 +162,12 @@ class PythonCloser:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.fixes = 0  # blocks the model ended with code that did not parse, given an ending that does
-        self.swaps = 0  # closing brackets that matched nothing, replaced by the model's next choice
-        self._ticks: frozenset[int] = frozenset()  # tokens holding a backtick, and a closing bracket
-        self._closing: frozenset[int] = frozenset()
+        self.swaps = 0  # tokens that no program could follow, replaced by the model's next choice that one can
+        self._ticks: frozenset[int] = frozenset()  # tokens holding a backtick
 
     def _vocab(self) -> None:
         if not self._ticks:
-            vocab = self.tokenizer.get_vocab().items()
-            self._ticks = frozenset(i for t, i in vocab if "`" in t)
-            self._closing = frozenset(i for t, i in vocab if any(b in t for b in ")]}"))
+            self._ticks = frozenset(i for t, i in self.tokenizer.get_vocab().items() if "`" in t)
 
     def code(self, ids: list[int]) -> str | None:
         """The block's code in the row's output `ids`; None before the block opens or mid-character."""
@@ -185,10 +184,12 @@ class PythonCloser:
         after = matcher.deep_copy()
         return in_code(code) or (after.consume_token(token) and after.is_accepting())
 
-    def unmatched(self, ids: list[int], token: int) -> bool:
-        """Would `token` close a bracket that is not open (`)` after `[`)? No ending can mend that afterwards."""
+    def allows(self, ids: list[int], token: int) -> bool:
+        """Can the code still become a program that parses after `token` (`pyprefix.viable`)? No ending mends a
+        syntax error before the end (`)` closing a `[`, `if … :` inside an expression). True before the block
+        opens, mid-character, and for a backtick (the fence: `ends_block` decides)."""
         self._vocab()
-        return token in self._closing and (code := self.code(ids + [token])) is not None and not brackets_match(code)
+        return token in self._ticks or (code := self.code(ids + [token])) is None or viable(code)
 
     def path(self, matcher: Any, ids: list[int], fix_only: bool = False) -> list[int] | None:
         """Tokens that end the block from `matcher`'s state (after the row's output `ids`), its code parsing; with
@@ -229,13 +230,13 @@ class RowMatcher:
 
     def pick(self, token: int, remaining: int, ranked: Callable[[], list[int]] | None = None) -> int:
         """The token to emit: the model's `token` (which the grammar allows), or, when `remaining` tokens after it
-        would no longer fit a completion, the next token of one. In a python block, a `token` that closes a bracket
-        not open is replaced by the first of `ranked` (the allowed tokens, the model's preference first) that does
-        not. Call before `advance`."""
+        would no longer fit a completion, the next token of one. In a python block, a `token` after which no program
+        parses is replaced by the first of `ranked` (the allowed tokens, the model's preference first) after which
+        one can. Call before `advance`."""
         if self._plan:
             return self._plan.pop(0)
-        if self.python is not None and ranked is not None and self.python.unmatched(self.ids, token):
-            swap = next((t for t in ranked() if not self.python.unmatched(self.ids, t)), token)
+        if self.python is not None and ranked is not None and not self.python.allows(self.ids, token):
+            swap = next((t for t in ranked() if self.python.allows(self.ids, t)), token)
             self.python.swaps += swap != token
             token = swap
         if self.python is not None and self.python.ends_block(self.matcher, self.ids, token):
@@ -413,4 +414,4 @@ class Grammars:
         return {"grammar_compiles": self.compiles, "grammar_cache_hits": self.hits,
                 "grammar_compile_s": round(self.compile_s, 4), "grammar_tokenizer_s": round(self.tokenizer_s, 3),
                 "grammar_budget_closes": self._closer.closes if self._closer else 0,
-                "grammar_code_fixes": self._python.fixes, "grammar_bracket_swaps": self._python.swaps}
+                "grammar_code_fixes": self._python.fixes, "grammar_code_swaps": self._python.swaps}

@@ -55,11 +55,11 @@ def _broken_before_its_end(src: str, errors: list[SyntaxError]) -> bool:
                for e, shift in zip(errors, (0, 1)))
 
 
-def _scan(src: str) -> tuple[str | None, list[str], bool, bool]:
-    """Where the end of `src` stands: the open string's quote (None outside strings), the open brackets, whether it
-    is inside a comment, and whether a closing bracket matched no open one. F-strings' nested expressions are read as
+def _scan(src: str) -> tuple[str | None, list[str], bool]:
+    """Where the end of `src` stands: the open string's quote (None outside strings), the open brackets (a closing one
+    that matches none is skipped), and whether it is inside a comment. F-strings' nested expressions are read as
     plain string text."""
-    quote, stack, i, n, unmatched = None, [], 0, len(src), False
+    quote, stack, i, n = None, [], 0, len(src)
     while i < n:
         ch = src[i]
         if quote is not None:
@@ -77,7 +77,7 @@ def _scan(src: str) -> tuple[str | None, list[str], bool, bool]:
         if ch == "#":
             j = src.find("\n", i)
             if j < 0:
-                return None, stack, True, unmatched
+                return None, stack, True
             i = j + 1
             continue
         if (m := _STRING_START.match(src, i)) and (m.start(1) == i or not (src[i - 1:i].isalnum() or
@@ -90,21 +90,14 @@ def _scan(src: str) -> tuple[str | None, list[str], bool, bool]:
         elif ch in ")]}":
             if stack and _CLOSE[stack[-1]] == ch:
                 stack.pop()
-            else:
-                unmatched = True
         i += 1
-    return quote, stack, False, unmatched
+    return quote, stack, False
 
 
 def in_code(src: str) -> bool:
     """Does `src` end outside strings and comments (where a backtick is no Python, so it starts the block's fence)?"""
-    quote, _, comment, _ = _scan(src)
+    quote, _, comment = _scan(src)
     return quote is None and not comment
-
-
-def brackets_match(src: str) -> bool:
-    """Does every closing bracket in `src`'s code (outside strings and comments) close the bracket open before it?"""
-    return not _scan(src)[3]
 
 
 def _indent(src: str) -> str:
@@ -119,7 +112,7 @@ def _indent(src: str) -> str:
 
 def _search(src: str) -> str | None:
     """The first ending tried that makes `src` parse, or None."""
-    quote, stack, comment, _ = _scan(src)
+    quote, stack, comment = _scan(src)
     starts = [""]
     if comment:
         starts = ["\n"]
