@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from slmshift.serve.engines.pyprefix import viable
+from slmshift.serve.engines.pyprefix import Prefix, viable
 from tests.serve.test_pytail import CUT
 
 
@@ -20,6 +20,18 @@ def test_every_prefix_of_humaneval_solutions_can_go_on():
     for p in load_problems(n=20, seed=1):
         bad = [i for i in range(0, len(p.canonical_code) + 1, 3) if not viable(p.canonical_code[:i])]
         assert not bad, (p.id, p.canonical_code[:bad[0]][-60:])
+
+
+def test_a_rows_checks_as_its_code_grows_agree_with_one_off_checks():
+    """A row's `Prefix` resumes after the last closed newline; the tokens it refuses on the way (a `)` that closes
+    nothing, ` :` in an expression) must not change what it says later."""
+    from slmshift.scenarios.metagpt.data import load_problems
+
+    for p in load_problems(n=8, seed=2):
+        row, code = Prefix(), p.canonical_code
+        for i in range(0, len(code) + 1, 2):
+            for text in (code[:i] + ")", code[:i] + " :", code[:i]):
+                assert row.viable(text) == viable(text), (p.id, text[-60:])
 
 
 def test_prefixes_of_our_own_files_can_go_on():

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from slmshift.platform.types import OutputConstraint
-from slmshift.serve.engines.pyprefix import viable
+from slmshift.serve.engines.pyprefix import Prefix
 from slmshift.serve.engines.pytail import in_code, tail
 
 # Compact JSON (no free whitespace): fewer tokens, and the form scenario references and LoRA targets are written in.
@@ -184,12 +184,12 @@ class PythonCloser:
         after = matcher.deep_copy()
         return in_code(code) or (after.consume_token(token) and after.is_accepting())
 
-    def allows(self, ids: list[int], token: int) -> bool:
-        """Can the code still become a program that parses after `token` (`pyprefix.viable`)? No ending mends a
-        syntax error before the end (`)` closing a `[`, `if … :` inside an expression). True before the block
-        opens, mid-character, and for a backtick (the fence: `ends_block` decides)."""
+    def allows(self, prefix: Prefix, ids: list[int], token: int) -> bool:
+        """Can the code still become a program that parses after `token` (`Prefix.viable`, the row's own)? No
+        ending mends a syntax error before the end (`)` closing a `[`, `if … :` inside an expression). True before
+        the block opens, mid-character, and for a backtick (the fence: `ends_block` decides)."""
         self._vocab()
-        return token in self._ticks or (code := self.code(ids + [token])) is None or viable(code)
+        return token in self._ticks or (code := self.code(ids + [token])) is None or prefix.viable(code)
 
     def path(self, matcher: Any, ids: list[int], fix_only: bool = False) -> list[int] | None:
         """Tokens that end the block from `matcher`'s state (after the row's output `ids`), its code parsing; with
@@ -223,6 +223,7 @@ class RowMatcher:
         self._need = self.WINDOW - self.SLACK  # the last completion length found
         self._known: tuple[int, list[int] | None] = (-1, None)  # (len(ids), python ending) found by the last step
         self._python_off = 0  # tokens left without an ending search (PYTHON_RETRY)
+        self._prefix = Prefix() if python is not None else None  # the code's syntax so far
 
     def _emit(self, plan: list[int]) -> int:
         self._plan = plan[1:]
@@ -235,8 +236,8 @@ class RowMatcher:
         one can. Call before `advance`."""
         if self._plan:
             return self._plan.pop(0)
-        if self.python is not None and ranked is not None and not self.python.allows(self.ids, token):
-            swap = next((t for t in ranked() if self.python.allows(self.ids, t)), token)
+        if self.python is not None and ranked is not None and not self.python.allows(self._prefix, self.ids, token):
+            swap = next((t for t in ranked() if self.python.allows(self._prefix, self.ids, t)), token)
             self.python.swaps += swap != token
             token = swap
         if self.python is not None and self.python.ends_block(self.matcher, self.ids, token):

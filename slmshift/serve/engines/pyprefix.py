@@ -53,16 +53,33 @@ def _parser() -> Any:
     return Lark(grammar, parser="lalr", lexer="basic", start="file_input", maybe_placeholders=False)
 
 
-def _indenter() -> Any:
+@functools.cache
+def _lexer() -> Any:
+    """The grammar's lexer, built once (`Lark.lex` builds one, with its scanner, on every call: ~3.5 ms)."""
+    return _parser()._build_lexer()
+
+
+def _lex(text: str) -> Iterator[Any]:
+    from lark.lexer import LexerThread
+
+    return LexerThread.from_text(_lexer(), text).lex(None)
+
+
+def _indenter(paren_level: int, indent_level: list[int]) -> Any:
+    """Python's indents and dedents from a given state, without the dedents that close every block at the end of the
+    text (the text goes on). `marks` holds the state before each newline token, for `Prefix` to resume there."""
     from lark.indenter import PythonIndenter
 
     class Indents(PythonIndenter):
-        """Python's indents and dedents, without the dedents that close every block at the end of the text: the
-        text goes on."""
+        def __init__(self) -> None:
+            super().__init__()
+            self.marks: dict[int, tuple[int, list[int]]] = {}  # id(newline token) -> (paren level, indent levels)
 
-        def _process(self, stream: Iterator[Any]) -> Iterator[Any]:
+        def process(self, stream: Iterator[Any]) -> Iterator[Any]:
+            self.paren_level, self.indent_level = paren_level, list(indent_level)
             for token in stream:
                 if token.type == self.NL_type:
+                    self.marks[id(token)] = (self.paren_level, list(self.indent_level))
                     yield from self.handle_NL(token)
                 else:
                     yield token
@@ -87,16 +104,35 @@ def _pattern(name: str) -> tuple[str | None, Any]:
     return None, regex.compile(p.value if not isinstance(p, PatternStr) else regex.escape(p.value), flags)
 
 
-def _starts_token(text: str, terminals: set[str]) -> bool:
-    """Can `text` be the start of one of `terminals`, or of a skipped one (a `\\` that continues the line)?"""
-    for name in list(terminals) + list(_parser().ignore_tokens):
-        if name.startswith("$") or name in ("_INDENT", "_DEDENT"):
-            continue
-        literal, pattern = _pattern(name)
-        if literal is not None and literal.startswith(text):
-            return True
-        if pattern is not None and pattern.fullmatch(text, partial=True) is not None:
-            return True
+def _starts(text: str, name: str) -> bool:
+    """Can `text` be the start of the terminal `name`?"""
+    literal, pattern = _pattern(name)
+    if literal is not None:
+        return literal.startswith(text)
+    return pattern.fullmatch(text, partial=True) is not None
+
+
+@functools.cache
+def _terminals() -> frozenset[str]:
+    return frozenset(t.name for t in _parser().terminals) - {"_INDENT", "_DEDENT"}
+
+
+def _takes(ip: Any, text: str) -> bool:
+    """Can `text` be the start of a token the parser `ip` takes next, or of a skipped one (a `\\` that continues
+    the line)? A terminal it has an action for is fed only if `text` can start it (`accepts()` would feed every one:
+    ~10x the time)."""
+    from lark import Token
+    from lark.exceptions import LarkError
+
+    if any(_starts(text, name) for name in _parser().ignore_tokens):
+        return True
+    for name in ip.choices():
+        if name in _terminals() and _starts(text, name):
+            try:
+                ip.copy(deepcopy_values=False).feed_token(Token(name, text))
+                return True
+            except LarkError:  # a reduction the lookahead allowed, then no shift
+                continue
     return False
 
 
@@ -135,24 +171,42 @@ def _feed(ip: Any, token: Any) -> bool:
         return False
 
 
-def viable(code: str) -> bool:
-    """Could `code` be continued into a program that parses (as a module, or as one function's body)?"""
-    from lark.exceptions import LarkError, UnexpectedCharacters
+class Prefix:
+    """One growing text's checks (a row's code, a token at a time): the parser's state before the last newline that
+    a later token closed is kept, so a check lexes and parses only the text from there (the line being written),
+    not the whole code again. Falls back to the whole text where the code no longer starts with that part."""
 
-    first = next((line for line in code.split("\n") if line.strip() and not line.lstrip().startswith("#")), "")
-    src = _last_line_blank(("def _():\n" if first[:1] in (" ", "\t") else "") + code)
-    parser = _parser()
-    with _LOCK:  # Lark's parser objects are shared
+    def __init__(self) -> None:
+        self._head: str | None = None  # the text before the kept newline
+        self._state: tuple[Any, int, list[int]] | None = None  # the parser, paren level and indent levels there
+
+    def viable(self, code: str) -> bool:
+        """Could `code` be continued into a program that parses (as a module, or as one function's body)?"""
+        first = next((line for line in code.split("\n") if line.strip() and not line.lstrip().startswith("#")), "")
+        src = _last_line_blank(("def _():\n" if first[:1] in (" ", "\t") else "") + code)
+        with _LOCK:  # Lark's parser objects are shared
+            if self._head is not None and src.startswith(self._head):
+                ip, paren, levels = self._state
+                return self._check(src, len(self._head), ip.copy(deepcopy_values=False), paren, levels)
+            return self._check(src, 0, _parser().parse_interactive(""), 0, [0])
+
+    def _check(self, src: str, base: int, ip: Any, paren: int, levels: list[int]) -> bool:
+        """`viable` for `src`, whose first `base` characters `ip` (the parser) has read, the indenter at `paren` and
+        `levels` there."""
+        from lark.exceptions import LarkError, UnexpectedCharacters
+
+        text = src[base:]
         tokens: list[Any] = []
-        end = len(src)  # where the lexer found no token (a cut string, `!` of `!=`), else the text's end
+        end = len(text)  # where the lexer found no token (a cut string, `!` of `!=`), else the text's end
+        indents = _indenter(paren, levels)
         try:
-            for token in _indenter().process(parser.lex(src)):
+            for token in indents.process(_lex(text)):
                 tokens.append(token)
         except UnexpectedCharacters as e:
             end = e.pos_in_stream
         except LarkError:  # a dedent to no enclosing block's column
             return False
-        if end == len(src):
+        if end == len(text):
             while tokens and tokens[-1].type in ("_INDENT", "_DEDENT"):
                 tokens.pop()  # after a final newline: the next line's indentation is not known yet
         # The tokens that run up to `end` without a gap may be one cut token read as several (`1e-` as `1`, `e`,
@@ -161,16 +215,28 @@ def viable(code: str) -> bool:
         while run > 0 and tokens[run - 1].type not in ("_NEWLINE", "_INDENT", "_DEDENT") and \
                 tokens[run - 1].end_pos == (tokens[run].start_pos if run < len(tokens) else end):
             run -= 1
-        if run == len(tokens) and end == len(src):
+        if run == len(tokens) and end == len(text):
             run = len(tokens) + 1  # ends in a newline or a space: nothing is cut
-        ip = parser.parse_interactive("")
+        last_real = max((i for i, t in enumerate(tokens) if t.type not in ("_INDENT", "_DEDENT")), default=-1)
+        keep = None
         states = []  # the parser before each token of the run
         for i, token in enumerate(tokens):
             if i >= run:
-                states.append((token.start_pos, ip.copy()))
+                states.append((token.start_pos, ip.copy(deepcopy_values=False)))
+            if token.type == "_NEWLINE" and i < last_real and id(token) in indents.marks:
+                # a later token closed this newline: the next check may start here
+                keep = (src[:base + token.start_pos], ip.copy(deepcopy_values=False), *indents.marks[id(token)])
             if not _feed(ip, token):
-                return any(_starts_token(src[at:], state.accepts()) for at, state in reversed(states))
-        if end == len(src):
+                return any(_takes(state, text[at:]) for at, state in reversed(states))
+        if keep is not None:
+            self._head, self._state = keep[0], keep[1:]
+        if end == len(text):
             return True
         states.append((end, ip))
-        return any(_starts_token(src[at:], state.accepts()) for at, state in reversed(states))
+        return any(_takes(state, text[at:]) for at, state in reversed(states))
+
+
+def viable(code: str) -> bool:
+    """Could `code` be continued into a program that parses (as a module, or as one function's body)? One check;
+    a growing text is cheaper to check with its own `Prefix`."""
+    return Prefix().viable(code)
