@@ -11,8 +11,9 @@ follows:
 - a reply holding only a function's body (indented first line) is read inside a `def`.
 Where Lark's grammar is still narrower than CPython's (`_OVERRIDES`), a token that could go on is refused, and the
 engine takes the model's next choice: 0 of 34,551 random prefixes of the standard library's files that CPython
-parses, other than 4 with names in Devanagari or Hebrew. ~2 ms a check for 1,000 characters (the whole text is
-lexed and parsed again: a row's check is ~1-3% of a 135M model's decode step on 2 cores).
+parses were refused, other than 4 with names in Devanagari or Hebrew. A row's `Prefix` parses only the code after
+its last closed newline: ~0.26 ms a check on HumanEval's solutions growing 4 characters at a time (~0.65 ms from
+the start).
 """
 
 from __future__ import annotations
