@@ -153,23 +153,26 @@ def _last_line_blank(code: str) -> str:
         code = code[:start + hash_at]  # a comment (or a `#` in one): what comes before it is what is read
 
 
-def _feed(ip: Any, token: Any) -> bool:
-    """Feed `token`; a soft keyword the grammar has as its own terminal (`_`, `match`, `case`) is retried as a
-    name, as CPython reads it wherever a keyword cannot stand."""
+def _feed(ip: Any, token: Any) -> Any | None:
+    """The parser after reading `token`, or None where it cannot. A soft keyword the grammar has as its own terminal
+    (`_`, `match`, `case`) is read as a name where the keyword cannot stand, as CPython reads it; it is tried on a
+    copy first, since a parser that fails may have made reductions on the way (rare tokens: the copy is cheap)."""
     from lark import Token
     from lark.exceptions import LarkError
 
+    soft = token.type != "NAME" and token.isidentifier() and not keyword.iskeyword(token)
+    reader = ip.copy(deepcopy_values=False) if soft else ip
     try:
-        ip.feed_token(token)
-        return True
+        reader.feed_token(token)
+        return reader
     except LarkError:
-        if not (token.type != "NAME" and token.isidentifier() and not keyword.iskeyword(token)):
-            return False
+        if not soft:
+            return None
     try:
         ip.feed_token(Token.new_borrow_pos("NAME", str(token), token))
-        return True
+        return ip
     except LarkError:
-        return False
+        return None
 
 
 class Prefix:
@@ -227,7 +230,8 @@ class Prefix:
             if token.type == "_NEWLINE" and i < last_real and id(token) in indents.marks:
                 # a later token closed this newline: the next check may start here
                 keep = (src[:base + token.start_pos], ip.copy(deepcopy_values=False), *indents.marks[id(token)])
-            if not _feed(ip, token):
+            ip = _feed(ip, token)
+            if ip is None:
                 return any(_takes(state, text[at:]) for at, state in reversed(states))
         if keep is not None:
             self._head, self._state = keep[0], keep[1:]
