@@ -6,10 +6,13 @@ the same clusters, the same train/held-out split and the same rows:
 
 - **before**, the conversion as issue 22 found it: S4 generates every held-out call (`reuse_collected` off), held-out
   grading on the static scheduler in batches of 16, each waiting for its slowest row (`eval_scheduler: static`),
-  40 LoRA steps, rows batched in random order (no length buckets), the val loss on every held-out row;
+  40 LoRA steps, rows batched in random order (no length buckets), float32 with activation checkpointing on, the
+  val loss on every held-out row;
 - **after**, today's defaults: S4 takes collect's own graded SLM answers for the calls they cover, grading submits
   every held-out call at once to the continuous scheduler, steps sized by the cluster's rows and tokens, batches of
-  rows of similar length, the val loss (a diagnostic) on a sample of `lora.val_loss_rows` held-out rows.
+  rows of similar length, bf16 autocast where the CPU does bf16 natively and activations kept where they fit
+  (`lora.precision`, `lora.activation_checkpointing`: auto), the val loss (a diagnostic) on a sample of
+  `lora.val_loss_rows` held-out rows.
 
 Each arm also prints where S5's wall went (`s5_phases_s`): start-up (Ray Data, Ray Train's controller and worker),
 the worker's set-up (model load), the steps, the val loss.
@@ -46,7 +49,8 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
     before = name == "before"
     d = ConvertOptions()
     lora = d.lora.model_copy(update={"batch_size": batch_size, "seed": seed,
-                                     **({"steps": 40, "bucket_by_length": False, "val_loss_rows": 10 ** 6}
+                                     **({"steps": 40, "bucket_by_length": False, "val_loss_rows": 10 ** 6,
+                                         "precision": "float32", "activation_checkpointing": True}
                                         if before else {}),
                                      **(fast if name == "fast" else {})})
     opts = d.model_copy(update={"max_clusters": 1, "progress": False, "lora": lora, "candidates": [candidate],
@@ -62,7 +66,8 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
     ci = c.get("interval") or {}
     return {"arm": name, "lr": lora.learning_rate, "epochs": lora.epochs, "cluster": c.get("label"),
             "train_rows": c.get("n_train"), "held_out_calls": c.get("n_val"),
-            "steps": (c.get("train") or {}).get("steps"),
+            "steps": (c.get("train") or {}).get("steps"), "precision": (c.get("train") or {}).get("precision"),
+            "activation_checkpointing": (c.get("train") or {}).get("activation_checkpointing"),
             "s5_phases_s": {k: round((c.get("train") or {}).get(k) or 0, 1)
                             for k in ("wall_s", "start_s", "setup_s", "train_s", "val_loss_s")},
             "s4_from_collect": (c.get("before_source") or {}).get("collect"),

@@ -1,13 +1,15 @@
-"""LoRA training memory and step time with activation checkpointing, against keeping every activation.
+"""LoRA training memory and step time by forward precision and activation checkpointing.
 
 Each side runs `slmshift.train.finetune.lora_loop` in its own fresh process (so its peak RSS is its own) on the same
-rows, steps, batch size and LoRA options; the two differ only in `activation_checkpointing`. Rows default to
-MetaGPT-like long calls (a source file in the prompt, a test file as target, ~700 tokens); `--curated` takes a real
-curated.parquet. Reports peak RSS and seconds per step (the first step left out: allocator warm-up), and the ratios
-on/off measured in the same run.
+rows, steps, batch size and LoRA options; the sides differ only in `precision` (float32, or bfloat16 autocast) and
+`activation_checkpointing` (on: recompute, off: keep). The baseline is the first side, float32 with checkpointing
+on (the default before 2026-12-06). Rows default to MetaGPT-like long calls (a source file in the prompt, a test
+file as target, ~700 tokens); `--curated` takes a real curated.parquet. Reports peak RSS and seconds per step (the
+first step left out: allocator warm-up), each side's ratios to the baseline measured in the same run, and the
+losses (bfloat16 must train as float32 does).
 
-Run: .venv/bin/python bench/lora_memory.py [--steps 6] [--batch-size 8] [--max-length 768] [--rounds 1]
-     [--curated RUN_DIR/convert/curated.parquet --cluster 0]
+Run: .venv/bin/python bench/lora_memory.py [--steps 6] [--batch-size 8] [--max-length 512] [--rounds 1]
+     [--sides float32:on,float32:off,bfloat16:on,bfloat16:off] [--curated RUN_DIR/convert/curated.parquet --cluster 0]
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.cpus)
     df = pd.read_parquet(args.curated)
     df = df[(df["cluster"] == args.cluster) & (df["split"] == "train")].head(args.batch_size * args.steps)
+    precision, ckpt = args.child.split(":")
     options = LoraOptions(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-                          activation_checkpointing=args.child == "on")
+                          precision=precision, activation_checkpointing=ckpt == "on")
     model, tok, dev = setup_peft(args.source, options, "cpu")
     batches = iter([{"messages": df["messages"].tolist()[i: i + args.batch_size],
                      "target": df["target"].tolist()[i: i + args.batch_size]}
@@ -70,13 +73,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--curated", type=Path, help="a real curated.parquet (default: synthetic MetaGPT-like rows)")
     ap.add_argument("--cluster", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=1, help="alternate both sides this many times; medians reported")
     ap.add_argument("--source", default="packaged:smollm2-135m")
-    ap.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default="float32:on,float32:off,bfloat16:on,bfloat16:off",
+                    help="precision:checkpointing pairs, the first the baseline")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -87,9 +92,10 @@ def main() -> None:
     if args.curated is None:
         args.curated = Path(tempfile.mkdtemp(prefix="slmshift-bench-mem-")) / "curated.parquet"
         long_curated(args.curated, args.batch_size * args.steps)
-    results: dict[str, list[dict]] = {"off": [], "on": []}
+    sides = args.sides.split(",")
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.rounds):
-        for side in ("off", "on"):
+        for side in sides:
             cmd = [sys.executable, __file__, "--child", side, "--steps", str(args.steps), "--batch-size",
                    str(args.batch_size), "--max-length", str(args.max_length), "--curated", str(args.curated),
                    "--cluster", str(args.cluster), "--cpus", str(args.cpus), "--source", args.source]
@@ -98,13 +104,13 @@ def main() -> None:
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in results.items()}
     print(f"\n[lora memory] {args.source}, {args.steps} steps x batch {args.batch_size}, max_length "
           f"{args.max_length}, {args.cpus} CPUs, {args.rounds} round(s) (median); data: {args.curated}")
-    for side, label in (("off", "keep activations      "), ("on", "activation checkpoints")):
+    base = med[sides[0]]
+    for side in sides:
         m = med[side]
-        print(f"  {label}: peak RSS {m['peak_rss_gb']:5.2f} GB   {m['step_s']:6.2f} s/step   "
-              f"{m['tokens'] / args.steps:6.0f} tokens/step   loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
-    print(f"  ratio on/off: peak RSS {med['on']['peak_rss_gb'] / med['off']['peak_rss_gb']:.2f}x   "
-          f"s/step {med['on']['step_s'] / med['off']['step_s']:.2f}x")
-
+        print(f"  {side:14s}: peak RSS {m['peak_rss_gb']:5.2f} GB ({m['peak_rss_gb'] / base['peak_rss_gb']:.2f}x)   "
+              f"{m['step_s']:6.2f} s/step ({m['step_s'] / base['step_s']:.2f}x)   {m['tokens'] / args.steps:6.0f} "
+              f"tokens/step   loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}")
+    print(f"  (ratios against {sides[0]}, measured in this run)")
 
 if __name__ == "__main__":
     main()

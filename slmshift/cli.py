@@ -128,8 +128,12 @@ def convert(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded Ray (default all)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     verbose: bool = typer.Option(False, "--verbose", help="Also show Ray Train / Ray Data workers' own output."),
-    keep_activations: bool = typer.Option(False, "--keep-activations", help="LoRA without activation "
-                                          "checkpointing: ~2x the memory, no faster on CPU, faster on a GPU."),
+    keep_activations: Optional[bool] = typer.Option(None, "--keep-activations/--recompute-activations",
+                                                    help="Keep LoRA's activations (faster steps, ~2x the memory) or "
+                                                    "recompute them (default: keep them when they fit in a third "
+                                                    "of the available memory)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="LoRA forward precision: auto (bfloat16 where "
+                                            "the CPU or GPU does bf16 natively, else float32), float32, bfloat16."),
 ) -> None:
     """Turn a run's log into per-task LoRA-tuned SLMs (S2 curate, S3 cluster, S4 select, S5 fine-tune)."""
     from pydantic import ValidationError
@@ -141,6 +145,8 @@ def convert(
 
     try:
         lora = pick(steps=steps, rank=rank, alpha=alpha, learning_rate=lr, batch_size=batch_size, seed=seed,
+                    precision=precision,
+                    activation_checkpointing=None if keep_activations is None else not keep_activations,
                     target_modules=[m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None)
         cur = pick(rule=rule, val_fraction=val_fraction, seed=seed,
                    tiers=[t.strip() for t in tiers.split(",") if t.strip()] if tiers else None,
@@ -151,7 +157,7 @@ def convert(
                    min_promotion_tasks=min_promotion_tasks, incumbent=incumbent,
                    train_also=list(train_also) if train_also else None),
             "progress": not no_progress, "verbose": verbose,
-            "lora": {**defaults.lora.model_dump(), **lora, "activation_checkpointing": not keep_activations},
+            "lora": {**defaults.lora.model_dump(), **lora},
             "curate": {**defaults.curate.model_dump(), **cur},
             "cluster": {**defaults.cluster.model_dump(), **pick(k_max=k_max, seed=seed)},
         })

@@ -267,7 +267,8 @@ def convert_options(loop: LoopSection) -> Any:
         cluster=d.cluster.model_copy(update={"k_min": c.k_min, "k_max": c.k_max, "seed": loop.seed}),
         lora=d.lora.model_copy(update={"rank": c.lora_rank, "alpha": c.lora_alpha, "steps": c.lora_steps,
                                        "learning_rate": c.lora_lr, "batch_size": c.batch_size, "seed": loop.seed,
-                                       "activation_checkpointing": c.activation_checkpointing}))
+                                       "activation_checkpointing": c.activation_checkpointing,
+                                       "precision": c.precision}))
 
 
 # Measured on this project's 2-core CPU machine (2026-11-29/30, scenarios/paper-table.yaml, quiet): wall seconds per

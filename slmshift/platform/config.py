@@ -138,8 +138,13 @@ class LoopConvert(_Strict):
     accumulate: bool = Field(default=False, description="Each iteration's convert also trains on every earlier "
                              "iteration's collect (`convert --train-also`): training rows only, dropped for a task the "
                              "iteration holds out.")
-    activation_checkpointing: bool = Field(default=True, description="Recompute activations in the LoRA backward "
-                                           "pass: under half the memory, no slower on CPU; turn off on a GPU.")
+    activation_checkpointing: bool | Literal["auto"] = Field(default="auto", description="Recompute activations in "
+                                                         "the LoRA backward pass: about half the memory, slower "
+                                                         "steps. auto: keep them when they fit in a third of the "
+                                                         "available memory.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="LoRA forward precision; "
+                                                              "auto: bfloat16 where the CPU or GPU does bf16 "
+                                                              "natively, else float32.")
 
 
 class LoopEpisodes(_Strict):

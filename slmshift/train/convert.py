@@ -388,7 +388,8 @@ def _train_and_register(todo: list[dict[str, Any]], selections: dict, rows: pd.D
                     continue
                 if tr.resumed_from_step:
                     console.print(f"S5 LoRA {job.label!r}: resumed from its step-{tr.resumed_from_step} checkpoint")
-                console.print(f"S5 LoRA {job.label!r}: {tr.steps} steps in {tr.wall_s:.0f} s (start-up, waiting "
+                console.print(f"S5 LoRA {job.label!r}: {tr.steps} steps in {tr.wall_s:.0f} s, {tr.precision}"
+                              f"{', activations recomputed' if tr.activation_checkpointing else ''} (start-up, waiting "
                               f"for CPUs included, {tr.start_s:.0f} s, worker set-up {tr.setup_s:.0f} s, steps "
                               f"{tr.train_s:.0f} s at {tr.target_tokens_per_s:.0f} completion tok/s, val loss "
                               f"{tr.val_loss_s:.0f} s on {tr.val_loss_rows} rows)")

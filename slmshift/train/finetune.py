@@ -7,6 +7,7 @@ run per task cluster, resumable); `bench/lora_train.py` runs the same `lora_loop
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -43,7 +44,8 @@ class LoraOptions(BaseModel):
                                          "needed), or auto: chosen per cluster by its rows and tokens (`plan_steps`).")
     epochs: float = Field(default=2.0, gt=0, description="With steps: auto, passes over the cluster's train rows.")
     token_budget: int = Field(default=100_000, ge=1, description="With steps: auto, the most prompt + target tokens "
-                              "a run may train on (a cluster of long calls gets fewer steps).")
+                              "a run may train on beyond one pass over its rows (a cluster of long calls gets "
+                              "fewer passes, never less than one).")
     batch_size: int = Field(default=8, ge=1, description="Examples per step.")
     max_length: int = Field(default=512, ge=16, description="Prompt + target tokens; a longer prompt loses its "
                             "middle, keeping its instructions and its end.")
@@ -55,9 +57,14 @@ class LoraOptions(BaseModel):
                                    "of 16 batches) so little compute goes to padding.")
     checkpoint_every: int = Field(default=10, ge=1, description="Steps between checkpoints (and one at the end); a "
                                   "run that dies resumes from the latest one.")
-    activation_checkpointing: bool = Field(default=True, description="Recompute each layer's activations in the "
-                                         "backward pass instead of keeping them: far less memory for some more "
-                                         "compute (figures in BENCHMARKS.md).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="Compute precision of "
+                                      "the forward pass: bfloat16 autocast (the adapter, its gradients and the "
+                                      "optimiser stay float32) or float32. auto: bfloat16 where the hardware does bf16 "
+                                      "matmuls natively (`native_bf16`), float32 elsewhere (emulated bf16 is slower).")
+    activation_checkpointing: bool | Literal["auto"] = Field(default="auto", description="Recompute each layer's "
+                                         "activations in the backward pass instead of keeping them: less memory for "
+                                         "slower steps, the same math. auto: keep them when they fit in a third of "
+                                         "the memory available (`keeps_activations`; figures in BENCHMARKS.md).")
 
 
 def lora_config(options: LoraOptions) -> Any:
@@ -76,8 +83,10 @@ class StepPlan:
 
 def plan_steps(tokenizer: Any, messages: Iterable[Any], targets: Iterable[str], options: LoraOptions) -> StepPlan:
     """A cluster's optimiser steps: `options.steps` when fixed; for auto, `epochs` passes over the train rows, cut
-    to what `token_budget` buys at the rows' mean encoded length, and never under MIN_AUTO_STEPS. A fixed 40 steps
-    gave a 12-row cluster 13 passes and a 300-row one half a pass; compute now follows what there is to learn."""
+    to what `token_budget` buys at the rows' mean encoded length but never below one pass, and never under
+    MIN_AUTO_STEPS. A fixed 40 steps gave a 12-row cluster 13 passes and a 300-row one half a pass; a fixed budget
+    alone left an accumulating flywheel's 246 rows 0.94 of a pass, and its adapter worse than the one in force
+    (BENCHMARKS.md 2026-12-06): compute follows what there is to learn, and every row is seen."""
     if options.steps != "auto":
         return StepPlan(int(options.steps), "fixed")
     lengths = []
@@ -89,12 +98,77 @@ def plan_steps(tokenizer: Any, messages: Iterable[Any], targets: Iterable[str], 
     if not lengths:
         return StepPlan(MIN_AUTO_STEPS, f"{MIN_AUTO_STEPS} (no usable rows to size by)")
     mean = sum(lengths) / len(lengths)
+    one_pass = math.ceil(len(lengths) / options.batch_size)
     by_rows = math.ceil(options.epochs * len(lengths) / options.batch_size)
     by_tokens = int(options.token_budget // (options.batch_size * mean))
-    steps = max(MIN_AUTO_STEPS, min(by_rows, by_tokens))
+    steps = max(MIN_AUTO_STEPS, min(by_rows, max(by_tokens, one_pass)))
     return StepPlan(steps, f"auto: {options.epochs:g} passes over {len(lengths)} rows = {by_rows} steps, "
                            f"token budget {options.token_budget:,} / ({options.batch_size} x {mean:.0f} tokens) = "
-                           f"{by_tokens}, at least {MIN_AUTO_STEPS}")
+                           f"{by_tokens}, at least one pass ({one_pass}) and {MIN_AUTO_STEPS}")
+
+
+# --- precision and memory --------------------------------------------------------------------------
+
+# Memory that keeping activations costs over recomputing them, in bytes per token x hidden unit x layer: measured on
+# SmolLM2-135M (bench/lora_memory.py, BENCHMARKS.md 2026-12-06: 8 rows of ~490 tokens took +3.8 GB in bfloat16 and
+# +6.2 GB in float32), rounded up.
+KEPT_BYTES = {"bfloat16": 64, "float32": 96}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags to read, so no claim of native bf16
+        return frozenset()
+    return frozenset(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether `device` does bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with AMX or AVX512-BF16.
+    Elsewhere bf16 is emulated and slower than float32 (vLLM's bf16 ran ~4x slower on an AVX2-only CPU)."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return kind == "cpu" and bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def resolved_precision(options: LoraOptions, device: Any) -> str:
+    """`options.precision` with auto decided for `device`."""
+    if options.precision != "auto":
+        return options.precision
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def forward_precision(precision: str, device: Any) -> Any:
+    """The context a forward pass runs in: bf16 autocast, or nothing for float32."""
+    import contextlib
+
+    import torch
+
+    if precision == "bfloat16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def keeps_activations(model_config: Any, options: LoraOptions, precision: str, available: int | None = None) -> bool:
+    """Whether a step keeps its activations (no checkpointing): `options.activation_checkpointing` when set; for
+    auto, when a batch of `max_length` rows' activations (`KEPT_BYTES`) fit in a third of `available` bytes (default:
+    the machine's available memory), so serving replicas and a second run keep room."""
+    if options.activation_checkpointing != "auto":
+        return not options.activation_checkpointing
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
+    if not hidden or not layers:  # an architecture we cannot size: recompute, the safe side
+        return False
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    need = options.batch_size * options.max_length * hidden * layers * KEPT_BYTES.get(precision, KEPT_BYTES["float32"])
+    return need <= available / 3
 
 
 # --- examples -> tensors --------------------------------------------------------------------------
@@ -211,7 +285,7 @@ def eval_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], options: L
     model.eval()
     total, count = 0.0, 0
     off = model.disable_adapter() if base else contextlib.nullcontext()
-    with off, torch.no_grad():
+    with off, torch.no_grad(), forward_precision(resolved_precision(options, device), device):
         for i in range(0, len(rows), options.batch_size):
             chunk = rows[i: i + options.batch_size]
             batch = collate(tokenizer, [r["messages"] for r in chunk], [r["target"] for r in chunk], options.max_length)
@@ -276,6 +350,7 @@ def lora_loop(model: Any, tokenizer: Any, batches: Iterator[dict[str, Any]], opt
     if options.steps == "auto":
         raise SlmshiftError("lora_loop needs a number of steps: resolve steps: auto with plan_steps first")
     state = state or LoopState()
+    precision = resolved_precision(options, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=0.0)
     warmup = max(1, min(10, options.steps // 10))
@@ -292,7 +367,8 @@ def lora_loop(model: Any, tokenizer: Any, batches: Iterator[dict[str, Any]], opt
         t0 = time.perf_counter()  # the batch fetch counts: streaming data must keep up with the model
         raw = next(batches)
         batch = collate(tokenizer, raw["messages"], raw["target"], options.max_length)
-        loss_sum, n = target_loss(model, batch, device)
+        with forward_precision(precision, device):  # the backward follows the forward's dtypes by itself
+            loss_sum, n = target_loss(model, batch, device)
         loss = loss_sum / max(n, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,10 +441,11 @@ def setup_peft(base_source: str, options: LoraOptions, device: str = "auto") -> 
     hf_logging.disable_progress_bar()  # a weight-loading bar per worker adds nothing to the training bar
     torch.manual_seed(options.seed)
     model, tokenizer = load_model_and_tokenizer(base_source, "float32", device)
-    if options.activation_checkpointing:
-        # Kept activations are most of the memory: SmolLM2-135M at 8 rows x 768 tokens held ~16 GB without this.
+    dev = next(model.parameters()).device
+    model.config.use_cache = False  # training reads no cache: building one costs memory and time
+    if not keeps_activations(model.config, options, resolved_precision(options, dev)):
+        # Kept activations are most of a step's memory (SmolLM2-135M, 8 rows x 768 tokens, float32: 17 GB).
         # Non-reentrant checkpointing needs no grad on the (frozen) inputs and replays dropout's RNG exactly.
-        model.config.use_cache = False
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(options))
-    return model, tokenizer, next(model.parameters()).device
+    return model, tokenizer, dev

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from slmshift.platform.errors import SlmshiftError
 from slmshift.train.finetune import (
     BUCKET_POOL, LoopState, LoraOptions, StepPlan, bucket_by_length, eval_loss, lora_loop, plan_steps, repeat_batches,
-    setup_peft,
+    resolved_precision, setup_peft,
 )
 
 MAX_FAILURES = 3  # worker-group restarts from the latest checkpoint (an OOM-killed worker, a lost node)
@@ -72,6 +72,10 @@ class TrainResult(BaseModel):
     resumed_from_step: int = Field(default=0, description="The checkpoint's step the last attempt started from "
                                    "(0: it ran from the start).")
     node_id: str = Field(default="", description="Ray node of the rank-0 worker that finished the run.")
+    precision: str = Field(default="", description="The forward pass's compute precision (`lora.precision`, resolved "
+                           "on the worker's device).")
+    activation_checkpointing: bool | None = Field(default=None, description="Whether activations were recomputed "
+                                                  "(`lora.activation_checkpointing`, resolved on the worker).")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if config["use_gpu"] else "cpu"
     model, tokenizer, dev = setup_peft(config["base_source"], options, device)
+    how = {"precision": resolved_precision(options, dev),
+           "activation_checkpointing": bool(model.get_base_model().is_activation_checkpointing)}
     state = LoopState()
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
@@ -138,7 +144,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     phases = {"start_s": entered - config["started"], "setup_s": time.time() - entered}
 
     def metrics(step: int, loss: float, stats: dict[str, float]) -> dict[str, Any]:
-        return {"step": step, "loss": loss, "resumed_from_step": resumed_from, "node_id": node, **phases, **stats}
+        return {"step": step, "loss": loss, "resumed_from_step": resumed_from, "node_id": node, **how, **phases,
+                **stats}
 
     def on_step(step: int, loss: float, stats: dict[str, float]) -> None:
         if steps_out is not None:
@@ -354,7 +361,8 @@ def _fit(curated_path: str, cluster: int, label: str, base_source: str, out_dir:
                        start_s=float(m.get("start_s", 0.0)), setup_s=float(m.get("setup_s", 0.0)),
                        val_loss_s=float(m.get("val_loss_s", 0.0)), val_loss_rows=int(m.get("val_loss_rows", 0)),
                        resumed_from_step=int(m.get("resumed_from_step", 0)),
-                       node_id=str(m.get("node_id", "")))
+                       node_id=str(m.get("node_id", "")), precision=str(m.get("precision", "")),
+                       activation_checkpointing=m.get("activation_checkpointing"))
 
 
 # --- several clusters ---------------------------------------------------------------------------------

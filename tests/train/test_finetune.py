@@ -95,7 +95,7 @@ def test_a_long_prompt_keeps_its_instructions_and_its_end(tiny_model_dir):
 
 def test_auto_steps_follow_rows_and_tokens(tiny_model_dir):
     """steps: auto gives a small cluster the floor, a larger one two passes, and a cluster of long calls what the
-    token budget buys; a fixed number stays as given."""
+    token budget buys, but never less than one pass over its rows; a fixed number stays as given."""
     from transformers import AutoTokenizer
 
     from slmshift.train.finetune import MIN_AUTO_STEPS, plan_steps
@@ -107,8 +107,10 @@ def test_auto_steps_follow_rows_and_tokens(tiny_model_dir):
     many = plan_steps(tok, [messages(i, "intent") for i in range(200)], [INTENT] * 200, opts)
     assert many.steps == 50 and "200 rows" in many.why  # 2 x 200 / 8, far under the token budget
     long_chat = json.dumps([{"role": "user", "content": "word " * 600}])
-    long = plan_steps(tok, [long_chat] * 200, [INTENT] * 200, opts)
-    assert MIN_AUTO_STEPS <= long.steps < 50 and long.steps == 100_000 // (8 * 512)  # rows cut to max_length
+    some_long = plan_steps(tok, [long_chat] * 100, [INTENT] * 100, opts)  # the budget trims the second pass
+    assert some_long.steps == 100_000 // (8 * 512) == 24 and 13 < some_long.steps < 25  # rows cut to max_length
+    long = plan_steps(tok, [long_chat] * 200, [INTENT] * 200, opts)  # the budget buys under one pass: one pass
+    assert long.steps == 25 and "one pass (25)" in long.why
     assert plan_steps(tok, [], [], opts).steps == MIN_AUTO_STEPS
     fixed = plan_steps(tok, [messages(1, "intent")], [INTENT], opts.model_copy(update={"steps": 7}))
     assert (fixed.steps, fixed.why) == (7, "fixed")
@@ -134,6 +136,10 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     # where the wall went, so that a slow conversion says which part was slow
     phases = [trained.start_s, trained.setup_s, trained.train_s, trained.val_loss_s]
     assert all(p > 0 for p in phases) and sum(phases) <= trained.wall_s and trained.val_loss_rows == 8
+    # how it ran, resolved on the worker: a tiny model's activations always fit
+    from slmshift.train.finetune import resolved_precision
+
+    assert trained.precision == resolved_precision(TRAINED_OPTS, "cpu") and trained.activation_checkpointing is False
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
     ckpts = [c for c in (convert_dir / "checkpoints").glob("planner-intent-*/checkpoint_*") if c.is_dir()]
     assert len(ckpts) == 2 and all((c / "adapter_config.json").is_file() and (c / STATE_FILE).is_file()
@@ -205,6 +211,51 @@ def test_activation_checkpointing_changes_memory_not_the_math(tiny_model_dir):
         lora_loop(model, tok, iter(batches), opts, dev, lambda step, loss, stats: seen.append(loss))
         losses[on] = seen
     assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True][-1] < losses[True][0]
+
+
+def test_bfloat16_trains_as_float32_does_and_the_adapter_stays_float32(tiny_model_dir):
+    """bf16 autocast (auto's choice on a CPU with AMX or AVX512-BF16) changes the matmuls' precision, not what is
+    learned: the same batches give nearly the same losses, and the adapter and its optimiser stay float32."""
+    import torch
+
+    from slmshift.train.finetune import lora_loop, setup_peft
+
+    rows = curated_rows()
+    rows = rows[(rows.cluster == 0) & (rows.split == "train")]
+    batches = [{"messages": list(rows.messages[i:i + 4]), "target": list(rows.target[i:i + 4])} for i in (0, 4, 8, 0)]
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        opts = LoraOptions(steps=4, batch_size=4, learning_rate=3e-3, dropout=0.0, precision=precision)
+        model, tok, dev = setup_peft(tiny_model_dir, opts, "cpu")
+        seen: list[float] = []
+        lora_loop(model, tok, iter(batches), opts, dev, lambda step, loss, stats: seen.append(loss))
+        losses[precision] = seen
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+
+
+def test_auto_precision_and_checkpointing_follow_the_machine(monkeypatch):
+    """auto precision is bf16 only where the CPU does bf16 natively (emulated bf16 is slower than float32); auto
+    checkpointing keeps activations only where they fit in a third of the available memory."""
+    from types import SimpleNamespace
+
+    from slmshift.train import finetune
+
+    auto = LoraOptions()
+    for flags, want in (({"avx2", "amx_bf16"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                        ({"avx2", "avx512f"}, "float32"), (set(), "float32")):
+        monkeypatch.setattr(finetune, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert finetune.resolved_precision(auto, "cpu") == want
+    assert finetune.resolved_precision(LoraOptions(precision="float32"), "cpu") == "float32"
+    smollm2 = SimpleNamespace(hidden_size=576, num_hidden_layers=30)  # 8 x 512 tokens: ~4.5 GB bf16, ~6.8 GB fp32
+    gib = 2 ** 30
+    assert finetune.keeps_activations(smollm2, auto, "bfloat16", available=20 * gib)
+    assert not finetune.keeps_activations(smollm2, auto, "bfloat16", available=8 * gib)
+    assert not finetune.keeps_activations(smollm2, auto, "float32", available=16 * gib)
+    assert not finetune.keeps_activations(smollm2, LoraOptions(activation_checkpointing=True), "bfloat16", 10 ** 15)
+    assert finetune.keeps_activations(smollm2, LoraOptions(activation_checkpointing=False), "float32", available=1)
+    assert not finetune.keeps_activations(SimpleNamespace(), auto, "bfloat16", available=10 ** 15)  # cannot size it
 
 
 def test_a_resumed_loop_continues_as_if_never_stopped(tiny_model_dir, tmp_path):
