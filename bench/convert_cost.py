@@ -26,7 +26,8 @@ gain with its task-bootstrap interval (target: no drop). S2/S3 are timed too but
 A third arm, **fast**, is "after" at a higher learning rate over fewer passes (`--fast-lr`, `--fast-epochs`): the
 tokens LoRA spends are most of the cost, so `--arms after,fast` asks whether they buy the gain.
 
-Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--batch-size 8] [--arms before,after] [--out /tmp/convert-cost]
+Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--call-kind design] [--batch-size 8] [--arms before,after]
+     [--out /tmp/convert-cost]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 
 def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidate: str,
-        fast: dict | None = None) -> dict:
+        fast: dict | None = None, call_kind: str | None = None) -> dict:
     from slmshift.train.convert import ConvertOptions, convert
 
     before = name == "before"
@@ -54,7 +55,8 @@ def arm(run_dir: str, out: Path, name: str, batch_size: int, seed: int, candidat
                                         if before else {}),
                                      **(fast if name == "fast" else {})})
     opts = d.model_copy(update={"max_clusters": 1, "progress": False, "lora": lora, "candidates": [candidate],
-                                "curate": d.curate.model_copy(update={"seed": seed}),
+                                "curate": d.curate.model_copy(update={"seed": seed, **(
+                                    {"call_kinds": [call_kind]} if call_kind else {})}),
                                 "cluster": d.cluster.model_copy(update={"seed": seed}),
                                 **({"reuse_collected": False, "eval_scheduler": "static"} if before else {})})
     shutil.rmtree(out, ignore_errors=True)
@@ -89,6 +91,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/convert-cost")
     ap.add_argument("--arms", default="before,after", help="arms in order, the first the baseline: before, after, "
                     "fast (after with --fast-lr and --fast-epochs: fewer tokens at a higher learning rate)")
+    ap.add_argument("--call-kind", help="convert only this call kind's calls (e.g. design): S4 and S5 then cost one "
+                    "task's cluster, not every cluster's S4 beside one cluster's training; pick one the base SLM "
+                    "does not already ace, or the gain has no room")
     ap.add_argument("--fast-lr", type=float, default=1e-3)
     ap.add_argument("--fast-epochs", type=float, default=1.0)
     args = ap.parse_args()
@@ -96,7 +101,8 @@ def main() -> None:
     fast = {"learning_rate": args.fast_lr, "epochs": args.fast_epochs}
     rows = []
     for name in args.arms.split(","):
-        rows.append(arm(args.run_dir, Path(args.out) / name, name, args.batch_size, args.seed, args.candidate, fast))
+        rows.append(arm(args.run_dir, Path(args.out) / name, name, args.batch_size, args.seed, args.candidate, fast,
+                        args.call_kind))
         print(json.dumps(rows[-1]), flush=True)
     b = rows[0]
     cost_b = b["s4_s"] + b["s5_and_grading_s"]

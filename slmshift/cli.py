@@ -130,7 +130,7 @@ def convert(
     verbose: bool = typer.Option(False, "--verbose", help="Also show Ray Train / Ray Data workers' own output."),
     keep_activations: Optional[bool] = typer.Option(None, "--keep-activations/--recompute-activations",
                                                     help="Keep LoRA's activations (faster steps, ~2x the memory) or "
-                                                    "recompute them (default: keep them when they fit in a third "
+                                                    "recompute them (default: keep them when they fit in half "
                                                     "of the available memory)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="LoRA forward precision: auto (bfloat16 where "
                                             "the CPU or GPU does bf16 natively, else float32), float32, bfloat16."),

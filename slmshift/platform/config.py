@@ -140,7 +140,7 @@ class LoopConvert(_Strict):
                              "iteration holds out.")
     activation_checkpointing: bool | Literal["auto"] = Field(default="auto", description="Recompute activations in "
                                                          "the LoRA backward pass: about half the memory, slower "
-                                                         "steps. auto: keep them when they fit in a third of the "
+                                                         "steps. auto: keep them when they fit in half of the "
                                                          "available memory.")
     precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="LoRA forward precision; "
                                                               "auto: bfloat16 where the CPU or GPU does bf16 "

@@ -63,7 +63,7 @@ class LoraOptions(BaseModel):
                                       "matmuls natively (`native_bf16`), float32 elsewhere (emulated bf16 is slower).")
     activation_checkpointing: bool | Literal["auto"] = Field(default="auto", description="Recompute each layer's "
                                          "activations in the backward pass instead of keeping them: less memory for "
-                                         "slower steps, the same math. auto: keep them when they fit in a third of "
+                                         "slower steps, the same math. auto: keep them when they fit in half of "
                                          "the memory available (`keeps_activations`; figures in BENCHMARKS.md).")
 
 
@@ -155,8 +155,8 @@ def forward_precision(precision: str, device: Any) -> Any:
 
 def keeps_activations(model_config: Any, options: LoraOptions, precision: str, available: int | None = None) -> bool:
     """Whether a step keeps its activations (no checkpointing): `options.activation_checkpointing` when set; for
-    auto, when a batch of `max_length` rows' activations (`KEPT_BYTES`) fit in a third of `available` bytes (default:
-    the machine's available memory), so serving replicas and a second run keep room."""
+    auto, when a batch of `max_length` rows' activations (`KEPT_BYTES`) fit in half of `available` bytes (default: the
+    machine's available memory), leaving the rest to the model, the data and what else runs there."""
     if options.activation_checkpointing != "auto":
         return not options.activation_checkpointing
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -168,7 +168,7 @@ def keeps_activations(model_config: Any, options: LoraOptions, precision: str, a
 
         available = psutil.virtual_memory().available
     need = options.batch_size * options.max_length * hidden * layers * KEPT_BYTES.get(precision, KEPT_BYTES["float32"])
-    return need <= available / 3
+    return need <= available / 2
 
 
 # --- examples -> tensors --------------------------------------------------------------------------

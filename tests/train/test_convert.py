@@ -282,6 +282,8 @@ def test_empty_curated_set_is_a_clear_error(tmp_path):
 def test_bad_options_are_a_clear_error(synthetic_log):
     res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--rule", "sometimes"])
     assert res.exit_code == 2 and "curate.rule" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--precision", "fp8"])
+    assert res.exit_code == 2 and "lora.precision" in res.output and "Traceback" not in res.output
     assert ConvertOptions().lora.max_length >= 768  # quickstart prompts fit whole
 
 
