@@ -276,13 +276,14 @@ def convert_options(loop: LoopSection) -> Any:
 SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5, "operator_multiturn": 6.0}
 CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9, "operator_multiturn": 17}
 EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
-# One LoRA step of 8 rows, scaled by the batch size: 768-token rows took 21 s (MetaGPT's tests) to 29 s (the Operator's
-# function calls, multi-turn ones truncated to 768) per 4-row step with activation checkpointing on 2 threads. Each trained
-# cluster also pays Ray Train's start and checkpoints (~1 min) and target losses on its held-out rows, base and
-# adapter (there ~9 min in all for 175 rows: ~3 s a row).
-LORA_STEP_S = 40.0
+# One LoRA step of 8 rows of up to 768 tokens on 2 threads, scaled by the batch size, by the precision it computes in:
+# float32 with activations recomputed took 36-40 s (MetaGPT's design and tests calls); bf16 autocast with activations
+# kept, where the CPU does bf16 natively, 0.47x that (bench/lora_memory.py, BENCHMARKS.md 2026-12-06 evening). Each
+# trained cluster also pays Ray Train's start, the model load and checkpoints (~20 s) and its val-loss sample (16
+# held-out rows, 15-60 s).
+LORA_STEP_S = {"float32": 40.0, "bfloat16": 19.0}
 AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the shipped profiles' clusters get 20-40
-LORA_VAL_S_PER_ROW = 3.0
+LORA_CLUSTER_S = 60.0
 
 
 def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
@@ -297,9 +298,11 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
     tuned = loop.max_clusters or loop.convert.k_max  # every eligible cluster: at most the clusters S3 may find
     steps = AUTO_STEPS_GUESS if loop.convert.lora_steps == "auto" else loop.convert.lora_steps
+    from slmshift.train.finetune import LoraOptions, resolved_precision
+
+    step_s = LORA_STEP_S[resolved_precision(LoraOptions(precision=loop.convert.precision), "cpu")]
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, tuned / 3)) \
-        + tuned * (steps * LORA_STEP_S * loop.convert.batch_size / 8 + 60
-                               + LORA_VAL_S_PER_ROW * scale * val_rows / len(scen))
+        + tuned * (steps * step_s * loop.convert.batch_size / 8 + LORA_CLUSTER_S)
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
     verify = sum(nv * calls * 0.5 * call_s for calls, call_s, _, nv in scen)
     total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify

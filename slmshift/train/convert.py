@@ -31,7 +31,7 @@ from slmshift.train.cluster import (ClusterIndex, ClusterOptions, cluster_tasks,
 from slmshift.train.curate import CurateOptions, curate, split_by_group
 from slmshift.train.convert_report import ConvertReport, write_report
 from slmshift.train.finetune import LoraOptions
-from slmshift.train.promotion import challenge, paired_interval, promotion, task_groups
+from slmshift.train.promotion import challenge, no_room, paired_interval, promotion, task_groups
 
 __all__ = ["ConvertOptions", "convert"]
 
@@ -306,10 +306,17 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     # S5 --------------------------------------------------------------------------------------------
     t = time.perf_counter()
     registry_path = None
-    todo = [e for e in per_cluster if e["id"] in selections and e["n_train"] >= o.min_train_rows]
+    todo = []
     for e in per_cluster:
-        if e["id"] in selections and e not in todo:
+        if e["id"] not in selections:
+            continue
+        if e["n_train"] < o.min_train_rows:
             e["status"] = f"not tuned: {e['n_train']} train rows (needs {o.min_train_rows})"
+        elif why := no_room(selections[e["id"]].before):
+            e["status"] = f"not tuned: {why}"
+            console.print(f"S5 skip: {e['label']!r}: {why}")
+        else:
+            todo.append(e)
     if o.max_clusters is not None and len(todo) > o.max_clusters:
         todo = sorted(todo, key=lambda e: -e["n_train"])
         for e in todo[o.max_clusters:]:

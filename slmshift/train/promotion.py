@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PROMOTION_RULE", "paired_interval", "task_groups", "promotion", "challenge"]
+__all__ = ["PROMOTION_RULE", "paired_interval", "task_groups", "promotion", "challenge", "no_room"]
 
 PROMOTION_RULE = ("promoted only on evidence: the 95% paired-bootstrap interval of adapter - base accuracy on the "
                   "same held-out calls lies above zero, the bootstrap resampling held-out tasks (all of a task's calls "
@@ -72,6 +72,16 @@ def promotion(before: Any, after: Any, min_tasks: int = 10, seed: int = 0, again
     if low > 0:
         return True, f"{acc}: interval above zero", ci
     return False, f"{acc}: interval includes zero" if high >= 0 else f"{acc}: worse than {against}", ci
+
+
+def no_room(before: Any) -> str | None:
+    """Why no adapter could be promoted over `before` (an evaluation on the held-out calls), or None: when every call
+    is already correct, no paired difference can be positive, so the interval never lies above zero and training
+    would be spent for nothing (on the paper-table collect, two of five MetaGPT clusters)."""
+    if before.verdicts and all(v.get("correct") for v in before.verdicts):
+        return (f"the base answers all {len(before.verdicts)} held-out calls correctly "
+                f"({before.measure} {before.correct_rate:.2f}): no adapter could show a gain")
+    return None
 
 
 def challenge(promoted: bool, reason: str, label: str, incumbent: Any, after: Any, min_tasks: int = 10,

@@ -114,6 +114,18 @@ def test_promotion_needs_an_interval_above_zero_on_enough_tasks():
     assert not ok and "worse than the base" in why
 
 
+def test_a_cluster_the_base_already_aces_is_not_trained():
+    """Where the base answers every held-out call correctly no adapter can be promoted (no paired difference is
+    positive), so S5 spends nothing there and says why; one wrong call leaves room."""
+    from slmshift.train.promotion import no_room
+
+    aced = _ev([1] * 12)
+    assert "all 12 held-out calls correctly" in no_room(aced)
+    for after in ([1] * 12, [0] * 12, [1] * 6 + [0] * 6):
+        assert not promotion(aced, _ev(after), min_tasks=5)[0]
+    assert no_room(_ev([1] * 11 + [0])) is None
+
+
 def test_a_new_adapter_must_also_beat_the_one_in_force():
     base, incumbent = _ev([0] * 40), _ev([1] * 20 + [0] * 20)
     better, same = _ev([1] * 36 + [0] * 4), _ev([1] * 21 + [0] * 19)
