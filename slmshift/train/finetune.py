@@ -7,7 +7,6 @@ run per task cluster, resumable); `bench/lora_train.py` runs the same `lora_loop
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from slmshift.platform.errors import SlmshiftError
+from slmshift.train.precision import forward_precision, keeps_activations, resolved_precision
 
 IGNORE = -100  # label value torch's cross-entropy skips
 BUCKET_POOL = 16  # batches' worth of rows sorted by length together (`bucket_by_length`)
@@ -60,11 +60,13 @@ class LoraOptions(BaseModel):
     precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="Compute precision of "
                                       "the forward pass: bfloat16 autocast (the adapter, its gradients and the "
                                       "optimiser stay float32) or float32. auto: bfloat16 where the hardware does bf16 "
-                                      "matmuls natively (`native_bf16`), float32 elsewhere (emulated bf16 is slower).")
+                                      "matmuls natively (`precision.native_bf16`), float32 elsewhere (emulated bf16 "
+                                      "is slower).")
     activation_checkpointing: bool | Literal["auto"] = Field(default="auto", description="Recompute each layer's "
                                          "activations in the backward pass instead of keeping them: less memory for "
                                          "slower steps, the same math. auto: keep them when they fit in half of "
-                                         "the memory available (`keeps_activations`; figures in BENCHMARKS.md).")
+                                         "the memory available (`precision.keeps_activations`; figures in "
+                                         "BENCHMARKS.md).")
 
 
 def lora_config(options: LoraOptions) -> Any:
@@ -105,70 +107,6 @@ def plan_steps(tokenizer: Any, messages: Iterable[Any], targets: Iterable[str], 
     return StepPlan(steps, f"auto: {options.epochs:g} passes over {len(lengths)} rows = {by_rows} steps, "
                            f"token budget {options.token_budget:,} / ({options.batch_size} x {mean:.0f} tokens) = "
                            f"{by_tokens}, at least one pass ({one_pass}) and {MIN_AUTO_STEPS}")
-
-
-# --- precision and memory --------------------------------------------------------------------------
-
-# Memory that keeping activations costs over recomputing them, in bytes per token x hidden unit x layer: measured on
-# SmolLM2-135M (bench/lora_memory.py, BENCHMARKS.md 2026-12-06: 8 rows of ~490 tokens took +3.8 GB in bfloat16 and
-# +6.2 GB in float32), rounded up.
-KEPT_BYTES = {"bfloat16": 64, "float32": 96}
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags to read, so no claim of native bf16
-        return frozenset()
-    return frozenset(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-
-
-def native_bf16(device: Any) -> bool:
-    """Whether `device` does bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with AMX or AVX512-BF16.
-    Elsewhere bf16 is emulated and slower than float32 (vLLM's bf16 ran ~4x slower on an AVX2-only CPU)."""
-    import torch
-
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return kind == "cpu" and bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
-
-
-def resolved_precision(options: LoraOptions, device: Any) -> str:
-    """`options.precision` with auto decided for `device`."""
-    if options.precision != "auto":
-        return options.precision
-    return "bfloat16" if native_bf16(device) else "float32"
-
-
-def forward_precision(precision: str, device: Any) -> Any:
-    """The context a forward pass runs in: bf16 autocast, or nothing for float32."""
-    import contextlib
-
-    import torch
-
-    if precision == "bfloat16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def keeps_activations(model_config: Any, options: LoraOptions, precision: str, available: int | None = None) -> bool:
-    """Whether a step keeps its activations (no checkpointing): `options.activation_checkpointing` when set; for
-    auto, when a batch of `max_length` rows' activations (`KEPT_BYTES`) fit in half of `available` bytes (default: the
-    machine's available memory), leaving the rest to the model, the data and what else runs there."""
-    if options.activation_checkpointing != "auto":
-        return not options.activation_checkpointing
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
-    if not hidden or not layers:  # an architecture we cannot size: recompute, the safe side
-        return False
-    if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    need = options.batch_size * options.max_length * hidden * layers * KEPT_BYTES.get(precision, KEPT_BYTES["float32"])
-    return need <= available / 2
 
 
 # --- examples -> tensors --------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from pydantic import BaseModel, Field
 from slmshift.platform.errors import SlmshiftError
 from slmshift.train.finetune import (
     BUCKET_POOL, LoopState, LoraOptions, StepPlan, bucket_by_length, eval_loss, lora_loop, plan_steps, repeat_batches,
-    resolved_precision, setup_peft,
+    setup_peft,
 )
+from slmshift.train.precision import resolved_precision
 
 MAX_FAILURES = 3  # worker-group restarts from the latest checkpoint (an OOM-killed worker, a lost node)
 

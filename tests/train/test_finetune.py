@@ -137,7 +137,7 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     phases = [trained.start_s, trained.setup_s, trained.train_s, trained.val_loss_s]
     assert all(p > 0 for p in phases) and sum(phases) <= trained.wall_s and trained.val_loss_rows == 8
     # how it ran, resolved on the worker: a tiny model's activations always fit
-    from slmshift.train.finetune import resolved_precision
+    from slmshift.train.precision import resolved_precision
 
     assert trained.precision == resolved_precision(TRAINED_OPTS, "cpu") and trained.activation_checkpointing is False
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
@@ -240,22 +240,38 @@ def test_auto_precision_and_checkpointing_follow_the_machine(monkeypatch):
     checkpointing keeps activations only where they fit in half of the available memory."""
     from types import SimpleNamespace
 
-    from slmshift.train import finetune
+    from slmshift.train import precision
 
     auto = LoraOptions()
     for flags, want in (({"avx2", "amx_bf16"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
                         ({"avx2", "avx512f"}, "float32"), (set(), "float32")):
-        monkeypatch.setattr(finetune, "_cpu_flags", lambda flags=flags: frozenset(flags))
-        assert finetune.resolved_precision(auto, "cpu") == want
-    assert finetune.resolved_precision(LoraOptions(precision="float32"), "cpu") == "float32"
+        monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert precision.resolved_precision(auto, "cpu") == want
+    assert precision.resolved_precision(LoraOptions(precision="float32"), "cpu") == "float32"
     smollm2 = SimpleNamespace(hidden_size=576, num_hidden_layers=30)  # 8 x 512 tokens: ~4.5 GB bf16, ~6.8 GB fp32
     gib = 2 ** 30
-    assert finetune.keeps_activations(smollm2, auto, "bfloat16", available=10 * gib)
-    assert not finetune.keeps_activations(smollm2, auto, "bfloat16", available=8 * gib)
-    assert not finetune.keeps_activations(smollm2, auto, "float32", available=12 * gib)
-    assert not finetune.keeps_activations(smollm2, LoraOptions(activation_checkpointing=True), "bfloat16", 10 ** 15)
-    assert finetune.keeps_activations(smollm2, LoraOptions(activation_checkpointing=False), "float32", available=1)
-    assert not finetune.keeps_activations(SimpleNamespace(), auto, "bfloat16", available=10 ** 15)  # cannot size it
+    assert precision.keeps_activations(smollm2, auto, "bfloat16", available=10 * gib)
+    assert not precision.keeps_activations(smollm2, auto, "bfloat16", available=8 * gib)
+    assert not precision.keeps_activations(smollm2, auto, "float32", available=12 * gib)
+    assert not precision.keeps_activations(smollm2, LoraOptions(activation_checkpointing=True), "bfloat16", 10 ** 15)
+    assert precision.keeps_activations(smollm2, LoraOptions(activation_checkpointing=False), "float32", available=1)
+    assert not precision.keeps_activations(SimpleNamespace(), auto, "bfloat16", available=10 ** 15)  # cannot size it
+
+
+def test_available_memory_heeds_a_containers_cgroup_limit(monkeypatch, tmp_path):
+    """psutil sees the host's memory; a container's cgroup limit is what kills a worker, so it bounds the estimate."""
+    from slmshift.train import precision
+
+    (tmp_path / "max").write_text(str(6 * 2 ** 30))
+    (tmp_path / "current").write_text(str(2 * 2 ** 30))
+    (tmp_path / "unlimited").write_text("max")
+    monkeypatch.setattr(precision, "CGROUP_MEMORY", ((str(tmp_path / "max"), str(tmp_path / "current")),))
+    assert precision.available_memory() <= 4 * 2 ** 30
+    monkeypatch.setattr(precision, "CGROUP_MEMORY", ((str(tmp_path / "unlimited"), str(tmp_path / "current")),
+                                                     (str(tmp_path / "absent"), str(tmp_path / "absent"))))
+    import psutil
+
+    assert precision.available_memory() > 0.5 * psutil.virtual_memory().available
 
 
 def test_a_resumed_loop_continues_as_if_never_stopped(tiny_model_dir, tmp_path):
