@@ -299,10 +299,9 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
     # every eligible cluster: MetaGPT's paper-table log trained 3 of its 7 (two too small, two the base already aces)
     tuned = loop.max_clusters or 2 * len(cfg.scenarios)
     steps = AUTO_STEPS_GUESS if loop.convert.lora_steps == "auto" else loop.convert.lora_steps
-    from slmshift.train.finetune import LoraOptions
     from slmshift.train.precision import resolved_precision
 
-    step_s = LORA_STEP_S[resolved_precision(LoraOptions(precision=loop.convert.precision), "cpu")]
+    step_s = LORA_STEP_S[resolved_precision(loop.convert.precision, "cpu")]
     convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, tuned / 3)) \
         + tuned * (steps * step_s * loop.convert.batch_size / 8 + LORA_CLUSTER_S)
     # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated

@@ -223,7 +223,7 @@ def eval_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]], options: L
     model.eval()
     total, count = 0.0, 0
     off = model.disable_adapter() if base else contextlib.nullcontext()
-    with off, torch.no_grad(), forward_precision(resolved_precision(options, device), device):
+    with off, torch.no_grad(), forward_precision(resolved_precision(options.precision, device), device):
         for i in range(0, len(rows), options.batch_size):
             chunk = rows[i: i + options.batch_size]
             batch = collate(tokenizer, [r["messages"] for r in chunk], [r["target"] for r in chunk], options.max_length)
@@ -288,7 +288,7 @@ def lora_loop(model: Any, tokenizer: Any, batches: Iterator[dict[str, Any]], opt
     if options.steps == "auto":
         raise SlmshiftError("lora_loop needs a number of steps: resolve steps: auto with plan_steps first")
     state = state or LoopState()
-    precision = resolved_precision(options, device)
+    precision = resolved_precision(options.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=0.0)
     warmup = max(1, min(10, options.steps // 10))
@@ -381,7 +381,7 @@ def setup_peft(base_source: str, options: LoraOptions, device: str = "auto") -> 
     model, tokenizer = load_model_and_tokenizer(base_source, "float32", device)
     dev = next(model.parameters()).device
     model.config.use_cache = False  # training reads no cache: building one costs memory and time
-    if not keeps_activations(model.config, options, resolved_precision(options, dev)):
+    if not keeps_activations(model.config, options, resolved_precision(options.precision, dev)):
         # Kept activations are most of a step's memory (SmolLM2-135M, 8 rows x 768 tokens, float32: 17 GB).
         # Non-reentrant checkpointing needs no grad on the (frozen) inputs and replays dropout's RNG exactly.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

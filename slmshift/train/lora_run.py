@@ -114,7 +114,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if config["use_gpu"] else "cpu"
     model, tokenizer, dev = setup_peft(config["base_source"], options, device)
-    how = {"precision": resolved_precision(options, dev),
+    how = {"precision": resolved_precision(options.precision, dev),
            "activation_checkpointing": bool(model.get_base_model().is_activation_checkpointing)}
     state = LoopState()
     if (ckpt := ray.train.get_checkpoint()) is not None:

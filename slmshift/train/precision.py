@@ -36,10 +36,10 @@ def native_bf16(device: Any) -> bool:
     return kind == "cpu" and bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
 
 
-def resolved_precision(options: Any, device: Any) -> str:
-    """`options.precision` with auto decided for `device`."""
-    if options.precision != "auto":
-        return options.precision
+def resolved_precision(precision: str, device: Any) -> str:
+    """A `lora.precision` setting with auto decided for `device`."""
+    if precision != "auto":
+        return precision
     return "bfloat16" if native_bf16(device) else "float32"
 
 

@@ -139,7 +139,8 @@ def test_lora_lowers_validation_loss(trained, convert_dir):
     # how it ran, resolved on the worker: a tiny model's activations always fit
     from slmshift.train.precision import resolved_precision
 
-    assert trained.precision == resolved_precision(TRAINED_OPTS, "cpu") and trained.activation_checkpointing is False
+    assert trained.precision == resolved_precision(TRAINED_OPTS.precision, "cpu")
+    assert trained.activation_checkpointing is False
     assert Path(trained.adapter_dir) == convert_dir / "adapters" / "planner-intent"
     ckpts = [c for c in (convert_dir / "checkpoints").glob("planner-intent-*/checkpoint_*") if c.is_dir()]
     assert len(ckpts) == 2 and all((c / "adapter_config.json").is_file() and (c / STATE_FILE).is_file()
@@ -246,8 +247,8 @@ def test_auto_precision_and_checkpointing_follow_the_machine(monkeypatch):
     for flags, want in (({"avx2", "amx_bf16"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
                         ({"avx2", "avx512f"}, "float32"), (set(), "float32")):
         monkeypatch.setattr(precision, "_cpu_flags", lambda flags=flags: frozenset(flags))
-        assert precision.resolved_precision(auto, "cpu") == want
-    assert precision.resolved_precision(LoraOptions(precision="float32"), "cpu") == "float32"
+        assert precision.resolved_precision("auto", "cpu") == want
+    assert precision.resolved_precision("float32", "cpu") == "float32"
     smollm2 = SimpleNamespace(hidden_size=576, num_hidden_layers=30)  # 8 x 512 tokens: ~4.5 GB bf16, ~6.8 GB fp32
     gib = 2 ** 30
     assert precision.keeps_activations(smollm2, auto, "bfloat16", available=10 * gib)
