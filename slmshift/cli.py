@@ -168,6 +168,11 @@ def convert(
         rep = run_convert(run_dir, out, opts, console=console)
     except SlmshiftError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Typer would exit 130 without a word
+        err_console.print("interrupted: each LoRA run keeps its checkpoints. Run the same `slmshift convert` again to "
+                          "continue: finished runs are not redone, an interrupted one resumes from its checkpoint.",
+                          highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     from rich.table import Table
 
     from slmshift.train.convert_report import cluster_header, cluster_rows, serve_bases, serve_snippet, teacher_note

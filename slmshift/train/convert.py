@@ -239,9 +239,16 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
         kept = {t for t, lab in zip(task_of, clus.labels) if lab == c["id"]}
         if len(kept) == 1 and None not in kept:
             c["task_of"] = kept.pop()
+    from slmshift.train.select import answered_calls, collected_answers
+
+    # collect's graded SLM answers stand for the held-out calls they cover (S4), so the tasks they answer are held out
+    # first: S4 then generates fewer answers (`split_by_group`'s `prefer` says why the sample stays random)
+    answers = collected_answers(log, run_dir) if o.reuse_collected else None
+    answered = rows["record_id"].astype(str).isin(answered_calls(answers, cands))
     rows["split"] = "train"
     rows.loc[~from_earlier, "split"] = split_by_group(rows[~from_earlier], o.curate.val_fraction, o.curate.seed,
-                                                      by=o.curate.split_by, min_val=o.min_promotion_tasks)
+                                                      by=o.curate.split_by, min_val=o.min_promotion_tasks,
+                                                      prefer=answered[~from_earlier])
     if from_earlier.any():  # an earlier turn's rows of a task held out now would train on what S5 judges
         held = set(rows.loc[rows["split"] == "val", "task_id"]) - {""}
         leak = from_earlier & rows["task_id"].isin(held)
@@ -257,11 +264,9 @@ def convert(run_dir: str, out_dir: str | None = None, options: ConvertOptions | 
     console.print(f"S3 cluster: {clus.criterion}; " + ", ".join(f"{c['label']} ({c['size']})" for c in info))
 
     # S4 --------------------------------------------------------------------------------------------
-    from slmshift.train.select import RULE, collected_answers, select_clusters
+    from slmshift.train.select import RULE, select_clusters
 
     t = time.perf_counter()
-    # collect's graded SLM answers stand for the held-out calls they cover
-    answers = collected_answers(log, run_dir) if o.reuse_collected else None
     threads = o.threads or os.cpu_count() or 1
     per_cluster: list[dict[str, Any]] = []
     vals: dict[int, pd.DataFrame] = {}

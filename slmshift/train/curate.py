@@ -184,7 +184,7 @@ def curate(df: pd.DataFrame, options: CurateOptions | None = None) -> CurateResu
 
 
 def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: str = "task",
-                   strata: str = "cluster", min_val: int = 0) -> pd.Series:
+                   strata: str = "cluster", min_val: int = 0, prefer: pd.Series | None = None) -> pd.Series:
     """'train' / 'val' per row, whole groups (tasks or episodes) on one side, so no episode leaks.
 
     Stratified: clusters are visited smallest first; each gets round(val_fraction x its groups) validation
@@ -192,6 +192,11 @@ def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: st
     cluster. A cluster with at least 2 x `min_val` groups holds out at least `min_val` (S5 passes the held-out tasks
     promotion asks for: below that an adapter is trained but can never be promoted, however large its gain), never
     more than half. Deterministic for `seed`.
+
+    `prefer` (a bool per row): groups with such a row are held out before the others, in the same seeded order.
+    Convert passes the calls collect already answered on the SLM (its shadows), so S4 generates fewer answers. Collect
+    draws its shadowed episodes by a hash of the episode id, blind to the task, so the held-out groups stay a random
+    sample of the cluster's groups. Without `prefer` the split is what it was before `prefer` existed.
     """
     if rows.empty:
         return pd.Series([], dtype=str, index=rows.index)
@@ -203,6 +208,7 @@ def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: st
     clusters_of: dict[str, set] = {}
     for g, c in zip(group, strata_of):
         clusters_of.setdefault(g, set()).add(c)
+    preferred = set(group[prefer.astype(bool)]) if prefer is not None else set()
     val: set[str] = set()
     rng = random.Random(f"slmshift-split:{seed}")
 
@@ -219,6 +225,7 @@ def split_by_group(rows: pd.DataFrame, val_fraction: float, seed: int, *, by: st
                 want = min_val
             free = [g for g in groups if g not in val]
             rng.shuffle(free)
+            free.sort(key=lambda g: g not in preferred)  # stable: the seeded order within each side
             for g in free:
                 if sum(1 for h in groups if h in val) >= want:
                     break

@@ -10,10 +10,11 @@ restores a run of the same name from its latest checkpoint. So a worker or a nod
 worker group from the checkpoint (`FailureConfig.max_failures`), and a convert killed and run again continues each
 cluster where it stopped; a run on other rows or options starts afresh.
 
-Several clusters. `train_adapters` starts every cluster's run at once, each from its own driver thread; each worker
-asks for the CPUs of one node. Ray places them: on a multi-node cluster they train at the same time on different
-nodes, and on one small machine the next waits until a node is free (Train retries the placement, it does not
-fail).
+Several clusters. `train_adapters` starts as many clusters' runs as the alive nodes can place at once
+(`concurrent_runs`), each from its own driver thread; each worker asks for the CPUs of one node. On a multi-node
+cluster they train at the same time on different nodes; on one small machine they train one after another, and a
+run started before it can be placed is not started at all (it would only poll). A run whose node is lost waits for
+a free node (Train retries the placement, it does not fail).
 """
 
 from __future__ import annotations
@@ -213,6 +214,20 @@ def node_cpus(settle_s: float = 10.0) -> int:
     return max(1, int(min(largest, free)))
 
 
+def concurrent_runs(cpus_per_worker: int, num_workers: int = 1) -> int:
+    """How many runs of `num_workers` workers the alive nodes can hold at once, by CPUs (and GPUs where there are):
+    a run started beyond that only waits, and on a 2-core machine 11 waiting runs (a controller, a queue and a
+    placement-group actor each, polling) left the one training at a third of its speed and took 4 GB (BENCHMARKS.md
+    2026-12-06 night). Counted from the nodes alive now: an autoscaler's future nodes are not waited for."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    slots = sum(int(r.get("CPU", 0) // cpus_per_worker) for r in nodes)
+    if any(r.get("GPU", 0) >= 1 for r in nodes):
+        slots = min(slots, sum(int(r.get("GPU", 0)) for r in nodes))
+    return max(1, slots // num_workers)
+
+
 @contextmanager
 def _relay_steps(on_step: Callable[[int, float], None] | None) -> Iterator[Any]:
     """A Ray queue the rank-0 worker puts (step, loss) on, drained into `on_step` by a driver thread; None when
@@ -254,8 +269,9 @@ def _relay_steps(on_step: Callable[[int, float], None] | None) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        drain(block=False)  # the last steps, put just before fit() returned
-        steps.shutdown()
+        if ray.is_initialized():  # after Ctrl-C the caller's Ray is gone: a call here would start a new one
+            drain(block=False)  # the last steps, put just before fit() returned
+            steps.shutdown()
 
 
 def train_adapter(curated_path: str, cluster: int, label: str, base_source: str, out_dir: str,
@@ -373,14 +389,17 @@ def train_adapters(curated_path: str, jobs: list[AdapterJob], out_dir: str, opti
                    num_workers: int = 1, cpus_per_worker: int | None = None,
                    on_step: Callable[[str], Callable[[int, float], None] | None] = lambda label: None,
                    ) -> Iterator[tuple[AdapterJob, TrainResult | SlmshiftError]]:
-    """Start every job's run at once and yield (job, result or error) as each finishes. A failed cluster is
-    yielded as its error, never stops the others. `on_step(label)` gives that cluster's step callback."""
+    """Run the jobs, as many at once as the cluster's nodes can place (`concurrent_runs`), and yield (job, result
+    or error) as each finishes. A failed cluster is yielded as its error, never stops the others. `on_step(label)`
+    gives that cluster's step callback."""
     from concurrent.futures import as_completed
 
     if not jobs:
         return
     cpus = cpus_per_worker or max(1, node_cpus() // num_workers)  # measured once, before any run takes a node
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="lora") as pool:
+    pool = ThreadPoolExecutor(max_workers=min(len(jobs), concurrent_runs(cpus, num_workers)),
+                              thread_name_prefix="lora")
+    try:
         futures = {pool.submit(train_adapter, curated_path, j.cluster, j.label, j.base_source, out_dir,
                                options if j.steps is None else options.model_copy(update={"steps": j.steps}),
                                num_workers=num_workers, cpus_per_worker=cpus, on_step=on_step(j.label)): j
@@ -390,3 +409,10 @@ def train_adapters(curated_path: str, jobs: list[AdapterJob], out_dir: str, opti
                 yield futures[fut], fut.result()
             except SlmshiftError as e:
                 yield futures[fut], e
+    except BaseException:
+        # Ctrl-C, or the caller stopped early: no waiting cluster starts, and nothing waits for the running ones,
+        # which end with the caller's Ray (their checkpoints resume them). A `with` block would have waited for
+        # every cluster to finish training first (seen: a SIGINT during S5 went on training for minutes).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -125,12 +125,24 @@ def collected_answers(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
     return slm[cols].drop_duplicates("call_id", keep="last").reset_index(drop=True)
 
 
+def _base_answers(answers: pd.DataFrame, c: Candidate) -> pd.DataFrame:
+    """The candidate's own base answers (no adapter) among `collected_answers`."""
+    return answers[((answers["model"] == c.name) | (answers["source"] == c.source)) & answers["adapter"].isna()]
+
+
+def answered_calls(answers: pd.DataFrame | None, cands: list[Candidate]) -> set[str]:
+    """Ids of the calls collect answered with some candidate's base model: S4 need not generate these."""
+    if answers is None or answers.empty:
+        return set()
+    return {str(i) for c in cands for i in _base_answers(answers, c)["call_id"]}
+
+
 def _reused(answers: pd.DataFrame | None, c: Candidate, val_rows: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """The candidate's own base answers (no adapter) to these validation calls, by record id."""
     if answers is None or answers.empty or "record_id" not in val_rows:
         return {}
-    mine = answers[((answers["model"] == c.name) | (answers["source"] == c.source)) & answers["adapter"].isna()
-                   & answers["call_id"].isin(val_rows["record_id"])]
+    mine = _base_answers(answers, c)
+    mine = mine[mine["call_id"].isin(val_rows["record_id"])]
     return {r["call_id"]: r for r in mine.to_dict("records")}
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -297,6 +301,32 @@ def test_bad_options_are_a_clear_error(synthetic_log):
     res = CliRunner().invoke(app, ["convert", synthetic_log.run_dir, "--precision", "fp8"])
     assert res.exit_code == 2 and "lora.precision" in res.output and "Traceback" not in res.output
     assert ConvertOptions().lora.max_length >= 768  # quickstart prompts fit whole
+
+
+def test_ctrl_c_during_s5_stops_at_once_and_no_waiting_cluster_starts(synthetic_log, tiny_model_dir, tmp_path):
+    """Ctrl-C while the first cluster trains: convert exits 130 in seconds, the cluster waiting for the CPUs never
+    starts, and nothing waits for the running run to finish (it resumes from its checkpoint on the next convert).
+    Before, every cluster trained to the end first."""
+    out = tmp_path / "convert"
+    proc = subprocess.Popen([sys.executable, "-m", "slmshift.cli", "convert", synthetic_log.run_dir, "--out", str(out),
+                             "--base", tiny_model_dir, "--steps", "100000", "--batch-size", "4",
+                             "--min-train-rows", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("checkpoints/*/checkpoint_*")):
+        time.sleep(0.5)  # the first cluster is stepping once it has written a checkpoint
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    t = time.time()
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"convert went on training after Ctrl-C: {proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 130, output[-3000:]
+    assert time.time() - t < 60 and "interrupted" in output and "Traceback" not in output, output[-3000:]
+    started = {p.name.rsplit("-", 1)[0] for p in out.glob("checkpoints/*") if p.is_dir()}
+    assert len(started) == 1, started  # the other cluster never started
 
 
 def test_printed_yaml_snippet_loads_as_an_experiment(converted, tmp_path, tiny_model_dir):

@@ -169,3 +169,21 @@ def test_a_simulated_placeholder_is_never_a_training_target(log_df):
     # the same text from a model that is not simulated is an answer like any other
     real = df.assign(simulated=False)
     assert curate(real, CurateOptions(rule="valid", drop_incorrect=False)).counts["dropped_placeholder"] == 0
+
+
+def test_held_out_tasks_are_first_drawn_from_those_collect_already_answered():
+    """S4 reuses collect's shadow answers for the held-out calls they cover: holding the answered tasks out first
+    leaves it fewer calls to generate. Which answered tasks are held out is still the seeded draw."""
+    rows = pd.DataFrame({"episode_id": [f"e{i}" for i in range(40)], "task_id": [f"t{i}" for i in range(40)],
+                         "cluster": 0})
+    held = lambda split: set(rows.loc[split == "val", "task_id"])  # noqa: E731
+    many = rows["task_id"].isin([f"t{i}" for i in range(15)])  # more answered tasks than the 10 held out
+    assert held(split_by_group(rows, 0.25, seed=0, prefer=many)) < set(rows.loc[many, "task_id"])
+    assert len(held(split_by_group(rows, 0.25, seed=0, prefer=many))) == 10
+    assert held(split_by_group(rows, 0.25, seed=0, prefer=many)) != held(split_by_group(rows, 0.25, seed=1,
+                                                                                         prefer=many))
+    few = rows["task_id"].isin(["t0", "t1", "t2"])  # fewer: all of them, and 7 drawn from the rest
+    split = split_by_group(rows, 0.25, seed=0, prefer=few)
+    assert {"t0", "t1", "t2"} < held(split) and len(held(split)) == 10
+    none = pd.Series(False, index=rows.index)  # nothing answered: the split without a preference
+    assert split_by_group(rows, 0.25, seed=0, prefer=none).tolist() == split_by_group(rows, 0.25, seed=0).tolist()

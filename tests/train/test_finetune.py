@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -332,3 +333,19 @@ def test_length_buckets_cover_every_row_once_with_less_padding(tiny_model_dir):
     assert pad_share(bucketed) < 0.5 * pad_share(plain)
     assert [b["target"] for b in bucket_by_length([pool], tok, opts, seed=1)] == [b["target"] for b in bucketed]
     assert [b["target"] for b in bucket_by_length([pool], tok, opts, seed=2)] != [b["target"] for b in bucketed]
+
+
+def test_clusters_train_one_after_another_where_one_node_holds_one_run(ray_cluster, convert_dir, tiny_model_dir):
+    """On one 2-CPU node a run asks for both CPUs, so a second run could only wait, polling beside the first: it is
+    started when the first is done (two runs at once is the multi-node test's case)."""
+    from slmshift.train.lora_run import AdapterJob, concurrent_runs, train_adapters
+
+    assert (concurrent_runs(2), concurrent_runs(1), concurrent_runs(1, num_workers=2)) == (1, 2, 1)
+    jobs = [AdapterJob(0, "serial-intent", tiny_model_dir), AdapterJob(1, "serial-call", tiny_model_dir)]
+    seen: dict[str, list[float]] = {j.label: [] for j in jobs}
+    results = dict((job.label, r) for job, r in train_adapters(
+        str(convert_dir / "curated.parquet"), jobs, str(convert_dir), LoraOptions(steps=3, batch_size=4),
+        cpus_per_worker=2, on_step=lambda label: lambda step, loss: seen[label].append(time.time())))
+    assert all(r.steps == 3 for r in results.values()), results
+    (a0, a1), (b0, b1) = [(min(t), max(t)) for t in seen.values()]
+    assert a1 < b0 or b1 < a0, seen  # never stepping at the same time

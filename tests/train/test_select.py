@@ -137,7 +137,7 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
     adapter's answer (a later iteration's shadow) is not the base candidate's and is not reused."""
     from slmshift.platform.log import LogWriter
     from slmshift.platform.types import Interaction
-    from slmshift.train.select import collected_answers
+    from slmshift.train.select import answered_calls, collected_answers
 
     random_c, _ = two_candidates
     rows = _rows()
@@ -167,6 +167,7 @@ def test_collects_graded_answers_stand_for_the_calls_they_cover(two_candidates, 
 
     answers = collected_answers(read_interactions(str(tmp_path), include_shadow=True), str(tmp_path))
     assert sorted(answers["call_id"]) == ["r0", "r1", "r2"] and set(answers["source"]) == {random_c.source}
+    assert answered_calls(answers, [random_c]) == {"r0", "r1"}  # the split holds these tasks out first
     sel = select_candidates(rows, 0, [random_c], ScenarioGrader(), threads=1, answers=answers)
     got = {v["record_id"]: v for v in sel.before.verdicts}
     assert [v["record_id"] for v in sel.before.verdicts] == list(rows.record_id)  # row order kept
