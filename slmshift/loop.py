@@ -276,13 +276,14 @@ def convert_options(loop: LoopSection) -> Any:
 SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5, "operator_multiturn": 6.0}
 CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9, "operator_multiturn": 17}
 EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
-# One LoRA step of 8 rows of up to 768 tokens on 2 threads, scaled by the batch size, by the precision it computes in:
-# float32 with activations recomputed took 36-40 s (MetaGPT's design and tests calls); bf16 autocast with activations
-# kept, where the CPU does bf16 natively, 0.47x that (bench/lora_memory.py, BENCHMARKS.md 2026-12-06 evening). Each
-# trained cluster also pays Ray Train's start, the model load and checkpoints (~20 s) and its val-loss sample (16
-# held-out rows, 15-60 s).
-LORA_STEP_S = {"float32": 40.0, "bfloat16": 19.0}
-AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the shipped profiles' clusters get 20-40
+# One LoRA step of 8 rows on 2 threads, scaled by the batch size, by the precision it computes in: float32 with
+# activations recomputed took 36-40 s on MetaGPT's design and tests rows; bf16 autocast with activations kept, where
+# the CPU does bf16 natively, 4.3-16 s by the rows' length (147-768 tokens), 11 s on average over the 11 clusters the
+# four-scenario paper-table collect trained (BENCHMARKS.md 2026-12-06 night); float32 in proportion. Each trained
+# cluster also pays Ray Train's start, the model load and checkpoints (~20 s) and its val-loss sample (16 held-out
+# rows, 7-35 s).
+LORA_STEP_S = {"float32": 23.0, "bfloat16": 11.0}
+AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the paper table's got 20-45, mean 30
 LORA_CLUSTER_S = 60.0
 
 
@@ -296,8 +297,9 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
             for s in cfg.scenarios]
     collect = sum(nc * calls * loop.shadow_rate * call_s for calls, call_s, nc, _ in scen)
     val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
-    # every eligible cluster: MetaGPT's paper-table log trained 3 of its 7 (two too small, two the base already aces)
-    tuned = loop.max_clusters or 2 * len(cfg.scenarios)
+    # every eligible cluster: the four-scenario paper-table collect trained 11 of its 15 (one too small, three the
+    # base already aces)
+    tuned = loop.max_clusters or 3 * len(cfg.scenarios)
     steps = AUTO_STEPS_GUESS if loop.convert.lora_steps == "auto" else loop.convert.lora_steps
     from slmshift.train.precision import resolved_precision
 
