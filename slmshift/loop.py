@@ -271,20 +271,28 @@ def convert_options(loop: LoopSection) -> Any:
                                        "precision": c.precision}))
 
 
-# Measured on this project's 2-core CPU machine (2026-11-29/30, scenarios/paper-table.yaml, quiet): wall seconds per
-# shadowed packaged-SmolLM2 call during collect (longer outputs and prompts cost more) and model calls per episode.
-SLM_CALL_S = {"operator": 2.0, "metagpt": 5.5, "cradle": 2.5, "operator_multiturn": 6.0}
+# Measured on this project's 2-core CPU machine, quiet (BENCHMARKS.md 2026-12-06 night: the four-scenario
+# scenarios/paper-table.yaml iteration, 131 min; and the small profile's two iterations): wall seconds per shadowed
+# packaged-SmolLM2 call during collect (concurrent shadows share the engine's batches; longer outputs and prompts
+# cost more), model calls per episode, and the clusters S5 trains per scenario (the rest too small, or aced by the
+# base SLM).
+SLM_CALL_S = {"operator": 0.8, "metagpt": 3.7, "cradle": 1.7, "operator_multiturn": 4.1}
 CALLS_PER_EPISODE = {"operator": 2, "metagpt": 7, "cradle": 9, "operator_multiturn": 17}
-EVAL_S_PER_ROW = 2.0  # convert's held-out grading, per call and model (measured 1.6 s over 483 calls)
+TRAINED_CLUSTERS = {"operator": 2, "metagpt": 4, "cradle": 4, "operator_multiturn": 1}
+# convert's S4 answers for held-out calls collect did not answer, plus each adapter's grading, per held-out call:
+# 1,046 s over ~530 held-out calls on the four-scenario collect
+EVAL_S_PER_ROW = 2.0
 # One LoRA step of 8 rows on 2 threads, scaled by the batch size, by the precision it computes in: float32 with
 # activations recomputed took 36-40 s on MetaGPT's design and tests rows; bf16 autocast with activations kept, where
 # the CPU does bf16 natively, 4.3-16 s by the rows' length (147-768 tokens), 11 s on average over the 11 clusters the
-# four-scenario paper-table collect trained (BENCHMARKS.md 2026-12-06 night); float32 in proportion. Each trained
-# cluster also pays Ray Train's start, the model load and checkpoints (~20 s) and its val-loss sample (16 held-out
-# rows, 7-35 s).
+# four-scenario paper-table collect trained; float32 in proportion. Each trained cluster also pays Ray Train's start,
+# the model load and checkpoints (~20 s) and its val-loss sample (16 held-out rows, 7-35 s).
 LORA_STEP_S = {"float32": 23.0, "bfloat16": 11.0}
 AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the paper table's got 20-45, mean 30
 LORA_CLUSTER_S = 60.0
+# verify: the tuned arm sent 14-43% of its calls to the SLM (0.2 reproduces the measured walls), plus each arm's
+# start per scenario
+VERIFY_SLM_SHARE, VERIFY_ARM_S = 0.2, 20.0
 
 
 def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) -> float:
@@ -297,17 +305,16 @@ def estimate_minutes(cfg: ExperimentConfig, loop: LoopSection, iterations: int) 
             for s in cfg.scenarios]
     collect = sum(nc * calls * loop.shadow_rate * call_s for calls, call_s, nc, _ in scen)
     val_rows = 0.15 * sum(nc * calls for calls, _, nc, _ in scen)  # ~60% of calls curated, a quarter held out
-    # every eligible cluster: the four-scenario paper-table collect trained 11 of its 15 (one too small, three the
-    # base already aces)
-    tuned = loop.max_clusters or 3 * len(cfg.scenarios)
+    tuned = sum(TRAINED_CLUSTERS.get(s.kind, 3) for s in cfg.scenarios)
+    tuned = min(tuned, loop.max_clusters or tuned)
     steps = AUTO_STEPS_GUESS if loop.convert.lora_steps == "auto" else loop.convert.lora_steps
     from slmshift.train.precision import resolved_precision
 
     step_s = LORA_STEP_S[resolved_precision(loop.convert.precision, "cpu")]
-    convert = EVAL_S_PER_ROW * scale * val_rows * (1 + 0.5 * min(1.0, tuned / 3)) \
-        + tuned * (steps * step_s * loop.convert.batch_size / 8 + LORA_CLUSTER_S)
-    # the tuned arm's SLM calls (about half), twice in iteration 1 (its before-conversion arm); all-LLM is simulated
-    verify = sum(nv * calls * 0.5 * call_s for calls, call_s, _, nv in scen)
+    convert = EVAL_S_PER_ROW * scale * val_rows + tuned * (steps * step_s * loop.convert.batch_size / 8
+                                                           + LORA_CLUSTER_S)
+    # the tuned arm's SLM calls, twice in iteration 1 (its before-conversion arm); all-LLM is simulated
+    verify = sum(nv * calls * VERIFY_SLM_SHARE * call_s + VERIFY_ARM_S for calls, call_s, _, nv in scen)
     total = iterations * (collect + convert + loop.tune_time_budget_s + 60) + (iterations + 1) * verify
     return total / 60
 
