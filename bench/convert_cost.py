@@ -23,8 +23,9 @@ whose rows fit (the small profile's intents do) is unaffected.
 Prints each arm's S4 and S5+grading wall time, their ratio (target: after <= 1/4 of before), and each arm's held-out
 gain with its task-bootstrap interval (target: no drop). S2/S3 are timed too but are the same work in both arms.
 
-A third arm, **fast**, is "after" at a higher learning rate over fewer passes (`--fast-lr`, `--fast-epochs`): the
-tokens LoRA spends are most of the cost, so `--arms after,fast` asks whether they buy the gain.
+A third arm, **fast**, is "after" at a higher learning rate over fewer passes (`--fast-lr`, `--fast-epochs`), or
+without LoRA dropout (`--fast-dropout 0`: its masks were ~13% of a step's CPU time on 2 cores): the tokens LoRA
+spends are most of the cost, so `--arms after,fast` asks whether they buy the gain.
 
 Run: .venv/bin/python bench/convert_cost.py RUN_DIR [--call-kind design] [--batch-size 8] [--arms before,after]
      [--out /tmp/convert-cost]
@@ -96,9 +97,12 @@ def main() -> None:
                     "does not already ace, or the gain has no room")
     ap.add_argument("--fast-lr", type=float, default=1e-3)
     ap.add_argument("--fast-epochs", type=float, default=1.0)
+    ap.add_argument("--fast-dropout", type=float, default=None, help="the fast arm's LoRA dropout (default: "
+                    "the after arm's)")
     args = ap.parse_args()
     print(f"started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {args.run_dir}", flush=True)
-    fast = {"learning_rate": args.fast_lr, "epochs": args.fast_epochs}
+    fast = {"learning_rate": args.fast_lr, "epochs": args.fast_epochs,
+            **({"dropout": args.fast_dropout} if args.fast_dropout is not None else {})}
     rows = []
     for name in args.arms.split(","):
         rows.append(arm(args.run_dir, Path(args.out) / name, name, args.batch_size, args.seed, args.candidate, fast,
