@@ -290,8 +290,8 @@ EVAL_S_PER_ROW = 2.0
 LORA_STEP_S = {"float32": 23.0, "bfloat16": 11.0}
 AUTO_STEPS_GUESS = 30  # steps: auto sizes each cluster only once its rows exist; the paper table's got 20-45, mean 30
 LORA_CLUSTER_S = 60.0
-# verify: the tuned arm sent 14-43% of its calls to the SLM (0.2 reproduces the measured walls), plus each arm's
-# start per scenario
+# verify: the tuned arm sent 14-43% of its calls to the SLM (0.2 comes within ~20% of the measured walls), plus
+# each arm's start per scenario
 VERIFY_SLM_SHARE, VERIFY_ARM_S = 0.2, 20.0
 
 
